@@ -1,0 +1,417 @@
+//! The experiment config: one TOML schema, unknown fields rejected, `--set` overrides typed.
+//!
+//! Every error is one line naming where the problem is: `FILE:LINE:COLUMN: field.path: what`
+//! for the file, `--set key=value: field.path: what` for an override.
+
+use std::path::Path;
+
+use estafet_data::TaskConfig;
+use estafet_models::ModelConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// The experiment `estafet run` performs when given no config.
+pub const EMBEDDED_DEFAULT: (&str, &str) =
+    ("copy-lstm", include_str!("../../../configs/copy-lstm.toml"));
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    pub model: ModelConfig,
+    pub task: TaskConfig,
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+    #[serde(default)]
+    pub run: RunConfig,
+}
+
+/// `[train]`: the loop.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimisation steps.
+    pub steps: usize,
+    pub batch_size: usize,
+    /// Steps between lines of training metrics.
+    pub log_every: usize,
+    /// Steps between evaluations on the held-out set (0: only at the end).
+    pub eval_every: usize,
+    /// Steps between checkpoints (0: only at the end).
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            batch_size: 32,
+            log_every: 10,
+            eval_every: 0,
+            checkpoint_every: 0,
+        }
+    }
+}
+
+/// `[optim]`: AdamW with global-norm clipping and a warm-up then constant or cosine schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// PyTorch's default; burn's own default is 1e-5.
+    pub eps: f64,
+    /// Decoupled weight decay (0: plain Adam).
+    pub weight_decay: f64,
+    /// Largest global gradient norm (`torch.nn.utils.clip_grad_norm_`); 0 disables clipping.
+    pub grad_clip: f64,
+    /// Steps of linear warm-up from 0 to `lr`.
+    pub warmup_steps: usize,
+    pub schedule: Schedule,
+    /// Cosine only: the learning rate at the last step, as a fraction of `lr`.
+    pub final_lr_ratio: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Constant,
+    Cosine,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            warmup_steps: 0,
+            schedule: Schedule::Constant,
+            final_lr_ratio: 0.1,
+        }
+    }
+}
+
+impl OptimConfig {
+    /// The learning rate of optimisation step `step` (1-based) of `total`.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        let warmup = if step <= self.warmup_steps {
+            step as f64 / self.warmup_steps as f64
+        } else {
+            1.0
+        };
+        let decay = match self.schedule {
+            Schedule::Constant => 1.0,
+            Schedule::Cosine => {
+                let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
+                let progress = (step.saturating_sub(self.warmup_steps) as f64 / span).min(1.0);
+                let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+                self.final_lr_ratio + (1.0 - self.final_lr_ratio) * cosine
+            }
+        };
+        self.lr * warmup * decay
+    }
+}
+
+/// `[eval]`: the fixed held-out set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    pub samples: usize,
+    pub batch_size: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            samples: 512,
+            batch_size: 128,
+        }
+    }
+}
+
+/// `[run]`: what identifies a run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Seeds the initial weights, the training stream and the held-out set.
+    pub seed: u64,
+}
+
+/// Config text and the name errors are reported under (a path, or `embedded:NAME`).
+#[derive(Clone, Debug)]
+pub struct ConfigSource {
+    pub name: String,
+    pub text: String,
+}
+
+impl ConfigSource {
+    pub fn read(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("{}: cannot read config: {e}", path.display())))?;
+        Ok(Self {
+            name: path.display().to_string(),
+            text,
+        })
+    }
+
+    pub fn embedded_default() -> Self {
+        Self {
+            name: format!("embedded:{}", EMBEDDED_DEFAULT.0),
+            text: EMBEDDED_DEFAULT.1.to_string(),
+        }
+    }
+
+    /// A short name for run directories: the file stem, or the embedded name.
+    pub fn stem(&self) -> &str {
+        let name = self.name.strip_prefix("embedded:").unwrap_or(&self.name);
+        Path::new(name)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("run")
+    }
+}
+
+/// Parses `source`, applies `overrides` (`key.path=value`, the value read as TOML and taken as
+/// a string if it is not valid TOML), deserializes and validates.
+pub fn load(source: &ConfigSource, overrides: &[String]) -> Result<ExperimentConfig, Error> {
+    let name = &source.name;
+    let mut table: toml::Table = source
+        .text
+        .parse()
+        .map_err(|e: toml::de::Error| Error::Config(located(name, &source.text, &e, None)))?;
+    let mut set_keys = Vec::with_capacity(overrides.len());
+    for item in overrides {
+        set_keys.push((apply_override(&mut table, item)?, item));
+    }
+
+    let config: ExperimentConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
+        .map_err(|e| {
+            let path = e.path().to_string();
+            let message = e.inner().message().to_string();
+            // Blame the override that wrote this field, if one did.
+            if let Some((_, item)) = set_keys
+                .iter()
+                .rev()
+                .find(|(key, _)| path == *key || path.starts_with(&format!("{key}.")))
+            {
+                return Error::Config(format!("--set {item}: {path}: {message}"));
+            }
+            // Otherwise the file is at fault: deserialize it alone to locate the problem.
+            match toml::de::Deserializer::parse(&source.text)
+                .map_err(|e| (String::new(), e))
+                .and_then(|d| {
+                    serde_path_to_error::deserialize::<_, ExperimentConfig>(d)
+                        .map_err(|e| (e.path().to_string(), e.into_inner()))
+                }) {
+                Err((path, e)) => Error::Config(located(name, &source.text, &e, Some(&path))),
+                Ok(_) => Error::Config(format!("{name}: {path}: {message}")),
+            }
+        })?;
+    config
+        .validate()
+        .map_err(|e| Error::Config(format!("{name}: {e}")))?;
+    Ok(config)
+}
+
+impl ExperimentConfig {
+    /// Checks the constraints serde cannot express; the message starts with the field.
+    pub fn validate(&self) -> Result<(), String> {
+        self.model.validate()?;
+        self.task.build().map_err(|e| e.to_string())?;
+        let positive = [
+            ("train.steps", self.train.steps as f64),
+            ("train.batch_size", self.train.batch_size as f64),
+            ("train.log_every", self.train.log_every as f64),
+            ("eval.samples", self.eval.samples as f64),
+            ("eval.batch_size", self.eval.batch_size as f64),
+            ("optim.lr", self.optim.lr),
+            ("optim.eps", self.optim.eps),
+        ];
+        if let Some((field, _)) = positive.iter().find(|(_, v)| v.is_nan() || *v <= 0.0) {
+            return Err(format!("{field} must be positive"));
+        }
+        for (field, v) in [
+            ("optim.beta1", self.optim.beta1),
+            ("optim.beta2", self.optim.beta2),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(format!("{field} must lie in [0, 1), got {v}"));
+            }
+        }
+        if !(self.optim.weight_decay >= 0.0 && self.optim.grad_clip >= 0.0) {
+            return Err("optim.weight_decay and optim.grad_clip must not be negative".into());
+        }
+        if !(0.0..=1.0).contains(&self.optim.final_lr_ratio) {
+            return Err("optim.final_lr_ratio must lie in [0, 1]".into());
+        }
+        Ok(())
+    }
+
+    /// The config as it was run, every default written out.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("an experiment config is always valid TOML")
+    }
+}
+
+/// Sets `key.path=value` in `table`; returns the key path.
+fn apply_override(table: &mut toml::Table, item: &str) -> Result<String, Error> {
+    let bad = |why: &str| Error::Config(format!("--set {item}: {why}"));
+    let (key, raw) = item
+        .split_once('=')
+        .ok_or_else(|| bad("expected KEY.PATH=VALUE"))?;
+    let key = key.trim();
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(bad("empty key"));
+    }
+    let value = format!("v = {}", raw.trim())
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.trim().to_string()));
+    let (last, parents) = parts.split_last().expect("split yields at least one part");
+    let mut node = table;
+    for (i, part) in parents.iter().enumerate() {
+        node = node
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| bad(&format!("`{}` is not a table", parts[..=i].join("."))))?;
+    }
+    node.insert(last.to_string(), value);
+    Ok(key.to_string())
+}
+
+/// `NAME:LINE:COLUMN: path: message`, on one line.
+fn located(name: &str, text: &str, e: &toml::de::Error, path: Option<&str>) -> String {
+    let at = match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("{name}:{line}:{column}")
+        }
+        None => name.to_string(),
+    };
+    let message = e.message().trim().replace('\n', " ");
+    match path {
+        Some(p) if !p.is_empty() && p != "." => format!("{at}: {p}: {message}"),
+        _ => format!("{at}: {message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(text: &str) -> ConfigSource {
+        ConfigSource {
+            name: "c.toml".into(),
+            text: text.into(),
+        }
+    }
+
+    const BASE: &str = r#"
+[model]
+d_model = 8
+
+[model.mixer]
+kind = "lstm"
+
+[task]
+kind = "copy_memory"
+lag = 5
+
+[train]
+steps = 3
+"#;
+
+    fn err(text: &str, overrides: &[&str]) -> String {
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        load(&source(text), &overrides).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn embedded_default_loads_and_round_trips() {
+        let config = load(&ConfigSource::embedded_default(), &[]).unwrap();
+        let again = load(&source(&config.to_toml()), &[]).unwrap();
+        assert_eq!(config, again);
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_line() {
+        let e = err(&BASE.replace("steps = 3", "steps = 3\nstepz = 4"), &[]);
+        assert!(e.starts_with("c.toml:14:"), "{e}");
+        assert!(e.contains("stepz"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        let e = err(&BASE.replace("steps = 3", "steps = \"many\""), &[]);
+        assert!(e.starts_with("c.toml:13:"), "{e}");
+        assert!(e.contains("train.steps"), "{e}");
+    }
+
+    #[test]
+    fn unknown_mixer_kind_is_rejected() {
+        let e = err(&BASE.replace("\"lstm\"", "\"lstmm\""), &[]);
+        assert!(e.contains("lstmm"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_is_located() {
+        let e = err(&BASE.replace("lag = 5", "lag = "), &[]);
+        assert!(e.starts_with("c.toml:10:"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn overrides_are_typed() {
+        let overrides = [
+            "train.steps=7".to_string(),
+            "optim.schedule=cosine".to_string(),
+        ];
+        let config = load(&source(BASE), &overrides).unwrap();
+        assert_eq!(config.train.steps, 7);
+        assert_eq!(config.optim.schedule, Schedule::Cosine);
+        let e = err(BASE, &["train.steps=many"]);
+        assert!(e.starts_with("--set train.steps=many: train.steps:"), "{e}");
+        let e = err(BASE, &["train.stepz=1"]);
+        assert!(e.contains("stepz"), "{e}");
+        let e = err(BASE, &["train.steps"]);
+        assert!(e.contains("KEY.PATH=VALUE"), "{e}");
+    }
+
+    #[test]
+    fn impossible_values_are_rejected() {
+        let e = err(BASE, &["task.lag=0"]);
+        assert!(e.starts_with("c.toml: task.lag:"), "{e}");
+        let e = err(BASE, &["optim.beta2=1.0"]);
+        assert!(e.contains("optim.beta2"), "{e}");
+        let e = err(BASE, &["train.steps=0"]);
+        assert!(e.contains("train.steps must be positive"), "{e}");
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let optim = OptimConfig {
+            lr: 1.0,
+            warmup_steps: 10,
+            schedule: Schedule::Cosine,
+            final_lr_ratio: 0.1,
+            ..OptimConfig::default()
+        };
+        assert!((optim.lr_at(5, 110) - 0.5).abs() < 1e-12);
+        assert!((optim.lr_at(10, 110) - 1.0).abs() < 1e-12);
+        assert!((optim.lr_at(60, 110) - 0.55).abs() < 1e-12);
+        assert!((optim.lr_at(110, 110) - 0.1).abs() < 1e-12);
+    }
+}

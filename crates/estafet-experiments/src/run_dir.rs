@@ -1,0 +1,165 @@
+//! A run directory and the only way estafet writes into it: atomically (temporary file in the
+//! same directory, then rename), so that a crash never leaves a half-written file behind and
+//! never destroys an earlier good one.
+//!
+//! ```text
+//! RUN_DIR/
+//!   config.toml      the resolved config, every default written out
+//!   run.json         seed, backend, code version, config source, parameters, state size
+//!   metrics.jsonl    one JSON object per logged step and per evaluation
+//!   checkpoint/      model.bpk, optimizer.bpk, state.json (the step): the latest checkpoint
+//!   summary.json     final figures, written last: its presence means the run completed
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    /// Creates `root` (and its parents); refuses a directory that already holds files, so that
+    /// no earlier run is overwritten.
+    pub fn create(root: &Path) -> Result<Self> {
+        if root.exists() {
+            let occupied = fs::read_dir(root)
+                .with_context(|| format!("cannot read run directory {}", root.display()))?
+                .next()
+                .is_some();
+            if occupied {
+                bail!(
+                    "run directory {} is not empty; choose another --out",
+                    root.display()
+                );
+            }
+        }
+        fs::create_dir_all(root)
+            .with_context(|| format!("cannot create run directory {}", root.display()))?;
+        let dir = Self {
+            root: root.to_path_buf(),
+        };
+        // Fail now, not after an hour of training, if nothing can be written here.
+        dir.write_atomic(".write-test", b"")?;
+        fs::remove_file(root.join(".write-test")).ok();
+        Ok(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        write_atomic(&self.root.join(name), bytes)
+    }
+
+    pub fn write_json(&self, name: &str, value: &impl Serialize) -> Result<()> {
+        let mut text = serde_json::to_string_pretty(value)?;
+        text.push('\n');
+        self.write_atomic(name, text.as_bytes())
+    }
+
+    /// Appends one JSON line to `name` and flushes it to disk.
+    pub fn append_jsonl(&self, name: &str, value: &impl Serialize) -> Result<()> {
+        let path = self.root.join(name);
+        let mut line = serde_json::to_string(value)?;
+        line.push('\n');
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        file.write_all(line.as_bytes())
+            .and_then(|()| file.sync_data())
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// Replaces the checkpoint directory with `files` as one atomic step: the files go into a
+    /// fresh sibling directory, which is then renamed over the old one.
+    pub fn write_checkpoint(&self, files: &[(&str, &[u8])]) -> Result<()> {
+        let staging = self.root.join(".checkpoint.tmp");
+        let old = self.root.join(".checkpoint.old");
+        let target = self.root.join("checkpoint");
+        for stale in [&staging, &old] {
+            if stale.exists() {
+                fs::remove_dir_all(stale)
+                    .with_context(|| format!("cannot remove {}", stale.display()))?;
+            }
+        }
+        fs::create_dir(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
+        for (name, bytes) in files {
+            write_atomic(&staging.join(name), bytes)?;
+        }
+        // rename(2) cannot replace a non-empty directory: move the old one aside first. If we
+        // die between the two renames, `.checkpoint.old` still holds the previous checkpoint.
+        if target.exists() {
+            fs::rename(&target, &old).context("cannot move the previous checkpoint aside")?;
+        }
+        fs::rename(&staging, &target).context("cannot install the new checkpoint")?;
+        if old.exists() {
+            fs::remove_dir_all(&old).ok();
+        }
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    let result = File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| fs::rename(&tmp, path));
+    if result.is_err() {
+        fs::remove_file(&tmp).ok();
+    }
+    result.with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("estafet-rundir-{name}-{}", std::process::id()));
+        fs::remove_dir_all(&dir).ok();
+        dir
+    }
+
+    #[test]
+    fn refuses_a_directory_with_results() {
+        let root = scratch("occupied");
+        let dir = RunDir::create(&root).unwrap();
+        dir.write_json("summary.json", &[1, 2]).unwrap();
+        let e = RunDir::create(&root).err().unwrap().to_string();
+        assert!(e.contains("not empty"), "{e}");
+        assert_eq!(
+            fs::read_to_string(root.join("summary.json")).unwrap(),
+            "[\n  1,\n  2\n]\n"
+        );
+        fs::remove_dir_all(root).ok();
+    }
+
+    #[test]
+    fn checkpoints_replace_each_other_whole() {
+        let root = scratch("ckpt");
+        let dir = RunDir::create(&root).unwrap();
+        dir.write_checkpoint(&[("a", b"1"), ("b", b"1")]).unwrap();
+        dir.write_checkpoint(&[("a", b"2")]).unwrap();
+        let names: Vec<_> = fs::read_dir(root.join("checkpoint"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["a"]);
+        assert_eq!(fs::read(root.join("checkpoint/a")).unwrap(), b"2");
+        assert!(!root.join(".checkpoint.tmp").exists() && !root.join(".checkpoint.old").exists());
+        fs::remove_dir_all(root).ok();
+    }
+}

@@ -1,0 +1,395 @@
+//! The training loop: AdamW with global-norm clipping on the autodiff device, periodic
+//! evaluation on the fixed held-out set, metrics, checkpoints and the final summary.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Tensor};
+use estafet_data::{Batch, LossPositions, Sample, TaskInfo};
+use estafet_models::{Init, Input, InputSpec, ModelIo, SequenceModel};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::config::ExperimentConfig;
+use crate::run_dir::RunDir;
+use crate::{Backend, Error};
+
+/// How to run, beyond what the config says.
+pub struct RunOptions {
+    pub backend: Backend,
+    pub out: PathBuf,
+    /// Where the config came from (a path or `embedded:NAME`), recorded in `run.json`.
+    pub config_source: String,
+    /// The code version recorded in `run.json` (e.g. `git describe`).
+    pub code_version: String,
+    /// Show a progress bar (when the terminal allows one).
+    pub progress: bool,
+}
+
+/// `summary.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub model: &'static str,
+    pub task: &'static str,
+    pub params: usize,
+    /// Floats of recurrent state per sequence.
+    pub state_size: usize,
+    pub steps: usize,
+    pub backend: Backend,
+    pub seed: u64,
+    pub code_version: String,
+    pub train_seconds: f64,
+    pub train_tokens_per_second: f64,
+    pub final_eval: EvalResult,
+    pub run_dir: PathBuf,
+}
+
+/// Figures on the held-out set, beside the task's baselines.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalResult {
+    /// Mean cross-entropy (nats) over the positions the task's loss covers.
+    pub loss: f64,
+    /// The task's metric (token accuracy over the scored positions).
+    pub accuracy: f64,
+    pub baseline_loss: f64,
+    pub baseline_accuracy: f64,
+    pub solved: bool,
+}
+
+#[derive(Serialize)]
+struct RunInfo<'a> {
+    seed: u64,
+    backend: Backend,
+    code_version: &'a str,
+    config_source: &'a str,
+    started_at: String,
+    model: &'static str,
+    task: &'a TaskInfo,
+    params: usize,
+    state_size: usize,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "split", rename_all = "snake_case")]
+enum MetricsLine {
+    Train {
+        step: usize,
+        loss: f64,
+        accuracy: f64,
+        grad_norm: f64,
+        lr: f64,
+        tokens_per_second: f64,
+        elapsed_seconds: f64,
+    },
+    Eval {
+        step: usize,
+        loss: f64,
+        accuracy: f64,
+    },
+}
+
+/// Trains `config` and writes its run directory; returns the summary also written there.
+pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, Error> {
+    let task = config
+        .task
+        .build()
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let info = task.info();
+    let device = options.backend.device()?;
+    let seed = config.run.seed;
+    let io = ModelIo {
+        input: InputSpec::Tokens { vocab: info.vocab },
+        d_output: info.n_classes,
+    };
+    let mut model = config
+        .model
+        .init(io, &mut Init::new(seed, &device.clone().autodiff()));
+    let params = model.num_params();
+    let state_size = model.state_size();
+    let model_kind = config.model.mixer.kind();
+
+    let dir = RunDir::create(&options.out)?;
+    dir.write_atomic("config.toml", config.to_toml().as_bytes())?;
+    dir.write_json(
+        "run.json",
+        &RunInfo {
+            seed,
+            backend: options.backend,
+            code_version: &options.code_version,
+            config_source: &options.config_source,
+            started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            model: model_kind,
+            task: &info,
+            params,
+            state_size,
+        },
+    )?;
+
+    let train = &config.train;
+    let eval_set = task.eval_set(seed, config.eval.samples);
+    let mut optimizer = AdamWConfig::new()
+        .with_beta_1(config.optim.beta1 as f32)
+        .with_beta_2(config.optim.beta2 as f32)
+        .with_epsilon(config.optim.eps as f32)
+        .with_weight_decay(config.optim.weight_decay as f32)
+        .init();
+    let bar = progress_bar(train.steps, options.progress);
+    let report = |line: String| {
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
+    report(format!(
+        "{model_kind} ({params} parameters, {state_size} floats of state) on {} (T = {}), {} on {}, seed {seed} → {}",
+        info.kind,
+        info.seq_len,
+        train.steps,
+        options.backend,
+        options.out.display()
+    ));
+
+    let ad_device = device.clone().autodiff();
+    let started = Instant::now();
+    let tokens_per_step = (train.batch_size * info.seq_len) as f64;
+    let mut last_eval = None;
+    for step in 1..=train.steps {
+        let samples = task.train_batch(seed, step as u64, train.batch_size);
+        let batch = Batch::new(&samples, &ad_device);
+        let (logits, _) = model.forward(Input::Tokens(batch.inputs.clone()), None);
+        let scores = score(logits, &batch, info.loss_positions);
+        let loss_value: f64 = scores.loss.clone().into_scalar::<f32>() as f64;
+        if !loss_value.is_finite() {
+            return Err(anyhow::anyhow!(
+                "training diverged: the loss at step {step} is {loss_value}; lower optim.lr or \
+                 optim.grad_clip (the last checkpoint in {} is kept)",
+                options.out.display()
+            )
+            .into());
+        }
+        let mut grads = GradientsParams::from_grads(scores.loss.backward(), &model);
+        let grad_norm = clip_global_norm(&model, &mut grads, config.optim.grad_clip);
+        let lr = config.optim.lr_at(step, train.steps);
+        model = optimizer.step(lr, model, grads);
+
+        let accuracy = scores.accuracy();
+        bar.set_position(step as u64);
+        bar.set_message(format!("loss {loss_value:.4} acc {accuracy:.3}"));
+        if step % train.log_every == 0 || step == train.steps {
+            let elapsed = started.elapsed().as_secs_f64();
+            dir.append_jsonl(
+                "metrics.jsonl",
+                &MetricsLine::Train {
+                    step,
+                    loss: loss_value,
+                    accuracy,
+                    grad_norm,
+                    lr,
+                    tokens_per_second: tokens_per_step * step as f64 / elapsed,
+                    elapsed_seconds: elapsed,
+                },
+            )?;
+        }
+        let eval_now = train.eval_every > 0 && step % train.eval_every == 0;
+        if eval_now || step == train.steps {
+            let result = evaluate(
+                &model.valid(),
+                &eval_set,
+                &info,
+                config.eval.batch_size,
+                &device,
+            );
+            dir.append_jsonl(
+                "metrics.jsonl",
+                &MetricsLine::Eval {
+                    step,
+                    loss: result.loss,
+                    accuracy: result.accuracy,
+                },
+            )?;
+            report(format!(
+                "step {step:>6}: eval loss {:.4} (baseline {:.4}), accuracy {:.3} (baseline {:.3})",
+                result.loss, result.baseline_loss, result.accuracy, result.baseline_accuracy
+            ));
+            last_eval = Some(result);
+        }
+        if (train.checkpoint_every > 0 && step % train.checkpoint_every == 0) || step == train.steps
+        {
+            write_checkpoint(&dir, &model, &optimizer, step)?;
+        }
+    }
+    bar.finish_and_clear();
+    let train_seconds = started.elapsed().as_secs_f64();
+
+    let summary = Summary {
+        model: model_kind,
+        task: info.kind,
+        params,
+        state_size,
+        steps: train.steps,
+        backend: options.backend,
+        seed,
+        code_version: options.code_version.clone(),
+        train_seconds,
+        train_tokens_per_second: tokens_per_step * train.steps as f64 / train_seconds,
+        final_eval: last_eval.expect("the last step always evaluates"),
+        run_dir: options.out.clone(),
+    };
+    dir.write_json("summary.json", &summary)?;
+    Ok(summary)
+}
+
+/// Loss and metric of one batch.
+struct Scores {
+    /// Mean negative log-likelihood, a scalar `[1]`.
+    loss: Tensor<1>,
+    /// Correct predictions and scored positions, `[1]` each.
+    correct: Tensor<1>,
+    scored: Tensor<1>,
+}
+
+impl Scores {
+    fn accuracy(&self) -> f64 {
+        let correct: f32 = self.correct.clone().into_scalar();
+        let scored: f32 = self.scored.clone().into_scalar();
+        correct as f64 / scored as f64
+    }
+}
+
+/// Cross-entropy of `logits [B, T, O]` against the batch's targets over the task's loss
+/// positions, and the arg-max accuracy over its scored positions.
+fn score(logits: Tensor<3>, batch: &Batch, positions: LossPositions) -> Scores {
+    let targets = batch.targets.clone();
+    let predictions = logits.clone().argmax(2).squeeze_dim::<2>(2);
+    let nll = -log_softmax(logits, 2)
+        .gather(2, targets.clone().unsqueeze_dim(2))
+        .squeeze_dim::<2>(2);
+    let loss = match positions {
+        LossPositions::All => nll.mean(),
+        LossPositions::Masked => (nll * batch.mask.clone()).sum() / batch.mask.clone().sum(),
+    };
+    let hits = predictions.equal(targets).float() * batch.mask.clone();
+    Scores {
+        loss,
+        correct: hits.sum(),
+        scored: batch.mask.clone().sum(),
+    }
+}
+
+/// Evaluates on the whole held-out set (no autodiff).
+pub fn evaluate(
+    model: &SequenceModel,
+    samples: &[Sample],
+    info: &TaskInfo,
+    batch_size: usize,
+    device: &Device,
+) -> EvalResult {
+    let (mut loss_sum, mut loss_count, mut correct, mut scored) = (0.0, 0.0, 0.0, 0.0);
+    for chunk in samples.chunks(batch_size) {
+        let batch = Batch::new(chunk, device);
+        let (logits, _) = model.forward(Input::Tokens(batch.inputs.clone()), None);
+        let s = score(logits, &batch, info.loss_positions);
+        let weight = match info.loss_positions {
+            LossPositions::All => (chunk.len() * info.seq_len) as f64,
+            LossPositions::Masked => s.scored.clone().into_scalar::<f32>() as f64,
+        };
+        loss_sum += s.loss.into_scalar::<f32>() as f64 * weight;
+        loss_count += weight;
+        correct += s.correct.into_scalar::<f32>() as f64;
+        scored += s.scored.into_scalar::<f32>() as f64;
+    }
+    let accuracy = correct / scored;
+    EvalResult {
+        loss: loss_sum / loss_count,
+        accuracy,
+        baseline_loss: info.baseline_loss,
+        baseline_accuracy: info.baseline_metric,
+        solved: accuracy >= info.solved_metric,
+    }
+}
+
+/// Scales all gradients together so that their joint L2 norm is at most `max_norm` (0: no
+/// clipping), as `torch.nn.utils.clip_grad_norm_` does; burn's own clipping is per tensor.
+/// Returns the norm before clipping.
+fn clip_global_norm(model: &SequenceModel, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    struct SquaredNorm<'a> {
+        grads: &'a GradientsParams,
+        sum: Option<Tensor<1>>,
+    }
+    impl ModuleVisitor for SquaredNorm<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                let s = g.powf_scalar(2.0).sum();
+                self.sum = Some(match self.sum.take() {
+                    Some(acc) => acc + s,
+                    None => s,
+                });
+            }
+        }
+    }
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+    }
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(param.id) {
+                self.grads.register(param.id, g.mul_scalar(self.factor));
+            }
+        }
+    }
+
+    let mut visitor = SquaredNorm { grads, sum: None };
+    model.visit(&mut visitor);
+    let norm = visitor
+        .sum
+        .map_or(0.0, |s| (s.into_scalar::<f32>() as f64).sqrt());
+    if max_norm > 0.0 && norm > max_norm {
+        model.visit(&mut Scale {
+            grads,
+            factor: max_norm / (norm + 1e-6),
+        });
+    }
+    norm
+}
+
+fn write_checkpoint(
+    dir: &RunDir,
+    model: &SequenceModel,
+    optimizer: &burn::optim::ModuleOptimizer,
+    step: usize,
+) -> Result<(), Error> {
+    let model_bytes = model
+        .clone()
+        .into_record()
+        .into_bytes()
+        .context("cannot serialise the model")?;
+    let optim_bytes = optimizer
+        .into_bytes()
+        .context("cannot serialise the optimizer")?;
+    let state = serde_json::to_vec_pretty(&serde_json::json!({ "step": step }))
+        .context("cannot serialise the checkpoint state")?;
+    dir.write_checkpoint(&[
+        ("model.bpk", &model_bytes),
+        ("optimizer.bpk", &optim_bytes),
+        ("state.json", &state),
+    ])?;
+    Ok(())
+}
+
+fn progress_bar(steps: usize, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  {per_sec}  ETA {eta}")
+            .expect("the template is valid"),
+    );
+    bar
+}

@@ -1,0 +1,79 @@
+//! Seeded parameter initialisation that does not depend on the backend.
+//!
+//! burn's own initialisers draw from the backend's generator, so one seed gives different
+//! weights on ndarray, flex and wgpu. estafet draws every initial value on the host from a
+//! ChaCha8 stream instead and uploads it: the same seed gives bit-identical initial weights on
+//! every backend, which is what makes cross-backend parity tests and checkpoints meaningful.
+
+use burn::module::Param;
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// A deterministic source of initial parameters on one device.
+pub struct Init {
+    rng: ChaCha8Rng,
+    device: Device,
+}
+
+impl Init {
+    pub fn new(seed: u64, device: &Device) -> Self {
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            device: device.clone(),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `U(-bound, bound)`, PyTorch's default for recurrent and linear weights (`bound = 1/√fan_in`).
+    pub fn uniform<const D: usize>(&mut self, shape: [usize; D], bound: f64) -> Param<Tensor<D>> {
+        let values = self.uniform_values(shape.iter().product(), bound);
+        self.param(values, shape)
+    }
+
+    /// `n` draws from `U(-bound, bound)`, for parameters that are adjusted before upload.
+    pub fn uniform_values(&mut self, n: usize, bound: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| ((self.rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
+            .collect()
+    }
+
+    /// `N(0, std²)` by Box–Muller (written out so the stream never depends on a crate's sampler).
+    pub fn normal<const D: usize>(&mut self, shape: [usize; D], std: f64) -> Param<Tensor<D>> {
+        let values = (0..shape.iter().product::<usize>())
+            .map(|_| {
+                let u1 = 1.0 - self.rng.random::<f64>(); // (0, 1]: ln is finite
+                let u2 = self.rng.random::<f64>();
+                (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+            })
+            .collect();
+        self.param(values, shape)
+    }
+
+    pub fn constant<const D: usize>(&mut self, shape: [usize; D], value: f64) -> Param<Tensor<D>> {
+        self.param(vec![value as f32; shape.iter().product()], shape)
+    }
+
+    /// A parameter with exactly these values (row-major).
+    pub fn param<const D: usize>(&self, values: Vec<f32>, shape: [usize; D]) -> Param<Tensor<D>> {
+        Param::from_tensor(Tensor::from_data(
+            TensorData::new(values, shape),
+            &self.device,
+        ))
+    }
+}
+
+impl Init {
+    /// A `Linear` `[d_input → d_output]` with PyTorch's default `U(-1/√d_input, 1/√d_input)`
+    /// on weight and bias.
+    pub fn linear(&mut self, d_input: usize, d_output: usize, bias: bool) -> burn::nn::Linear {
+        let bound = 1.0 / (d_input as f64).sqrt();
+        burn::nn::Linear {
+            weight: self.uniform([d_input, d_output], bound),
+            bias: bias.then(|| self.uniform([d_output], bound)),
+        }
+    }
+}

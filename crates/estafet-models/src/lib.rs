@@ -1,0 +1,27 @@
+//! Sequence model definitions for estafet: recurrent cells and the stacks built from them.
+//!
+//! This crate holds models only: no I/O, no file formats, no command line, and no backend is
+//! named; every function takes tensors on whatever `Device` the caller chose.
+//!
+//! Shape legend, used in every doc comment:
+//!
+//! | symbol | meaning |
+//! |---|---|
+//! | `B` | batch size |
+//! | `T` | sequence length (time steps) |
+//! | `D` | model width `d_model`, the input and output width of a mixer |
+//! | `H` | hidden size of a recurrent cell (`D` inside a model) |
+//! | `V` | input vocabulary (token inputs) |
+//! | `F` | input features (real-valued inputs) |
+//! | `O` | outputs per position: classes or regression targets |
+//!
+//! Tensors are batch-first: a sequence is `[B, T, D]`, one step is `[B, D]`.
+
+pub mod init;
+pub mod lstm;
+pub mod mixer;
+pub mod model;
+
+pub use init::Init;
+pub use mixer::{Mixer, MixerConfig, MixerState};
+pub use model::{Input, InputSpec, Layout, ModelConfig, ModelIo, ModelState, SequenceModel};

@@ -1,0 +1,264 @@
+//! A sequence model: encoder → N blocks → head.
+//!
+//! ```text
+//! stacked  (PyTorch's nn.LSTM(num_layers=N) layout)   residual (pre-norm, as in Mamba/RWKV/GPT)
+//!   x = encode(input)                                    x = encode(input)
+//!   x = mixer_l(x)            for l in 1..N              x = x + mixer_l(norm(x))        for l in 1..N
+//!                                                        x = x + mlp_l(norm(x))          if mlp_expand > 0
+//!                                                        x = norm(x)
+//!   logits = head(x)                                     logits = head(x)
+//! ```
+//! The encoder is an embedding for token inputs and a linear projection for real-valued ones.
+
+use burn::module::Module;
+use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
+use burn::tensor::activation::gelu;
+use burn::tensor::{Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::init::Init;
+use crate::mixer::{Mixer, MixerConfig, MixerState};
+
+/// How blocks are wired together.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    /// Mixers applied one after another, no norm, no residual: PyTorch's multi-layer RNNs.
+    #[default]
+    Stacked,
+    /// Pre-norm residual blocks with an optional MLP, and a final norm.
+    Residual,
+}
+
+/// `[model]` in a config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub mixer: MixerConfig,
+    /// Width `D` of the residual stream (the hidden size of the classic cells).
+    pub d_model: usize,
+    #[serde(default = "one")]
+    pub n_layers: usize,
+    #[serde(default)]
+    pub layout: Layout,
+    /// Hidden width of the MLP after each mixer, as a multiple of `d_model`; 0 means no MLP.
+    /// Residual layout only.
+    #[serde(default)]
+    pub mlp_expand: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// What the model reads and predicts; given by the task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelIo {
+    pub input: InputSpec,
+    /// Logits (classes) or values (regression) per position, `O`.
+    pub d_output: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputSpec {
+    /// Token ids in `0..vocab`.
+    Tokens { vocab: usize },
+    /// Real-valued features of width `dim`.
+    Features { dim: usize },
+}
+
+/// A batch of model input.
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// `[B, T]` token ids.
+    Tokens(Tensor<2, Int>),
+    /// `[B, T, F]` features.
+    Features(Tensor<3>),
+}
+
+impl ModelConfig {
+    /// Checks what serde cannot; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.d_model == 0 {
+            return Err("model.d_model must be at least 1".into());
+        }
+        if self.n_layers == 0 {
+            return Err("model.n_layers must be at least 1".into());
+        }
+        if self.mlp_expand > 0 && self.layout == Layout::Stacked {
+            return Err("model.mlp_expand needs model.layout = \"residual\"".into());
+        }
+        Ok(())
+    }
+
+    pub fn init(&self, io: ModelIo, init: &mut Init) -> SequenceModel {
+        let d = self.d_model;
+        let encoder = match io.input {
+            // PyTorch's nn.Embedding initialisation, N(0, 1).
+            InputSpec::Tokens { vocab } => Encoder::Embedding(Embedding {
+                weight: init.normal([vocab, d], 1.0),
+            }),
+            InputSpec::Features { dim } => Encoder::Projection(init.linear(dim, d, true)),
+        };
+        let residual = self.layout == Layout::Residual;
+        let device = init.device().clone();
+        let norm = || LayerNormConfig::new(d).init(&device);
+        let blocks = (0..self.n_layers)
+            .map(|_| Block {
+                norm: residual.then(norm),
+                mixer: self.mixer.init(d, init),
+                mlp: (self.mlp_expand > 0).then(|| Mlp {
+                    norm: norm(),
+                    up: init.linear(d, self.mlp_expand * d, true),
+                    down: init.linear(self.mlp_expand * d, d, true),
+                }),
+            })
+            .collect();
+        SequenceModel {
+            encoder,
+            blocks,
+            norm: residual.then(norm),
+            head: init.linear(d, io.d_output, true),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub enum Encoder {
+    Embedding(Embedding),
+    Projection(Linear),
+}
+
+/// One layer. With `norm` present it is a pre-norm residual block.
+#[derive(Module, Debug)]
+pub struct Block {
+    pub norm: Option<LayerNorm>,
+    pub mixer: Mixer,
+    pub mlp: Option<Mlp>,
+}
+
+/// `x + down(gelu(up(norm(x))))`.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub norm: LayerNorm,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+#[derive(Module, Debug)]
+pub struct SequenceModel {
+    pub encoder: Encoder,
+    pub blocks: Vec<Block>,
+    pub norm: Option<LayerNorm>,
+    pub head: Linear,
+}
+
+/// The state of every layer, in order.
+#[derive(Clone, Debug)]
+pub struct ModelState {
+    pub layers: Vec<MixerState>,
+}
+
+impl Mlp {
+    fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        x.clone()
+            + self
+                .down
+                .forward(gelu(self.up.forward(self.norm.forward(x))))
+    }
+}
+
+impl Block {
+    fn forward(&self, x: Tensor<3>, state: Option<MixerState>) -> (Tensor<3>, MixerState) {
+        let (x, state) = match &self.norm {
+            Some(norm) => {
+                let (y, state) = self.mixer.forward(norm.forward(x.clone()), state);
+                (x + y, state)
+            }
+            None => self.mixer.forward(x, state),
+        };
+        (self.apply_mlp(x), state)
+    }
+
+    fn step(&self, x: Tensor<2>, state: Option<MixerState>) -> (Tensor<2>, MixerState) {
+        let (x, state) = match &self.norm {
+            Some(norm) => {
+                let (y, state) = self.mixer.step(norm.forward(x.clone()), state);
+                (x + y, state)
+            }
+            None => self.mixer.step(x, state),
+        };
+        (self.apply_mlp(x), state)
+    }
+
+    fn apply_mlp<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        match &self.mlp {
+            Some(mlp) => mlp.forward(x),
+            None => x,
+        }
+    }
+}
+
+impl SequenceModel {
+    /// `input` (`T ≥ 1` steps) → logits `[B, T, O]` and the state after the last step.
+    pub fn forward(&self, input: Input, state: Option<ModelState>) -> (Tensor<3>, ModelState) {
+        let mut x = self.encode(input);
+        let mut states = self.split_state(state);
+        let mut layers = Vec::with_capacity(self.blocks.len());
+        for (block, state) in self.blocks.iter().zip(states.iter_mut()) {
+            let (y, s) = block.forward(x, state.take());
+            x = y;
+            layers.push(s);
+        }
+        (self.decode(x), ModelState { layers })
+    }
+
+    /// One token per sequence (`input` with `T = 1`) → logits `[B, O]` and the next state.
+    pub fn step(&self, input: Input, state: Option<ModelState>) -> (Tensor<2>, ModelState) {
+        let mut x = self.encode(input).squeeze_dim::<2>(1);
+        let mut states = self.split_state(state);
+        let mut layers = Vec::with_capacity(self.blocks.len());
+        for (block, state) in self.blocks.iter().zip(states.iter_mut()) {
+            let (y, s) = block.step(x, state.take());
+            x = y;
+            layers.push(s);
+        }
+        (self.decode(x), ModelState { layers })
+    }
+
+    /// Floats of recurrent state per sequence, summed over layers.
+    pub fn state_size(&self) -> usize {
+        self.blocks.iter().map(|b| b.mixer.state_size()).sum()
+    }
+
+    fn encode(&self, input: Input) -> Tensor<3> {
+        match (&self.encoder, input) {
+            (Encoder::Embedding(embedding), Input::Tokens(tokens)) => embedding.forward(tokens),
+            (Encoder::Projection(linear), Input::Features(x)) => linear.forward(x),
+            (Encoder::Embedding(_), Input::Features(_)) => {
+                panic!("this model embeds token ids but was given real-valued features")
+            }
+            (Encoder::Projection(_), Input::Tokens(_)) => {
+                panic!("this model projects real-valued features but was given token ids")
+            }
+        }
+    }
+
+    fn decode<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let x = match &self.norm {
+            Some(norm) => norm.forward(x),
+            None => x,
+        };
+        self.head.forward(x)
+    }
+
+    fn split_state(&self, state: Option<ModelState>) -> Vec<Option<MixerState>> {
+        match state {
+            Some(ModelState { layers }) => {
+                assert_eq!(layers.len(), self.blocks.len(), "one state per layer");
+                layers.into_iter().map(Some).collect()
+            }
+            None => self.blocks.iter().map(|_| None).collect(),
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! `estafet`: the command line. A thin layer over `estafet-experiments`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use estafet_experiments::config::{self, ConfigSource};
+use estafet_experiments::train::{self, RunOptions};
+use estafet_experiments::{Backend, Error};
+
+const CODE_VERSION: &str = env!("ESTAFET_CODE_VERSION");
+
+#[derive(Parser)]
+#[command(
+    name = "estafet",
+    version,
+    about = "Which recurrent architecture remembers what, over how long, at what cost"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train and evaluate one experiment; without CONFIG, the embedded default experiment.
+    Run {
+        /// A TOML experiment config (see configs/).
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+        /// Run directory to create (default: runs/NAME-TIMESTAMP).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// No progress bar; evaluation lines only.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Validate a config (and overrides) without running it; prints the resolved config.
+    Check {
+        config: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List what this build offers.
+    List { what: Listing },
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// Backend to run on (see `estafet list backends`).
+    #[arg(long, value_parser = parse_backend)]
+    backend: Option<Backend>,
+    /// Override a config field, e.g. --set train.steps=200 (repeatable).
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    overrides: Vec<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Listing {
+    Backends,
+    Models,
+    Tasks,
+}
+
+fn parse_backend(s: &str) -> Result<Backend, String> {
+    s.parse()
+}
+
+fn main() -> ExitCode {
+    // A panic is a bug in estafet, but the user still gets one line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("error: internal error{at}: {}", message.replace('\n', " "));
+    }));
+    let cli = Cli::parse();
+    match std::panic::catch_unwind(|| execute(cli)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {}", e.to_string().replace('\n', " "));
+            ExitCode::from(e.exit_code() as u8)
+        }
+        Err(_) => ExitCode::FAILURE,
+    }
+}
+
+fn execute(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Run {
+            config,
+            common,
+            out,
+            quiet,
+        } => {
+            let source = match &config {
+                Some(path) => ConfigSource::read(path)?,
+                None => ConfigSource::embedded_default(),
+            };
+            let experiment = config::load(&source, &common.overrides)?;
+            let backend = resolve_backend(common.backend)?;
+            let out = out.unwrap_or_else(|| default_run_dir(source.stem()));
+            let summary = train::run(
+                &experiment,
+                &RunOptions {
+                    backend,
+                    out,
+                    config_source: source.name.clone(),
+                    code_version: CODE_VERSION.to_string(),
+                    progress: !quiet,
+                },
+            )?;
+            let e = &summary.final_eval;
+            println!(
+                "{} on {}: eval loss {:.4} (memoryless baseline {:.4}), accuracy {:.3} (chance {:.3}){}",
+                summary.model,
+                summary.task,
+                e.loss,
+                e.baseline_loss,
+                e.accuracy,
+                e.baseline_accuracy,
+                if e.solved { ", solved" } else { "" }
+            );
+            println!(
+                "{} steps in {:.1} s ({:.0} tokens/s); run directory: {}",
+                summary.steps,
+                summary.train_seconds,
+                summary.train_tokens_per_second,
+                summary.run_dir.display()
+            );
+            Ok(())
+        }
+        Command::Check { config, common } => {
+            let source = ConfigSource::read(&config)?;
+            let experiment = config::load(&source, &common.overrides)?;
+            if let Some(b) = common.backend {
+                b.device()?;
+            }
+            print!("{}", experiment.to_toml());
+            eprintln!("{}: ok", source.name);
+            Ok(())
+        }
+        Command::List { what } => {
+            match what {
+                Listing::Backends => {
+                    for b in Backend::ALL {
+                        let status = if b.compiled() {
+                            "available"
+                        } else {
+                            "not compiled in (cargo feature)"
+                        };
+                        println!("{:<8} {:<38} {status}", b.name(), b.description());
+                    }
+                }
+                Listing::Models => {
+                    for kind in estafet_models::MixerConfig::KINDS {
+                        println!("{kind}");
+                    }
+                }
+                Listing::Tasks => {
+                    for kind in estafet_data::TaskConfig::KINDS {
+                        println!("{kind}");
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn resolve_backend(asked: Option<Backend>) -> Result<Backend, Error> {
+    let backend = match asked {
+        Some(b) => b,
+        None => Backend::default_compiled()
+            .ok_or_else(|| Error::Config("this binary was built with no backend feature".into()))?,
+    };
+    backend.device()?;
+    Ok(backend)
+}
+
+fn default_run_dir(stem: &str) -> PathBuf {
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .replace(['-', ':'], "")
+        .replace('T', "-")
+        .trim_end_matches('Z')
+        .to_string();
+    PathBuf::from("runs").join(format!("{stem}-{stamp}"))
+}

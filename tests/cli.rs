@@ -1,0 +1,201 @@
+//! End-to-end tests of the `estafet` binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn estafet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_estafet"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("estafet-cli-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    dir
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn tiny_run(out: &Path) -> Output {
+    estafet(&[
+        "run",
+        "configs/copy-lstm.toml",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.log_every=2",
+        "--set",
+        "task.lag=3",
+        "--set",
+        "model.d_model=8",
+        "--set",
+        "eval.samples=16",
+        "--set",
+        "run.seed=7",
+    ])
+}
+
+#[test]
+fn a_tiny_run_writes_its_run_directory() {
+    let out = scratch("tiny");
+    let result = tiny_run(&out);
+    assert!(result.status.success(), "{}", stderr(&result));
+
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["model"], "lstm");
+    assert_eq!(summary["task"], "copy_memory");
+    assert_eq!(summary["steps"], 4);
+    assert_eq!(summary["seed"], 7);
+    assert_eq!(summary["backend"], "ndarray");
+    assert!(summary["params"].as_u64().unwrap() > 0);
+    let eval = &summary["final_eval"];
+    assert!(eval["loss"].as_f64().unwrap().is_finite());
+    assert!((0.0..=1.0).contains(&eval["accuracy"].as_f64().unwrap()));
+    // 10·ln 8 / (3 + 20)
+    assert!((eval["baseline_loss"].as_f64().unwrap() - 10.0 * 8f64.ln() / 23.0).abs() < 1e-9);
+
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let train_steps: Vec<_> = lines
+        .iter()
+        .filter(|l| l["split"] == "train")
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(train_steps, [2, 4]);
+    assert!(lines.iter().any(|l| l["split"] == "eval" && l["step"] == 4));
+
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        config.contains("steps = 4") && config.contains("seed = 7"),
+        "{config}"
+    );
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["seed"], 7);
+    assert_eq!(run["backend"], "ndarray");
+    assert!(
+        run["code_version"]
+            .as_str()
+            .unwrap()
+            .starts_with(env!("CARGO_PKG_VERSION"))
+    );
+    for file in ["model.bpk", "optimizer.bpk", "state.json"] {
+        assert!(
+            out.join("checkpoint").join(file).is_file(),
+            "checkpoint/{file}"
+        );
+    }
+
+    // The same config and seed give the same numbers; an occupied directory is refused.
+    let again = scratch("tiny-again");
+    assert!(tiny_run(&again).status.success());
+    let summary_again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(again.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["final_eval"], summary_again["final_eval"]);
+    let refused = tiny_run(&out);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr(&refused).contains("not empty"),
+        "{}",
+        stderr(&refused)
+    );
+    std::fs::remove_dir_all(out).ok();
+    std::fs::remove_dir_all(again).ok();
+}
+
+#[test]
+fn a_bad_config_exits_2_naming_the_field() {
+    let dir = scratch("bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("bad.toml");
+    let text = std::fs::read_to_string("configs/copy-lstm.toml")
+        .unwrap()
+        .replace("batch_size = 32", "batch_size = 32\nbatch_sise = 8");
+    std::fs::write(&config, text).unwrap();
+    let out = estafet(&[
+        "run",
+        config.to_str().unwrap(),
+        "--out",
+        dir.join("run").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("bad.toml:") && err.contains("batch_sise"),
+        "{err}"
+    );
+    assert!(
+        !dir.join("run").exists(),
+        "nothing is written for a bad config"
+    );
+
+    let out = estafet(&["check", "configs/copy-lstm.toml", "--set", "train.steps=-3"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("train.steps"), "{}", stderr(&out));
+
+    let out = estafet(&["run", "no/such/config.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("no/such/config.toml"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = estafet(&["run", "--backend", "tpu"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("unknown backend `tpu`"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn an_unwritable_run_directory_is_a_clear_error() {
+    let out = estafet(&[
+        "run",
+        "configs/copy-lstm.toml",
+        "--quiet",
+        "--out",
+        "/proc/estafet-cannot-write-here",
+        "--set",
+        "train.steps=1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("error: cannot create run directory /proc/"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn lists_what_the_build_offers() {
+    let out = estafet(&["list", "backends"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ndarray") && l.ends_with("available")),
+        "{text}"
+    );
+    let out = estafet(&["list", "tasks"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("copy_memory"));
+    let out = estafet(&["list", "models"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("lstm"));
+}
