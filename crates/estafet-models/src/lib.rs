@@ -17,10 +17,12 @@
 //!
 //! Tensors are batch-first: a sequence is `[B, T, D]`, one step is `[B, D]`.
 
+pub mod gru;
 pub mod init;
 pub mod lstm;
 pub mod mixer;
 pub mod model;
+pub mod rnn;
 
 pub use init::Init;
 pub use mixer::{Mixer, MixerConfig, MixerState};

@@ -1,0 +1,194 @@
+//! The Elman RNN in PyTorch's `nn.RNN` formulation.
+//!
+//! ```text
+//! h_t = φ(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh),    φ = tanh or relu
+//! ```
+//!
+//! With `irnn_init` (Le, Jaitly & Hinton 2015, "IRNN") the recurrent matrix starts as the
+//! identity and the recurrent bias at zero, which with relu lets the state carry information
+//! unchanged until training says otherwise. The input projection of every step is one matmul
+//! before the time loop.
+
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::tensor::activation::{relu, tanh};
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::init::Init;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Nonlinearity {
+    #[default]
+    Tanh,
+    Relu,
+}
+
+/// Configuration of an [`Rnn`] layer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RnnConfig {
+    /// Input features `D`.
+    pub d_input: usize,
+    /// Hidden size `H`.
+    pub d_hidden: usize,
+    pub nonlinearity: Nonlinearity,
+    /// Identity recurrent matrix and zero recurrent bias (IRNN) instead of PyTorch's uniform.
+    pub irnn_init: bool,
+}
+
+/// One Elman RNN layer. Create it with [`RnnConfig::init`].
+#[derive(Module, Debug)]
+pub struct Rnn {
+    /// `[D, H]` with bias `b_ih`.
+    pub input: Linear,
+    /// `[H, H]` with bias `b_hh`.
+    pub hidden: Linear,
+    #[module(skip)]
+    pub nonlinearity: Nonlinearity,
+}
+
+impl RnnConfig {
+    /// PyTorch's initialisation, every weight and bias `U(-1/√H, 1/√H)`, unless `irnn_init`.
+    pub fn init(&self, init: &mut Init) -> Rnn {
+        let (d, h) = (self.d_input, self.d_hidden);
+        let bound = 1.0 / (h as f64).sqrt();
+        let input = Linear {
+            weight: init.uniform([d, h], bound),
+            bias: Some(init.uniform([h], bound)),
+        };
+        let hidden = if self.irnn_init {
+            let identity = (0..h * h)
+                .map(|i| if i / h == i % h { 1.0 } else { 0.0 })
+                .collect();
+            Linear {
+                weight: init.param(identity, [h, h]),
+                bias: Some(init.constant([h], 0.0)),
+            }
+        } else {
+            Linear {
+                weight: init.uniform([h, h], bound),
+                bias: Some(init.uniform([h], bound)),
+            }
+        };
+        Rnn {
+            input,
+            hidden,
+            nonlinearity: self.nonlinearity,
+        }
+    }
+}
+
+impl Rnn {
+    pub fn d_hidden(&self) -> usize {
+        self.hidden.weight.dims()[0]
+    }
+
+    /// Floats of recurrent state per sequence: `h`.
+    pub fn state_size(&self) -> usize {
+        self.d_hidden()
+    }
+
+    /// `x [B, T, D]` (`T ≥ 1`), `h_0 [B, H]` (zeros if `None`) → `h_1..h_T [B, T, H]`, `h_T`.
+    pub fn forward(&self, x: Tensor<3>, state: Option<Tensor<2>>) -> (Tensor<3>, Tensor<2>) {
+        let [batch, _, _] = x.dims();
+        let mut h = state.unwrap_or_else(|| self.zeros(batch, &x.device()));
+        let pre_x = self.input.forward(x);
+        let mut outputs = Vec::with_capacity(pre_x.dims()[1]);
+        for pre_x_t in pre_x.iter_dim(1) {
+            h = self.cell(pre_x_t.squeeze_dim(1), h);
+            outputs.push(h.clone());
+        }
+        (Tensor::stack(outputs, 1), h)
+    }
+
+    /// `x_t [B, D]`, `h_{t-1} [B, H]` → `h_t`, returned as output and as state.
+    pub fn step(&self, x_t: Tensor<2>, state: Option<Tensor<2>>) -> (Tensor<2>, Tensor<2>) {
+        let [batch, _] = x_t.dims();
+        let h = state.unwrap_or_else(|| self.zeros(batch, &x_t.device()));
+        let h = self.cell(self.input.forward(x_t), h);
+        (h.clone(), h)
+    }
+
+    fn cell(&self, pre_x: Tensor<2>, h: Tensor<2>) -> Tensor<2> {
+        let pre = pre_x + self.hidden.forward(h);
+        match self.nonlinearity {
+            Nonlinearity::Tanh => tanh(pre),
+            Nonlinearity::Relu => relu(pre),
+        }
+    }
+
+    fn zeros(&self, batch: usize, device: &Device) -> Tensor<2> {
+        Tensor::zeros([batch, self.d_hidden()], device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
+
+    use super::*;
+    use burn::tensor::{Distribution, TensorData, Tolerance};
+
+    fn device() -> Device {
+        Device::ndarray().autodiff()
+    }
+
+    #[test]
+    fn irnn_init_is_identity_and_carries_the_state() {
+        let rnn = RnnConfig {
+            d_input: 2,
+            d_hidden: 3,
+            nonlinearity: Nonlinearity::Relu,
+            irnn_init: true,
+        }
+        .init(&mut Init::new(0, &device()));
+        rnn.hidden.weight.val().to_data().assert_approx_eq::<f32>(
+            &TensorData::from([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]),
+            Tolerance::absolute(0.0),
+        );
+        // With a zero input projection a positive state passes through unchanged.
+        let rnn = Rnn {
+            input: Linear {
+                weight: Init::new(0, &device()).constant([2, 3], 0.0),
+                bias: Some(Init::new(0, &device()).constant([3], 0.0)),
+            },
+            ..rnn
+        };
+        let h0 = Tensor::<2>::from_floats([[0.5, 1.0, 2.0]], &device());
+        let (_, h) = rnn.forward(Tensor::zeros([1, 9, 2], &device()), Some(h0.clone()));
+        h.to_data()
+            .assert_approx_eq::<f32>(&h0.to_data(), Tolerance::absolute(1e-6));
+    }
+
+    #[test]
+    fn step_by_step_equals_forward() {
+        for nonlinearity in [Nonlinearity::Tanh, Nonlinearity::Relu] {
+            let rnn = RnnConfig {
+                d_input: 3,
+                d_hidden: 4,
+                nonlinearity,
+                irnn_init: false,
+            }
+            .init(&mut Init::new(1, &device()));
+            let x = Tensor::<3>::random([2, 7, 3], Distribution::Default, &device());
+            let h0 = Tensor::<2>::random([2, 4], Distribution::Default, &device());
+            let (y, h_t) = rnn.forward(x.clone(), Some(h0.clone()));
+            let mut h = Some(h0);
+            let mut ys = Vec::new();
+            for x_t in x.iter_dim(1) {
+                let (y_t, s) = rnn.step(x_t.squeeze_dim(1), h);
+                ys.push(y_t);
+                h = Some(s);
+            }
+            let tolerance = Tolerance::absolute(1e-6);
+            Tensor::stack::<3>(ys, 1)
+                .to_data()
+                .assert_approx_eq::<f32>(&y.to_data(), tolerance);
+            h.unwrap()
+                .to_data()
+                .assert_approx_eq::<f32>(&h_t.to_data(), tolerance);
+        }
+    }
+}
