@@ -28,6 +28,11 @@ impl Init {
         &self.device
     }
 
+    /// The underlying stream, for initialisations drawn from other distributions.
+    pub fn rng(&mut self) -> &mut ChaCha8Rng {
+        &mut self.rng
+    }
+
     /// `U(-bound, bound)`, PyTorch's default for recurrent and linear weights (`bound = 1/√fan_in`).
     pub fn uniform<const D: usize>(&mut self, shape: [usize; D], bound: f64) -> Param<Tensor<D>> {
         let values = self.uniform_values(shape.iter().product(), bound);

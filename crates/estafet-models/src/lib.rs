@@ -20,10 +20,14 @@
 pub mod gru;
 pub mod init;
 pub mod lstm;
+pub mod mamba;
+pub mod mingru;
 pub mod mixer;
 pub mod model;
 pub mod rnn;
+pub mod scan;
 
 pub use init::Init;
 pub use mixer::{Mixer, MixerConfig, MixerState};
 pub use model::{Input, InputSpec, Layout, ModelConfig, ModelIo, ModelState, SequenceModel};
+pub use scan::Scan;

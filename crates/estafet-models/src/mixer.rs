@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::gru::{Gru, GruConfig};
 use crate::init::Init;
 use crate::lstm::{Lstm, LstmConfig, LstmState};
+use crate::mamba::{Mamba, MambaConfig, MambaState};
+use crate::mingru::{MinGru, MinGruConfig};
 use crate::rnn::{Nonlinearity, Rnn, RnnConfig};
+use crate::scan::Scan;
 
 /// Which mixer a block uses, with that mixer's own hyper-parameters (its width is the model's
 /// `d_model`). In TOML: `[model.mixer]` with `kind = "lstm"`.
@@ -33,11 +36,50 @@ pub enum MixerConfig {
     },
     /// [`Gru`], PyTorch's formulation.
     Gru,
+    /// [`MinGru`]; `scan` picks the training form.
+    #[serde(rename = "mingru")]
+    MinGru {
+        #[serde(default = "default_scan")]
+        scan: Scan,
+    },
+    /// [`Mamba`], the selective SSM block of Mamba-1; the paper's symbols.
+    Mamba {
+        /// N.
+        #[serde(default = "default_d_state")]
+        d_state: usize,
+        /// E.
+        #[serde(default = "default_expand")]
+        expand: usize,
+        #[serde(default = "default_d_conv")]
+        d_conv: usize,
+        /// R; `⌈d_model / 16⌉` when absent.
+        #[serde(default)]
+        dt_rank: Option<usize>,
+        #[serde(default = "default_scan")]
+        scan: Scan,
+    },
+}
+
+fn default_d_state() -> usize {
+    16
+}
+
+fn default_expand() -> usize {
+    2
+}
+
+fn default_d_conv() -> usize {
+    4
+}
+
+/// The fastest correct form measured on a 2-core CPU (see `experiments/bench`).
+fn default_scan() -> Scan {
+    Scan::Chunked { chunk_len: 32 }
 }
 
 impl MixerConfig {
     /// Every mixer kind, as written in configs.
-    pub const KINDS: &[&str] = &["rnn", "lstm", "gru"];
+    pub const KINDS: &[&str] = &["rnn", "lstm", "gru", "mingru", "mamba"];
 
     /// The name used in configs, reports and run summaries.
     pub fn kind(&self) -> &'static str {
@@ -45,6 +87,34 @@ impl MixerConfig {
             MixerConfig::Rnn { .. } => "rnn",
             MixerConfig::Lstm { .. } => "lstm",
             MixerConfig::Gru => "gru",
+            MixerConfig::MinGru { .. } => "mingru",
+            MixerConfig::Mamba { .. } => "mamba",
+        }
+    }
+
+    /// Checks what serde cannot; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            MixerConfig::MinGru { scan } => scan.validate().map_err(|e| format!("model.mixer.{e}")),
+            MixerConfig::Mamba {
+                d_state,
+                expand,
+                d_conv,
+                dt_rank,
+                scan,
+            } => {
+                let positive = [
+                    ("d_state", *d_state),
+                    ("expand", *expand),
+                    ("d_conv", *d_conv),
+                    ("dt_rank", dt_rank.unwrap_or(1)),
+                ];
+                if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
+                    return Err(format!("model.mixer.{field} must be at least 1"));
+                }
+                scan.validate().map_err(|e| format!("model.mixer.{e}"))
+            }
+            MixerConfig::Rnn { .. } | MixerConfig::Lstm { .. } | MixerConfig::Gru => Ok(()),
         }
     }
 
@@ -77,23 +147,50 @@ impl MixerConfig {
                 }
                 .init(init),
             ),
+            MixerConfig::Mamba {
+                d_state,
+                expand,
+                d_conv,
+                dt_rank,
+                scan,
+            } => {
+                let mut config = MambaConfig::new(d_model, *scan);
+                config.d_state = *d_state;
+                config.expand = *expand;
+                config.d_conv = *d_conv;
+                config.dt_rank = dt_rank.unwrap_or(config.dt_rank);
+                Mixer::Mamba(config.init(init))
+            }
+            MixerConfig::MinGru { scan } => Mixer::MinGru(
+                MinGruConfig {
+                    d_input: d_model,
+                    d_hidden: d_model,
+                    scan: *scan,
+                }
+                .init(init),
+            ),
         }
     }
 }
 
+// One Mixer per layer, built once: the size gap between variants costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Mixer {
     Rnn(Rnn),
     Lstm(Lstm),
     Gru(Gru),
+    MinGru(MinGru),
+    Mamba(Mamba),
 }
 
 /// The recurrent state a mixer carries from one call to the next.
 #[derive(Clone, Debug)]
 pub enum MixerState {
-    /// `h [B, H]` of an RNN or GRU.
+    /// `h [B, H]` of an RNN, GRU or minGRU.
     Hidden(Tensor<2>),
     Lstm(LstmState),
+    Mamba(MambaState),
 }
 
 impl Mixer {
@@ -111,6 +208,14 @@ impl Mixer {
             Mixer::Gru(gru) => {
                 let (y, h) = gru.forward(x, state.map(MixerState::into_hidden));
                 (y, MixerState::Hidden(h))
+            }
+            Mixer::MinGru(cell) => {
+                let (y, h) = cell.forward(x, state.map(MixerState::into_hidden));
+                (y, MixerState::Hidden(h))
+            }
+            Mixer::Mamba(block) => {
+                let (y, s) = block.forward(x, state.map(MixerState::into_mamba));
+                (y, MixerState::Mamba(s))
             }
         }
     }
@@ -130,6 +235,14 @@ impl Mixer {
                 let (y, h) = gru.step(x_t, state.map(MixerState::into_hidden));
                 (y, MixerState::Hidden(h))
             }
+            Mixer::MinGru(cell) => {
+                let (y, h) = cell.step(x_t, state.map(MixerState::into_hidden));
+                (y, MixerState::Hidden(h))
+            }
+            Mixer::Mamba(block) => {
+                let (y, s) = block.step(x_t, state.map(MixerState::into_mamba));
+                (y, MixerState::Mamba(s))
+            }
         }
     }
 
@@ -139,6 +252,8 @@ impl Mixer {
             Mixer::Rnn(rnn) => rnn.state_size(),
             Mixer::Lstm(lstm) => lstm.state_size(),
             Mixer::Gru(gru) => gru.state_size(),
+            Mixer::MinGru(cell) => cell.state_size(),
+            Mixer::Mamba(block) => block.state_size(),
         }
     }
 }
@@ -153,10 +268,17 @@ impl MixerState {
         }
     }
 
+    fn into_mamba(self) -> MambaState {
+        match self {
+            MixerState::Mamba(s) => s,
+            other => panic!("a Mamba block was handed {other:?}"),
+        }
+    }
+
     fn into_hidden(self) -> Tensor<2> {
         match self {
             MixerState::Hidden(h) => h,
-            other => panic!("an RNN or GRU was handed {other:?}"),
+            other => panic!("an RNN, GRU or minGRU was handed {other:?}"),
         }
     }
 }

@@ -88,7 +88,7 @@ impl ModelConfig {
         if self.mlp_expand > 0 && self.layout == Layout::Stacked {
             return Err("model.mlp_expand needs model.layout = \"residual\"".into());
         }
-        Ok(())
+        self.mixer.validate()
     }
 
     pub fn init(&self, io: ModelIo, init: &mut Init) -> SequenceModel {
@@ -259,6 +259,74 @@ impl SequenceModel {
                 layers.into_iter().map(Some).collect()
             }
             None => self.blocks.iter().map(|_| None).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
+
+    use super::*;
+    use burn::tensor::{Device, Distribution};
+
+    /// Every mixer kind with its default settings, as a config file would name it.
+    fn every_mixer() -> Vec<MixerConfig> {
+        MixerConfig::KINDS
+            .iter()
+            .map(|kind| serde_json::from_value(serde_json::json!({ "kind": kind })).unwrap())
+            .collect()
+    }
+
+    /// For every mixer, in both layouts, with two layers: running token by token with `step`
+    /// gives the same logits and final state as `forward` over the whole sequence, and a
+    /// sequence split in two with the state carried over equals one call.
+    #[test]
+    fn step_and_split_forward_equal_forward_for_every_mixer() {
+        let device = Device::ndarray();
+        for mixer in every_mixer() {
+            for (layout, mlp_expand) in [(Layout::Stacked, 0), (Layout::Residual, 2)] {
+                let config = ModelConfig {
+                    mixer: mixer.clone(),
+                    d_model: 8,
+                    n_layers: 2,
+                    layout,
+                    mlp_expand,
+                };
+                let io = ModelIo {
+                    input: InputSpec::Tokens { vocab: 7 },
+                    d_output: 5,
+                };
+                let model = config.init(io, &mut Init::new(3, &device));
+                let tokens =
+                    Tensor::<2>::random([2, 9], Distribution::Uniform(0.0, 7.0), &device).int();
+                let (logits, state) = model.forward(Input::Tokens(tokens.clone()), None);
+                assert_eq!(logits.dims(), [2, 9, 5]);
+                let what = format!("{} {layout:?}", mixer.kind());
+
+                let mut s = None;
+                let mut steps = Vec::new();
+                for t in 0..9 {
+                    let (y, next) = model.step(Input::Tokens(tokens.clone().narrow(1, t, 1)), s);
+                    steps.push(y);
+                    s = Some(next);
+                }
+                let diff: f32 = (Tensor::stack::<3>(steps, 1) - logits.clone())
+                    .abs()
+                    .max()
+                    .into_scalar();
+                assert!(diff < 1e-4, "{what}: step vs forward, max |Δ| = {diff}");
+
+                let (head, mid) =
+                    model.forward(Input::Tokens(tokens.clone().narrow(1, 0, 4)), None);
+                let (tail, end) = model.forward(Input::Tokens(tokens.narrow(1, 4, 5)), Some(mid));
+                let diff: f32 = (Tensor::cat(vec![head, tail], 1) - logits)
+                    .abs()
+                    .max()
+                    .into_scalar();
+                assert!(diff < 1e-4, "{what}: split forward, max |Δ| = {diff}");
+                assert_eq!(end.layers.len(), state.layers.len());
+            }
         }
     }
 }

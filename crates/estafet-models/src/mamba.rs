@@ -1,0 +1,368 @@
+//! Mamba (Gu & Dao 2023): the selective state-space block of Mamba-1 (S6).
+//!
+//! ```text
+//! (x, z)  = in_proj(u)                               u [B,T,D] → x, z [B,T,E·D]
+//! x       = SiLU(causal depthwise conv1d_k(x))       kernel d_conv, per channel
+//! (δ, B, C) = x_proj(x)                              δ [B,T,R], B, C [B,T,N]
+//! Δ       = softplus(dt_proj(δ))                     [B,T,E·D]
+//! A       = −exp(A_log)                              [E·D, N], S4D-real init A_log = log(1..N)
+//! h_t     = exp(Δ_t A) ⊙ h_{t−1} + (Δ_t ⊙ x_t) ⊗ B_t    zero-order hold for A, Euler for B
+//! y_t     = h_t C_t + D ⊙ x_t                        (contract N)
+//! out     = out_proj(y ⊙ SiLU(z))                    [B,T,D]
+//! ```
+//!
+//! Field names follow the paper's symbols: `d_state` N, `expand` E, `d_conv`, `dt_rank` R.
+//! `scan` picks how `h` is computed (see [`crate::scan`]): the `[E·D, N]` state is flattened to
+//! `M = E·D·N` channels of one diagonal recurrence with `log a = Δ A`. `step` carries the last
+//! `d_conv − 1` inputs of the convolution and `h`: O(1) memory per token.
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::activation::{silu, softplus};
+use burn::tensor::{Device, Tensor};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::init::Init;
+use crate::scan::{Scan, linear_scan};
+
+/// Configuration of a [`Mamba`] block.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MambaConfig {
+    /// Model width `D`.
+    pub d_model: usize,
+    /// State size per channel `N`.
+    pub d_state: usize,
+    /// Expansion `E` of the inner width `E·D`.
+    pub expand: usize,
+    /// Kernel of the causal convolution.
+    pub d_conv: usize,
+    /// Rank `R` of the Δ projection; the paper's default is `⌈D / 16⌉`.
+    pub dt_rank: usize,
+    /// Range of the initial step sizes Δ (log-uniform), as in the reference implementation.
+    pub dt_min: f64,
+    pub dt_max: f64,
+    pub scan: Scan,
+}
+
+impl MambaConfig {
+    /// The paper's defaults for width `d_model`: N = 16, E = 2, d_conv = 4, R = ⌈D/16⌉,
+    /// Δ ∈ [0.001, 0.1].
+    pub fn new(d_model: usize, scan: Scan) -> Self {
+        Self {
+            d_model,
+            d_state: 16,
+            expand: 2,
+            d_conv: 4,
+            dt_rank: d_model.div_ceil(16),
+            dt_min: 0.001,
+            dt_max: 0.1,
+            scan,
+        }
+    }
+
+    /// The reference implementation's initialisation (`mamba_simple.py`): PyTorch defaults for
+    /// the projections and the convolution, `dt_proj.bias = softplus⁻¹(Δ₀)` with `Δ₀` log-uniform
+    /// in `[dt_min, dt_max]` (floored at 1e-4), `A_log = log(1..N)`, `D = 1`.
+    pub fn init(&self, init: &mut Init) -> Mamba {
+        let (d, n, r) = (self.d_model, self.d_state, self.dt_rank);
+        let inner = self.expand * d;
+        let conv_bound = 1.0 / (self.d_conv as f64).sqrt();
+        let dt_bias: Vec<f32> = (0..inner)
+            .map(|_| {
+                let u: f64 = init.rng().random();
+                let dt = (u * (self.dt_max.ln() - self.dt_min.ln()) + self.dt_min.ln())
+                    .exp()
+                    .max(1e-4);
+                // softplus⁻¹(dt) = dt + log(1 − e^{−dt})
+                (dt + (-(-dt).exp_m1()).ln()) as f32
+            })
+            .collect();
+        let a_log = (0..inner * n).map(|i| ((i % n + 1) as f32).ln()).collect();
+        Mamba {
+            in_proj: init.linear(d, 2 * inner, false),
+            conv_weight: init.uniform([self.d_conv, inner], conv_bound),
+            conv_bias: init.uniform([inner], conv_bound),
+            x_proj: init.linear(inner, r + 2 * n, false),
+            dt_proj: Linear {
+                weight: init.uniform([r, inner], (r as f64).powf(-0.5)),
+                bias: Some(init.param(dt_bias, [inner])),
+            },
+            a_log: init.param(a_log, [inner, n]),
+            d: init.constant([inner], 1.0),
+            out_proj: init.linear(inner, d, false),
+            scan: self.scan,
+        }
+    }
+}
+
+/// One Mamba block. Create it with [`MambaConfig::init`].
+#[derive(Module, Debug)]
+pub struct Mamba {
+    /// `[D, 2·E·D]`: `x` then `z`.
+    pub in_proj: Linear,
+    /// `[d_conv, E·D]`: tap `j` multiplies the input `d_conv − 1 − j` steps back.
+    pub conv_weight: Param<Tensor<2>>,
+    pub conv_bias: Param<Tensor<1>>,
+    /// `[E·D, R + 2N]`: `δ`, `B`, `C`.
+    pub x_proj: Linear,
+    /// `[R, E·D]` with bias.
+    pub dt_proj: Linear,
+    /// `[E·D, N]`.
+    pub a_log: Param<Tensor<2>>,
+    /// `[E·D]`.
+    pub d: Param<Tensor<1>>,
+    /// `[E·D, D]`.
+    pub out_proj: Linear,
+    #[module(skip)]
+    pub scan: Scan,
+}
+
+/// The state of a Mamba block between calls.
+#[derive(Clone, Debug)]
+pub struct MambaState {
+    /// The last `d_conv − 1` inputs of the convolution, `[B, d_conv − 1, E·D]`.
+    pub conv: Tensor<3>,
+    /// The SSM state, `[B, E·D, N]`.
+    pub ssm: Tensor<3>,
+}
+
+impl Mamba {
+    fn inner(&self) -> usize {
+        self.d.dims()[0]
+    }
+
+    fn d_state(&self) -> usize {
+        self.a_log.dims()[1]
+    }
+
+    fn d_conv(&self) -> usize {
+        self.conv_weight.dims()[0]
+    }
+
+    /// Floats of state per sequence: the convolution's window and `h`.
+    pub fn state_size(&self) -> usize {
+        (self.d_conv() - 1) * self.inner() + self.inner() * self.d_state()
+    }
+
+    pub fn zero_state(&self, batch: usize, device: &Device) -> MambaState {
+        MambaState {
+            conv: Tensor::zeros([batch, self.d_conv() - 1, self.inner()], device),
+            ssm: Tensor::zeros([batch, self.inner(), self.d_state()], device),
+        }
+    }
+
+    /// `u [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step, in the form
+    /// [`Mamba::scan`] names.
+    pub fn forward(&self, u: Tensor<3>, state: Option<MambaState>) -> (Tensor<3>, MambaState) {
+        self.forward_with(u, state, self.scan)
+    }
+
+    /// As [`Mamba::forward`], in the given form.
+    pub fn forward_with(
+        &self,
+        u: Tensor<3>,
+        state: Option<MambaState>,
+        scan: Scan,
+    ) -> (Tensor<3>, MambaState) {
+        let [batch, t, _] = u.dims();
+        let (inner, n, k) = (self.inner(), self.d_state(), self.d_conv());
+        let state = state.unwrap_or_else(|| self.zero_state(batch, &u.device()));
+        let [x, z]: [Tensor<3>; 2] = self
+            .in_proj
+            .forward(u)
+            .chunk(2, 2)
+            .try_into()
+            .expect("2·E·D splits in two");
+
+        // Causal depthwise convolution over [carried window, x].
+        let window = Tensor::cat(vec![state.conv, x], 1); // [B, k − 1 + T, E·D]
+        let x = silu(self.causal_conv(window.clone(), t)); // [B, T, E·D]
+        let conv_state = window.narrow(1, t, k - 1);
+
+        let r = self.dt_proj.weight.dims()[0];
+        let dbc = self.x_proj.forward(x.clone());
+        let delta = softplus(self.dt_proj.forward(dbc.clone().narrow(2, 0, r)), 1.0); // [B, T, E·D]
+        let b = dbc.clone().narrow(2, r, n); // [B, T, N]
+        let c = dbc.narrow(2, r + n, n); // [B, T, N]
+        let a = -self.a_log.val().exp(); // [E·D, N]
+
+        let log_decay =
+            delta.clone().unsqueeze_dim::<4>(3) * a.unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0);
+        let drive = (delta * x.clone()).unsqueeze_dim::<4>(3) * b.unsqueeze_dim::<4>(2); // [B, T, E·D, N]
+        let m = inner * n;
+        let (h, h_last) = linear_scan(
+            log_decay.reshape([batch, t, m]),
+            drive.reshape([batch, t, m]),
+            state.ssm.reshape([batch, m]),
+            scan,
+        );
+        let y = (h.reshape([batch, t, inner, n]) * c.unsqueeze_dim::<4>(2))
+            .sum_dim(3)
+            .squeeze_dim::<3>(3)
+            + x * self.d.val().unsqueeze_dim::<2>(0).unsqueeze_dim::<3>(0);
+        let out = self.out_proj.forward(y * silu(z));
+        (
+            out,
+            MambaState {
+                conv: conv_state,
+                ssm: h_last.reshape([batch, inner, n]),
+            },
+        )
+    }
+
+    /// Causal depthwise convolution of `window [B, k − 1 + T, E·D]` (the carried inputs, then
+    /// this call's) → `[B, T, E·D]`.
+    fn causal_conv(&self, window: Tensor<3>, t: usize) -> Tensor<3> {
+        let weight = self.conv_weight.val();
+        let mut out = self
+            .conv_bias
+            .val()
+            .unsqueeze_dim::<2>(0)
+            .unsqueeze_dim::<3>(0);
+        for j in 0..self.d_conv() {
+            let tap = weight.clone().narrow(0, j, 1).unsqueeze_dim::<3>(0); // [1, 1, E·D]
+            out = out + window.clone().narrow(1, j, t) * tap;
+        }
+        out
+    }
+
+    /// One token: `u_t [B, D]` → `[B, D]` and the next state.
+    pub fn step(&self, u_t: Tensor<2>, state: Option<MambaState>) -> (Tensor<2>, MambaState) {
+        let (y, state) = self.forward_with(u_t.unsqueeze_dim(1), state, Scan::Sequential);
+        (y.squeeze_dim(1), state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
+
+    use super::*;
+    use burn::tensor::Distribution;
+
+    fn device() -> Device {
+        Device::ndarray().autodiff()
+    }
+
+    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    fn block() -> Mamba {
+        let mut config = MambaConfig::new(6, Scan::Sequential);
+        config.d_state = 4;
+        config.dt_rank = 2;
+        config.init(&mut Init::new(11, &device()))
+    }
+
+    #[test]
+    fn reference_initialisation() {
+        let m = block();
+        assert_eq!(m.in_proj.weight.dims(), [6, 24]);
+        assert_eq!(m.x_proj.weight.dims(), [12, 2 + 8]);
+        let a: Vec<f32> = (-m.a_log.val().exp()).to_data().to_vec().unwrap();
+        assert_eq!(&a[..4], &[-1.0, -2.0, -3.0, -4.0], "S4D-real: A = −(1..N)");
+        let dt: Vec<f32> = softplus(m.dt_proj.bias.as_ref().unwrap().val(), 1.0)
+            .to_data()
+            .to_vec()
+            .unwrap();
+        assert!(
+            dt.iter()
+                .all(|&d| (0.001 * 0.999..=0.1 * 1.001).contains(&d)),
+            "{dt:?}"
+        );
+        // 3·12 conv window + 12·4 state
+        assert_eq!(m.state_size(), 84);
+    }
+
+    /// Every form against the sequential definition at odd T and chunk sizes that do not
+    /// divide it: outputs, both parts of the final state, and the gradients of the input and of
+    /// A_log, Δ's projection and the convolution.
+    #[test]
+    fn forms_agree_with_the_definition() {
+        let m = block();
+        let dev = device();
+        let u = Tensor::<3>::random([2, 11, 6], Distribution::Normal(0.0, 1.0), &dev);
+        let start = MambaState {
+            conv: Tensor::random([2, 3, 12], Distribution::Normal(0.0, 1.0), &dev),
+            ssm: Tensor::random([2, 12, 4], Distribution::Normal(0.0, 1.0), &dev),
+        };
+        let r = Tensor::<3>::random([2, 11, 6], Distribution::Normal(0.0, 1.0), &dev);
+        let run = |scan| {
+            let u = u.clone().detach().require_grad();
+            let (y, s) = m.forward_with(u.clone(), Some(start.clone()), scan);
+            let grads = ((y.clone() * r.clone()).sum() + s.ssm.clone().sum()).backward();
+            (
+                y,
+                s,
+                u.grad(&grads).unwrap(),
+                m.a_log.grad(&grads).unwrap(),
+                m.dt_proj.weight.grad(&grads).unwrap(),
+                m.conv_weight.grad(&grads).unwrap(),
+            )
+        };
+        let reference = run(Scan::Sequential);
+        for chunk_len in [1, 4, 5, 16] {
+            let fast = run(Scan::Chunked { chunk_len });
+            let what = format!("chunk_len {chunk_len}");
+            assert!(max_diff(fast.0, reference.0.clone()) < 1e-5, "y, {what}");
+            assert!(
+                max_diff(fast.1.ssm, reference.1.ssm.clone()) < 1e-5,
+                "h_T, {what}"
+            );
+            assert!(
+                max_diff(fast.1.conv, reference.1.conv.clone()) < 1e-6,
+                "conv, {what}"
+            );
+            assert!(max_diff(fast.2, reference.2.clone()) < 1e-5, "du, {what}");
+            assert!(
+                max_diff(fast.3, reference.3.clone()) < 1e-4,
+                "dA_log, {what}"
+            );
+            assert!(
+                max_diff(fast.4, reference.4.clone()) < 1e-4,
+                "d dt_proj, {what}"
+            );
+            assert!(
+                max_diff(fast.5, reference.5.clone()) < 1e-4,
+                "d conv, {what}"
+            );
+        }
+        // step, token by token.
+        let mut s = Some(start.clone());
+        let mut ys = Vec::new();
+        for u_t in u.clone().iter_dim(1) {
+            let (y_t, next) = m.step(u_t.squeeze_dim(1), s);
+            ys.push(y_t);
+            s = Some(next);
+        }
+        assert!(
+            max_diff(Tensor::stack::<3>(ys, 1), reference.0) < 1e-5,
+            "step"
+        );
+        assert!(max_diff(s.unwrap().ssm, reference.1.ssm) < 1e-5, "step h_T");
+    }
+
+    /// The convolution is causal and per channel: an impulse at t = 2 in one inner channel moves
+    /// only that channel's conv output at t = 2..2 + d_conv − 1.
+    #[test]
+    fn convolution_is_causal_depthwise() {
+        let m = block();
+        let dev = device();
+        let mut impulse = vec![0.0f32; 8 * 12];
+        impulse[2 * 12 + 5] = 1.0;
+        let x = Tensor::<3>::from_data(burn::tensor::TensorData::new(impulse, [1, 8, 12]), &dev);
+        let window = Tensor::cat(vec![Tensor::zeros([1, 3, 12], &dev), x], 1);
+        let out =
+            m.causal_conv(window.clone(), 8) - m.causal_conv(Tensor::zeros([1, 11, 12], &dev), 8);
+        let out: Vec<f32> = out.to_data().to_vec().unwrap();
+        for t in 0..8 {
+            for ch in 0..12 {
+                let moved = out[t * 12 + ch] != 0.0;
+                assert_eq!(moved, ch == 5 && (2..6).contains(&t), "t {t} channel {ch}");
+            }
+        }
+    }
+}
