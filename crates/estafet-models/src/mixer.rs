@@ -14,6 +14,7 @@ use crate::lstm::{Lstm, LstmConfig, LstmState};
 use crate::mamba::{Mamba, MambaConfig, MambaState};
 use crate::mingru::{MinGru, MinGruConfig};
 use crate::rnn::{Nonlinearity, Rnn, RnnConfig};
+use crate::rwkv::{Rwkv, RwkvConfig, RwkvState, WkvForm};
 use crate::scan::Scan;
 
 /// Which mixer a block uses, with that mixer's own hyper-parameters (its width is the model's
@@ -58,6 +59,40 @@ pub enum MixerConfig {
         #[serde(default = "default_scan")]
         scan: Scan,
     },
+    /// [`Rwkv`], a complete RWKV block (time mix and channel mix with their own pre-norms and
+    /// residuals; use it with `layout = "stacked"` to get RWKV's own architecture).
+    Rwkv {
+        /// 4 (RWKV-4, per-channel decay) or 6 (Finch, matrix state, data-dependent decay).
+        #[serde(default = "default_rwkv_version")]
+        version: u8,
+        #[serde(default = "default_ffn_expand")]
+        ffn_expand: usize,
+        /// RWKV-6 head size; `min(64, d_model)` when absent.
+        #[serde(default)]
+        head_size: Option<usize>,
+        /// RWKV-6 LoRA rank.
+        #[serde(default = "default_lora_rank")]
+        lora_rank: usize,
+        #[serde(default = "default_wkv")]
+        wkv: WkvForm,
+    },
+}
+
+fn default_rwkv_version() -> u8 {
+    4
+}
+
+fn default_ffn_expand() -> usize {
+    4
+}
+
+fn default_lora_rank() -> usize {
+    32
+}
+
+/// The fastest correct WKV form measured on a 2-core CPU (see `experiments/bench`).
+fn default_wkv() -> WkvForm {
+    WkvForm::Chunked { chunk_len: 32 }
 }
 
 fn default_d_state() -> usize {
@@ -79,7 +114,7 @@ fn default_scan() -> Scan {
 
 impl MixerConfig {
     /// Every mixer kind, as written in configs.
-    pub const KINDS: &[&str] = &["rnn", "lstm", "gru", "mingru", "mamba"];
+    pub const KINDS: &[&str] = &["rnn", "lstm", "gru", "mingru", "mamba", "rwkv"];
 
     /// The name used in configs, reports and run summaries.
     pub fn kind(&self) -> &'static str {
@@ -89,6 +124,7 @@ impl MixerConfig {
             MixerConfig::Gru => "gru",
             MixerConfig::MinGru { .. } => "mingru",
             MixerConfig::Mamba { .. } => "mamba",
+            MixerConfig::Rwkv { .. } => "rwkv",
         }
     }
 
@@ -106,20 +142,48 @@ impl MixerConfig {
                 let positive = [
                     ("d_state", *d_state),
                     ("expand", *expand),
-                    ("d_conv", *d_conv),
                     ("dt_rank", dt_rank.unwrap_or(1)),
                 ];
                 if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
                     return Err(format!("model.mixer.{field} must be at least 1"));
                 }
+                if *d_conv < 2 {
+                    return Err(
+                        "model.mixer.d_conv must be at least 2 (a causal kernel spans the past)"
+                            .into(),
+                    );
+                }
                 scan.validate().map_err(|e| format!("model.mixer.{e}"))
             }
+            MixerConfig::Rwkv { .. } => self.rwkv_config(1).validate(),
             MixerConfig::Rnn { .. } | MixerConfig::Lstm { .. } | MixerConfig::Gru => Ok(()),
+        }
+    }
+
+    /// The RWKV block this config describes at width `d_model`.
+    fn rwkv_config(&self, d_model: usize) -> RwkvConfig {
+        match self {
+            MixerConfig::Rwkv {
+                version,
+                ffn_expand,
+                head_size,
+                lora_rank,
+                wkv,
+            } => RwkvConfig {
+                d_model,
+                version: *version,
+                ffn_expand: *ffn_expand,
+                head_size: head_size.unwrap_or(64.min(d_model)),
+                lora_rank: *lora_rank,
+                wkv: *wkv,
+            },
+            _ => unreachable!("only called on MixerConfig::Rwkv"),
         }
     }
 
     pub fn init(&self, d_model: usize, init: &mut Init) -> Mixer {
         match self {
+            MixerConfig::Rwkv { .. } => Mixer::Rwkv(self.rwkv_config(d_model).init(init)),
             MixerConfig::Rnn {
                 nonlinearity,
                 irnn_init,
@@ -173,8 +237,6 @@ impl MixerConfig {
     }
 }
 
-// One Mixer per layer, built once: the size gap between variants costs nothing worth a Box.
-#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Mixer {
     Rnn(Rnn),
@@ -182,6 +244,7 @@ pub enum Mixer {
     Gru(Gru),
     MinGru(MinGru),
     Mamba(Mamba),
+    Rwkv(Rwkv),
 }
 
 /// The recurrent state a mixer carries from one call to the next.
@@ -191,6 +254,7 @@ pub enum MixerState {
     Hidden(Tensor<2>),
     Lstm(LstmState),
     Mamba(MambaState),
+    Rwkv(RwkvState),
 }
 
 impl Mixer {
@@ -216,6 +280,10 @@ impl Mixer {
             Mixer::Mamba(block) => {
                 let (y, s) = block.forward(x, state.map(MixerState::into_mamba));
                 (y, MixerState::Mamba(s))
+            }
+            Mixer::Rwkv(block) => {
+                let (y, s) = block.forward(x, state.map(MixerState::into_rwkv));
+                (y, MixerState::Rwkv(s))
             }
         }
     }
@@ -243,6 +311,10 @@ impl Mixer {
                 let (y, s) = block.step(x_t, state.map(MixerState::into_mamba));
                 (y, MixerState::Mamba(s))
             }
+            Mixer::Rwkv(block) => {
+                let (y, s) = block.step(x_t, state.map(MixerState::into_rwkv));
+                (y, MixerState::Rwkv(s))
+            }
         }
     }
 
@@ -254,6 +326,7 @@ impl Mixer {
             Mixer::Gru(gru) => gru.state_size(),
             Mixer::MinGru(cell) => cell.state_size(),
             Mixer::Mamba(block) => block.state_size(),
+            Mixer::Rwkv(block) => block.state_size(),
         }
     }
 }
@@ -272,6 +345,13 @@ impl MixerState {
         match self {
             MixerState::Mamba(s) => s,
             other => panic!("a Mamba block was handed {other:?}"),
+        }
+    }
+
+    fn into_rwkv(self) -> RwkvState {
+        match self {
+            MixerState::Rwkv(s) => s,
+            other => panic!("an RWKV block was handed {other:?}"),
         }
     }
 

@@ -270,11 +270,22 @@ mod tests {
     use super::*;
     use burn::tensor::{Device, Distribution};
 
-    /// Every mixer kind with its default settings, as a config file would name it.
+    /// Every mixer kind with its default settings, as a config file would name it, and the
+    /// other versions and forms.
     fn every_mixer() -> Vec<MixerConfig> {
-        MixerConfig::KINDS
+        let defaults = MixerConfig::KINDS
             .iter()
-            .map(|kind| serde_json::from_value(serde_json::json!({ "kind": kind })).unwrap())
+            .map(|kind| serde_json::json!({ "kind": kind }));
+        let variants = [
+            serde_json::json!({ "kind": "rnn", "nonlinearity": "relu", "irnn_init": true }),
+            serde_json::json!({ "kind": "mingru", "scan": { "kind": "sequential" } }),
+            serde_json::json!({ "kind": "mamba", "scan": { "kind": "sequential" } }),
+            serde_json::json!({ "kind": "rwkv", "wkv": { "kind": "sequential" } }),
+            serde_json::json!({ "kind": "rwkv", "version": 6, "head_size": 4 }),
+        ];
+        defaults
+            .chain(variants)
+            .map(|v| serde_json::from_value(v).unwrap())
             .collect()
     }
 
