@@ -36,7 +36,7 @@ pub struct Summary {
     pub model: &'static str,
     pub task: &'static str,
     pub params: usize,
-    /// Floats of recurrent state per sequence.
+    /// Floats of state per sequence at the task's length (attention: its KV cache).
     pub state_size: usize,
     pub steps: usize,
     pub backend: Backend,
@@ -109,7 +109,7 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
         .model
         .init(io, &mut Init::new(seed, &device.clone().autodiff()));
     let params = model.num_params();
-    let state_size = model.state_size();
+    let state_size = model.state_size(info.seq_len);
     let model_kind = config.model.mixer.kind();
 
     let dir = RunDir::create(&options.out)?;

@@ -21,6 +21,7 @@
 // counts; boxing the larger variants would buy nothing measurable.
 #![allow(clippy::large_enum_variant)]
 
+pub mod attention;
 pub mod gru;
 pub mod init;
 pub mod lstm;

@@ -8,6 +8,7 @@ use burn::module::Module;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
+use crate::attention::{Attention, AttentionConfig, KvCache, Positions};
 use crate::gru::{Gru, GruConfig};
 use crate::init::Init;
 use crate::lstm::{Lstm, LstmConfig, LstmState};
@@ -76,6 +77,21 @@ pub enum MixerConfig {
         #[serde(default = "default_wkv")]
         wkv: WkvForm,
     },
+    /// [`Attention`], causal softmax attention with a KV cache: the non-recurrent baseline.
+    Attention {
+        #[serde(default = "default_n_heads")]
+        n_heads: usize,
+        #[serde(default = "default_positions")]
+        positions: Positions,
+    },
+}
+
+fn default_n_heads() -> usize {
+    4
+}
+
+fn default_positions() -> Positions {
+    Positions::Rotary
 }
 
 fn default_rwkv_version() -> u8 {
@@ -114,7 +130,7 @@ fn default_scan() -> Scan {
 
 impl MixerConfig {
     /// Every mixer kind, as written in configs.
-    pub const KINDS: &[&str] = &["rnn", "lstm", "gru", "mingru", "mamba", "rwkv"];
+    pub const KINDS: &[&str] = &["rnn", "lstm", "gru", "mingru", "mamba", "rwkv", "attention"];
 
     /// The name used in configs, reports and run summaries.
     pub fn kind(&self) -> &'static str {
@@ -125,11 +141,12 @@ impl MixerConfig {
             MixerConfig::MinGru { .. } => "mingru",
             MixerConfig::Mamba { .. } => "mamba",
             MixerConfig::Rwkv { .. } => "rwkv",
+            MixerConfig::Attention { .. } => "attention",
         }
     }
 
-    /// Checks what serde cannot; the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks what serde cannot, at width `d_model`; the message names the field.
+    pub fn validate(&self, d_model: usize) -> Result<(), String> {
         match self {
             MixerConfig::MinGru { scan } => scan.validate().map_err(|e| format!("model.mixer.{e}")),
             MixerConfig::Mamba {
@@ -155,7 +172,13 @@ impl MixerConfig {
                 }
                 scan.validate().map_err(|e| format!("model.mixer.{e}"))
             }
-            MixerConfig::Rwkv { .. } => self.rwkv_config(1).validate(),
+            MixerConfig::Rwkv { .. } => self.rwkv_config(d_model).validate(),
+            MixerConfig::Attention { n_heads, positions } => AttentionConfig {
+                d_model,
+                n_heads: *n_heads,
+                positions: *positions,
+            }
+            .validate(),
             MixerConfig::Rnn { .. } | MixerConfig::Lstm { .. } | MixerConfig::Gru => Ok(()),
         }
     }
@@ -184,6 +207,14 @@ impl MixerConfig {
     pub fn init(&self, d_model: usize, init: &mut Init) -> Mixer {
         match self {
             MixerConfig::Rwkv { .. } => Mixer::Rwkv(self.rwkv_config(d_model).init(init)),
+            MixerConfig::Attention { n_heads, positions } => Mixer::Attention(
+                AttentionConfig {
+                    d_model,
+                    n_heads: *n_heads,
+                    positions: *positions,
+                }
+                .init(init),
+            ),
             MixerConfig::Rnn {
                 nonlinearity,
                 irnn_init,
@@ -245,6 +276,7 @@ pub enum Mixer {
     MinGru(MinGru),
     Mamba(Mamba),
     Rwkv(Rwkv),
+    Attention(Attention),
 }
 
 /// The recurrent state a mixer carries from one call to the next.
@@ -255,6 +287,8 @@ pub enum MixerState {
     Lstm(LstmState),
     Mamba(MambaState),
     Rwkv(RwkvState),
+    /// Attention's KV cache, which grows with every token.
+    Attention(KvCache),
 }
 
 impl Mixer {
@@ -284,6 +318,10 @@ impl Mixer {
             Mixer::Rwkv(block) => {
                 let (y, s) = block.forward(x, state.map(MixerState::into_rwkv));
                 (y, MixerState::Rwkv(s))
+            }
+            Mixer::Attention(attn) => {
+                let (y, cache) = attn.forward(x, state.map(MixerState::into_cache));
+                (y, MixerState::Attention(cache))
             }
         }
     }
@@ -315,12 +353,18 @@ impl Mixer {
                 let (y, s) = block.step(x_t, state.map(MixerState::into_rwkv));
                 (y, MixerState::Rwkv(s))
             }
+            Mixer::Attention(attn) => {
+                let (y, cache) = attn.step(x_t, state.map(MixerState::into_cache));
+                (y, MixerState::Attention(cache))
+            }
         }
     }
 
-    /// Floats of recurrent state per sequence (independent of `T` for every recurrent mixer).
-    pub fn state_size(&self) -> usize {
+    /// Floats of state per sequence after `seq_len` tokens: independent of `seq_len` for every
+    /// recurrent mixer, `2·seq_len·D` for attention's cache.
+    pub fn state_size(&self, seq_len: usize) -> usize {
         match self {
+            Mixer::Attention(attn) => attn.state_size(seq_len),
             Mixer::Rnn(rnn) => rnn.state_size(),
             Mixer::Lstm(lstm) => lstm.state_size(),
             Mixer::Gru(gru) => gru.state_size(),
@@ -352,6 +396,13 @@ impl MixerState {
         match self {
             MixerState::Rwkv(s) => s,
             other => panic!("an RWKV block was handed {other:?}"),
+        }
+    }
+
+    fn into_cache(self) -> KvCache {
+        match self {
+            MixerState::Attention(s) => s,
+            other => panic!("attention was handed {other:?}"),
         }
     }
 

@@ -88,7 +88,7 @@ impl ModelConfig {
         if self.mlp_expand > 0 && self.layout == Layout::Stacked {
             return Err("model.mlp_expand needs model.layout = \"residual\"".into());
         }
-        self.mixer.validate()
+        self.mixer.validate(self.d_model)
     }
 
     pub fn init(&self, io: ModelIo, init: &mut Init) -> SequenceModel {
@@ -226,9 +226,12 @@ impl SequenceModel {
         (self.decode(x), ModelState { layers })
     }
 
-    /// Floats of recurrent state per sequence, summed over layers.
-    pub fn state_size(&self) -> usize {
-        self.blocks.iter().map(|b| b.mixer.state_size()).sum()
+    /// Floats of state per sequence after `seq_len` tokens, summed over layers.
+    pub fn state_size(&self, seq_len: usize) -> usize {
+        self.blocks
+            .iter()
+            .map(|b| b.mixer.state_size(seq_len))
+            .sum()
     }
 
     fn encode(&self, input: Input) -> Tensor<3> {
@@ -282,6 +285,8 @@ mod tests {
             serde_json::json!({ "kind": "mamba", "scan": { "kind": "sequential" } }),
             serde_json::json!({ "kind": "rwkv", "wkv": { "kind": "sequential" } }),
             serde_json::json!({ "kind": "rwkv", "version": 6, "head_size": 4 }),
+            serde_json::json!({ "kind": "attention", "n_heads": 2,
+                                "positions": { "kind": "learned", "max_len": 16 } }),
         ];
         defaults
             .chain(variants)

@@ -1,0 +1,287 @@
+//! Causal multi-head softmax attention (Vaswani et al. 2017), the non-recurrent baseline.
+//!
+//! ```text
+//! q, k, v = split(W_qkv x)                         [B, H, T, K],  K = D / H
+//! q, k    = RoPE(q), RoPE(k)                        rotary positions (Su et al. 2021), or
+//! x       = x + P[t]                                learned absolute positions, before W_qkv
+//! o       = softmax(q kᵀ / √K + causal mask) v      key j visible to query i iff j ≤ i
+//! out     = W_o concat_heads(o)
+//! ```
+//!
+//! Its "state" is the KV cache: every past key and value, `2·T·D` floats per sequence, which
+//! grows with the context; that growth is what the recurrent models are compared against.
+//! `step` appends one token to the cache and attends over all of it.
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::init::Init;
+
+/// How attention knows where a token is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Positions {
+    /// Rotary embeddings on queries and keys, any length.
+    Rotary,
+    /// A learned vector per position, added to the input; at most `max_len` positions.
+    Learned { max_len: usize },
+}
+
+/// Configuration of an [`Attention`] layer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttentionConfig {
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub positions: Positions,
+}
+
+/// Rotary frequencies `θ_i = 10000^{−2i/K}`, as in RoFormer and GPT-NeoX.
+const ROPE_BASE: f64 = 10_000.0;
+
+impl AttentionConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {
+            return Err(format!(
+                "model.mixer.n_heads must divide d_model = {} (got {})",
+                self.d_model, self.n_heads
+            ));
+        }
+        let head = self.d_model / self.n_heads;
+        if self.positions == Positions::Rotary && !head.is_multiple_of(2) {
+            return Err(format!(
+                "rotary positions need an even head size, got {head}"
+            ));
+        }
+        if let Positions::Learned { max_len: 0 } = self.positions {
+            return Err("model.mixer.positions.max_len must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// PyTorch's `nn.Linear` initialisation for the projections, `N(0, 0.02²)` for learned
+    /// positions (GPT-2).
+    pub fn init(&self, init: &mut Init) -> Attention {
+        let d = self.d_model;
+        Attention {
+            qkv: init.linear(d, 3 * d, true),
+            out: init.linear(d, d, true),
+            positions: match self.positions {
+                Positions::Learned { max_len } => Some(init.normal([max_len, d], 0.02)),
+                Positions::Rotary => None,
+            },
+            n_heads: self.n_heads,
+        }
+    }
+}
+
+/// One attention layer. Create it with [`AttentionConfig::init`].
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// `[D, 3D]`: queries, keys, values.
+    pub qkv: Linear,
+    pub out: Linear,
+    /// `[max_len, D]` learned positions, or `None` for rotary.
+    pub positions: Option<Param<Tensor<2>>>,
+    #[module(skip)]
+    pub n_heads: usize,
+}
+
+/// Every key and value seen so far, `[B, H, S, K]` each.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    pub k: Tensor<4>,
+    pub v: Tensor<4>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.k.dims()[2]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Attention {
+    fn d_model(&self) -> usize {
+        self.out.weight.dims()[0]
+    }
+
+    /// Floats of cache per sequence after `seq_len` tokens: keys and values.
+    pub fn state_size(&self, seq_len: usize) -> usize {
+        2 * seq_len * self.d_model()
+    }
+
+    /// `x [B, T, D]` (`T ≥ 1`) after the tokens in `cache` → `[B, T, D]` and the cache with
+    /// these `T` tokens appended.
+    pub fn forward(&self, x: Tensor<3>, cache: Option<KvCache>) -> (Tensor<3>, KvCache) {
+        let [b, t, d] = x.dims();
+        let (h, head) = (self.n_heads, d / self.n_heads);
+        let offset = cache.as_ref().map_or(0, KvCache::len);
+        let device = x.device();
+        let x = match &self.positions {
+            Some(table) => {
+                let max_len = table.dims()[0];
+                assert!(
+                    offset + t <= max_len,
+                    "position {} is beyond the {max_len} learned positions",
+                    offset + t - 1
+                );
+                x + table.val().narrow(0, offset, t).unsqueeze_dim(0)
+            }
+            None => x,
+        };
+        let split = |z: Tensor<3>| z.reshape([b, t, h, head]).swap_dims(1, 2); // [B, H, T, K]
+        let [q, k, v]: [Tensor<3>; 3] = self
+            .qkv
+            .forward(x)
+            .chunk(3, 2)
+            .try_into()
+            .expect("3D splits in three");
+        let (mut q, mut k, v) = (split(q), split(k), split(v));
+        if self.positions.is_none() {
+            let (cos, sin) = rope_tables(offset, t, head, &device);
+            q = rotate(q, cos.clone(), sin.clone());
+            k = rotate(k, cos, sin);
+        }
+        let cache = match cache {
+            Some(c) => KvCache {
+                k: Tensor::cat(vec![c.k, k], 2),
+                v: Tensor::cat(vec![c.v, v], 2),
+            },
+            None => KvCache { k, v },
+        };
+        let s = offset + t;
+        // Query i (absolute offset + i) sees keys 0..=offset + i.
+        let mask: Vec<f32> = (0..t * s)
+            .map(|n| {
+                if n % s <= offset + n / s {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let mask = Tensor::<4>::from_data(TensorData::new(mask, [1, 1, t, s]), &device);
+        let scores = q.matmul(cache.k.clone().swap_dims(2, 3)) / (head as f64).sqrt() + mask;
+        let o = softmax(scores, 3).matmul(cache.v.clone()); // [B, H, T, K]
+        let o = o.swap_dims(1, 2).reshape([b, t, d]);
+        (self.out.forward(o), cache)
+    }
+
+    /// One token: `x_t [B, D]` → `[B, D]` and the cache with it appended.
+    pub fn step(&self, x_t: Tensor<2>, cache: Option<KvCache>) -> (Tensor<2>, KvCache) {
+        let (y, cache) = self.forward(x_t.unsqueeze_dim(1), cache);
+        (y.squeeze_dim(1), cache)
+    }
+}
+
+/// `cos` and `sin` of `(offset + t)·θ_i` for `t < len`, laid out `[1, 1, len, K]` for the
+/// half-split rotation.
+fn rope_tables(offset: usize, len: usize, head: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
+    let half = head / 2;
+    let mut cos = Vec::with_capacity(len * head);
+    let mut sin = Vec::with_capacity(len * head);
+    for t in 0..len {
+        let angles: Vec<f64> = (0..half)
+            .map(|i| (offset + t) as f64 * ROPE_BASE.powf(-2.0 * i as f64 / head as f64))
+            .collect();
+        for _ in 0..2 {
+            cos.extend(angles.iter().map(|a| a.cos() as f32));
+            sin.extend(angles.iter().map(|a| a.sin() as f32));
+        }
+    }
+    let table = |values| Tensor::from_data(TensorData::new(values, [1, 1, len, head]), device);
+    (table(cos), table(sin))
+}
+
+/// `x cos + rotate_half(x) sin`, with `rotate_half([x₁, x₂]) = [−x₂, x₁]` over the last axis.
+fn rotate(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+    let half = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![-x2, x1], 3);
+    x * cos + rotated * sin
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
+
+    use super::*;
+    use burn::tensor::Distribution;
+
+    fn device() -> Device {
+        Device::ndarray().autodiff()
+    }
+
+    fn layer(positions: Positions) -> Attention {
+        AttentionConfig {
+            d_model: 8,
+            n_heads: 2,
+            positions,
+        }
+        .init(&mut Init::new(8, &device()))
+    }
+
+    /// Changing a later token never changes an earlier output.
+    #[test]
+    fn causal() {
+        for positions in [Positions::Rotary, Positions::Learned { max_len: 16 }] {
+            let attn = layer(positions);
+            let x = Tensor::<3>::random([1, 6, 8], Distribution::Normal(0.0, 1.0), &device());
+            let changed = x
+                .clone()
+                .slice_assign([0..1, 4..5, 0..8], Tensor::ones([1, 1, 8], &device()));
+            let (a, _) = attn.forward(x, None);
+            let (b, _) = attn.forward(changed, None);
+            let diff: f32 = (a.clone().narrow(1, 0, 4) - b.clone().narrow(1, 0, 4))
+                .abs()
+                .max()
+                .into_scalar();
+            assert_eq!(diff, 0.0, "{positions:?}");
+            let diff: f32 = (a.narrow(1, 4, 1) - b.narrow(1, 4, 1))
+                .abs()
+                .max()
+                .into_scalar();
+            assert!(diff > 1e-4, "{positions:?}: the changed token matters");
+        }
+    }
+
+    /// One query, one key: softmax over a single score is 1, so the output is `W_o v + b_o`
+    /// whatever the positions.
+    #[test]
+    fn single_token_returns_its_value() {
+        let attn = layer(Positions::Rotary);
+        let x = Tensor::<3>::random([2, 1, 8], Distribution::Normal(0.0, 1.0), &device());
+        let (y, cache) = attn.forward(x.clone(), None);
+        let v = attn.qkv.forward(x).narrow(2, 16, 8);
+        let diff: f32 = (y - attn.out.forward(v)).abs().max().into_scalar();
+        assert!(diff < 1e-6);
+        assert_eq!(cache.len(), 1);
+        assert_eq!(attn.state_size(10), 160);
+    }
+
+    /// Rotary scores depend only on the distance between query and key.
+    #[test]
+    fn rotary_is_relative() {
+        let dev = device();
+        let q = Tensor::<4>::random([1, 1, 1, 4], Distribution::Normal(0.0, 1.0), &dev);
+        let k = Tensor::<4>::random([1, 1, 1, 4], Distribution::Normal(0.0, 1.0), &dev);
+        let score = |pq: usize, pk: usize| {
+            let (cq, sq) = rope_tables(pq, 1, 4, &dev);
+            let (ck, sk) = rope_tables(pk, 1, 4, &dev);
+            let s: f32 = (rotate(q.clone(), cq, sq) * rotate(k.clone(), ck, sk))
+                .sum()
+                .into_scalar();
+            s
+        };
+        assert!((score(7, 3) - score(104, 100)).abs() < 1e-4);
+        assert!((score(7, 3) - score(7, 5)).abs() > 1e-4);
+    }
+}
