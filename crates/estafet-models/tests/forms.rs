@@ -1,0 +1,309 @@
+//! Every fast form of every linear recurrence against its sequential definition, and `step`
+//! token by token against both: outputs, final states, and the gradients of one scalar loss
+//! with respect to the input, the initial state and every parameter.
+//!
+//! Lengths T ∈ {1, 7, 64, 300}, chunk lengths that do not divide them, non-zero initial
+//! states. Tolerance, f32: `|a − b| ≤ 1e-5 + 1e-4·max|b|` per compared tensor. The chunked forms
+//! reorder sums of up to `T·chunk_len ≈ 10⁴` terms, whose rounding grows like `√n·ε ≈ 1e-5`
+//! relative (`ε = 1.2e-7`); 1e-4 leaves a margin of ten without hiding a wrong term, which moves
+//! results by far more (the mutation checks in each module's tests show it).
+
+#![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Device, Distribution, Gradients, Tensor};
+use estafet_models::Init;
+use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
+use estafet_models::mingru::{MinGru, MinGruConfig};
+use estafet_models::rwkv::{Rwkv, RwkvConfig, RwkvState, Wkv4State, WkvForm, WkvState};
+use estafet_models::scan::Scan;
+
+const LENGTHS: [usize; 4] = [1, 7, 64, 300];
+const CHUNKS: [usize; 2] = [5, 48];
+
+fn device() -> Device {
+    Device::ndarray().autodiff()
+}
+
+fn normal<const D: usize>(shape: [usize; D], std: f64) -> Tensor<D> {
+    Tensor::random(shape, Distribution::Normal(0.0, std), &device())
+}
+
+/// A tracked copy: a fresh leaf that gradients flow into.
+fn leaf<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
+    t.clone().detach().require_grad()
+}
+
+/// What one form produced: named tensors to compare.
+type Outcome = Vec<(String, Tensor<1>)>;
+
+fn flat<const D: usize>(t: Tensor<D>) -> Tensor<1> {
+    let n = t.shape().num_elements();
+    t.reshape([n])
+}
+
+/// The gradient of every parameter of `module`, in visiting order.
+fn param_grads<M: Module>(module: &M, grads: &Gradients) -> Outcome {
+    struct Collect<'a> {
+        grads: &'a Gradients,
+        out: Outcome,
+    }
+    impl ModuleVisitor for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let g = param
+                .grad(self.grads)
+                .unwrap_or_else(|| param.val().zeros_like());
+            self.out
+                .push((format!("d param #{}", self.out.len()), flat(g)));
+        }
+    }
+    let mut c = Collect {
+        grads,
+        out: Vec::new(),
+    };
+    module.visit(&mut c);
+    c.out
+}
+
+fn assert_agree(what: &str, reference: &Outcome, other: &Outcome) -> f32 {
+    assert_eq!(reference.len(), other.len());
+    let mut worst = 0.0f32;
+    for ((name, r), (_, o)) in reference.iter().zip(other) {
+        let scale: f32 = r.clone().abs().max().into_scalar();
+        let diff: f32 = (r.clone() - o.clone()).abs().max().into_scalar();
+        assert!(diff.is_finite(), "{what}: {name} is not finite");
+        assert!(
+            diff <= 1e-5 + 1e-4 * scale,
+            "{what}: {name} differs by {diff} (scale {scale})"
+        );
+        worst = worst.max(diff / scale.max(1.0));
+    }
+    worst
+}
+
+/// Runs `forward` (full sequence, one form) and the loss `Σ y ⊙ r + Σ final state`, returning
+/// outputs, final state, input gradient, initial-state gradients and every parameter gradient.
+fn check_forms<M, S>(
+    name: &str,
+    module: &M,
+    t: usize,
+    d: usize,
+    initial: impl Fn() -> (S, Vec<Tensor<1>>),
+    run: impl Fn(&M, Tensor<3>, S, Option<usize>) -> (Tensor<3>, Vec<Tensor<1>>),
+    step: impl Fn(&M, Tensor<2>, S) -> (Tensor<2>, S),
+    state_parts: impl Fn(&S) -> Vec<Tensor<1>>,
+) where
+    M: Module,
+    S: Clone,
+{
+    let x = normal([2, t, d], 1.0);
+    let r = normal([2, t, d], 1.0);
+    let outcome = |chunk: Option<usize>| -> Outcome {
+        let xs = leaf(&x);
+        let (s0, s0_leaves) = initial();
+        let (y, finals) = run(module, xs.clone(), s0, chunk);
+        let mut loss = (y.clone() * r.clone()).sum();
+        for f in &finals {
+            loss = loss + f.clone().sum();
+        }
+        let grads = loss.backward();
+        let mut out = vec![("y".to_string(), flat(y))];
+        out.extend(
+            finals
+                .into_iter()
+                .enumerate()
+                .map(|(i, f)| (format!("final state {i}"), f)),
+        );
+        out.push(("dx".into(), flat(xs.grad(&grads).unwrap())));
+        out.extend(
+            s0_leaves
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("d initial state {i}"), s.grad(&grads).unwrap())),
+        );
+        out.extend(param_grads(module, &grads));
+        out
+    };
+    let reference = outcome(None);
+    let mut worst = 0.0f32;
+    for chunk in CHUNKS {
+        worst = worst.max(assert_agree(
+            &format!("{name} T={t} chunk {chunk}"),
+            &reference,
+            &outcome(Some(chunk)),
+        ));
+    }
+    // step, token by token, from the same initial state.
+    let (mut s, _) = initial();
+    let mut ys = Vec::with_capacity(t);
+    for x_t in x.clone().iter_dim(1) {
+        let (y_t, next) = step(module, x_t.squeeze_dim(1), s);
+        ys.push(y_t);
+        s = next;
+    }
+    let by_step: Outcome = std::iter::once(("y".to_string(), flat(Tensor::stack::<3>(ys, 1))))
+        .chain(
+            state_parts(&s)
+                .into_iter()
+                .enumerate()
+                .map(|(i, f)| (format!("final state {i}"), f)),
+        )
+        .collect();
+    worst = worst.max(assert_agree(
+        &format!("{name} T={t} step"),
+        &reference[..by_step.len()].to_vec(),
+        &by_step,
+    ));
+    println!("{name:>8} T={t:>3}: largest relative form-vs-form difference {worst:.2e}");
+}
+
+#[test]
+fn mingru_forms_agree() {
+    let cell: MinGru = MinGruConfig {
+        d_input: 6,
+        d_hidden: 6,
+        scan: Scan::Sequential,
+    }
+    .init(&mut Init::new(1, &device()));
+    let h0 = normal([2, 6], 1.0);
+    for t in LENGTHS {
+        check_forms(
+            "mingru",
+            &cell,
+            t,
+            6,
+            || {
+                let h = leaf(&flat(h0.clone()));
+                (h.clone().reshape([2, 6]), vec![h])
+            },
+            |m, x, h, chunk| {
+                let scan = chunk.map_or(Scan::Sequential, |chunk_len| Scan::Chunked { chunk_len });
+                let (y, h) = m.forward_with(x, Some(h), scan);
+                (y, vec![flat(h)])
+            },
+            |m, x_t, h| m.step(x_t, Some(h)),
+            |h| vec![flat(h.clone())],
+        );
+    }
+}
+
+#[test]
+fn mamba_forms_agree() {
+    let mut config = MambaConfig::new(6, Scan::Sequential);
+    config.d_state = 4;
+    let block: Mamba = config.init(&mut Init::new(2, &device()));
+    let conv0 = normal([2, 3, 12], 1.0);
+    let ssm0 = normal([2, 12, 4], 1.0);
+    for t in LENGTHS {
+        check_forms(
+            "mamba",
+            &block,
+            t,
+            6,
+            || {
+                let (conv, ssm) = (leaf(&flat(conv0.clone())), leaf(&flat(ssm0.clone())));
+                (
+                    MambaState {
+                        conv: conv.clone().reshape([2, 3, 12]),
+                        ssm: ssm.clone().reshape([2, 12, 4]),
+                    },
+                    vec![conv, ssm],
+                )
+            },
+            |m, x, s, chunk| {
+                let scan = chunk.map_or(Scan::Sequential, |chunk_len| Scan::Chunked { chunk_len });
+                let (y, s) = m.forward_with(x, Some(s), scan);
+                (y, vec![flat(s.conv), flat(s.ssm)])
+            },
+            |m, x_t, s| m.step(x_t, Some(s)),
+            |s| vec![flat(s.conv.clone()), flat(s.ssm.clone())],
+        );
+    }
+}
+
+fn rwkv_state_parts(s: &RwkvState) -> Vec<Tensor<1>> {
+    let mut parts = vec![flat(s.shift_time.clone()), flat(s.shift_channel.clone())];
+    match &s.wkv {
+        // (a, b, p) is a representation; compare what it represents: a/b and ln b + p.
+        WkvState::V4(Wkv4State { a, b, p }) => {
+            parts.push(flat(a.clone() / b.clone()));
+            parts.push(flat(b.clone().log() + p.clone()));
+        }
+        WkvState::V6(s) => parts.push(flat(s.clone())),
+    }
+    parts
+}
+
+fn check_rwkv(version: u8) {
+    let mut config = RwkvConfig::new(8, version);
+    config.head_size = 4;
+    config.lora_rank = 3;
+    config.ffn_expand = 2;
+    let block: Rwkv = config.init(&mut Init::new(3, &device()));
+    let shift_time0 = normal([2, 8], 1.0);
+    let shift_channel0 = normal([2, 8], 1.0);
+    // A state reached by running the block: a valid (a, b, p) or S.
+    let (_, reached) = block.valid().forward(normal([2, 6, 8], 1.0).inner(), None);
+    let wkv0: Vec<Tensor<1>> = match &reached.wkv {
+        WkvState::V4(s) => vec![flat(s.a.clone()), flat(s.b.clone()), flat(s.p.clone())],
+        WkvState::V6(s) => vec![flat(s.clone())],
+    };
+    let wkv0: Vec<Tensor<1>> = wkv0
+        .into_iter()
+        .map(|t| Tensor::from_data(t.to_data(), &device()))
+        .collect();
+    for t in LENGTHS {
+        let name = format!("rwkv{version}");
+        check_forms(
+            &name,
+            &block,
+            t,
+            8,
+            || {
+                let (st, sc) = (
+                    leaf(&flat(shift_time0.clone())),
+                    leaf(&flat(shift_channel0.clone())),
+                );
+                let w: Vec<Tensor<1>> = wkv0.iter().map(leaf).collect();
+                let wkv = match version {
+                    4 => WkvState::V4(Wkv4State {
+                        a: w[0].clone().reshape([2, 8]),
+                        b: w[1].clone().reshape([2, 8]),
+                        p: w[2].clone().reshape([2, 8]),
+                    }),
+                    _ => WkvState::V6(w[0].clone().reshape([2, 2, 4, 4])),
+                };
+                let mut leaves = vec![st.clone(), sc.clone()];
+                // p only picks the scale of (a, b); its gradient is a matter of representation.
+                leaves.extend(w.into_iter().take(if version == 4 { 2 } else { 1 }));
+                (
+                    RwkvState {
+                        shift_time: st.reshape([2, 8]),
+                        wkv,
+                        shift_channel: sc.reshape([2, 8]),
+                    },
+                    leaves,
+                )
+            },
+            |m, x, s, chunk| {
+                let form = chunk.map_or(WkvForm::Sequential, |chunk_len| WkvForm::Chunked {
+                    chunk_len,
+                });
+                let (y, s) = m.forward_with(x, Some(s), form);
+                (y, rwkv_state_parts(&s))
+            },
+            |m, x_t, s| m.step(x_t, Some(s)),
+            rwkv_state_parts,
+        );
+    }
+}
+
+#[test]
+fn rwkv4_forms_agree() {
+    check_rwkv(4);
+}
+
+#[test]
+fn rwkv6_forms_agree() {
+    check_rwkv(6);
+}
