@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use estafet_experiments::config::{self, ConfigSource};
 use estafet_experiments::train::{self, RunOptions};
-use estafet_experiments::{Backend, Error};
+use estafet_experiments::{Backend, Error, catalog};
 
 const CODE_VERSION: &str = env!("ESTAFET_CODE_VERSION");
 
@@ -43,7 +43,15 @@ enum Command {
         common: Common,
     },
     /// List what this build offers.
-    List { what: Listing },
+    List {
+        what: Listing,
+        /// Width at which `list models` sizes each model.
+        #[arg(long, default_value_t = 256)]
+        d_model: usize,
+        /// Sequence length at which `list models` counts state (attention's cache grows).
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -148,7 +156,11 @@ fn execute(cli: Cli) -> Result<(), Error> {
             eprintln!("{}: ok", source.name);
             Ok(())
         }
-        Command::List { what } => {
+        Command::List {
+            what,
+            d_model,
+            seq_len,
+        } => {
             match what {
                 Listing::Backends => {
                     for b in Backend::ALL {
@@ -161,8 +173,17 @@ fn execute(cli: Cli) -> Result<(), Error> {
                     }
                 }
                 Listing::Models => {
-                    for kind in estafet_models::MixerConfig::KINDS {
-                        println!("{kind}");
+                    let backend = resolve_backend(None)?;
+                    println!(
+                        "one layer between an embedding and a head, vocabulary 64, d_model {d_model}; \
+                         state in floats per sequence at {seq_len} tokens"
+                    );
+                    println!(
+                        "{:<10} {:>12} {:>14}",
+                        "model", "parameters", "state floats"
+                    );
+                    for m in catalog::models(d_model, seq_len, backend)? {
+                        println!("{:<10} {:>12} {:>14}", m.kind, m.params, m.state_size);
                     }
                 }
                 Listing::Tasks => {

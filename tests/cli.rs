@@ -199,3 +199,35 @@ fn lists_what_the_build_offers() {
     let out = estafet(&["list", "models"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("lstm"));
 }
+
+/// Every shipped config trains through `estafet run` (a few steps at a short lag).
+#[test]
+fn every_shipped_config_runs() {
+    let mut configs: Vec<_> = std::fs::read_dir("configs")
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    configs.sort();
+    assert!(configs.len() >= 7, "one config per model: {configs:?}");
+    for config in configs {
+        let name = config.file_stem().unwrap().to_str().unwrap().to_string();
+        let out = scratch(&format!("config-{name}"));
+        let result = estafet(&[
+            "run",
+            config.to_str().unwrap(),
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            "train.steps=3",
+            "--set",
+            "task.lag=4",
+            "--set",
+            "eval.samples=8",
+        ]);
+        assert!(result.status.success(), "{name}: {}", stderr(&result));
+        assert!(out.join("summary.json").is_file(), "{name}");
+        std::fs::remove_dir_all(out).ok();
+    }
+}

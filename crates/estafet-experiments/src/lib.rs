@@ -6,6 +6,7 @@
 //! chosen backend, trains, evaluates and writes a [`run_dir::RunDir`].
 
 pub mod backend;
+pub mod catalog;
 pub mod config;
 pub mod run_dir;
 pub mod train;

@@ -83,6 +83,7 @@ fn assert_agree(what: &str, reference: &Outcome, other: &Outcome) -> f32 {
 
 /// Runs `forward` (full sequence, one form) and the loss `Σ y ⊙ r + Σ final state`, returning
 /// outputs, final state, input gradient, initial-state gradients and every parameter gradient.
+#[allow(clippy::too_many_arguments)] // one closure per view of the mixer under test
 fn check_forms<M, S>(
     name: &str,
     module: &M,
