@@ -308,7 +308,9 @@ impl ChannelMix {
 }
 
 impl TimeMix4 {
-    fn forward(
+    /// `x [B, T, D]` (already normed), the token before it `shift [B, D]` and the WKV state →
+    /// the time mix's output, the last token (the next shift) and the WKV state after it.
+    pub fn forward(
         &self,
         x: Tensor<3>,
         shift: Tensor<2>,

@@ -1,240 +1,378 @@
-//! The classic cells against PyTorch's `nn.RNN`, `nn.LSTM` and `nn.GRU`: outputs, final states
-//! and gradients on golden values written by `fixtures/make_torch_fixtures.py`.
+//! estafet's models against PyTorch, on golden values written by `fixtures/make_fixtures.py`:
+//! the classic cells against `torch.nn.RNN/LSTM/GRU` (multi-layer, batch-first), Mamba's scan
+//! against `selective_scan_ref`'s equations and RWKV-4's time mix against its official
+//! recurrence. Outputs, final states and the gradients of the input and of every parameter.
+//!
+//! The fixtures are read from the directory named by `ESTAFET_FIXTURES`, else the committed
+//! set, so any shape and seed the script can write can be re-checked.
+//!
+//! Tolerance: `|ours − torch| ≤ 2e-5 + 2e-4·max|torch|` per tensor. torch computed in float32
+//! (classic cells) or float64 (Mamba, RWKV); we compute in float32 with other summation
+//! orders, so rounding of a few ε = 1.2e-7 per operation accumulates over T·layers steps.
 
 #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+
 use burn::module::Param;
 use burn::nn::Linear;
-use burn::tensor::{Device, Tensor, TensorData};
-use estafet_models::gru::Gru;
-use estafet_models::lstm::{Lstm, LstmState};
-use estafet_models::rnn::{Nonlinearity, Rnn};
-use serde_json::Value;
-
-const FIXTURES: &str = include_str!("fixtures/torch_cells.json");
+use burn::tensor::{Device, Gradients, Tensor, TensorData};
+use estafet_models::Init;
+use estafet_models::gru::GruConfig;
+use estafet_models::lstm::{LstmConfig, LstmState};
+use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
+use estafet_models::mixer::{Mixer, MixerState};
+use estafet_models::rnn::{Nonlinearity, RnnConfig};
+use estafet_models::rwkv::{RwkvConfig, TimeMix, Wkv4State, WkvForm};
+use estafet_models::scan::Scan;
+use estafet_models::torch::{HostTensor, load_torch_layer};
 
 fn device() -> Device {
     Device::ndarray().autodiff()
 }
 
-fn case(name: &str) -> Value {
-    let all: Value = serde_json::from_str(FIXTURES).unwrap();
-    all["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("fixture {name}"))
-        .clone()
+struct Fixture {
+    name: String,
+    tensors: HashMap<String, HostTensor>,
 }
 
-fn flat(v: &Value) -> Vec<f32> {
-    match v {
-        Value::Array(items) => items.iter().flat_map(flat).collect(),
-        Value::Number(n) => vec![n.as_f64().unwrap() as f32],
-        other => panic!("not a number: {other}"),
-    }
-}
-
-fn shape(v: &Value) -> Vec<usize> {
-    match v {
-        Value::Array(items) => {
-            let mut s = vec![items.len()];
-            s.extend(shape(&items[0]));
-            s
+impl Fixture {
+    fn load(name: &str) -> Self {
+        let dir = std::env::var_os("ESTAFET_FIXTURES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"));
+        let path = dir.join(format!("{name}.safetensors"));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let tensors = file
+            .tensors()
+            .into_iter()
+            .map(|(key, view)| {
+                assert_eq!(view.dtype(), safetensors::Dtype::F32, "{key}");
+                let values = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                (
+                    key,
+                    HostTensor {
+                        shape: view.shape().to_vec(),
+                        values,
+                    },
+                )
+            })
+            .collect();
+        Self {
+            name: name.into(),
+            tensors,
         }
-        _ => vec![],
+    }
+
+    fn host(&self, key: &str) -> HostTensor {
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("{}: no `{key}`", self.name))
+            .clone()
+    }
+
+    fn shape(&self, key: &str) -> Vec<usize> {
+        self.host(key).shape
+    }
+
+    fn get<const D: usize>(&self, key: &str) -> Tensor<D> {
+        let t = self.host(key);
+        let shape: [usize; D] = t
+            .shape
+            .clone()
+            .try_into()
+            .unwrap_or_else(|_| panic!("{key}: rank"));
+        Tensor::from_data(TensorData::new(t.values, shape), &device())
+    }
+
+    fn lookup(&self) -> impl Fn(&str) -> Option<HostTensor> + '_ {
+        move |key| self.tensors.get(key).cloned()
+    }
+
+    /// Checks `ours` against the fixture's `key`; returns the largest absolute difference.
+    fn check<const D: usize>(&self, key: &str, ours: Tensor<D>) -> f32 {
+        let expected = self.get::<D>(key);
+        assert_eq!(ours.dims(), expected.dims(), "{}: {key} shape", self.name);
+        let scale: f32 = expected.clone().abs().max().into_scalar();
+        let diff: f32 = (ours - expected).abs().max().into_scalar();
+        assert!(
+            diff <= 2e-5 + 2e-4 * scale,
+            "{}: {key} differs by {diff} (scale {scale})",
+            self.name
+        );
+        diff
     }
 }
 
-fn tensor<const D: usize>(v: &Value) -> Tensor<D> {
-    let shape: [usize; D] = shape(v).try_into().unwrap();
-    Tensor::from_data(TensorData::new(flat(v), shape), &device())
-}
-
-/// PyTorch's `weight [G·H, in]` and `bias [G·H]` as a `Linear [in, G·H]`.
-fn linear(c: &Value, weight: &str, bias: &str) -> Linear {
-    Linear {
-        weight: Param::from_tensor(tensor::<2>(&c["params"][weight]).transpose()),
-        bias: Some(Param::from_tensor(tensor::<1>(&c["params"][bias]))),
-    }
-}
-
-fn input_linear(c: &Value, l: usize) -> Linear {
-    linear(c, &format!("weight_ih_l{l}"), &format!("bias_ih_l{l}"))
-}
-
-fn hidden_linear(c: &Value, l: usize) -> Linear {
-    linear(c, &format!("weight_hh_l{l}"), &format!("bias_hh_l{l}"))
-}
-
-/// `[layers, B, H]` → the state of layer `l`, `[B, H]`.
-fn layer_state(v: &Value, l: usize) -> Tensor<2> {
-    tensor::<2>(&v[l])
-}
-
-fn close<const D: usize>(actual: Tensor<D>, expected: &Value, what: &str) {
-    let expected = tensor::<D>(expected);
-    assert_eq!(actual.dims(), expected.dims(), "{what}: shape");
-    let (a, e): (Vec<f32>, Vec<f32>) = (
-        actual.to_data().to_vec().unwrap(),
-        expected.to_data().to_vec().unwrap(),
-    );
-    let worst = a
-        .iter()
-        .zip(&e)
-        .map(|(a, e)| (a - e).abs())
-        .fold(0.0f32, f32::max);
-    assert!(worst < 1e-5, "{what}: max |Δ| = {worst}");
-}
-
-/// Gradient of a PyTorch-layout weight: ours is `[in, G·H]`, PyTorch's `[G·H, in]`.
-fn close_weight_grad(linear: &Linear, grads: &burn::tensor::Gradients, c: &Value, name: &str) {
-    close(
+fn linear_grad(linear: &Linear, grads: &Gradients) -> (Tensor<2>, Tensor<1>) {
+    (
         linear.weight.grad(grads).unwrap().transpose(),
-        &c["grad_params"][name],
-        name,
-    );
-}
-
-fn close_bias_grad(linear: &Linear, grads: &burn::tensor::Gradients, c: &Value, name: &str) {
-    close(
         linear.bias.as_ref().unwrap().grad(grads).unwrap(),
-        &c["grad_params"][name],
-        name,
-    );
+    )
 }
 
-fn check_linear_grads(
-    input: &Linear,
-    hidden: &Linear,
-    grads: &burn::tensor::Gradients,
-    c: &Value,
-    l: usize,
-) {
-    close_weight_grad(input, grads, c, &format!("weight_ih_l{l}"));
-    close_weight_grad(hidden, grads, c, &format!("weight_hh_l{l}"));
-    close_bias_grad(input, grads, c, &format!("bias_ih_l{l}"));
-    close_bias_grad(hidden, grads, c, &format!("bias_hh_l{l}"));
-}
+/// A multi-layer torch RNN/LSTM/GRU as estafet mixers chained (the `stacked` layout).
+fn check_classic(name: &str) {
+    let f = Fixture::load(name);
+    let layers = f.shape("h0")[0];
+    let [d, h] = [f.shape("x")[2], f.shape("h0")[2]];
+    let mut init = Init::new(0, &device());
+    let lookup = f.lookup();
+    let mixers: Vec<Mixer> = (0..layers)
+        .map(|l| {
+            let d_input = if l == 0 { d } else { h };
+            let mixer = match name {
+                "lstm" => Mixer::Lstm(
+                    LstmConfig {
+                        d_input,
+                        d_hidden: h,
+                        forget_bias: 0.0,
+                    }
+                    .init(&mut init),
+                ),
+                "gru" => Mixer::Gru(
+                    GruConfig {
+                        d_input,
+                        d_hidden: h,
+                    }
+                    .init(&mut init),
+                ),
+                _ => Mixer::Rnn(
+                    RnnConfig {
+                        d_input,
+                        d_hidden: h,
+                        nonlinearity: if name == "rnn_relu" {
+                            Nonlinearity::Relu
+                        } else {
+                            Nonlinearity::Tanh
+                        },
+                        irnn_init: false,
+                    }
+                    .init(&mut init),
+                ),
+            };
+            load_torch_layer(mixer, l, &lookup, &device()).unwrap()
+        })
+        .collect();
 
-#[test]
-fn rnn_matches_torch() {
-    for (name, nonlinearity) in [
-        ("rnn_tanh", Nonlinearity::Tanh),
-        ("rnn_relu", Nonlinearity::Relu),
-    ] {
-        let c = case(name);
-        let rnn = Rnn {
-            input: input_linear(&c, 0),
-            hidden: hidden_linear(&c, 0),
-            nonlinearity,
+    let x = f.get::<3>("x").require_grad();
+    let h0 = f.get::<3>("h0");
+    let mut y = x.clone();
+    let mut loss = Tensor::<1>::zeros([1], &device());
+    let mut worst = 0.0f32;
+    for (l, mixer) in mixers.iter().enumerate() {
+        let h0_l = h0.clone().narrow(0, l, 1).squeeze_dim::<2>(0);
+        let state = match mixer {
+            Mixer::Lstm(_) => MixerState::Lstm(LstmState {
+                h: h0_l,
+                c: f.get::<3>("c0").narrow(0, l, 1).squeeze_dim(0),
+            }),
+            _ => MixerState::Hidden(h0_l),
         };
-        let x = tensor::<3>(&c["x"]).require_grad();
-        let (y, h) = rnn.forward(x.clone(), Some(layer_state(&c["h0"], 0)));
-        close(y.clone(), &c["y"], &format!("{name} y"));
-        close(h.clone(), &c["hn"][0], &format!("{name} h_T"));
-        let loss = (y * tensor::<3>(&c["r"])).sum() + h.sum();
-        let grads = loss.backward();
-        close(x.grad(&grads).unwrap(), &c["grad_x"], &format!("{name} dx"));
-        check_linear_grads(&rnn.input, &rnn.hidden, &grads, &c, 0);
+        let (out, last) = mixer.forward(y, Some(state));
+        y = out;
+        match last {
+            MixerState::Lstm(s) => {
+                let hn = f.get::<3>("hn").narrow(0, l, 1).squeeze_dim::<2>(0);
+                let cn = f.get::<3>("cn").narrow(0, l, 1).squeeze_dim::<2>(0);
+                worst = worst.max(close(&f, &format!("hn[{l}]"), s.h.clone(), hn));
+                worst = worst.max(close(&f, &format!("cn[{l}]"), s.c.clone(), cn));
+                loss = loss + s.h.sum() + s.c.sum();
+            }
+            MixerState::Hidden(s) => {
+                let hn = f.get::<3>("hn").narrow(0, l, 1).squeeze_dim::<2>(0);
+                worst = worst.max(close(&f, &format!("hn[{l}]"), s.clone(), hn));
+                loss = loss + s.sum();
+            }
+            other => panic!("{other:?}"),
+        }
     }
+    worst = worst.max(f.check("y", y.clone()));
+    let grads = ((y * f.get::<3>("r")).sum() + loss).backward();
+    worst = worst.max(f.check("grad.x", x.grad(&grads).unwrap()));
+    for (l, mixer) in mixers.iter().enumerate() {
+        let (input, hidden) = match mixer {
+            Mixer::Rnn(m) => (&m.input, &m.hidden),
+            Mixer::Lstm(m) => (&m.input, &m.hidden),
+            Mixer::Gru(m) => (&m.input, &m.hidden),
+            _ => unreachable!(),
+        };
+        for (kind, linear) in [("ih", input), ("hh", hidden)] {
+            let (dw, db) = linear_grad(linear, &grads);
+            worst = worst.max(f.check(&format!("grad.weight_{kind}_l{l}"), dw));
+            worst = worst.max(f.check(&format!("grad.bias_{kind}_l{l}"), db));
+        }
+    }
+    println!("{name}: largest |estafet − torch| = {worst:.2e}");
+}
+
+fn close<const D: usize>(f: &Fixture, what: &str, ours: Tensor<D>, expected: Tensor<D>) -> f32 {
+    let scale: f32 = expected.clone().abs().max().into_scalar();
+    let diff: f32 = (ours - expected).abs().max().into_scalar();
+    assert!(
+        diff <= 2e-5 + 2e-4 * scale,
+        "{}: {what} differs by {diff}",
+        f.name
+    );
+    diff
 }
 
 #[test]
-fn gru_matches_torch() {
-    let c = case("gru");
-    let gru = Gru {
-        input: input_linear(&c, 0),
-        hidden: hidden_linear(&c, 0),
-    };
-    let x = tensor::<3>(&c["x"]).require_grad();
-    let (y, h) = gru.forward(x.clone(), Some(layer_state(&c["h0"], 0)));
-    close(y.clone(), &c["y"], "gru y");
-    close(h.clone(), &c["hn"][0], "gru h_T");
-    let grads = ((y * tensor::<3>(&c["r"])).sum() + h.sum()).backward();
-    close(x.grad(&grads).unwrap(), &c["grad_x"], "gru dx");
-    check_linear_grads(&gru.input, &gru.hidden, &grads, &c, 0);
+fn rnn_tanh_matches_torch() {
+    check_classic("rnn_tanh");
+}
+
+#[test]
+fn rnn_relu_matches_torch() {
+    check_classic("rnn_relu");
 }
 
 #[test]
 fn lstm_matches_torch() {
-    let c = case("lstm");
-    let lstm = Lstm {
-        input: input_linear(&c, 0),
-        hidden: hidden_linear(&c, 0),
-    };
-    let x = tensor::<3>(&c["x"]).require_grad();
-    let state = LstmState {
-        h: layer_state(&c["h0"], 0),
-        c: layer_state(&c["c0"], 0),
-    };
-    let (y, last) = lstm.forward(x.clone(), Some(state));
-    close(y.clone(), &c["y"], "lstm y");
-    close(last.h.clone(), &c["hn"][0], "lstm h_T");
-    close(last.c.clone(), &c["cn"][0], "lstm c_T");
-    let grads = ((y * tensor::<3>(&c["r"])).sum() + last.h.sum() + last.c.sum()).backward();
-    close(x.grad(&grads).unwrap(), &c["grad_x"], "lstm dx");
-    check_linear_grads(&lstm.input, &lstm.hidden, &grads, &c, 0);
+    check_classic("lstm");
 }
 
-/// PyTorch's `num_layers = 2` is two cells chained, which is estafet's `stacked` layout.
 #[test]
-fn two_layer_lstm_and_gru_match_torch() {
-    let c = case("lstm_2layer");
-    let layers: Vec<Lstm> = (0..2)
-        .map(|l| Lstm {
-            input: input_linear(&c, l),
-            hidden: hidden_linear(&c, l),
-        })
-        .collect();
-    let x = tensor::<3>(&c["x"]).require_grad();
-    let (mut y, mut finals) = (x.clone(), Vec::new());
-    for (l, lstm) in layers.iter().enumerate() {
-        let state = LstmState {
-            h: layer_state(&c["h0"], l),
-            c: layer_state(&c["c0"], l),
-        };
-        let (out, last) = lstm.forward(y, Some(state));
-        close(last.h.clone(), &c["hn"][l], &format!("lstm layer {l} h_T"));
-        close(last.c.clone(), &c["cn"][l], &format!("lstm layer {l} c_T"));
-        y = out;
-        finals.push(last);
-    }
-    close(y.clone(), &c["y"], "lstm_2layer y");
-    let mut loss = (y * tensor::<3>(&c["r"])).sum();
-    for s in finals {
-        loss = loss + s.h.sum() + s.c.sum();
-    }
-    let grads = loss.backward();
-    close(x.grad(&grads).unwrap(), &c["grad_x"], "lstm_2layer dx");
-    for (l, lstm) in layers.iter().enumerate() {
-        check_linear_grads(&lstm.input, &lstm.hidden, &grads, &c, l);
-    }
+fn gru_matches_torch() {
+    check_classic("gru");
+}
 
-    let c = case("gru_2layer");
-    let layers: Vec<Gru> = (0..2)
-        .map(|l| Gru {
-            input: input_linear(&c, l),
-            hidden: hidden_linear(&c, l),
-        })
-        .collect();
-    let x = tensor::<3>(&c["x"]).require_grad();
-    let (mut y, mut loss_h) = (x.clone(), Vec::new());
-    for (l, gru) in layers.iter().enumerate() {
-        let (out, h) = gru.forward(y, Some(layer_state(&c["h0"], l)));
-        close(h.clone(), &c["hn"][l], &format!("gru layer {l} h_T"));
-        y = out;
-        loss_h.push(h);
+fn param<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
+    Param::from_tensor(t)
+}
+
+#[test]
+fn mamba_matches_selective_scan_ref() {
+    let f = Fixture::load("mamba");
+    let d = f.shape("x")[2];
+    let [di, n] = [f.shape("A_log")[0], f.shape("A_log")[1]];
+    let k = f.shape("conv1d.weight")[2];
+    for scan in [Scan::Sequential, Scan::Chunked { chunk_len: 3 }] {
+        let mut config = MambaConfig::new(d, scan);
+        config.d_state = n;
+        config.d_conv = k;
+        config.expand = di / d;
+        let template = config.init(&mut Init::new(0, &device()));
+        let m = Mamba {
+            in_proj: Linear {
+                weight: param(f.get::<2>("in_proj.weight").transpose()),
+                bias: None,
+            },
+            conv_weight: param(f.get::<3>("conv1d.weight").reshape([di, k]).transpose()),
+            conv_bias: param(f.get::<1>("conv1d.bias")),
+            x_proj: Linear {
+                weight: param(f.get::<2>("x_proj.weight").transpose()),
+                bias: None,
+            },
+            dt_proj: Linear {
+                weight: param(f.get::<2>("dt_proj.weight").transpose()),
+                bias: Some(param(f.get::<1>("dt_proj.bias"))),
+            },
+            a_log: param(f.get::<2>("A_log")),
+            d: param(f.get::<1>("D")),
+            out_proj: Linear {
+                weight: param(f.get::<2>("out_proj.weight").transpose()),
+                bias: None,
+            },
+            scan,
+        };
+        assert_eq!(m.state_size(), template.state_size());
+        let x = f.get::<3>("x").require_grad();
+        let (y, state): (Tensor<3>, MambaState) = m.forward(x.clone(), None);
+        let mut worst = f
+            .check("y", y.clone())
+            .max(f.check("hn", state.ssm.clone()));
+        let grads = ((y * f.get::<3>("r")).sum() + state.ssm.sum()).backward();
+        worst = worst.max(f.check("grad.x", x.grad(&grads).unwrap()));
+        worst = worst.max(f.check(
+            "grad.in_proj.weight",
+            m.in_proj.weight.grad(&grads).unwrap().transpose(),
+        ));
+        worst = worst.max(
+            f.check(
+                "grad.conv1d.weight",
+                m.conv_weight
+                    .grad(&grads)
+                    .unwrap()
+                    .transpose()
+                    .reshape([di, 1, k]),
+            ),
+        );
+        worst = worst.max(f.check("grad.conv1d.bias", m.conv_bias.grad(&grads).unwrap()));
+        worst = worst.max(f.check(
+            "grad.x_proj.weight",
+            m.x_proj.weight.grad(&grads).unwrap().transpose(),
+        ));
+        let (dw, db) = linear_grad(&m.dt_proj, &grads);
+        worst = worst
+            .max(f.check("grad.dt_proj.weight", dw))
+            .max(f.check("grad.dt_proj.bias", db));
+        worst = worst.max(f.check("grad.A_log", m.a_log.grad(&grads).unwrap()));
+        worst = worst.max(f.check("grad.D", m.d.grad(&grads).unwrap()));
+        worst = worst.max(f.check(
+            "grad.out_proj.weight",
+            m.out_proj.weight.grad(&grads).unwrap().transpose(),
+        ));
+        println!("mamba ({scan:?}): largest |estafet − reference| = {worst:.2e}");
     }
-    close(y.clone(), &c["y"], "gru_2layer y");
-    let mut loss = (y * tensor::<3>(&c["r"])).sum();
-    for h in loss_h {
-        loss = loss + h.sum();
-    }
-    let grads = loss.backward();
-    close(x.grad(&grads).unwrap(), &c["grad_x"], "gru_2layer dx");
-    for (l, gru) in layers.iter().enumerate() {
-        check_linear_grads(&gru.input, &gru.hidden, &grads, &c, l);
+}
+
+#[test]
+fn rwkv4_time_mix_matches_the_official_recurrence() {
+    let f = Fixture::load("rwkv4_time_mix");
+    let [b, _, d] = [f.shape("x")[0], f.shape("x")[1], f.shape("x")[2]];
+    for form in [WkvForm::Sequential, WkvForm::Chunked { chunk_len: 3 }] {
+        let block = RwkvConfig::new(d, 4).init(&mut Init::new(0, &device()));
+        let TimeMix::V4(mut tm) = block.time_mix else {
+            unreachable!()
+        };
+        tm.time_decay = param(f.get("att.time_decay"));
+        tm.time_first = param(f.get("att.time_first"));
+        tm.mix_k = param(f.get("att.time_mix_k"));
+        tm.mix_v = param(f.get("att.time_mix_v"));
+        tm.mix_r = param(f.get("att.time_mix_r"));
+        for (linear, name) in [
+            (&mut tm.key, "key"),
+            (&mut tm.value, "value"),
+            (&mut tm.receptance, "receptance"),
+            (&mut tm.output, "output"),
+        ] {
+            linear.weight = param(f.get::<2>(&format!("att.{name}.weight")).transpose());
+        }
+        let x = f.get::<3>("x").require_grad();
+        let zero = Wkv4State {
+            a: Tensor::zeros([b, d], &device()),
+            b: Tensor::zeros([b, d], &device()),
+            p: Tensor::full([b, d], -1e38, &device()),
+        };
+        let (y, _, _) = tm.forward(x.clone(), f.get("shift0"), zero, form);
+        let mut worst = f.check("y", y.clone());
+        let grads = (y * f.get::<3>("r")).sum().backward();
+        worst = worst.max(f.check("grad.x", x.grad(&grads).unwrap()));
+        for (name, g) in [
+            ("time_decay", tm.time_decay.grad(&grads)),
+            ("time_first", tm.time_first.grad(&grads)),
+            ("time_mix_k", tm.mix_k.grad(&grads)),
+            ("time_mix_v", tm.mix_v.grad(&grads)),
+            ("time_mix_r", tm.mix_r.grad(&grads)),
+        ] {
+            worst = worst.max(f.check(&format!("grad.att.{name}"), g.unwrap()));
+        }
+        for (linear, name) in [
+            (&tm.key, "key"),
+            (&tm.value, "value"),
+            (&tm.receptance, "receptance"),
+            (&tm.output, "output"),
+        ] {
+            let g = linear.weight.grad(&grads).unwrap().transpose();
+            worst = worst.max(f.check(&format!("grad.att.{name}.weight"), g));
+        }
+        println!("rwkv4 time mix ({form:?}): largest |estafet − reference| = {worst:.2e}");
     }
 }
