@@ -18,6 +18,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::init::Init;
+use crate::time::unbind;
 
 /// Configuration of a [`Gru`] layer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -72,8 +73,8 @@ impl Gru {
         let mut h = state.unwrap_or_else(|| self.zeros(batch, &x.device()));
         let gates_x = self.input.forward(x);
         let mut outputs = Vec::with_capacity(gates_x.dims()[1]);
-        for gates_x_t in gates_x.iter_dim(1) {
-            h = self.cell(gates_x_t.squeeze_dim(1), h);
+        for gates_x_t in unbind(gates_x, 1) {
+            h = self.cell(gates_x_t, h);
             outputs.push(h.clone());
         }
         (Tensor::stack(outputs, 1), h)

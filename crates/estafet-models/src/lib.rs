@@ -32,6 +32,7 @@ pub mod model;
 pub mod rnn;
 pub mod rwkv;
 pub mod scan;
+pub mod time;
 pub mod torch;
 
 pub use init::Init;

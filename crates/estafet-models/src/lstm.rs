@@ -21,6 +21,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::init::Init;
+use crate::time::unbind;
 
 /// Configuration of an [`Lstm`] layer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -103,8 +104,8 @@ impl Lstm {
             state.unwrap_or_else(|| LstmState::zeros(batch, self.d_hidden(), &x.device()));
         let gates_x = self.input.forward(x);
         let mut outputs = Vec::with_capacity(gates_x.dims()[1]);
-        for gates_x_t in gates_x.iter_dim(1) {
-            state = self.cell(gates_x_t.squeeze_dim(1), state);
+        for gates_x_t in unbind(gates_x, 1) {
+            state = self.cell(gates_x_t, state);
             outputs.push(state.h.clone());
         }
         (Tensor::stack(outputs, 1), state)

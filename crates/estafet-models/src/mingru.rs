@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::init::Init;
 use crate::scan::{Scan, linear_scan};
+use crate::time::unbind;
 
 /// Configuration of a [`MinGru`] layer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -95,8 +96,7 @@ impl MinGru {
                 let z = sigmoid(k);
                 let mut h = h0;
                 let mut hs = Vec::with_capacity(z.dims()[1]);
-                for (z_t, c_t) in z.iter_dim(1).zip(candidate.iter_dim(1)) {
-                    let (z_t, c_t) = (z_t.squeeze_dim::<2>(1), c_t.squeeze_dim::<2>(1));
+                for (z_t, c_t) in unbind::<3, 2>(z, 1).into_iter().zip(unbind(candidate, 1)) {
                     h = h.clone() + z_t * (c_t - h);
                     hs.push(h.clone());
                 }

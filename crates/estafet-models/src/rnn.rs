@@ -16,6 +16,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::init::Init;
+use crate::time::unbind;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -96,8 +97,8 @@ impl Rnn {
         let mut h = state.unwrap_or_else(|| self.zeros(batch, &x.device()));
         let pre_x = self.input.forward(x);
         let mut outputs = Vec::with_capacity(pre_x.dims()[1]);
-        for pre_x_t in pre_x.iter_dim(1) {
-            h = self.cell(pre_x_t.squeeze_dim(1), h);
+        for pre_x_t in unbind(pre_x, 1) {
+            h = self.cell(pre_x_t, h);
             outputs.push(h.clone());
         }
         (Tensor::stack(outputs, 1), h)

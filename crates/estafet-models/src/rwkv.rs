@@ -35,6 +35,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::init::Init;
+use crate::time::unbind;
 
 /// Which form computes the WKV.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -351,8 +352,7 @@ pub fn wkv4_sequential(
         mut p,
     } = state;
     let mut out = Vec::with_capacity(k.dims()[1]);
-    for (k_t, v_t) in k.iter_dim(1).zip(v.iter_dim(1)) {
-        let (k_t, v_t) = (k_t.squeeze_dim::<2>(1), v_t.squeeze_dim::<2>(1));
+    for (k_t, v_t) in unbind::<3, 2>(k, 1).into_iter().zip(unbind(v, 1)) {
         let uk = u.clone() + k_t.clone();
         let q = p.clone().max_pair(uk.clone());
         let (e1, e2) = ((p.clone() - q.clone()).exp(), (uk - q).exp());
@@ -565,13 +565,11 @@ fn wkv6_sequential(
     u: Tensor<4>,
     mut state: Tensor<4>,
 ) -> (Tensor<4>, Tensor<4>) {
-    let t = r.dims()[2];
     let u = u.squeeze_dim::<3>(2).unsqueeze_dim::<4>(3); // [1, H, K, 1]
-    let w = log_w.exp();
-    let mut out = Vec::with_capacity(t);
-    for i in 0..t {
-        let at = |x: &Tensor<4>| x.clone().narrow(2, i, 1).squeeze_dim::<3>(2); // [B, H, K]
-        let (r_t, k_t, v_t, w_t) = (at(&r), at(&k), at(&v), at(&w));
+    let steps = |x: Tensor<4>| unbind::<4, 3>(x, 2).into_iter(); // [B, H, K] each
+    let mut out = Vec::with_capacity(r.dims()[2]);
+    let inputs = steps(r).zip(steps(k)).zip(steps(v)).zip(steps(log_w.exp()));
+    for (((r_t, k_t), v_t), w_t) in inputs {
         let kv = k_t.unsqueeze_dim::<4>(3) * v_t.unsqueeze_dim::<4>(2); // [B, H, K, V]
         let o_t = (r_t.unsqueeze_dim::<4>(3) * (state.clone() + u.clone() * kv.clone())).sum_dim(2); // [B, H, 1, V]
         out.push(o_t);

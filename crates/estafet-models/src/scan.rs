@@ -19,6 +19,8 @@
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::time::unbind;
+
 /// Which form computes a linear recurrence. In TOML: `scan = { kind = "chunked", chunk_len = 32 }`
 /// or `scan = { kind = "sequential" }`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,8 +60,8 @@ fn sequential(log_a: Tensor<3>, b: Tensor<3>, h0: Tensor<2>) -> (Tensor<3>, Tens
     let a = log_a.exp();
     let mut h = h0;
     let mut hs = Vec::with_capacity(a.dims()[1]);
-    for (a_t, b_t) in a.iter_dim(1).zip(b.iter_dim(1)) {
-        h = a_t.squeeze_dim::<2>(1) * h + b_t.squeeze_dim::<2>(1);
+    for (a_t, b_t) in unbind::<3, 2>(a, 1).into_iter().zip(unbind(b, 1)) {
+        h = a_t * h + b_t;
         hs.push(h.clone());
     }
     (Tensor::stack(hs, 1), h)
