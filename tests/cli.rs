@@ -231,3 +231,53 @@ fn every_shipped_config_runs() {
         std::fs::remove_dir_all(out).ok();
     }
 }
+
+/// PyTorch weights of the wrong shape are a config error naming the tensor.
+#[test]
+fn torch_weights_of_the_wrong_shape_exit_2() {
+    let out = scratch("init-from");
+    std::fs::create_dir_all(&out).unwrap();
+    // An nn.LSTM(3, 4) state dict, where the model's layers take 4 inputs.
+    let weights = out.join("lstm.safetensors");
+    let shapes = [
+        ("lstm.weight_ih_l0", vec![16, 3]),
+        ("lstm.weight_hh_l0", vec![16, 4]),
+        ("lstm.bias_ih_l0", vec![16]),
+        ("lstm.bias_hh_l0", vec![16]),
+    ];
+    let bytes: Vec<Vec<u8>> = shapes
+        .iter()
+        .map(|(_, shape)| vec![0u8; 4 * shape.iter().product::<usize>()])
+        .collect();
+    let views: Vec<_> = shapes
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape), data)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data);
+            (name.to_string(), view.unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &weights).unwrap();
+    let run_dir = out.join("run");
+    let result = estafet(&[
+        "run",
+        "configs/copy-lstm.toml",
+        "--quiet",
+        "--out",
+        run_dir.to_str().unwrap(),
+        "--set",
+        "model.d_model=4",
+        "--set",
+        &format!("train.init_from={}", weights.display()),
+    ]);
+    assert_eq!(result.status.code(), Some(2), "{}", stderr(&result));
+    let err = stderr(&result);
+    assert!(
+        err.contains("`weight_ih_l0` has shape [16, 3], expected [16, 4]"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!run_dir.exists(), "nothing is written for bad weights");
+    std::fs::remove_dir_all(out).ok();
+}

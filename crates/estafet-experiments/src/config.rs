@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use estafet_data::TaskConfig;
-use estafet_models::ModelConfig;
+use estafet_models::{Layout, MixerConfig, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
@@ -42,6 +42,9 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Steps between checkpoints (0: only at the end).
     pub checkpoint_every: usize,
+    /// A safetensors file with a PyTorch `nn.RNN`/`nn.LSTM`/`nn.GRU` state dict that
+    /// initialises the recurrent layers (stacked layout, same kind, width and depth).
+    pub init_from: Option<std::path::PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -52,6 +55,7 @@ impl Default for TrainConfig {
             log_every: 10,
             eval_every: 0,
             checkpoint_every: 0,
+            init_from: None,
         }
     }
 }
@@ -248,6 +252,19 @@ impl ExperimentConfig {
         }
         if !(self.optim.weight_decay >= 0.0 && self.optim.grad_clip >= 0.0) {
             return Err("optim.weight_decay and optim.grad_clip must not be negative".into());
+        }
+        if self.train.init_from.is_some() {
+            let classic = matches!(
+                self.model.mixer,
+                MixerConfig::Rnn { .. } | MixerConfig::Lstm { .. } | MixerConfig::Gru
+            );
+            if !classic || self.model.layout != Layout::Stacked {
+                return Err(
+                    "train.init_from loads PyTorch RNN/LSTM/GRU weights: it needs model.mixer.kind = \
+                     rnn, lstm or gru and model.layout = \"stacked\""
+                        .into(),
+                );
+            }
         }
         if !(0.0..=1.0).contains(&self.optim.final_lr_ratio) {
             return Err("optim.final_lr_ratio must lie in [0, 1]".into());

@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod config;
 pub mod run_dir;
 pub mod train;
+pub mod weights;
 
 pub use backend::Backend;
 pub use config::{ConfigSource, ExperimentConfig};

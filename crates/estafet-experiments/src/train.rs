@@ -105,9 +105,11 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
         input: InputSpec::Tokens { vocab: info.vocab },
         d_output: info.n_classes,
     };
-    let mut model = config
-        .model
-        .init(io, &mut Init::new(seed, &device.clone().autodiff()));
+    let ad_device = device.clone().autodiff();
+    let mut model = config.model.init(io, &mut Init::new(seed, &ad_device));
+    if let Some(path) = &config.train.init_from {
+        model = crate::weights::load_torch_rnn(model, path, &ad_device)?;
+    }
     let params = model.num_params();
     let state_size = model.state_size(info.seq_len);
     let model_kind = config.model.mixer.kind();
@@ -154,7 +156,6 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
         options.out.display()
     ));
 
-    let ad_device = device.clone().autodiff();
     let started = Instant::now();
     let tokens_per_step = (train.batch_size * info.seq_len) as f64;
     let mut last_eval = None;
