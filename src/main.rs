@@ -42,6 +42,16 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Print one example of a task (its tokens, and the targets it is scored on).
+    Sample {
+        /// A task kind (see `estafet list tasks`).
+        task: String,
+        /// Set a task parameter, e.g. --set lag=5 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// List what this build offers.
     List {
         what: Listing,
@@ -156,6 +166,20 @@ fn execute(cli: Cli) -> Result<(), Error> {
             eprintln!("{}: ok", source.name);
             Ok(())
         }
+        Command::Sample {
+            task,
+            overrides,
+            seed,
+        } => {
+            let (config, sample) = catalog::sample(&task, &overrides, seed)?;
+            println!(
+                "{task} ({}), seed {seed}, T = {}",
+                catalog::parameters(&config),
+                sample.input.len()
+            );
+            println!("{}", catalog::render(&sample));
+            Ok(())
+        }
         Command::List {
             what,
             d_model,
@@ -187,8 +211,17 @@ fn execute(cli: Cli) -> Result<(), Error> {
                     }
                 }
                 Listing::Tasks => {
-                    for kind in estafet_data::TaskConfig::KINDS {
-                        println!("{kind}");
+                    for (parameters, info) in catalog::tasks() {
+                        println!("{}  ({parameters})", info.kind);
+                        println!(
+                            "    T = {}, metric {:?} over the scored positions, baseline loss {:.4} \
+                             and metric {:.4}, solved at {}",
+                            info.seq_len,
+                            info.metric,
+                            info.baseline_loss,
+                            info.baseline_metric,
+                            info.solved_metric
+                        );
                     }
                 }
             }

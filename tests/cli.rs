@@ -281,3 +281,61 @@ fn torch_weights_of_the_wrong_shape_exit_2() {
     assert!(!run_dir.exists(), "nothing is written for bad weights");
     std::fs::remove_dir_all(out).ok();
 }
+
+/// `estafet sample` shows a task's tokens and scored targets; every task trains end to end.
+#[test]
+fn every_task_samples_and_trains() {
+    let out = estafet(&["sample", "parity", "--set", "seq_len=6", "--seed", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<&str> = text.lines().collect();
+    assert!(
+        rows[0].starts_with("parity (seq_len = 6), seed 2, T = 6"),
+        "{text}"
+    );
+    let bits: Vec<u32> = rows[2]
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let parity: Vec<u32> = rows[3]
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let mut running = 0;
+    for (b, p) in bits.iter().zip(&parity) {
+        running ^= b;
+        assert_eq!(running, *p, "{text}");
+    }
+    let out = estafet(&["sample", "mqar", "--set", "n_pairs=100"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("task.n_pairs"), "{}", stderr(&out));
+
+    let dir = scratch("tasks");
+    std::fs::create_dir_all(&dir).unwrap();
+    let tasks = [
+        "kind = \"selective_copying\"\nseq_len = 12\nn_tokens = 3\nvocab = 4",
+        "kind = \"mqar\"\nseq_len = 16\nn_pairs = 2\nvocab = 16",
+        "kind = \"induction_heads\"\nseq_len = 10\nvocab = 4",
+        "kind = \"parity\"\nseq_len = 10",
+    ];
+    for (i, task) in tasks.iter().enumerate() {
+        let config = dir.join(format!("task{i}.toml"));
+        let text = format!(
+            "[model]\nd_model = 8\n[model.mixer]\nkind = \"gru\"\n[task]\n{task}\n[train]\nsteps = 3\n[eval]\nsamples = 8\n"
+        );
+        std::fs::write(&config, text).unwrap();
+        let run = dir.join(format!("run{i}"));
+        let result = estafet(&[
+            "run",
+            config.to_str().unwrap(),
+            "--quiet",
+            "--out",
+            run.to_str().unwrap(),
+        ]);
+        assert!(result.status.success(), "{task}: {}", stderr(&result));
+        assert!(run.join("summary.json").is_file());
+    }
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -29,24 +29,25 @@ use crate::task::{LossPositions, Metric, Sample, TaskError, TaskInfo};
 
 /// `[task]` with `kind = "copy_memory"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct CopyMemoryConfig {
     /// Steps from the last symbol to the delimiter (the paper's `T`).
     pub lag: usize,
     /// Symbols to remember.
-    #[serde(default = "default_n_symbols")]
     pub n_symbols: usize,
     /// Distinct symbols.
-    #[serde(default = "default_alphabet")]
     pub alphabet: usize,
 }
 
-fn default_n_symbols() -> usize {
-    10
-}
-
-fn default_alphabet() -> usize {
-    8
+impl Default for CopyMemoryConfig {
+    /// Arjovsky et al.'s setting at their shortest lag, T = 100.
+    fn default() -> Self {
+        Self {
+            lag: 100,
+            n_symbols: 10,
+            alphabet: 8,
+        }
+    }
 }
 
 impl CopyMemoryConfig {

@@ -7,6 +7,10 @@
 //! evaluation set is a separate stream of the same seed.
 
 pub mod copy_memory;
+pub mod induction_heads;
+pub mod mqar;
+pub mod parity;
+pub mod selective_copying;
 mod task;
 
 pub use copy_memory::CopyMemoryConfig;

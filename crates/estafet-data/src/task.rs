@@ -4,6 +4,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::copy_memory::{CopyMemory, CopyMemoryConfig};
+use crate::induction_heads::{InductionHeads, InductionHeadsConfig};
+use crate::mqar::{Mqar, MqarConfig};
+use crate::parity::{Parity, ParityConfig};
+use crate::selective_copying::{SelectiveCopying, SelectiveCopyingConfig};
 
 /// The generator behind every task: ChaCha8 from `seed`, on its own `stream` so that training
 /// batches (`stream = step`) and the evaluation set ([`rng::EVAL_STREAM`]) never overlap.
@@ -24,6 +28,10 @@ pub mod rng {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum TaskConfig {
     CopyMemory(CopyMemoryConfig),
+    SelectiveCopying(SelectiveCopyingConfig),
+    Mqar(MqarConfig),
+    InductionHeads(InductionHeadsConfig),
+    Parity(ParityConfig),
 }
 
 /// A setting no generator can honour; names the field.
@@ -35,12 +43,24 @@ pub struct TaskError {
 }
 
 impl TaskConfig {
-    /// Every task kind, as written in configs.
-    pub const KINDS: &[&str] = &["copy_memory"];
+    /// Every task with its default parameters, in the order `estafet list tasks` prints them.
+    pub fn defaults() -> Vec<TaskConfig> {
+        vec![
+            TaskConfig::CopyMemory(CopyMemoryConfig::default()),
+            TaskConfig::SelectiveCopying(SelectiveCopyingConfig::default()),
+            TaskConfig::Mqar(MqarConfig::default()),
+            TaskConfig::InductionHeads(InductionHeadsConfig::default()),
+            TaskConfig::Parity(ParityConfig::default()),
+        ]
+    }
 
     pub fn build(&self) -> Result<Task, TaskError> {
         match self {
             TaskConfig::CopyMemory(c) => c.build().map(Task::CopyMemory),
+            TaskConfig::SelectiveCopying(c) => c.build().map(Task::SelectiveCopying),
+            TaskConfig::Mqar(c) => c.build().map(Task::Mqar),
+            TaskConfig::InductionHeads(c) => c.build().map(Task::InductionHeads),
+            TaskConfig::Parity(c) => c.build().map(Task::Parity),
         }
     }
 }
@@ -96,18 +116,30 @@ pub struct Sample {
 #[derive(Clone, Debug)]
 pub enum Task {
     CopyMemory(CopyMemory),
+    SelectiveCopying(SelectiveCopying),
+    Mqar(Mqar),
+    InductionHeads(InductionHeads),
+    Parity(Parity),
 }
 
 impl Task {
     pub fn info(&self) -> TaskInfo {
         match self {
             Task::CopyMemory(t) => t.info(),
+            Task::SelectiveCopying(t) => t.info(),
+            Task::Mqar(t) => t.info(),
+            Task::InductionHeads(t) => t.info(),
+            Task::Parity(t) => t.info(),
         }
     }
 
     pub fn sample(&self, rng: &mut ChaCha8Rng) -> Sample {
         match self {
             Task::CopyMemory(t) => t.sample(rng),
+            Task::SelectiveCopying(t) => t.sample(rng),
+            Task::Mqar(t) => t.sample(rng),
+            Task::InductionHeads(t) => t.sample(rng),
+            Task::Parity(t) => t.sample(rng),
         }
     }
 

@@ -1,5 +1,7 @@
-//! What `estafet list` prints: every model with its size, every task with its figures.
+//! What `estafet list` and `estafet sample` print: every model with its size, every task with
+//! its figures, one example of a task.
 
+use estafet_data::{Sample, TaskConfig, TaskInfo};
 use estafet_models::{Init, InputSpec, Layout, MixerConfig, ModelConfig, ModelIo};
 
 use crate::{Backend, Error};
@@ -42,4 +44,66 @@ pub fn models(d_model: usize, seq_len: usize, backend: Backend) -> Result<Vec<Mo
             })
         })
         .collect()
+}
+
+/// Every task with its default parameters (as `key = value, …`) and what it declares.
+pub fn tasks() -> Vec<(String, TaskInfo)> {
+    TaskConfig::defaults()
+        .into_iter()
+        .map(|config| {
+            let info = config.build().expect("defaults are valid").info();
+            (parameters(&config), info)
+        })
+        .collect()
+}
+
+/// `key = value, …` of a task config, without its kind.
+pub fn parameters(config: &TaskConfig) -> String {
+    let table = toml::Table::try_from(config).expect("a task config is a table");
+    table
+        .iter()
+        .filter(|(k, _)| *k != "kind")
+        .map(|(k, v)| format!("{k} = {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Task `kind` with `overrides` (`key=value`, as `--set task.key=value` would) and one sample
+/// of its training stream for `seed`.
+pub fn sample(kind: &str, overrides: &[String], seed: u64) -> Result<(TaskConfig, Sample), Error> {
+    let mut table = toml::Table::new();
+    table.insert("kind".into(), toml::Value::String(kind.into()));
+    for item in overrides {
+        crate::config::apply_override(&mut table, item)?;
+    }
+    let config: TaskConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
+        .map_err(|e| Error::Config(format!("task {kind}: {}", e.inner().message())))?;
+    let task = config.build().map_err(|e| Error::Config(e.to_string()))?;
+    let sample = task.train_batch(seed, 0, 1).remove(0);
+    Ok((config, sample))
+}
+
+/// Rows `t`, `input`, `target` (scored positions only, `.` elsewhere), aligned in columns.
+pub fn render(sample: &Sample) -> String {
+    let width = sample
+        .input
+        .iter()
+        .chain(&sample.target)
+        .map(|v| v.to_string().len())
+        .chain(std::iter::once(sample.input.len().to_string().len()))
+        .max()
+        .unwrap_or(1);
+    let row = |label: &str, cells: Vec<String>| {
+        let cells: Vec<String> = cells.iter().map(|c| format!("{c:>width$}")).collect();
+        format!("{label:<7} {}", cells.join(" "))
+    };
+    let t = (0..sample.input.len()).map(|i| i.to_string()).collect();
+    let input = sample.input.iter().map(|v| v.to_string()).collect();
+    let target = sample
+        .target
+        .iter()
+        .zip(&sample.mask)
+        .map(|(v, &m)| if m { v.to_string() } else { ".".into() })
+        .collect();
+    [row("t", t), row("input", input), row("target", target)].join("\n")
 }

@@ -279,7 +279,7 @@ impl ExperimentConfig {
 }
 
 /// Sets `key.path=value` in `table`; returns the key path.
-fn apply_override(table: &mut toml::Table, item: &str) -> Result<String, Error> {
+pub(crate) fn apply_override(table: &mut toml::Table, item: &str) -> Result<String, Error> {
     let bad = |why: &str| Error::Config(format!("--set {item}: {why}"));
     let (key, raw) = item
         .split_once('=')
