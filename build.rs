@@ -16,8 +16,19 @@ fn main() {
         "cargo:rustc-env=ESTAFET_CODE_VERSION={} ({version})",
         env!("CARGO_PKG_VERSION")
     );
-    for path in [".git/HEAD", ".git/index"] {
-        if std::path::Path::new(path).exists() {
+    // A commit moves the branch HEAD names, not HEAD itself; the index changes with the tree.
+    let mut watched = vec![
+        ".git/HEAD".to_string(),
+        ".git/index".to_string(),
+        ".git/packed-refs".to_string(),
+    ];
+    if let Ok(head) = std::fs::read_to_string(".git/HEAD")
+        && let Some(branch) = head.trim().strip_prefix("ref: ")
+    {
+        watched.push(format!(".git/{branch}"));
+    }
+    for path in watched {
+        if std::path::Path::new(&path).exists() {
             println!("cargo:rerun-if-changed={path}");
         }
     }
