@@ -21,7 +21,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::init::Init;
-use crate::time::unbind;
+use crate::time::recur;
 
 /// Configuration of an [`Lstm`] layer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -100,15 +100,13 @@ impl Lstm {
     /// - returns `h_1..h_T` as `[B, T, H]` and the final state
     pub fn forward(&self, x: Tensor<3>, state: Option<LstmState>) -> (Tensor<3>, LstmState) {
         let [batch, _, _] = x.dims();
-        let mut state =
-            state.unwrap_or_else(|| LstmState::zeros(batch, self.d_hidden(), &x.device()));
-        let gates_x = self.input.forward(x);
-        let mut outputs = Vec::with_capacity(gates_x.dims()[1]);
-        for gates_x_t in unbind(gates_x, 1) {
-            state = self.cell(gates_x_t, state);
-            outputs.push(state.h.clone());
-        }
-        (Tensor::stack(outputs, 1), state)
+        let state = state.unwrap_or_else(|| LstmState::zeros(batch, self.d_hidden(), &x.device()));
+        recur(
+            self.input.forward(x),
+            state,
+            |g, s| self.cell(g, s),
+            |s| s.h.clone(),
+        )
     }
 
     /// One recurrent step: `x_t [B, D]` → `h_t [B, H]` and the new state.

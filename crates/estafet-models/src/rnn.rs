@@ -16,7 +16,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::init::Init;
-use crate::time::unbind;
+use crate::time::recur;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -94,14 +94,13 @@ impl Rnn {
     /// `x [B, T, D]` (`T ≥ 1`), `h_0 [B, H]` (zeros if `None`) → `h_1..h_T [B, T, H]`, `h_T`.
     pub fn forward(&self, x: Tensor<3>, state: Option<Tensor<2>>) -> (Tensor<3>, Tensor<2>) {
         let [batch, _, _] = x.dims();
-        let mut h = state.unwrap_or_else(|| self.zeros(batch, &x.device()));
-        let pre_x = self.input.forward(x);
-        let mut outputs = Vec::with_capacity(pre_x.dims()[1]);
-        for pre_x_t in unbind(pre_x, 1) {
-            h = self.cell(pre_x_t, h);
-            outputs.push(h.clone());
-        }
-        (Tensor::stack(outputs, 1), h)
+        let h = state.unwrap_or_else(|| self.zeros(batch, &x.device()));
+        recur(
+            self.input.forward(x),
+            h,
+            |p, h| self.cell(p, h),
+            Clone::clone,
+        )
     }
 
     /// `x_t [B, D]`, `h_{t-1} [B, H]` → `h_t`, returned as output and as state.
@@ -130,7 +129,7 @@ mod tests {
     #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
 
     use super::*;
-    use burn::tensor::{Distribution, TensorData, Tolerance};
+    use burn::tensor::{TensorData, Tolerance};
 
     fn device() -> Device {
         Device::ndarray().autodiff()
@@ -161,35 +160,5 @@ mod tests {
         let (_, h) = rnn.forward(Tensor::zeros([1, 9, 2], &device()), Some(h0.clone()));
         h.to_data()
             .assert_approx_eq::<f32>(&h0.to_data(), Tolerance::absolute(1e-6));
-    }
-
-    #[test]
-    fn step_by_step_equals_forward() {
-        for nonlinearity in [Nonlinearity::Tanh, Nonlinearity::Relu] {
-            let rnn = RnnConfig {
-                d_input: 3,
-                d_hidden: 4,
-                nonlinearity,
-                irnn_init: false,
-            }
-            .init(&mut Init::new(1, &device()));
-            let x = Tensor::<3>::random([2, 7, 3], Distribution::Default, &device());
-            let h0 = Tensor::<2>::random([2, 4], Distribution::Default, &device());
-            let (y, h_t) = rnn.forward(x.clone(), Some(h0.clone()));
-            let mut h = Some(h0);
-            let mut ys = Vec::new();
-            for x_t in x.iter_dim(1) {
-                let (y_t, s) = rnn.step(x_t.squeeze_dim(1), h);
-                ys.push(y_t);
-                h = Some(s);
-            }
-            let tolerance = Tolerance::absolute(1e-6);
-            Tensor::stack::<3>(ys, 1)
-                .to_data()
-                .assert_approx_eq::<f32>(&y.to_data(), tolerance);
-            h.unwrap()
-                .to_data()
-                .assert_approx_eq::<f32>(&h_t.to_data(), tolerance);
-        }
     }
 }

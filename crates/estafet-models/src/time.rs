@@ -23,6 +23,23 @@ pub fn unbind<const D: usize, const D2: usize>(x: Tensor<D>, dim: usize) -> Vec<
     steps
 }
 
+/// Runs `cell` over the time steps of `inputs [B, T, ·]` from `state`, and stacks
+/// `output(&state)` after each step into `[B, T, ·]`: the loop of every recurrent cell.
+pub fn recur<S>(
+    inputs: Tensor<3>,
+    mut state: S,
+    mut cell: impl FnMut(Tensor<2>, S) -> S,
+    output: impl Fn(&S) -> Tensor<2>,
+) -> (Tensor<3>, S) {
+    let steps: Vec<Tensor<2>> = unbind(inputs, 1);
+    let mut outputs = Vec::with_capacity(steps.len());
+    for x_t in steps {
+        state = cell(x_t, state);
+        outputs.push(output(&state));
+    }
+    (Tensor::stack(outputs, 1), state)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
