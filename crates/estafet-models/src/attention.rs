@@ -211,14 +211,9 @@ fn rotate(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
-
     use super::*;
+    use crate::test_support::device;
     use burn::tensor::Distribution;
-
-    fn device() -> Device {
-        Device::ndarray().autodiff()
-    }
 
     fn layer(positions: Positions) -> Attention {
         AttentionConfig {

@@ -111,14 +111,9 @@ impl Gru {
 
 #[cfg(test)]
 mod tests {
-    #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
-
     use super::*;
+    use crate::test_support::device;
     use burn::tensor::{TensorData, Tolerance};
-
-    fn device() -> Device {
-        Device::ndarray().autodiff()
-    }
 
     /// D = H = 1, every weight 0.5, biases 0, h_0 = 0, x_1 = 1:
     /// r = z = σ(0.5) = 0.622459, n = tanh(0.5 + r·0) = 0.462117,

@@ -32,6 +32,8 @@ pub mod model;
 pub mod rnn;
 pub mod rwkv;
 pub mod scan;
+#[cfg(test)]
+mod test_support;
 pub mod time;
 pub mod torch;
 

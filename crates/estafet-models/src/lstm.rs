@@ -133,14 +133,9 @@ impl Lstm {
 
 #[cfg(test)]
 mod tests {
-    #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
-
     use super::*;
+    use crate::test_support::device;
     use burn::tensor::{Distribution, TensorData, Tolerance};
-
-    fn device() -> Device {
-        Device::ndarray().autodiff()
-    }
 
     /// An LSTM with exactly these parameters (weights row-major `[in, 4H]`).
     fn lstm_with(
@@ -284,14 +279,19 @@ mod tests {
 
         let (l, lstm, x) = loss(w_h.clone(), x_values.clone(), true);
         let grads = l.backward();
-        let dx: Vec<f32> = x.grad(&grads).unwrap().to_data().to_vec().unwrap();
+        let dx: Vec<f32> = x
+            .grad(&grads)
+            .unwrap()
+            .to_data()
+            .try_to_vec::<f32>()
+            .unwrap();
         let dw: Vec<f32> = lstm
             .hidden
             .weight
             .grad(&grads)
             .unwrap()
             .to_data()
-            .to_vec()
+            .try_to_vec::<f32>()
             .unwrap();
 
         let eps = 1e-2;

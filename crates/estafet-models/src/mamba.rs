@@ -237,18 +237,9 @@ impl Mamba {
 
 #[cfg(test)]
 mod tests {
-    #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
-
     use super::*;
+    use crate::test_support::{device, max_diff};
     use burn::tensor::Distribution;
-
-    fn device() -> Device {
-        Device::ndarray().autodiff()
-    }
-
-    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
-        (a - b).abs().max().into_scalar()
-    }
 
     fn block() -> Mamba {
         let mut config = MambaConfig::new(6, Scan::Sequential);
@@ -262,11 +253,14 @@ mod tests {
         let m = block();
         assert_eq!(m.in_proj.weight.dims(), [6, 24]);
         assert_eq!(m.x_proj.weight.dims(), [12, 2 + 8]);
-        let a: Vec<f32> = (-m.a_log.val().exp()).to_data().to_vec().unwrap();
+        let a: Vec<f32> = (-m.a_log.val().exp())
+            .to_data()
+            .try_to_vec::<f32>()
+            .unwrap();
         assert_eq!(&a[..4], &[-1.0, -2.0, -3.0, -4.0], "S4D-real: A = −(1..N)");
         let dt: Vec<f32> = softplus(m.dt_proj.bias.as_ref().unwrap().val(), 1.0)
             .to_data()
-            .to_vec()
+            .try_to_vec::<f32>()
             .unwrap();
         assert!(
             dt.iter()
@@ -357,7 +351,7 @@ mod tests {
         let window = Tensor::cat(vec![Tensor::zeros([1, 3, 12], &dev), x], 1);
         let out =
             m.causal_conv(window.clone(), 8) - m.causal_conv(Tensor::zeros([1, 11, 12], &dev), 8);
-        let out: Vec<f32> = out.to_data().to_vec().unwrap();
+        let out: Vec<f32> = out.to_data().try_to_vec::<f32>().unwrap();
         for t in 0..8 {
             for ch in 0..12 {
                 let moved = out[t * 12 + ch] != 0.0;

@@ -123,14 +123,9 @@ impl MinGru {
 
 #[cfg(test)]
 mod tests {
-    #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
-
     use super::*;
+    use crate::test_support::device;
     use burn::tensor::{Distribution, TensorData, Tolerance};
-
-    fn device() -> Device {
-        Device::ndarray().autodiff()
-    }
 
     #[test]
     fn g_is_continuous_and_positive() {

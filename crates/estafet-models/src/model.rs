@@ -268,10 +268,9 @@ impl SequenceModel {
 
 #[cfg(test)]
 mod tests {
-    #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
-
     use super::*;
-    use burn::tensor::{Device, Distribution};
+    use crate::test_support::device;
+    use burn::tensor::Distribution;
 
     /// Every mixer kind with its default settings, as a config file would name it, and the
     /// other versions and forms.
@@ -299,7 +298,7 @@ mod tests {
     /// sequence split in two with the state carried over equals one call.
     #[test]
     fn step_and_split_forward_equal_forward_for_every_mixer() {
-        let device = Device::ndarray();
+        let device = device();
         for mixer in every_mixer() {
             for (layout, mlp_expand) in [(Layout::Stacked, 0), (Layout::Residual, 2)] {
                 let config = ModelConfig {

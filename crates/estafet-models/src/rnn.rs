@@ -126,14 +126,9 @@ impl Rnn {
 
 #[cfg(test)]
 mod tests {
-    #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
-
     use super::*;
+    use crate::test_support::device;
     use burn::tensor::{TensorData, Tolerance};
-
-    fn device() -> Device {
-        Device::ndarray().autodiff()
-    }
 
     #[test]
     fn irnn_init_is_identity_and_carries_the_state() {

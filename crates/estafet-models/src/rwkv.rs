@@ -704,18 +704,9 @@ impl Rwkv {
 
 #[cfg(test)]
 mod tests {
-    #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
-
     use super::*;
+    use crate::test_support::{device, max_diff};
     use burn::tensor::Distribution;
-
-    fn device() -> Device {
-        Device::ndarray().autodiff()
-    }
-
-    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
-        (a - b).abs().max().into_scalar()
-    }
 
     fn random<const D: usize>(shape: [usize; D], std: f64) -> Tensor<D> {
         Tensor::random(shape, Distribution::Normal(0.0, std), &device())
@@ -739,11 +730,15 @@ mod tests {
         let v = random([batch, t, d], 1.0);
         let (fast, _) =
             wkv4_sequential(w.clone(), u.clone(), k.clone(), v.clone(), zero4(batch, d));
-        let (w, u): (Vec<f32>, Vec<f32>) =
-            (w.to_data().to_vec().unwrap(), u.to_data().to_vec().unwrap());
-        let (k, v): (Vec<f32>, Vec<f32>) =
-            (k.to_data().to_vec().unwrap(), v.to_data().to_vec().unwrap());
-        let fast: Vec<f32> = fast.to_data().to_vec().unwrap();
+        let (w, u): (Vec<f32>, Vec<f32>) = (
+            w.to_data().try_to_vec::<f32>().unwrap(),
+            u.to_data().try_to_vec::<f32>().unwrap(),
+        );
+        let (k, v): (Vec<f32>, Vec<f32>) = (
+            k.to_data().try_to_vec::<f32>().unwrap(),
+            v.to_data().try_to_vec::<f32>().unwrap(),
+        );
+        let fast: Vec<f32> = fast.to_data().try_to_vec::<f32>().unwrap();
         for bi in 0..batch {
             for ti in 0..t {
                 for c in 0..d {
@@ -786,7 +781,7 @@ mod tests {
                     chunk_len,
                 ),
             };
-            let y: Vec<f32> = y.to_data().to_vec().unwrap();
+            let y: Vec<f32> = y.to_data().try_to_vec::<f32>().unwrap();
             // The e^200 token dominates every later average.
             assert!(y.iter().all(|&x| (x - 1.0).abs() < 1e-5), "{form:?}: {y:?}");
         }

@@ -106,15 +106,10 @@ fn chunked(
 
 #[cfg(test)]
 mod tests {
-    #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
-
     use super::*;
+    use crate::test_support::device;
+    use burn::tensor::Distribution;
     use burn::tensor::activation::softplus;
-    use burn::tensor::{Device, Distribution};
-
-    fn device() -> Device {
-        Device::ndarray().autodiff()
-    }
 
     fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
         (a - b).abs().max().into_scalar()
@@ -183,7 +178,7 @@ mod tests {
         let log_a = Tensor::<3>::full([1, 3, 1], 0.5f32.ln(), &dev);
         let b = Tensor::<3>::ones([1, 3, 1], &dev);
         let (hs, _) = linear_scan(log_a, b, Tensor::zeros([1, 1], &dev), Scan::Sequential);
-        let hs: Vec<f32> = hs.to_data().to_vec().unwrap();
+        let hs: Vec<f32> = hs.to_data().try_to_vec::<f32>().unwrap();
         assert!(
             hs.iter()
                 .zip([1.0, 1.5, 1.75])

@@ -42,14 +42,13 @@ pub fn recur<S>(
 
 #[cfg(test)]
 mod tests {
-    #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
-
     use super::*;
-    use burn::tensor::{Device, TensorData};
+    use crate::test_support::device;
+    use burn::tensor::TensorData;
 
     #[test]
     fn unbinds_in_order_at_any_length() {
-        let device = Device::ndarray();
+        let device = device();
         for t in [1, 2, 5, 16, 17] {
             let values: Vec<f32> = (0..2 * t * 3).map(|v| v as f32).collect();
             let x = Tensor::<3>::from_data(TensorData::new(values, [2, t, 3]), &device);
