@@ -25,7 +25,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{LossPositions, Metric, Sample, TaskError, TaskInfo};
+use crate::task::{LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
 
 /// `[task]` with `kind = "copy_memory"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -52,12 +52,6 @@ impl Default for CopyMemoryConfig {
 
 impl CopyMemoryConfig {
     pub fn build(&self) -> Result<CopyMemory, TaskError> {
-        let invalid = |field, message: &str| {
-            Err(TaskError {
-                field,
-                message: message.to_string(),
-            })
-        };
         if self.lag == 0 {
             return invalid(
                 "lag",

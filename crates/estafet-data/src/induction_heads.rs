@@ -20,7 +20,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{LossPositions, Metric, Sample, TaskError, TaskInfo};
+use crate::task::{LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
 
 /// `[task]` with `kind = "induction_heads"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -44,16 +44,10 @@ impl Default for InductionHeadsConfig {
 impl InductionHeadsConfig {
     pub fn build(&self) -> Result<InductionHeads, TaskError> {
         if self.seq_len < 3 {
-            return Err(TaskError {
-                field: "seq_len",
-                message: "must be at least 3 (trigger, token, trigger)".into(),
-            });
+            return invalid("seq_len", "must be at least 3 (trigger, token, trigger)");
         }
         if self.vocab < 2 {
-            return Err(TaskError {
-                field: "vocab",
-                message: "must be at least 2".into(),
-            });
+            return invalid("vocab", "must be at least 2");
         }
         Ok(InductionHeads {
             config: self.clone(),

@@ -26,7 +26,7 @@ use rand::seq::index::sample;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{LossPositions, Metric, Sample, TaskError, TaskInfo};
+use crate::task::{LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
 
 /// `[task]` with `kind = "mqar"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -56,7 +56,6 @@ impl Default for MqarConfig {
 
 impl MqarConfig {
     pub fn build(&self) -> Result<Mqar, TaskError> {
-        let invalid = |field, message: String| Err(TaskError { field, message });
         if self.seq_len == 0 || !self.seq_len.is_multiple_of(2) {
             return invalid(
                 "seq_len",

@@ -18,7 +18,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{LossPositions, Metric, Sample, TaskError, TaskInfo};
+use crate::task::{LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
 
 /// `[task]` with `kind = "parity"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -36,10 +36,7 @@ impl Default for ParityConfig {
 impl ParityConfig {
     pub fn build(&self) -> Result<Parity, TaskError> {
         if self.seq_len == 0 {
-            return Err(TaskError {
-                field: "seq_len",
-                message: "must be at least 1".into(),
-            });
+            return invalid("seq_len", "must be at least 1");
         }
         Ok(Parity {
             config: self.clone(),

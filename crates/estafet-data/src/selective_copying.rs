@@ -23,7 +23,7 @@ use rand::seq::index::sample;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{LossPositions, Metric, Sample, TaskError, TaskInfo};
+use crate::task::{LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
 
 /// `[task]` with `kind = "selective_copying"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -51,9 +51,8 @@ impl Default for SelectiveCopyingConfig {
 
 impl SelectiveCopyingConfig {
     pub fn build(&self) -> Result<SelectiveCopying, TaskError> {
-        let invalid = |field, message: String| Err(TaskError { field, message });
         if self.n_tokens == 0 {
-            return invalid("n_tokens", "must be at least 1".into());
+            return invalid("n_tokens", "must be at least 1");
         }
         if self.n_tokens > self.seq_len {
             return invalid(
@@ -65,7 +64,7 @@ impl SelectiveCopyingConfig {
             );
         }
         if self.vocab < 2 {
-            return invalid("vocab", "must be at least 2".into());
+            return invalid("vocab", "must be at least 2");
         }
         Ok(SelectiveCopying {
             config: self.clone(),

@@ -42,6 +42,14 @@ pub struct TaskError {
     pub message: String,
 }
 
+/// `Err` naming `task.field`: how every generator refuses an impossible setting.
+pub(crate) fn invalid<T>(field: &'static str, message: impl Into<String>) -> Result<T, TaskError> {
+    Err(TaskError {
+        field,
+        message: message.into(),
+    })
+}
+
 impl TaskConfig {
     /// Every task with its default parameters, in the order `estafet list tasks` prints them.
     pub fn defaults() -> Vec<TaskConfig> {
