@@ -124,7 +124,7 @@ impl MinGru {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::device;
+    use crate::test_support::{device, max_diff};
     use burn::tensor::{Distribution, TensorData, Tolerance};
 
     #[test]
@@ -179,7 +179,7 @@ mod tests {
             (y, h, x.grad(&grads).unwrap(), dw)
         };
         let reference = run(Scan::Sequential);
-        let close = |a: Tensor<3>, b: Tensor<3>| (a - b).abs().max().into_scalar::<f32>() < 1e-5;
+        let close = |a: Tensor<3>, b: Tensor<3>| max_diff(a, b) < 1e-5;
         for chunk_len in [3, 4, 16] {
             let fast = run(Scan::Chunked { chunk_len });
             assert!(close(fast.0, reference.0.clone()), "y, chunk {chunk_len}");

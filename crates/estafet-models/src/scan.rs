@@ -107,13 +107,9 @@ fn chunked(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::device;
+    use crate::test_support::{device, max_diff};
     use burn::tensor::Distribution;
     use burn::tensor::activation::softplus;
-
-    fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
-        (a - b).abs().max().into_scalar()
-    }
 
     /// Chunked equals sequential in values, final state and the gradients of `log a`, `b` and
     /// `h0`, at an odd length and chunk sizes that do not divide it, including strong decay.
@@ -147,26 +143,14 @@ mod tests {
             for chunk_len in [1, 4, 5, 13, 32] {
                 let fast = run(Scan::Chunked { chunk_len });
                 let what = format!("chunk_len {chunk_len}, decay ×{decay_scale}");
+                assert!(max_diff(fast.0, reference.0.clone()) < 1e-5, "h, {what}");
+                assert!(max_diff(fast.1, reference.1.clone()) < 1e-5, "h_T, {what}");
                 assert!(
-                    max_abs_diff(fast.0, reference.0.clone()) < 1e-5,
-                    "h, {what}"
-                );
-                assert!(
-                    max_abs_diff(fast.1, reference.1.clone()) < 1e-5,
-                    "h_T, {what}"
-                );
-                assert!(
-                    max_abs_diff(fast.2, reference.2.clone()) < 1e-4,
+                    max_diff(fast.2, reference.2.clone()) < 1e-4,
                     "d log a, {what}"
                 );
-                assert!(
-                    max_abs_diff(fast.3, reference.3.clone()) < 1e-5,
-                    "d b, {what}"
-                );
-                assert!(
-                    max_abs_diff(fast.4, reference.4.clone()) < 1e-5,
-                    "d h0, {what}"
-                );
+                assert!(max_diff(fast.3, reference.3.clone()) < 1e-5, "d b, {what}");
+                assert!(max_diff(fast.4, reference.4.clone()) < 1e-5, "d h0, {what}");
             }
         }
     }
