@@ -295,14 +295,15 @@ pub fn evaluate(
         let batch = Batch::new(chunk, device);
         let (logits, _) = model.forward(Input::Tokens(batch.inputs.clone()), None);
         let s = score(logits, &batch, info.loss_positions);
+        let scored_here = s.scored.into_scalar::<f32>() as f64;
         let weight = match info.loss_positions {
             LossPositions::All => (chunk.len() * info.seq_len) as f64,
-            LossPositions::Masked => s.scored.clone().into_scalar::<f32>() as f64,
+            LossPositions::Masked => scored_here,
         };
         loss_sum += s.loss.into_scalar::<f32>() as f64 * weight;
         loss_count += weight;
         correct += s.correct.into_scalar::<f32>() as f64;
-        scored += s.scored.into_scalar::<f32>() as f64;
+        scored += scored_here;
     }
     let accuracy = correct / scored;
     EvalResult {
