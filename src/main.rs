@@ -138,14 +138,16 @@ fn execute(cli: Cli) -> Result<(), Error> {
             )?;
             let e = &summary.final_eval;
             println!(
-                "{} on {}: eval loss {:.4} (memoryless baseline {:.4}), accuracy {:.3} (chance {:.3}){}",
+                "{} on {}: eval loss {:.4} (baseline {:.4}), {} {:.4} (baseline {:.4}, solved at {:.4}){}",
                 summary.model,
                 summary.task,
                 e.loss,
                 e.baseline_loss,
-                e.accuracy,
-                e.baseline_accuracy,
-                if e.solved { ", solved" } else { "" }
+                summary.metric.name(),
+                e.metric,
+                e.baseline_metric,
+                e.solved_metric,
+                if e.solved { ": solved" } else { "" }
             );
             println!(
                 "{} steps in {:.1} s ({:.0} tokens/s); run directory: {}",
@@ -171,13 +173,13 @@ fn execute(cli: Cli) -> Result<(), Error> {
             overrides,
             seed,
         } => {
-            let (config, sample) = catalog::sample(&task, &overrides, seed)?;
+            let (config, built, sample) = catalog::sample(&task, &overrides, seed)?;
             println!(
                 "{task} ({}), seed {seed}, T = {}",
                 catalog::parameters(&config),
                 sample.input.len()
             );
-            println!("{}", catalog::render(&sample));
+            println!("{}", catalog::render(&built, &sample));
             Ok(())
         }
         Command::List {
@@ -214,10 +216,12 @@ fn execute(cli: Cli) -> Result<(), Error> {
                     for (parameters, info) in catalog::tasks() {
                         println!("{}  ({parameters})", info.kind);
                         println!(
-                            "    T = {}, metric {:?} over the scored positions, baseline loss {:.4} \
-                             and metric {:.4}, solved at {}",
+                            "    T = {}, reads {}, predicts {}; metric {} over the scored positions, \
+                             baseline loss {:.4} and metric {:.4}, solved at {:.4}",
                             info.seq_len,
-                            info.metric,
+                            info.input,
+                            info.output,
+                            info.metric.name(),
                             info.baseline_loss,
                             info.baseline_metric,
                             info.solved_metric

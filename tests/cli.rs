@@ -39,6 +39,8 @@ fn tiny_run(out: &Path) -> Output {
         "eval.samples=16",
         "--set",
         "run.seed=7",
+        "--set",
+        "eval.lengths=[30, 60]",
     ])
 }
 
@@ -58,7 +60,24 @@ fn a_tiny_run_writes_its_run_directory() {
     assert!(summary["params"].as_u64().unwrap() > 0);
     let eval = &summary["final_eval"];
     assert!(eval["loss"].as_f64().unwrap().is_finite());
-    assert!((0.0..=1.0).contains(&eval["accuracy"].as_f64().unwrap()));
+    assert!((0.0..=1.0).contains(&eval["metric"].as_f64().unwrap()));
+    assert_eq!(summary["metric"], "token_accuracy");
+    assert_eq!(eval["seq_len"], 23);
+    // Length generalisation: the final model at the lengths eval.lengths names.
+    let lengths: Vec<_> = summary["length_eval"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["seq_len"].as_u64().unwrap(),
+                e["baseline_loss"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(lengths.len(), 2);
+    assert_eq!((lengths[0].0, lengths[1].0), (30, 60));
+    assert!((lengths[1].1 - 10.0 * 8f64.ln() / 60.0).abs() < 1e-9);
     // 10·ln 8 / (3 + 20)
     assert!((eval["baseline_loss"].as_f64().unwrap() - 10.0 * 8f64.ln() / 23.0).abs() < 1e-9);
 
@@ -73,7 +92,16 @@ fn a_tiny_run_writes_its_run_directory() {
         .map(|l| l["step"].as_u64().unwrap())
         .collect();
     assert_eq!(train_steps, [2, 4]);
-    assert!(lines.iter().any(|l| l["split"] == "eval" && l["step"] == 4));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["split"] == "eval" && l["step"] == 4 && l["seq_len"] == 23)
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["split"] == "eval" && l["seq_len"] == 60)
+    );
 
     let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
     assert!(
@@ -210,8 +238,8 @@ fn every_shipped_config_runs() {
         .collect();
     configs.sort();
     assert!(
-        configs.len() >= 12,
-        "one copy config per model, one per other task: {configs:?}"
+        configs.len() >= 19,
+        "one copy config per model, an LSTM config per task: {configs:?}"
     );
     for config in configs {
         let name = config.file_stem().unwrap().to_str().unwrap().to_string();
@@ -313,13 +341,62 @@ fn every_task_samples_and_trains() {
         running ^= b;
         assert_eq!(running, *p, "{text}");
     }
+    let out = estafet(&["sample", "adding", "--set", "seq_len=4"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = |i: usize| -> Vec<String> {
+        text.lines()
+            .nth(i)
+            .unwrap()
+            .split_whitespace()
+            .skip(1)
+            .map(String::from)
+            .collect()
+    };
+    let marked: f64 = row(2)
+        .iter()
+        .filter_map(|cell| cell.split_once('/'))
+        .filter(|(_, m)| *m == "1.00")
+        .map(|(v, _)| v.parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(row(3)[..3], [".", ".", "."], "{text}");
+    assert!(
+        (row(3)[3].parse::<f64>().unwrap() - marked).abs() < 0.011,
+        "{text}"
+    );
+    let out = estafet(&["sample", "char_lm", "--set", "seq_len=6"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = estafet(&["sample", "time_series", "--set", "series=\"csv\""]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("task.path"), "{}", stderr(&out));
     let out = estafet(&["sample", "mqar", "--set", "n_pairs=100"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("task.n_pairs"), "{}", stderr(&out));
 
     let dir = scratch("tasks");
     std::fs::create_dir_all(&dir).unwrap();
+    let csv = dir.join("prices.csv");
+    let rows: String = (0..60)
+        .map(|i| format!("{i},{}\n", (i as f64 * 0.3).sin()))
+        .collect();
+    std::fs::write(&csv, format!("day,close\n{rows}")).unwrap();
+    let text = dir.join("text.txt");
+    std::fs::write(&text, "a relay of whispers, ".repeat(10)).unwrap();
+    let csv_task = format!(
+        "kind = \"time_series\"\nseries = \"csv\"\npath = {:?}\ncolumn = \"close\"\nseq_len = 8\nhorizon = 2",
+        csv.display()
+    );
+    let text_task = format!(
+        "kind = \"char_lm\"\npath = {:?}\nseq_len = 8",
+        text.display()
+    );
     let tasks = [
+        "kind = \"adding\"\nseq_len = 10",
+        "kind = \"char_lm\"\nseq_len = 16",
+        "kind = \"time_series\"\nseq_len = 10\nhorizon = 3",
+        "kind = \"time_series\"\nseries = \"mackey_glass\"\nseq_len = 10",
+        &csv_task,
+        &text_task,
         "kind = \"selective_copying\"\nseq_len = 12\nn_tokens = 3\nvocab = 4",
         "kind = \"mqar\"\nseq_len = 16\nn_pairs = 2\nvocab = 16",
         "kind = \"induction_heads\"\nseq_len = 10\nvocab = 4",

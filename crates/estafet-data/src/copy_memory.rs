@@ -25,7 +25,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
+use crate::task::{Channel, LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
 
 /// `[task]` with `kind = "copy_memory"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -96,8 +96,12 @@ impl CopyMemory {
         } = self.config;
         TaskInfo {
             kind: "copy_memory",
-            vocab: alphabet + 2,
-            n_classes: alphabet + 1,
+            input: Channel::Tokens {
+                vocab: alphabet + 2,
+            },
+            output: Channel::Tokens {
+                vocab: alphabet + 1,
+            },
             seq_len: self.seq_len(),
             metric: Metric::TokenAccuracy,
             loss_positions: LossPositions::All,
@@ -123,11 +127,7 @@ impl CopyMemory {
         input[n_symbols + lag - 1] = self.delimiter();
         target[n_symbols + lag..].copy_from_slice(&symbols);
         let mask = (0..t).map(|i| i >= n_symbols + lag).collect();
-        Sample {
-            input,
-            target,
-            mask,
-        }
+        Sample::tokens(input, target, mask)
     }
 }
 
@@ -157,11 +157,11 @@ mod tests {
         .unwrap();
         let s = task.sample(&mut crate::rng::stream(7, 0));
         assert_eq!(s.input.len(), 11);
-        assert_eq!(&s.input[3..7], &[0, 0, 0, 0]);
-        assert_eq!(s.input[7], 5);
-        assert_eq!(&s.input[8..], &[0, 0, 0]);
-        assert_eq!(&s.target[..8], &[0; 8]);
-        assert_eq!(&s.target[8..], &s.input[..3]);
+        assert_eq!(&s.input.tokens()[3..7], &[0, 0, 0, 0]);
+        assert_eq!(s.input.tokens()[7], 5);
+        assert_eq!(&s.input.tokens()[8..], &[0, 0, 0]);
+        assert_eq!(&s.target.tokens()[..8], &[0; 8]);
+        assert_eq!(&s.target.tokens()[8..], &s.input.tokens()[..3]);
         assert_eq!(s.mask, [[false; 8].as_slice(), &[true; 3]].concat());
     }
 
@@ -170,13 +170,13 @@ mod tests {
         let task = task(20);
         for s in task.train_batch(3, 11, 64) {
             assert_eq!(s.input.len(), 40);
-            let symbols = &s.input[..10];
+            let symbols = &s.input.tokens()[..10];
             assert!(symbols.iter().all(|&v| (1..=8).contains(&v)));
-            assert!(s.input[10..29].iter().all(|&v| v == 0));
-            assert_eq!(s.input[29], 9, "delimiter ends the lag");
-            assert!(s.input[30..].iter().all(|&v| v == 0));
-            assert!(s.target[..30].iter().all(|&v| v == 0));
-            assert_eq!(&s.target[30..], symbols);
+            assert!(s.input.tokens()[10..29].iter().all(|&v| v == 0));
+            assert_eq!(s.input.tokens()[29], 9, "delimiter ends the lag");
+            assert!(s.input.tokens()[30..].iter().all(|&v| v == 0));
+            assert!(s.target.tokens()[..30].iter().all(|&v| v == 0));
+            assert_eq!(&s.target.tokens()[30..], symbols);
             assert_eq!(s.mask.iter().filter(|&&m| m).count(), 10);
         }
     }
@@ -195,7 +195,9 @@ mod tests {
     fn symbols_are_uniform() {
         let mut counts = [0usize; 9];
         for s in task(1).train_batch(0, 0, 4000) {
-            s.input[..10].iter().for_each(|&v| counts[v as usize] += 1);
+            s.input.tokens()[..10]
+                .iter()
+                .for_each(|&v| counts[v as usize] += 1);
         }
         assert_eq!(counts[0], 0);
         // 40 000 draws over 8 symbols: 5 000 each, σ ≈ 66.
@@ -210,7 +212,10 @@ mod tests {
         let info = task(100).info();
         assert!((info.baseline_loss - 10.0 * 8f64.ln() / 120.0).abs() < 1e-12);
         assert_eq!(info.baseline_metric, 0.125);
-        assert_eq!((info.vocab, info.n_classes, info.seq_len), (10, 9, 120));
+        assert_eq!(
+            (info.input.size(), info.output.size(), info.seq_len),
+            (10, 9, 120)
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
+use crate::task::{Channel, LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
 
 /// `[task]` with `kind = "induction_heads"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,8 +65,8 @@ impl InductionHeads {
         let c = &self.config;
         TaskInfo {
             kind: "induction_heads",
-            vocab: c.vocab + 1,
-            n_classes: c.vocab,
+            input: Channel::Tokens { vocab: c.vocab + 1 },
+            output: Channel::Tokens { vocab: c.vocab },
             seq_len: c.seq_len,
             metric: Metric::TokenAccuracy,
             loss_positions: LossPositions::Masked,
@@ -88,11 +88,7 @@ impl InductionHeads {
         target[seq_len - 1] = answer;
         let mut mask = vec![false; seq_len];
         mask[seq_len - 1] = true;
-        Sample {
-            input,
-            target,
-            mask,
-        }
+        Sample::tokens(input, target, mask)
     }
 }
 
@@ -110,10 +106,10 @@ mod tests {
         .unwrap();
         for seed in 0..100 {
             let s = task.sample(&mut crate::rng::stream(seed, 0));
-            let triggers: Vec<usize> = (0..20).filter(|&i| s.input[i] == 4).collect();
+            let triggers: Vec<usize> = (0..20).filter(|&i| s.input.tokens()[i] == 4).collect();
             assert_eq!(triggers.len(), 2);
             assert_eq!(triggers[1], 19);
-            assert_eq!(s.target[19], s.input[triggers[0] + 1]);
+            assert_eq!(s.target.tokens()[19], s.input.tokens()[triggers[0] + 1]);
             assert_eq!(s.mask.iter().filter(|&&m| m).count(), 1);
         }
     }

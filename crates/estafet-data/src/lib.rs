@@ -1,17 +1,23 @@
 //! Seeded sequence tasks for estafet, independent of any model.
 //!
-//! A task turns a seed into an endless stream of [`Sample`]s (input tokens, target tokens and
-//! the mask of positions the metric scores) and declares its metric, its analytic baseline and
+//! A task turns a seed into an endless stream of [`Sample`]s (input and target sequences, of
+//! tokens or reals, and the mask of positions the metric scores) and declares its metric, its analytic baseline and
 //! the level at which it counts as solved. Sample `k` of the training stream depends only on
 //! `(seed, k)`, so a run can be resumed or reproduced from the step number alone, and the
 //! evaluation set is a separate stream of the same seed.
 
+pub mod adding;
+pub mod char_lm;
 pub mod copy_memory;
 pub mod induction_heads;
 pub mod mqar;
 pub mod parity;
 pub mod selective_copying;
 mod task;
+pub mod time_series;
 
 pub use copy_memory::CopyMemoryConfig;
-pub use task::{Batch, LossPositions, Metric, Sample, Task, TaskConfig, TaskError, TaskInfo, rng};
+pub use task::{
+    Batch, Channel, LossPositions, Metric, Sample, Seq, SeqBatch, Split, Task, TaskConfig,
+    TaskError, TaskInfo, rng,
+};

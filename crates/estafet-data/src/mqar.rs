@@ -26,7 +26,7 @@ use rand::seq::index::sample;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
+use crate::task::{Channel, LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
 
 /// `[task]` with `kind = "mqar"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -103,8 +103,8 @@ impl Mqar {
         let values = c.vocab - c.vocab / 2;
         TaskInfo {
             kind: "mqar",
-            vocab: c.vocab,
-            n_classes: c.vocab,
+            input: Channel::Tokens { vocab: c.vocab },
+            output: Channel::Tokens { vocab: c.vocab },
             seq_len: c.seq_len,
             metric: Metric::TokenAccuracy,
             loss_positions: LossPositions::Masked,
@@ -154,11 +154,7 @@ impl Mqar {
             .into_iter()
             .map(|t| t.unwrap_or_else(|| rng.random_range(0..vocab as u32)))
             .collect();
-        Sample {
-            input,
-            target,
-            mask,
-        }
+        Sample::tokens(input, target, mask)
     }
 }
 
@@ -193,8 +189,10 @@ mod tests {
         for seed in 0..100 {
             let s = task.sample(&mut crate::rng::stream(seed, 0));
             assert_eq!(s.input.len(), 64);
-            let pairs: HashMap<u32, u32> =
-                s.input[..16].chunks(2).map(|kv| (kv[0], kv[1])).collect();
+            let pairs: HashMap<u32, u32> = s.input.tokens()[..16]
+                .chunks(2)
+                .map(|kv| (kv[0], kv[1]))
+                .collect();
             assert_eq!(pairs.len(), 8, "distinct keys");
             assert!(pairs.keys().all(|&k| (1..128).contains(&k)));
             assert!(pairs.values().all(|&v| (128..256).contains(&v)));
@@ -202,7 +200,11 @@ mod tests {
             assert_eq!(queries.len(), 8);
             for &q in &queries {
                 assert!(q >= 16 && (q - 16) % 2 == 0);
-                assert_eq!(s.target[q], pairs[&s.input[q]], "seed {seed} position {q}");
+                assert_eq!(
+                    s.target.tokens()[q],
+                    pairs[&s.input.tokens()[q]],
+                    "seed {seed} position {q}"
+                );
             }
         }
     }

@@ -18,7 +18,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
+use crate::task::{Channel, LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
 
 /// `[task]` with `kind = "parity"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -53,8 +53,8 @@ impl Parity {
     pub fn info(&self) -> TaskInfo {
         TaskInfo {
             kind: "parity",
-            vocab: 2,
-            n_classes: 2,
+            input: Channel::Tokens { vocab: 2 },
+            output: Channel::Tokens { vocab: 2 },
             seq_len: self.config.seq_len,
             metric: Metric::TokenAccuracy,
             loss_positions: LossPositions::All,
@@ -75,11 +75,7 @@ impl Parity {
                 Some(*parity)
             })
             .collect();
-        Sample {
-            input,
-            target,
-            mask: vec![true; self.config.seq_len],
-        }
+        Sample::tokens(input, target, vec![true; self.config.seq_len])
     }
 }
 
@@ -92,8 +88,8 @@ mod tests {
         let task = ParityConfig { seq_len: 33 }.build().unwrap();
         let s = task.sample(&mut crate::rng::stream(3, 0));
         for t in 0..33 {
-            let ones = s.input[..=t].iter().filter(|&&b| b == 1).count();
-            assert_eq!(s.target[t] as usize, ones % 2);
+            let ones = s.input.tokens()[..=t].iter().filter(|&&b| b == 1).count();
+            assert_eq!(s.target.tokens()[t] as usize, ones % 2);
         }
     }
 }

@@ -23,7 +23,7 @@ use rand::seq::index::sample;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
+use crate::task::{Channel, LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
 
 /// `[task]` with `kind = "selective_copying"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -82,8 +82,8 @@ impl SelectiveCopying {
         let c = &self.config;
         TaskInfo {
             kind: "selective_copying",
-            vocab: c.vocab + 2,
-            n_classes: c.vocab + 1,
+            input: Channel::Tokens { vocab: c.vocab + 2 },
+            output: Channel::Tokens { vocab: c.vocab + 1 },
             seq_len: c.seq_len + c.n_tokens,
             metric: Metric::TokenAccuracy,
             loss_positions: LossPositions::Masked,
@@ -112,11 +112,7 @@ impl SelectiveCopying {
         }
         input[seq_len..].fill(vocab as u32 + 1);
         target[seq_len..].copy_from_slice(&data);
-        Sample {
-            input,
-            target,
-            mask: (0..t).map(|i| i >= seq_len).collect(),
-        }
+        Sample::tokens(input, target, (0..t).map(|i| i >= seq_len).collect())
     }
 }
 
@@ -135,11 +131,15 @@ mod tests {
         .unwrap();
         for seed in 0..50 {
             let s = task.sample(&mut crate::rng::stream(seed, 0));
-            let data: Vec<u32> = s.input[..30].iter().copied().filter(|&v| v != 0).collect();
+            let data: Vec<u32> = s.input.tokens()[..30]
+                .iter()
+                .copied()
+                .filter(|&v| v != 0)
+                .collect();
             assert_eq!(data.len(), 5);
             assert!(data.iter().all(|&v| (1..=4).contains(&v)));
-            assert_eq!(&s.input[30..], &[5; 5]);
-            assert_eq!(&s.target[30..], data.as_slice());
+            assert_eq!(&s.input.tokens()[30..], &[5; 5]);
+            assert_eq!(&s.target.tokens()[30..], data.as_slice());
             assert_eq!(s.mask.iter().filter(|&&m| m).count(), 5);
         }
     }

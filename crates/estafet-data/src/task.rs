@@ -3,11 +3,14 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::adding::{Adding, AddingConfig};
+use crate::char_lm::{CharLm, CharLmConfig};
 use crate::copy_memory::{CopyMemory, CopyMemoryConfig};
 use crate::induction_heads::{InductionHeads, InductionHeadsConfig};
 use crate::mqar::{Mqar, MqarConfig};
 use crate::parity::{Parity, ParityConfig};
 use crate::selective_copying::{SelectiveCopying, SelectiveCopyingConfig};
+use crate::time_series::{TimeSeries, TimeSeriesConfig};
 
 /// The generator behind every task: ChaCha8 from `seed`, on its own `stream` so that training
 /// batches (`stream = step`) and the evaluation set ([`rng::EVAL_STREAM`]) never overlap.
@@ -28,10 +31,13 @@ pub mod rng {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum TaskConfig {
     CopyMemory(CopyMemoryConfig),
+    Adding(AddingConfig),
     SelectiveCopying(SelectiveCopyingConfig),
     Mqar(MqarConfig),
     InductionHeads(InductionHeadsConfig),
     Parity(ParityConfig),
+    CharLm(CharLmConfig),
+    TimeSeries(TimeSeriesConfig),
 }
 
 /// A setting no generator can honour; names the field.
@@ -55,21 +61,78 @@ impl TaskConfig {
     pub fn defaults() -> Vec<TaskConfig> {
         vec![
             TaskConfig::CopyMemory(CopyMemoryConfig::default()),
+            TaskConfig::Adding(AddingConfig::default()),
             TaskConfig::SelectiveCopying(SelectiveCopyingConfig::default()),
             TaskConfig::Mqar(MqarConfig::default()),
             TaskConfig::InductionHeads(InductionHeadsConfig::default()),
             TaskConfig::Parity(ParityConfig::default()),
+            TaskConfig::CharLm(CharLmConfig::default()),
+            TaskConfig::TimeSeries(TimeSeriesConfig::default()),
         ]
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TaskConfig::CopyMemory(_) => "copy_memory",
+            TaskConfig::Adding(_) => "adding",
+            TaskConfig::SelectiveCopying(_) => "selective_copying",
+            TaskConfig::Mqar(_) => "mqar",
+            TaskConfig::InductionHeads(_) => "induction_heads",
+            TaskConfig::Parity(_) => "parity",
+            TaskConfig::CharLm(_) => "char_lm",
+            TaskConfig::TimeSeries(_) => "time_series",
+        }
     }
 
     pub fn build(&self) -> Result<Task, TaskError> {
         match self {
             TaskConfig::CopyMemory(c) => c.build().map(Task::CopyMemory),
+            TaskConfig::Adding(c) => c.build().map(Task::Adding),
             TaskConfig::SelectiveCopying(c) => c.build().map(Task::SelectiveCopying),
             TaskConfig::Mqar(c) => c.build().map(Task::Mqar),
             TaskConfig::InductionHeads(c) => c.build().map(Task::InductionHeads),
             TaskConfig::Parity(c) => c.build().map(Task::Parity),
+            TaskConfig::CharLm(c) => c.build().map(Task::CharLm),
+            TaskConfig::TimeSeries(c) => c.build().map(Task::TimeSeries),
         }
+    }
+
+    /// The same task with samples of `seq_len` positions, for length generalisation: the
+    /// parameter that sets the length changes (copy memory: the lag), every other one stays.
+    pub fn with_seq_len(&self, seq_len: usize) -> Result<TaskConfig, TaskError> {
+        let mut config = self.clone();
+        match &mut config {
+            TaskConfig::CopyMemory(c) => {
+                let fixed = 2 * c.n_symbols;
+                if seq_len <= fixed {
+                    return invalid(
+                        "lag",
+                        format!("a length of {seq_len} leaves no lag after 2·n_symbols = {fixed}"),
+                    );
+                }
+                c.lag = seq_len - fixed;
+            }
+            TaskConfig::Adding(c) => c.seq_len = seq_len,
+            TaskConfig::SelectiveCopying(c) => {
+                if seq_len <= c.n_tokens {
+                    return invalid(
+                        "seq_len",
+                        format!(
+                            "a length of {seq_len} leaves no room before the {} recalls",
+                            c.n_tokens
+                        ),
+                    );
+                }
+                c.seq_len = seq_len - c.n_tokens;
+            }
+            TaskConfig::Mqar(c) => c.seq_len = seq_len,
+            TaskConfig::InductionHeads(c) => c.seq_len = seq_len,
+            TaskConfig::Parity(c) => c.seq_len = seq_len,
+            TaskConfig::CharLm(c) => c.seq_len = seq_len,
+            TaskConfig::TimeSeries(c) => c.seq_len = seq_len,
+        }
+        config.build()?;
+        Ok(config)
     }
 }
 
@@ -77,8 +140,35 @@ impl TaskConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
-    /// Fraction of masked positions whose arg-max prediction is the target.
+    /// Fraction of scored positions whose arg-max prediction is the target.
     TokenAccuracy,
+    /// Mean squared error over scored positions and target dimensions.
+    Mse,
+    /// Mean cross-entropy over scored positions, in bits.
+    BitsPerChar,
+}
+
+impl Metric {
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::TokenAccuracy => "accuracy",
+            Metric::Mse => "mse",
+            Metric::BitsPerChar => "bpc",
+        }
+    }
+
+    pub fn higher_is_better(self) -> bool {
+        self == Metric::TokenAccuracy
+    }
+
+    /// Whether `value` reaches the `solved` level.
+    pub fn reaches(self, value: f64, solved: f64) -> bool {
+        if self.higher_is_better() {
+            value >= solved
+        } else {
+            value <= solved
+        }
+    }
 }
 
 /// Which positions the training loss averages over.
@@ -91,114 +181,330 @@ pub enum LossPositions {
     Masked,
 }
 
+/// What one position of an input or a target holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Channel {
+    /// A token id in `0..vocab` (as a target: one of `vocab` classes, scored by cross-entropy).
+    Tokens { vocab: usize },
+    /// `width` real numbers (as a target: scored by squared error).
+    Reals { width: usize },
+}
+
+impl Channel {
+    /// Vocabulary or width: the model's input or output size.
+    pub fn size(self) -> usize {
+        match self {
+            Channel::Tokens { vocab } => vocab,
+            Channel::Reals { width } => width,
+        }
+    }
+}
+
+impl std::fmt::Display for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Channel::Tokens { vocab } => write!(f, "tokens of {vocab}"),
+            Channel::Reals { width } => write!(f, "{width} real(s)"),
+        }
+    }
+}
+
 /// What a task asks and how it is judged.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TaskInfo {
     pub kind: &'static str,
-    /// Input vocabulary `V`.
-    pub vocab: usize,
-    /// Output classes `O`.
-    pub n_classes: usize,
+    pub input: Channel,
+    pub output: Channel,
     /// Sequence length `T` of every sample.
     pub seq_len: usize,
     pub metric: Metric,
     pub loss_positions: LossPositions,
-    /// Cross-entropy (nats per scored position) of the best predictor that ignores the past.
+    /// Loss (cross-entropy in nats, or squared error) of the best predictor that ignores the
+    /// past: chance, the memoryless level, a unigram model, or persistence.
     pub baseline_loss: f64,
     /// The metric of that predictor.
     pub baseline_metric: f64,
-    /// The metric at or above which the task counts as solved.
+    /// The metric at which the task counts as solved (at or above it for accuracy, at or
+    /// below it for errors and bits).
     pub solved_metric: f64,
+}
+
+/// A sequence of `T` positions.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Seq {
+    Tokens(Vec<u32>),
+    /// `values` holds `[T, width]` row-major.
+    Reals {
+        width: usize,
+        values: Vec<f32>,
+    },
+}
+
+impl Seq {
+    pub fn len(&self) -> usize {
+        match self {
+            Seq::Tokens(v) => v.len(),
+            Seq::Reals { width, values } => values.len() / width,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The token ids; panics on reals (a caller that knows its task asks for tokens).
+    pub fn tokens(&self) -> &[u32] {
+        match self {
+            Seq::Tokens(v) => v,
+            Seq::Reals { .. } => panic!("a real-valued sequence has no tokens"),
+        }
+    }
+
+    /// The values of position `t`; panics on tokens.
+    pub fn reals_at(&self, t: usize) -> &[f32] {
+        match self {
+            Seq::Reals { width, values } => &values[t * width..(t + 1) * width],
+            Seq::Tokens(_) => panic!("a token sequence has no real values"),
+        }
+    }
 }
 
 /// One example: `input` and `target` of length `T`; `mask[t]` says whether position `t` counts
 /// for the metric.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
-    pub input: Vec<u32>,
-    pub target: Vec<u32>,
+    pub input: Seq,
+    pub target: Seq,
     pub mask: Vec<bool>,
+}
+
+impl Sample {
+    /// A sample of a token task.
+    pub fn tokens(input: Vec<u32>, target: Vec<u32>, mask: Vec<bool>) -> Self {
+        Self {
+            input: Seq::Tokens(input),
+            target: Seq::Tokens(target),
+            mask,
+        }
+    }
 }
 
 /// A built task, ready to generate.
 #[derive(Clone, Debug)]
 pub enum Task {
     CopyMemory(CopyMemory),
+    Adding(Adding),
     SelectiveCopying(SelectiveCopying),
     Mqar(Mqar),
     InductionHeads(InductionHeads),
     Parity(Parity),
+    CharLm(CharLm),
+    TimeSeries(TimeSeries),
 }
 
 impl Task {
     pub fn info(&self) -> TaskInfo {
         match self {
             Task::CopyMemory(t) => t.info(),
+            Task::Adding(t) => t.info(),
             Task::SelectiveCopying(t) => t.info(),
             Task::Mqar(t) => t.info(),
             Task::InductionHeads(t) => t.info(),
             Task::Parity(t) => t.info(),
+            Task::CharLm(t) => t.info(),
+            Task::TimeSeries(t) => t.info(),
         }
     }
 
     pub fn sample(&self, rng: &mut ChaCha8Rng) -> Sample {
         match self {
             Task::CopyMemory(t) => t.sample(rng),
+            Task::Adding(t) => t.sample(rng),
             Task::SelectiveCopying(t) => t.sample(rng),
             Task::Mqar(t) => t.sample(rng),
             Task::InductionHeads(t) => t.sample(rng),
             Task::Parity(t) => t.sample(rng),
+            Task::CharLm(t) => t.sample(rng, Split::Train),
+            Task::TimeSeries(t) => t.sample(rng, Split::Train),
         }
-    }
-
-    /// `n` samples drawn from `rng`.
-    pub fn samples(&self, rng: &mut ChaCha8Rng, n: usize) -> Vec<Sample> {
-        (0..n).map(|_| self.sample(rng)).collect()
     }
 
     /// Training batch number `step` of the stream of `seed`.
     pub fn train_batch(&self, seed: u64, step: u64, batch_size: usize) -> Vec<Sample> {
-        self.samples(&mut rng::stream(seed, step), batch_size)
+        let mut rng = rng::stream(seed, step);
+        (0..batch_size).map(|_| self.sample(&mut rng)).collect()
     }
 
-    /// The fixed held-out set of `seed`: the same `n` samples every time.
+    /// The fixed held-out set of `seed`: the same `n` samples every time. Tasks read from data
+    /// draw it from their validation split; generated tasks from a stream training never uses.
     pub fn eval_set(&self, seed: u64, n: usize) -> Vec<Sample> {
-        self.samples(&mut rng::stream(seed, rng::EVAL_STREAM), n)
+        let mut rng = rng::stream(seed, rng::EVAL_STREAM);
+        (0..n)
+            .map(|_| match self {
+                Task::CharLm(t) => t.sample(&mut rng, Split::Valid),
+                Task::TimeSeries(t) => t.sample(&mut rng, Split::Valid),
+                _ => self.sample(&mut rng),
+            })
+            .collect()
     }
+}
+
+/// Which part of a data set a window is drawn from: the first part trains, the last validates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Valid,
+}
+
+/// A batch of sequences on a device.
+#[derive(Clone, Debug)]
+pub enum SeqBatch {
+    /// `[B, T]` token ids.
+    Tokens(Tensor<2, Int>),
+    /// `[B, T, W]` values.
+    Reals(Tensor<3>),
 }
 
 /// Samples stacked on a device.
 #[derive(Clone, Debug)]
 pub struct Batch {
-    /// `[B, T]` input token ids.
-    pub inputs: Tensor<2, Int>,
-    /// `[B, T]` target class ids.
-    pub targets: Tensor<2, Int>,
+    pub input: SeqBatch,
+    pub target: SeqBatch,
     /// `[B, T]`, 1.0 where the metric scores the position.
     pub mask: Tensor<2>,
 }
 
 impl Batch {
-    /// Stacks samples of one length; panics on an empty slice or ragged lengths.
+    /// Stacks samples of one length and kind; panics on an empty slice or ragged lengths.
     pub fn new(samples: &[Sample], device: &Device) -> Self {
         let b = samples.len();
         let t = samples[0].input.len();
         assert!(
-            samples.iter().all(|s| s.input.len() == t),
+            samples
+                .iter()
+                .all(|s| s.input.len() == t && s.target.len() == t && s.mask.len() == t),
             "samples of one batch share a length"
         );
-        let ints = |f: fn(&Sample) -> &Vec<u32>| {
-            let values: Vec<i64> = samples.iter().flat_map(f).map(|&v| v as i64).collect();
-            Tensor::from_data(TensorData::new(values, [b, t]), device)
+        let stack = |f: fn(&Sample) -> &Seq| match f(&samples[0]) {
+            Seq::Tokens(_) => {
+                let values: Vec<i64> = samples
+                    .iter()
+                    .flat_map(|s| f(s).tokens().iter().map(|&v| v as i64))
+                    .collect();
+                SeqBatch::Tokens(Tensor::from_data(TensorData::new(values, [b, t]), device))
+            }
+            Seq::Reals { width, .. } => {
+                let width = *width;
+                let values: Vec<f32> = samples
+                    .iter()
+                    .flat_map(|s| match f(s) {
+                        Seq::Reals { values, .. } => values.iter().copied(),
+                        Seq::Tokens(_) => panic!("samples of one batch share a kind"),
+                    })
+                    .collect();
+                SeqBatch::Reals(Tensor::from_data(
+                    TensorData::new(values, [b, t, width]),
+                    device,
+                ))
+            }
         };
         let mask: Vec<f32> = samples
             .iter()
             .flat_map(|s| s.mask.iter().map(|&m| if m { 1.0 } else { 0.0 }))
             .collect();
         Self {
-            inputs: ints(|s| &s.input),
-            targets: ints(|s| &s.target),
+            input: stack(|s| &s.input),
+            target: stack(|s| &s.target),
             mask: Tensor::from_data(TensorData::new(mask, [b, t]), device),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(deprecated)] // Device::ndarray: burn 0.22 deprecates it; it is our reference CPU backend
+
+    use super::*;
+
+    fn check_sample(s: &Sample, info: &TaskInfo) {
+        assert_eq!(s.input.len(), info.seq_len, "{}", info.kind);
+        assert_eq!(s.target.len(), info.seq_len, "{}", info.kind);
+        assert_eq!(s.mask.len(), info.seq_len, "{}", info.kind);
+        assert!(s.mask.contains(&true), "{}: nothing scored", info.kind);
+        for (seq, channel) in [(&s.input, info.input), (&s.target, info.output)] {
+            match (seq, channel) {
+                (Seq::Tokens(v), Channel::Tokens { vocab }) => {
+                    assert!(v.iter().all(|&t| (t as usize) < vocab), "{}", info.kind)
+                }
+                (Seq::Reals { width, values }, Channel::Reals { width: w }) => {
+                    assert_eq!(*width, w);
+                    assert!(values.iter().all(|v| v.is_finite()));
+                }
+                _ => panic!("{}: sample and info disagree on the channel", info.kind),
+            }
+        }
+    }
+
+    #[test]
+    fn every_task_is_deterministic_by_seed_and_shaped_as_it_declares() {
+        for config in TaskConfig::defaults() {
+            let task = config.build().unwrap();
+            let info = task.info();
+            assert_eq!(info.kind, config.kind());
+            let batch = task.train_batch(7, 3, 4);
+            assert_eq!(batch, task.train_batch(7, 3, 4), "{}", info.kind);
+            assert_ne!(batch, task.train_batch(8, 3, 4), "{}", info.kind);
+            assert_ne!(batch, task.train_batch(7, 4, 4), "{}", info.kind);
+            let eval = task.eval_set(7, 4);
+            assert_eq!(eval, task.eval_set(7, 4));
+            assert_ne!(eval, batch);
+            batch
+                .iter()
+                .chain(&eval)
+                .for_each(|s| check_sample(s, &info));
+            assert!(info.metric.reaches(info.solved_metric, info.solved_metric));
+            assert!(
+                !info
+                    .metric
+                    .reaches(info.baseline_metric, info.solved_metric),
+                "{}: the baseline already counts as solved",
+                info.kind
+            );
+
+            let device = Device::ndarray();
+            let b = Batch::new(&batch, &device);
+            assert_eq!(b.mask.dims(), [4, info.seq_len]);
+            match (&b.input, info.input) {
+                (SeqBatch::Tokens(x), Channel::Tokens { .. }) => {
+                    assert_eq!(x.dims(), [4, info.seq_len])
+                }
+                (SeqBatch::Reals(x), Channel::Reals { width }) => {
+                    assert_eq!(x.dims(), [4, info.seq_len, width])
+                }
+                _ => panic!("{}: batch and info disagree", info.kind),
+            }
+        }
+    }
+
+    #[test]
+    fn every_task_stretches_to_longer_lengths() {
+        for config in TaskConfig::defaults() {
+            let base = config.build().unwrap().info().seq_len;
+            for factor in [2, 16] {
+                let longer = config.with_seq_len(base * factor);
+                if let (TaskConfig::CharLm(_), 16) = (&config, factor) {
+                    // 2048 characters do not fit the embedded corpus's validation split.
+                    assert_eq!(longer.unwrap_err().field, "seq_len");
+                    continue;
+                }
+                let task = longer.unwrap().build().unwrap();
+                let info = task.info();
+                assert_eq!(info.seq_len, base * factor, "{}", info.kind);
+                check_sample(&task.train_batch(0, 0, 1)[0], &info);
+            }
+        }
+        let copy = TaskConfig::CopyMemory(Default::default());
+        assert_eq!(copy.with_seq_len(20).unwrap_err().field, "lag");
     }
 }

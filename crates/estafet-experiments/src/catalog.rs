@@ -1,7 +1,7 @@
 //! What `estafet list` and `estafet sample` print: every model with its size, every task with
 //! its figures, one example of a task.
 
-use estafet_data::{Sample, TaskConfig, TaskInfo};
+use estafet_data::{Sample, Seq, Task, TaskConfig, TaskInfo};
 use estafet_models::{Init, InputSpec, Layout, MixerConfig, ModelConfig, ModelIo};
 
 use crate::{Backend, Error};
@@ -70,7 +70,11 @@ pub fn parameters(config: &TaskConfig) -> String {
 
 /// Task `kind` with `overrides` (`key=value`, as `--set task.key=value` would) and one sample
 /// of its training stream for `seed`.
-pub fn sample(kind: &str, overrides: &[String], seed: u64) -> Result<(TaskConfig, Sample), Error> {
+pub fn sample(
+    kind: &str,
+    overrides: &[String],
+    seed: u64,
+) -> Result<(TaskConfig, Task, Sample), Error> {
     let mut table = toml::Table::new();
     table.insert("kind".into(), toml::Value::String(kind.into()));
     for item in overrides {
@@ -80,30 +84,48 @@ pub fn sample(kind: &str, overrides: &[String], seed: u64) -> Result<(TaskConfig
         .map_err(|e| Error::Config(format!("task {kind}: {}", e.inner().message())))?;
     let task = config.build().map_err(|e| Error::Config(e.to_string()))?;
     let sample = task.train_batch(seed, 0, 1).remove(0);
-    Ok((config, sample))
+    Ok((config, task, sample))
 }
 
-/// Rows `t`, `input`, `target` (scored positions only, `.` elsewhere), aligned in columns.
-pub fn render(sample: &Sample) -> String {
-    let width = sample
-        .input
+/// Rows `t`, `input`, `target` (scored positions only, `.` elsewhere), aligned in columns;
+/// a character task's ids are shown as its characters, real values with two decimals (several
+/// per position joined by `/`).
+pub fn render(task: &Task, sample: &Sample) -> String {
+    let cells = |seq: &Seq| -> Vec<String> {
+        (0..seq.len())
+            .map(|t| match (seq, task) {
+                (Seq::Tokens(v), Task::CharLm(lm)) => match lm.vocab()[v[t] as usize] {
+                    ' ' => "␠".into(),
+                    '\n' => "↵".into(),
+                    c => c.to_string(),
+                },
+                (Seq::Tokens(v), _) => v[t].to_string(),
+                (Seq::Reals { .. }, _) => seq
+                    .reals_at(t)
+                    .iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join("/"),
+            })
+            .collect()
+    };
+    let input = cells(&sample.input);
+    let target: Vec<String> = cells(&sample.target)
+        .into_iter()
+        .zip(&sample.mask)
+        .map(|(v, &m)| if m { v } else { ".".into() })
+        .collect();
+    let t: Vec<String> = (0..sample.input.len()).map(|i| i.to_string()).collect();
+    let width = input
         .iter()
-        .chain(&sample.target)
-        .map(|v| v.to_string().len())
-        .chain(std::iter::once(sample.input.len().to_string().len()))
+        .chain(&target)
+        .chain(&t)
+        .map(|c| c.chars().count())
         .max()
         .unwrap_or(1);
-    let row = |label: &str, cells: Vec<String>| {
+    let row = |label: &str, cells: &[String]| {
         let cells: Vec<String> = cells.iter().map(|c| format!("{c:>width$}")).collect();
         format!("{label:<7} {}", cells.join(" "))
     };
-    let t = (0..sample.input.len()).map(|i| i.to_string()).collect();
-    let input = sample.input.iter().map(|v| v.to_string()).collect();
-    let target = sample
-        .target
-        .iter()
-        .zip(&sample.mask)
-        .map(|(v, &m)| if m { v.to_string() } else { ".".into() })
-        .collect();
-    [row("t", t), row("input", input), row("target", target)].join("\n")
+    [row("t", &t), row("input", &input), row("target", &target)].join("\n")
 }

@@ -130,6 +130,9 @@ impl OptimConfig {
 pub struct EvalConfig {
     pub samples: usize,
     pub batch_size: usize,
+    /// Further sequence lengths the final model is evaluated at (length generalisation), each
+    /// on a held-out set of `samples` sequences of that length.
+    pub lengths: Vec<usize>,
 }
 
 impl Default for EvalConfig {
@@ -137,6 +140,7 @@ impl Default for EvalConfig {
         Self {
             samples: 512,
             batch_size: 128,
+            lengths: Vec::new(),
         }
     }
 }
@@ -229,7 +233,21 @@ impl ExperimentConfig {
     /// Checks the constraints serde cannot express; the message starts with the field.
     pub fn validate(&self) -> Result<(), String> {
         self.model.validate()?;
-        self.task.build().map_err(|e| e.to_string())?;
+        let seq_len = self.task.build().map_err(|e| e.to_string())?.info().seq_len;
+        for &length in &self.eval.lengths {
+            self.task
+                .with_seq_len(length)
+                .map_err(|e| format!("eval.lengths: {length}: {e}"))?;
+        }
+        if let Some(max_len) = self.model.max_seq_len() {
+            let longest = self.eval.lengths.iter().copied().fold(seq_len, usize::max);
+            if longest > max_len {
+                return Err(format!(
+                    "model.mixer.positions.max_len: {max_len} learned positions cannot read \
+                     sequences of {longest}"
+                ));
+            }
+        }
         let positive = [
             ("train.steps", self.train.steps as f64),
             ("train.batch_size", self.train.batch_size as f64),

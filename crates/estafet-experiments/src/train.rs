@@ -9,7 +9,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor};
-use estafet_data::{Batch, LossPositions, Sample, TaskInfo};
+use estafet_data::{Batch, Channel, LossPositions, Metric, Sample, SeqBatch, TaskInfo};
 use estafet_models::{Init, Input, InputSpec, ModelIo, SequenceModel};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -44,19 +44,24 @@ pub struct Summary {
     pub code_version: String,
     pub train_seconds: f64,
     pub train_tokens_per_second: f64,
+    pub metric: Metric,
     pub final_eval: EvalResult,
+    /// The final model at `eval.lengths`.
+    pub length_eval: Vec<EvalResult>,
     pub run_dir: PathBuf,
 }
 
 /// Figures on the held-out set, beside the task's baselines.
 #[derive(Clone, Debug, Serialize)]
 pub struct EvalResult {
-    /// Mean cross-entropy (nats) over the positions the task's loss covers.
+    pub seq_len: usize,
+    /// Mean cross-entropy (nats) or squared error over the positions the task's loss covers.
     pub loss: f64,
-    /// The task's metric (token accuracy over the scored positions).
-    pub accuracy: f64,
+    /// The task's metric (`TaskInfo::metric`) over the scored positions.
+    pub metric: f64,
     pub baseline_loss: f64,
-    pub baseline_accuracy: f64,
+    pub baseline_metric: f64,
+    pub solved_metric: f64,
     pub solved: bool,
 }
 
@@ -79,7 +84,7 @@ enum MetricsLine {
     Train {
         step: usize,
         loss: f64,
-        accuracy: f64,
+        metric: f64,
         grad_norm: f64,
         lr: f64,
         tokens_per_second: f64,
@@ -87,8 +92,9 @@ enum MetricsLine {
     },
     Eval {
         step: usize,
+        seq_len: usize,
         loss: f64,
-        accuracy: f64,
+        metric: f64,
     },
 }
 
@@ -101,10 +107,7 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
     let info = task.info();
     let device = options.backend.device()?;
     let seed = config.run.seed;
-    let io = ModelIo {
-        input: InputSpec::Tokens { vocab: info.vocab },
-        d_output: info.n_classes,
-    };
+    let io = model_io(&info);
     let ad_device = device.clone().autodiff();
     let mut model = config.model.init(io, &mut Init::new(seed, &ad_device));
     if let Some(path) = &config.train.init_from {
@@ -162,8 +165,8 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
     for step in 1..=train.steps {
         let samples = task.train_batch(seed, step as u64, train.batch_size);
         let batch = Batch::new(&samples, &ad_device);
-        let (logits, _) = model.forward(Input::Tokens(batch.inputs.clone()), None);
-        let scores = score(logits, &batch, info.loss_positions);
+        let (outputs, _) = model.forward(model_input(&batch), None);
+        let scores = score(outputs, &batch, &info);
         let loss_value: f64 = scores.loss.clone().into_scalar::<f32>() as f64;
         if !loss_value.is_finite() {
             return Err(anyhow::anyhow!(
@@ -178,9 +181,16 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
         let lr = config.optim.lr_at(step, train.steps);
         model = optimizer.step(lr, model, grads);
 
-        let accuracy = scores.accuracy();
+        let metric = metric_value(
+            info.metric,
+            scores.total.into_scalar::<f32>() as f64,
+            scores.count.into_scalar::<f32>() as f64,
+        );
         bar.set_position(step as u64);
-        bar.set_message(format!("loss {loss_value:.4} acc {accuracy:.3}"));
+        bar.set_message(format!(
+            "loss {loss_value:.4} {} {metric:.3}",
+            info.metric.name()
+        ));
         if step % train.log_every == 0 || step == train.steps {
             let elapsed = started.elapsed().as_secs_f64();
             dir.append_jsonl(
@@ -188,7 +198,7 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
                 &MetricsLine::Train {
                     step,
                     loss: loss_value,
-                    accuracy,
+                    metric,
                     grad_norm,
                     lr,
                     tokens_per_second: tokens_per_step * step as f64 / elapsed,
@@ -209,13 +219,18 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
                 "metrics.jsonl",
                 &MetricsLine::Eval {
                     step,
+                    seq_len: result.seq_len,
                     loss: result.loss,
-                    accuracy: result.accuracy,
+                    metric: result.metric,
                 },
             )?;
             report(format!(
-                "step {step:>6}: eval loss {:.4} (baseline {:.4}), accuracy {:.3} (baseline {:.3})",
-                result.loss, result.baseline_loss, result.accuracy, result.baseline_accuracy
+                "step {step:>6}: eval loss {:.4} (baseline {:.4}), {} {:.4} (baseline {:.4})",
+                result.loss,
+                result.baseline_loss,
+                info.metric.name(),
+                result.metric,
+                result.baseline_metric
             ));
             last_eval = Some(result);
         }
@@ -224,8 +239,43 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
             write_checkpoint(&dir, &model, &optimizer, step)?;
         }
     }
-    bar.finish_and_clear();
     let train_seconds = started.elapsed().as_secs_f64();
+
+    let mut length_eval = Vec::with_capacity(config.eval.lengths.len());
+    for &length in &config.eval.lengths {
+        let longer = config
+            .task
+            .with_seq_len(length)
+            .and_then(|c| c.build())
+            .map_err(|e| Error::Config(format!("eval.lengths: {length}: {e}")))?;
+        let info = longer.info();
+        let result = evaluate(
+            &model.valid(),
+            &longer.eval_set(seed, config.eval.samples),
+            &info,
+            config.eval.batch_size,
+            &device,
+        );
+        dir.append_jsonl(
+            "metrics.jsonl",
+            &MetricsLine::Eval {
+                step: train.steps,
+                seq_len: length,
+                loss: result.loss,
+                metric: result.metric,
+            },
+        )?;
+        report(format!(
+            "length {length:>6}: eval loss {:.4} (baseline {:.4}), {} {:.4} (baseline {:.4})",
+            result.loss,
+            result.baseline_loss,
+            info.metric.name(),
+            result.metric,
+            result.baseline_metric
+        ));
+        length_eval.push(result);
+    }
+    bar.finish_and_clear();
 
     let summary = Summary {
         model: model_kind,
@@ -238,7 +288,9 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
         code_version: options.code_version.clone(),
         train_seconds,
         train_tokens_per_second: tokens_per_step * train.steps as f64 / train_seconds,
+        metric: info.metric,
         final_eval: last_eval.expect("the last step always evaluates"),
+        length_eval,
         run_dir: options.out.clone(),
     };
     dir.write_json("summary.json", &summary)?;
@@ -247,38 +299,70 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
 
 /// Loss and metric of one batch.
 struct Scores {
-    /// Mean negative log-likelihood, a scalar `[1]`.
+    /// The training loss, a scalar `[1]`: mean cross-entropy (nats) or mean squared error over
+    /// the task's loss positions.
     loss: Tensor<1>,
-    /// Correct predictions and scored positions, `[1]` each.
-    correct: Tensor<1>,
-    scored: Tensor<1>,
+    /// The metric as `total / count`, `[1]` each: correct predictions, summed nats or summed
+    /// squared errors over the scored positions, and how many were summed.
+    total: Tensor<1>,
+    count: Tensor<1>,
 }
 
-impl Scores {
-    fn accuracy(&self) -> f64 {
-        let correct: f32 = self.correct.clone().into_scalar();
-        let scored: f32 = self.scored.clone().into_scalar();
-        correct as f64 / scored as f64
+/// The metric's value from its sums.
+fn metric_value(metric: Metric, total: f64, count: f64) -> f64 {
+    match metric {
+        Metric::TokenAccuracy | Metric::Mse => total / count,
+        Metric::BitsPerChar => total / count / std::f64::consts::LN_2,
     }
 }
 
-/// Cross-entropy of `logits [B, T, O]` against the batch's targets over the task's loss
-/// positions, and the arg-max accuracy over its scored positions.
-fn score(logits: Tensor<3>, batch: &Batch, positions: LossPositions) -> Scores {
-    let targets = batch.targets.clone();
-    let predictions = logits.clone().argmax(2).squeeze_dim::<2>(2);
-    let nll = -log_softmax(logits, 2)
-        .gather(2, targets.clone().unsqueeze_dim(2))
-        .squeeze_dim::<2>(2);
-    let loss = match positions {
-        LossPositions::All => nll.mean(),
-        LossPositions::Masked => (nll * batch.mask.clone()).sum() / batch.mask.clone().sum(),
+/// Scores `outputs [B, T, O]` (logits, or values for a real-valued target) against the batch.
+fn score(outputs: Tensor<3>, batch: &Batch, info: &TaskInfo) -> Scores {
+    let mask = batch.mask.clone();
+    let (per_position, total, count) = match &batch.target {
+        SeqBatch::Tokens(targets) => {
+            let nll = -log_softmax(outputs.clone(), 2)
+                .gather(2, targets.clone().unsqueeze_dim(2))
+                .squeeze_dim::<2>(2);
+            let total = match info.metric {
+                Metric::BitsPerChar => (nll.clone().detach() * mask.clone()).sum(),
+                _ => {
+                    let predictions = outputs.argmax(2).squeeze_dim::<2>(2);
+                    (predictions.equal(targets.clone()).float() * mask.clone()).sum()
+                }
+            };
+            (nll, total, mask.clone().sum())
+        }
+        SeqBatch::Reals(targets) => {
+            let width = targets.dims()[2];
+            let squared = (outputs - targets.clone()).powf_scalar(2.0);
+            let per_position = squared.mean_dim(2).squeeze_dim::<2>(2);
+            let total = (per_position.clone().detach() * mask.clone()).sum() * width as f32;
+            (per_position, total, mask.clone().sum() * width as f32)
+        }
     };
-    let hits = predictions.equal(targets).float() * batch.mask.clone();
-    Scores {
-        loss,
-        correct: hits.sum(),
-        scored: batch.mask.clone().sum(),
+    let loss = match info.loss_positions {
+        LossPositions::All => per_position.mean(),
+        LossPositions::Masked => (per_position * mask.clone()).sum() / mask.sum(),
+    };
+    Scores { loss, total, count }
+}
+
+fn model_input(batch: &Batch) -> Input {
+    match &batch.input {
+        SeqBatch::Tokens(x) => Input::Tokens(x.clone()),
+        SeqBatch::Reals(x) => Input::Features(x.clone()),
+    }
+}
+
+/// What the model reads and writes for a task.
+pub fn model_io(info: &TaskInfo) -> ModelIo {
+    ModelIo {
+        input: match info.input {
+            Channel::Tokens { vocab } => InputSpec::Tokens { vocab },
+            Channel::Reals { width } => InputSpec::Features { dim: width },
+        },
+        d_output: info.output.size(),
     }
 }
 
@@ -290,28 +374,29 @@ pub fn evaluate(
     batch_size: usize,
     device: &Device,
 ) -> EvalResult {
-    let (mut loss_sum, mut loss_count, mut correct, mut scored) = (0.0, 0.0, 0.0, 0.0);
+    let (mut loss_sum, mut loss_count, mut total, mut count) = (0.0, 0.0, 0.0, 0.0);
     for chunk in samples.chunks(batch_size) {
         let batch = Batch::new(chunk, device);
-        let (logits, _) = model.forward(Input::Tokens(batch.inputs.clone()), None);
-        let s = score(logits, &batch, info.loss_positions);
-        let scored_here = s.scored.into_scalar::<f32>() as f64;
+        let (outputs, _) = model.forward(model_input(&batch), None);
+        let s = score(outputs, &batch, info);
         let weight = match info.loss_positions {
             LossPositions::All => (chunk.len() * info.seq_len) as f64,
-            LossPositions::Masked => scored_here,
+            LossPositions::Masked => batch.mask.clone().sum().into_scalar::<f32>() as f64,
         };
         loss_sum += s.loss.into_scalar::<f32>() as f64 * weight;
         loss_count += weight;
-        correct += s.correct.into_scalar::<f32>() as f64;
-        scored += scored_here;
+        total += s.total.into_scalar::<f32>() as f64;
+        count += s.count.into_scalar::<f32>() as f64;
     }
-    let accuracy = correct / scored;
+    let metric = metric_value(info.metric, total, count);
     EvalResult {
+        seq_len: info.seq_len,
         loss: loss_sum / loss_count,
-        accuracy,
+        metric,
         baseline_loss: info.baseline_loss,
-        baseline_accuracy: info.baseline_metric,
-        solved: accuracy >= info.solved_metric,
+        baseline_metric: info.baseline_metric,
+        solved_metric: info.solved_metric,
+        solved: info.metric.reaches(metric, info.solved_metric),
     }
 }
 

@@ -91,6 +91,17 @@ impl ModelConfig {
         self.mixer.validate(self.d_model)
     }
 
+    /// The longest sequence the model can read, if it has a limit (learned positions).
+    pub fn max_seq_len(&self) -> Option<usize> {
+        match &self.mixer {
+            MixerConfig::Attention {
+                positions: crate::attention::Positions::Learned { max_len },
+                ..
+            } => Some(*max_len),
+            _ => None,
+        }
+    }
+
     pub fn init(&self, io: ModelIo, init: &mut Init) -> SequenceModel {
         let d = self.d_model;
         let encoder = match io.input {

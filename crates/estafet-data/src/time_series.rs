@@ -1,0 +1,504 @@
+//! Time-series forecasting: read a series one value at a time and predict, at every position,
+//! the next `horizon` values. The series is synthetic (a fresh one per sample) or a column of
+//! the user's CSV file.
+//!
+//! - `series = "sines"`: a sum of three sines with random amplitudes in [0.5, 1), periods in
+//!   [8, 64) steps and phases, plus Gaussian noise of standard deviation `noise`.
+//! - `series = "mackey_glass"`: the Mackey-Glass delay equation
+//!   `dx/dt = 0.2·x(t−17) / (1 + x(t−17)¹⁰) − 0.1·x(t)` (chaotic at τ = 17), integrated by Euler
+//!   steps of 0.1 from a random constant history, sampled every time unit after 500 units of
+//!   burn-in, standardised by its long-run mean 0.9 and deviation 0.23, plus `noise`.
+//! - `series = "csv"`: column `column` (a header name, or a 0-based index) of the CSV file
+//!   `path`; the first `1 − valid_fraction` of the rows trains and the rest validates, and both
+//!   are standardised by the training rows' mean and deviation. Windows start at random rows of
+//!   their split.
+//!
+//! Worked example, `horizon = 2`, `seq_len = 4`, series `x₀ x₁ …`:
+//!
+//! ```text
+//! position   0       1       2       3
+//! input      x₀      x₁      x₂      x₃
+//! target    (x₁,x₂) (x₂,x₃) (x₃,x₄) (x₄,x₅)    every position is scored
+//! ```
+//!
+//! Metric: mean squared error over positions and horizon steps. Baseline: persistence (every
+//! future value equals the last one seen), measured on 256 held-out windows when the task is
+//! built. Solved at half the persistence error.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::task::{
+    Channel, LossPositions, Metric, Sample, Seq, Split, TaskError, TaskInfo, invalid,
+};
+
+/// Where the values come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Series {
+    Sines,
+    MackeyGlass,
+    Csv,
+}
+
+/// `[task]` with `kind = "time_series"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeSeriesConfig {
+    pub series: Series,
+    /// The CSV file (`series = "csv"` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// The CSV column: a header name or a 0-based index (`series = "csv"` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
+    pub seq_len: usize,
+    /// Future values predicted at each position.
+    pub horizon: usize,
+    /// Standard deviation of the Gaussian noise added to a synthetic series.
+    pub noise: f64,
+    /// Fraction of a CSV's rows, at its end, held out for validation.
+    pub valid_fraction: f64,
+}
+
+impl Default for TimeSeriesConfig {
+    fn default() -> Self {
+        Self {
+            series: Series::Sines,
+            path: None,
+            column: None,
+            seq_len: 128,
+            horizon: 1,
+            noise: 0.1,
+            valid_fraction: 0.2,
+        }
+    }
+}
+
+/// Held-out windows the persistence baseline is measured on.
+const BASELINE_WINDOWS: usize = 256;
+
+impl TimeSeriesConfig {
+    pub fn build(&self) -> Result<TimeSeries, TaskError> {
+        if self.seq_len == 0 {
+            return invalid("seq_len", "must be at least 1");
+        }
+        if self.horizon == 0 {
+            return invalid("horizon", "must be at least 1");
+        }
+        if !(self.noise >= 0.0 && self.noise.is_finite()) {
+            return invalid("noise", "must be a finite number ≥ 0");
+        }
+        let data = match self.series {
+            Series::Csv => {
+                let (Some(path), Some(column)) = (&self.path, &self.column) else {
+                    let missing = if self.path.is_none() {
+                        "path"
+                    } else {
+                        "column"
+                    };
+                    return invalid(missing, "series = \"csv\" needs both path and column");
+                };
+                if !(self.valid_fraction > 0.0 && self.valid_fraction < 1.0) {
+                    return invalid("valid_fraction", "must lie strictly between 0 and 1");
+                }
+                Some(self.load_csv(path, column)?)
+            }
+            _ => {
+                for (field, given) in [
+                    ("path", self.path.is_some()),
+                    ("column", self.column.is_some()),
+                ] {
+                    if given {
+                        return invalid(field, "only a CSV series (series = \"csv\") reads a file");
+                    }
+                }
+                None
+            }
+        };
+        let mut task = TimeSeries {
+            config: self.clone(),
+            data,
+            baseline: 0.0,
+        };
+        let mut rng = crate::rng::stream(0, crate::rng::EVAL_STREAM);
+        let windows: Vec<Sample> = (0..BASELINE_WINDOWS)
+            .map(|_| task.sample(&mut rng, Split::Valid))
+            .collect();
+        task.baseline = persistence_mse(&windows);
+        Ok(task)
+    }
+
+    fn load_csv(&self, path: &std::path::Path, column: &str) -> Result<CsvData, TaskError> {
+        let text = std::fs::read_to_string(path)
+            .or_else(|e| invalid("path", format!("cannot read {}: {e}", path.display())))?;
+        let rows: Vec<(usize, Vec<&str>)> = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| (i + 1, l.split(',').map(str::trim).collect()))
+            .collect();
+        let Some((_, first)) = rows.first() else {
+            return invalid("path", format!("{} holds no rows", path.display()));
+        };
+        let by_name = first.iter().position(|h| *h == column);
+        let (index, body) = match (by_name, column.parse::<usize>()) {
+            (Some(i), _) => (i, &rows[1..]),
+            (None, Ok(i)) => {
+                let has_header = first.get(i).is_some_and(|v| v.parse::<f64>().is_err());
+                (i, if has_header { &rows[1..] } else { &rows[..] })
+            }
+            (None, Err(_)) => {
+                return invalid(
+                    "column",
+                    format!(
+                        "{} has no column {column:?} (its header: {})",
+                        path.display(),
+                        first.join(",")
+                    ),
+                );
+            }
+        };
+        let mut values = Vec::with_capacity(body.len());
+        for (line, cells) in body {
+            let cell = cells.get(index).ok_or_else(|| TaskError {
+                field: "column",
+                message: format!("{}:{line}: no column {index} in this row", path.display()),
+            })?;
+            let v: f64 = cell
+                .parse()
+                .ok()
+                .filter(|v: &f64| v.is_finite())
+                .ok_or_else(|| TaskError {
+                    field: "column",
+                    message: format!("{}:{line}: {cell:?} is not a number", path.display()),
+                })?;
+            values.push(v);
+        }
+        let n = values.len();
+        let split = ((1.0 - self.valid_fraction) * n as f64).round() as usize;
+        let window = self.seq_len + self.horizon;
+        if split < window || n - split < window {
+            return invalid(
+                "seq_len",
+                format!(
+                    "windows of seq_len + horizon = {window} values do not fit both splits of \
+                     {n} rows ({split} train, {} validation)",
+                    n - split
+                ),
+            );
+        }
+        let mean = values[..split].iter().sum::<f64>() / split as f64;
+        let var = values[..split]
+            .iter()
+            .map(|v| (v - mean).powi(2))
+            .sum::<f64>()
+            / split as f64;
+        let std = if var > 0.0 { var.sqrt() } else { 1.0 };
+        Ok(CsvData {
+            values: values.iter().map(|v| ((v - mean) / std) as f32).collect(),
+            split,
+            mean,
+            std,
+        })
+    }
+}
+
+/// A CSV column, standardised by its training rows.
+#[derive(Clone, Debug)]
+struct CsvData {
+    values: Arc<[f32]>,
+    /// Index of the first validation row.
+    split: usize,
+    mean: f64,
+    std: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct TimeSeries {
+    config: TimeSeriesConfig,
+    data: Option<CsvData>,
+    baseline: f64,
+}
+
+impl TimeSeries {
+    pub fn info(&self) -> TaskInfo {
+        TaskInfo {
+            kind: "time_series",
+            input: Channel::Reals { width: 1 },
+            output: Channel::Reals {
+                width: self.config.horizon,
+            },
+            seq_len: self.config.seq_len,
+            metric: Metric::Mse,
+            loss_positions: LossPositions::All,
+            baseline_loss: self.baseline,
+            baseline_metric: self.baseline,
+            solved_metric: self.baseline / 2.0,
+        }
+    }
+
+    /// The affine map from model values back to the CSV's units: `x = mean + std · z`.
+    pub fn scale(&self) -> (f64, f64) {
+        self.data.as_ref().map_or((0.0, 1.0), |d| (d.mean, d.std))
+    }
+
+    pub fn sample(&self, rng: &mut ChaCha8Rng, split: Split) -> Sample {
+        let (t, h) = (self.config.seq_len, self.config.horizon);
+        let n = t + h;
+        let series: Vec<f32> = match (&self.data, self.config.series) {
+            (Some(d), _) => {
+                let (lo, hi) = match split {
+                    Split::Train => (0, d.split),
+                    Split::Valid => (d.split, d.values.len()),
+                };
+                let start = rng.random_range(lo..=hi - n);
+                d.values[start..start + n].to_vec()
+            }
+            (None, Series::MackeyGlass) => mackey_glass(rng, n, self.config.noise),
+            (None, _) => sines(rng, n, self.config.noise),
+        };
+        let target = (0..t)
+            .flat_map(|i| series[i + 1..=i + h].iter().copied())
+            .collect();
+        Sample {
+            input: Seq::Reals {
+                width: 1,
+                values: series[..t].to_vec(),
+            },
+            target: Seq::Reals {
+                width: h,
+                values: target,
+            },
+            mask: vec![true; t],
+        }
+    }
+}
+
+/// Mean squared error of predicting every future value as the current one.
+pub fn persistence_mse(samples: &[Sample]) -> f64 {
+    let (mut sum, mut count) = (0.0, 0usize);
+    for s in samples {
+        for t in 0..s.input.len() {
+            let now = s.input.reals_at(t)[0] as f64;
+            for &future in s.target.reals_at(t) {
+                sum += (future as f64 - now).powi(2);
+                count += 1;
+            }
+        }
+    }
+    sum / count as f64
+}
+
+/// A standard normal draw (Box–Muller).
+fn gaussian(rng: &mut ChaCha8Rng) -> f64 {
+    let u: f64 = 1.0 - rng.random::<f64>();
+    let v: f64 = rng.random();
+    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+}
+
+fn sines(rng: &mut ChaCha8Rng, n: usize, noise: f64) -> Vec<f32> {
+    let waves: Vec<(f64, f64, f64)> = (0..3)
+        .map(|_| {
+            (
+                rng.random_range(0.5..1.0),
+                std::f64::consts::TAU / rng.random_range(8.0..64.0),
+                rng.random_range(0.0..std::f64::consts::TAU),
+            )
+        })
+        .collect();
+    (0..n)
+        .map(|t| {
+            let clean: f64 = waves
+                .iter()
+                .map(|(a, w, phi)| a * (w * t as f64 + phi).sin())
+                .sum();
+            (clean + noise * gaussian(rng)) as f32
+        })
+        .collect()
+}
+
+fn mackey_glass(rng: &mut ChaCha8Rng, n: usize, noise: f64) -> Vec<f32> {
+    const DT: f64 = 0.1;
+    const PER_UNIT: usize = 10;
+    const DELAY: usize = 170; // τ = 17 time units of DT
+    const BURN_IN: usize = 500;
+    let mut x: Vec<f64> = vec![rng.random_range(0.5..1.3); DELAY + 1];
+    let steps = (BURN_IN + n) * PER_UNIT;
+    x.reserve(steps);
+    for _ in 0..steps {
+        let now = x[x.len() - 1];
+        let delayed = x[x.len() - 1 - DELAY];
+        x.push(now + DT * (0.2 * delayed / (1.0 + delayed.powi(10)) - 0.1 * now));
+    }
+    let start = DELAY + BURN_IN * PER_UNIT;
+    (0..n)
+        .map(|i| ((x[start + i * PER_UNIT] - 0.9) / 0.23 + noise * gaussian(rng)) as f32)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::stream;
+
+    fn config(series: Series) -> TimeSeriesConfig {
+        TimeSeriesConfig {
+            series,
+            seq_len: 20,
+            horizon: 3,
+            ..TimeSeriesConfig::default()
+        }
+    }
+
+    /// The targets at `t` are the inputs at `t + 1 … t + horizon` where those are inputs.
+    fn check_shift(s: &Sample, h: usize) {
+        let t = s.input.len();
+        for i in 0..t {
+            for j in 1..=h {
+                if i + j < t {
+                    assert_eq!(s.target.reals_at(i)[j - 1], s.input.reals_at(i + j)[0]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn targets_are_the_next_values_of_the_series() {
+        for series in [Series::Sines, Series::MackeyGlass] {
+            let task = config(series).build().unwrap();
+            for seed in 0..5 {
+                let s = task.sample(&mut stream(seed, 0), Split::Train);
+                assert_eq!((s.input.len(), s.target.reals_at(0).len()), (20, 3));
+                check_shift(&s, 3);
+                assert_eq!(s, task.sample(&mut stream(seed, 0), Split::Train));
+            }
+        }
+    }
+
+    #[test]
+    fn mackey_glass_is_chaotic_not_flat_and_standardised() {
+        let task = TimeSeriesConfig {
+            series: Series::MackeyGlass,
+            noise: 0.0,
+            seq_len: 500,
+            ..TimeSeriesConfig::default()
+        }
+        .build()
+        .unwrap();
+        let s = task.sample(&mut stream(1, 0), Split::Train);
+        let v: Vec<f64> = (0..500).map(|t| s.input.reals_at(t)[0] as f64).collect();
+        let mean = v.iter().sum::<f64>() / 500.0;
+        let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 500.0).sqrt();
+        assert!(
+            mean.abs() < 0.5 && (0.5..1.5).contains(&std),
+            "mean {mean} std {std}"
+        );
+    }
+
+    #[test]
+    fn csv_column_by_name_or_index_standardised_by_the_training_rows() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let mut text = String::from("day,close\n");
+        for i in 0..100 {
+            text.push_str(&format!("{i},{}\n", 10.0 + i as f64));
+        }
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        let csv = |column: &str| TimeSeriesConfig {
+            series: Series::Csv,
+            path: Some(f.path().into()),
+            column: Some(column.into()),
+            seq_len: 10,
+            horizon: 2,
+            ..TimeSeriesConfig::default()
+        };
+        let task = csv("close").build().unwrap();
+        let (mean, std) = task.scale();
+        assert!(
+            (mean - 49.5).abs() < 1e-9,
+            "training rows 0..80: mean {mean}"
+        );
+        for split in [Split::Train, Split::Valid] {
+            let s = task.sample(&mut stream(3, 0), split);
+            check_shift(&s, 2);
+            let first = mean + std * s.input.reals_at(0)[0] as f64;
+            let row = first - 10.0;
+            assert!((row - row.round()).abs() < 1e-3);
+            match split {
+                Split::Train => assert!(row.round() as usize + 12 <= 80),
+                Split::Valid => assert!(row.round() as usize >= 80),
+            }
+        }
+        // Persistence on a unit ramp misses by one (or two) rows' worth per step.
+        let step = 1.0 / std;
+        let expected = (step * step + 4.0 * step * step) / 2.0;
+        assert!((task.info().baseline_metric - expected).abs() < 1e-6);
+        assert_eq!(csv("1").build().unwrap().scale(), task.scale());
+        let e = csv("open").build().unwrap_err();
+        assert_eq!(e.field, "column");
+        assert!(e.message.contains("day,close"), "{e}");
+    }
+
+    #[test]
+    fn bad_csv_settings_name_the_field() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, b"v\n1\n2\nthree\n").unwrap();
+        let csv = TimeSeriesConfig {
+            series: Series::Csv,
+            path: Some(f.path().into()),
+            column: Some("v".into()),
+            seq_len: 1,
+            horizon: 1,
+            ..TimeSeriesConfig::default()
+        };
+        let e = csv.build().unwrap_err();
+        assert!(e.message.ends_with(":4: \"three\" is not a number"), "{e}");
+        let no_column = TimeSeriesConfig {
+            column: None,
+            ..csv.clone()
+        };
+        assert_eq!(no_column.build().unwrap_err().field, "column");
+        let stray = TimeSeriesConfig {
+            series: Series::Sines,
+            ..csv
+        };
+        assert_eq!(stray.build().unwrap_err().field, "path");
+        let zero = TimeSeriesConfig {
+            horizon: 0,
+            ..TimeSeriesConfig::default()
+        };
+        assert_eq!(zero.build().unwrap_err().field, "horizon");
+    }
+
+    #[test]
+    fn persistence_baseline_is_measured_as_documented() {
+        let task = config(Series::Sines).build().unwrap();
+        let mut rng = stream(0, crate::rng::EVAL_STREAM);
+        let windows: Vec<Sample> = (0..BASELINE_WINDOWS)
+            .map(|_| task.sample(&mut rng, Split::Valid))
+            .collect();
+        assert_eq!(task.info().baseline_metric, persistence_mse(&windows));
+        assert!(
+            task.info().baseline_metric > 0.02,
+            "noise alone gives 2σ² = 0.02"
+        );
+        // The smallest legal window.
+        let one = TimeSeriesConfig {
+            seq_len: 1,
+            horizon: 1,
+            ..TimeSeriesConfig::default()
+        };
+        assert_eq!(
+            one.build()
+                .unwrap()
+                .sample(&mut rng, Split::Train)
+                .input
+                .len(),
+            1
+        );
+    }
+}
