@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use estafet_experiments::bench::{self, BenchOptions};
 use estafet_experiments::config::{self, ConfigSource};
+use estafet_experiments::saved::SavedRun;
 use estafet_experiments::train::{self, RunOptions};
 use estafet_experiments::{Backend, Error, catalog};
 
@@ -51,6 +53,60 @@ enum Command {
         overrides: Vec<String>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// Evaluate a run's checkpoint on its task's held-out set, at its own length and at others.
+    Eval {
+        run_dir: PathBuf,
+        /// Another sequence length to evaluate at (repeatable).
+        #[arg(long = "seq-len")]
+        seq_lens: Vec<usize>,
+        /// Held-out sequences per length (default: the run's eval.samples).
+        #[arg(long)]
+        samples: Option<usize>,
+        #[arg(long, value_parser = parse_backend)]
+        backend: Option<Backend>,
+    },
+    /// Measure training and inference speed and memory on the workloads of
+    /// ../shared/bench/torch_baseline.py (one model per process).
+    Bench {
+        /// Comma-separated models.
+        #[arg(
+            long,
+            default_value = "rnn,lstm,gru,mamba,rwkv,mingru,attention",
+            value_delimiter = ','
+        )]
+        models: Vec<String>,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Width for every model (default: Mamba 128, the rest 256, as the reference).
+        #[arg(long)]
+        d_model: Option<usize>,
+        /// Threads for the CPU backends (RAYON_NUM_THREADS of each worker).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long, value_parser = parse_backend)]
+        backend: Option<Backend>,
+        /// Untimed calls before timing each phase.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed calls per phase (the median is reported).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Time budget per phase; at least 3 timed calls are always made.
+        #[arg(long, default_value_t = 20.0)]
+        max_seconds: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Skip token-by-token (`step`) inference.
+        #[arg(long)]
+        no_step: bool,
+        /// One JSON line per model, with the reference's field names.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, hide = true)]
+        worker: Option<String>,
     },
     /// List what this build offers.
     List {
@@ -156,6 +212,157 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 summary.train_tokens_per_second,
                 summary.run_dir.display()
             );
+            Ok(())
+        }
+        Command::Bench {
+            models,
+            batch,
+            seq_len,
+            d_model,
+            threads,
+            backend,
+            warmup,
+            steps,
+            max_seconds,
+            seed,
+            no_step,
+            json,
+            worker,
+        } => {
+            if batch == 0 || seq_len == 0 || threads == 0 || steps == 0 || d_model == Some(0) {
+                return Err(Error::Config(
+                    "--batch, --seq-len, --d-model, --threads and --steps must be positive".into(),
+                ));
+            }
+            let options = BenchOptions {
+                models,
+                batch,
+                seq_len,
+                d_model,
+                threads,
+                backend: resolve_backend(backend)?,
+                warmup,
+                steps,
+                max_seconds,
+                seed,
+                step_mode: !no_step,
+            };
+            if let Some(model) = worker {
+                let result = bench::measure(&model, &options, CODE_VERSION)?;
+                println!("{result}");
+                return Ok(());
+            }
+            let child_args: Vec<String> = std::env::args().skip(1).collect();
+            if !json {
+                println!(
+                    "{:<10} {:>12} {:>12} {:>12} {:>9} {:>9} {:>11} {:>9} {:>12}  config",
+                    "model",
+                    "train tok/s",
+                    "infer tok/s",
+                    "step tok/s",
+                    "train ms",
+                    "infer ms",
+                    "peak RSS MB",
+                    "params",
+                    "state floats"
+                );
+            }
+            let mut failed = false;
+            for r in bench::orchestrate(&options, &child_args)? {
+                if json {
+                    println!("{r}");
+                } else if let Some(e) = r.get("error") {
+                    println!("{:<10} ERROR: {}", r["model"].as_str().unwrap_or("?"), e);
+                } else {
+                    let f = |k: &str| r[k].as_f64().map_or("-".into(), |v| format!("{v:.0}"));
+                    let g = |k: &str| r[k].as_f64().map_or("-".into(), |v| format!("{v:.1}"));
+                    let c = &r["config"];
+                    println!(
+                        "{:<10} {:>12} {:>12} {:>12} {:>9} {:>9} {:>11} {:>9} {:>12}  B={} L={} d={} threads={} {}",
+                        r["model"].as_str().unwrap_or("?"),
+                        f("train_tok_s"),
+                        f("infer_tok_s"),
+                        f("step_tok_s"),
+                        g("train_step_ms_median"),
+                        g("infer_step_ms_median"),
+                        f("peak_rss_mb"),
+                        r["params"],
+                        r["state_floats"],
+                        c["batch"],
+                        c["seq_len"],
+                        c["d_model"],
+                        r["threads"],
+                        r["backend"].as_str().unwrap_or("?"),
+                    );
+                }
+                failed |= r.get("error").is_some();
+            }
+            if failed {
+                return Err(Error::Runtime(anyhow::anyhow!("a benchmark worker failed")));
+            }
+            Ok(())
+        }
+        Command::Eval {
+            run_dir,
+            seq_lens,
+            samples,
+            backend,
+        } => {
+            let backend = resolve_backend(backend)?;
+            let device = backend.device()?;
+            let run = SavedRun::load(&run_dir, &device)?;
+            let samples = samples.unwrap_or(run.config.eval.samples);
+            if samples == 0 {
+                return Err(Error::Config("--samples must be positive".into()));
+            }
+            let info = run.task.info();
+            println!(
+                "{} at step {} on {backend}; metric {} (baseline {:.4}, solved at {:.4})",
+                run_dir.display(),
+                run.step,
+                info.metric.name(),
+                info.baseline_metric,
+                info.solved_metric
+            );
+            println!(
+                "{:>8} {:>10} {:>10} {:>14} {:>7}",
+                "seq_len",
+                "loss",
+                info.metric.name(),
+                "baseline",
+                "solved"
+            );
+            let mut lengths = vec![info.seq_len];
+            lengths.extend(seq_lens);
+            for length in lengths {
+                let task = run
+                    .config
+                    .task
+                    .with_seq_len(length)
+                    .and_then(|c| c.build())
+                    .map_err(|e| Error::Config(format!("--seq-len {length}: {e}")))?;
+                if let Some(max) = run.config.model.max_seq_len().filter(|&m| m < length) {
+                    return Err(Error::Config(format!(
+                        "--seq-len {length}: the model's {max} learned positions cannot read it"
+                    )));
+                }
+                let info = task.info();
+                let e = train::evaluate(
+                    &run.model,
+                    &task.eval_set(run.config.run.seed, samples),
+                    &info,
+                    run.config.eval.batch_size,
+                    &device,
+                );
+                println!(
+                    "{:>8} {:>10.4} {:>10.4} {:>14.4} {:>7}",
+                    length,
+                    e.loss,
+                    e.metric,
+                    e.baseline_metric,
+                    if e.solved { "yes" } else { "no" }
+                );
+            }
             Ok(())
         }
         Command::Check { config, common } => {

@@ -421,3 +421,91 @@ fn every_task_samples_and_trains() {
     }
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// `estafet bench` prints one JSON line per model with the reference's field names.
+#[test]
+fn bench_reports_the_reference_fields() {
+    let out = estafet(&[
+        "bench",
+        "--models",
+        "rnn,mamba",
+        "--batch",
+        "2",
+        "--seq-len",
+        "8",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--max-seconds",
+        "5",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (line, model, params) in [(&lines[0], "rnn", 164_416), (&lines[1], "mamba", 132_928)] {
+        assert_eq!(line["model"], model);
+        // The reference's parameter counts at its default widths (../shared/bench/README.md).
+        assert_eq!(line["params"], params, "{line}");
+        for field in ["train_tok_s", "infer_tok_s", "step_tok_s", "peak_rss_mb"] {
+            assert!(line[field].as_f64().unwrap() > 0.0, "{field}: {line}");
+        }
+        assert_eq!(line["config"]["seq_len"], 8);
+        assert!(line["loss_first"].as_f64().unwrap().is_finite());
+    }
+    let out = estafet(&["bench", "--models", "transformer"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("unknown model \"transformer\""),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// `estafet eval` reads a run's checkpoint back and evaluates it at other lengths; a damaged
+/// checkpoint is a one-line error naming the file.
+#[test]
+fn eval_reads_a_checkpoint_at_other_lengths() {
+    let out = scratch("eval");
+    assert!(tiny_run(&out).status.success());
+    let result = estafet(&[
+        "eval",
+        out.to_str().unwrap(),
+        "--seq-len",
+        "40",
+        "--samples",
+        "8",
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let text = String::from_utf8_lossy(&result.stdout);
+    let lengths: Vec<&str> = text
+        .lines()
+        .skip(2)
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(lengths, ["23", "40"], "{text}");
+
+    let result = estafet(&["eval", out.to_str().unwrap(), "--seq-len", "10"]);
+    assert_eq!(result.status.code(), Some(2));
+    assert!(
+        stderr(&result).contains("--seq-len 10"),
+        "{}",
+        stderr(&result)
+    );
+
+    std::fs::write(out.join("checkpoint").join("model.bpk"), b"not a burnpack").unwrap();
+    let result = estafet(&["eval", out.to_str().unwrap()]);
+    assert_eq!(result.status.code(), Some(2));
+    let err = stderr(&result);
+    assert!(err.contains("model.bpk: cannot load"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    let result = estafet(&["eval", "/no/such/run"]);
+    assert_eq!(result.status.code(), Some(2));
+    assert!(stderr(&result).contains("not a run directory"));
+    std::fs::remove_dir_all(out).ok();
+}

@@ -6,9 +6,11 @@
 //! chosen backend, trains, evaluates and writes a [`run_dir::RunDir`].
 
 pub mod backend;
+pub mod bench;
 pub mod catalog;
 pub mod config;
 pub mod run_dir;
+pub mod saved;
 pub mod train;
 pub mod weights;
 

@@ -378,6 +378,33 @@ impl Mixer {
     }
 }
 
+impl MixerState {
+    /// Every number of the state, flattened and concatenated in a fixed order: what tests
+    /// compare across forms and backends.
+    pub fn flatten(&self) -> Tensor<1> {
+        fn flat<const D: usize>(t: &Tensor<D>) -> Tensor<1> {
+            t.clone().flatten(0, D - 1)
+        }
+        let parts = match self {
+            MixerState::Hidden(h) => vec![flat(h)],
+            MixerState::Lstm(s) => vec![flat(&s.h), flat(&s.c)],
+            MixerState::Mamba(s) => vec![flat(&s.conv), flat(&s.ssm)],
+            MixerState::Rwkv(s) => {
+                let mut parts = vec![flat(&s.shift_time), flat(&s.shift_channel)];
+                match &s.wkv {
+                    crate::rwkv::WkvState::V4(w) => {
+                        parts.extend([flat(&w.a), flat(&w.b), flat(&w.p)])
+                    }
+                    crate::rwkv::WkvState::V6(w) => parts.push(flat(w)),
+                }
+                parts
+            }
+            MixerState::Attention(c) => vec![flat(&c.k), flat(&c.v)],
+        };
+        Tensor::cat(parts, 0)
+    }
+}
+
 // A state always comes from the same mixer it is handed back to; a mismatch is a bug in the
 // caller, not an input error.
 impl MixerState {

@@ -12,7 +12,6 @@
 
 use burn::module::Module;
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
-use burn::tensor::activation::gelu;
 use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -168,6 +167,13 @@ pub struct SequenceModel {
 #[derive(Clone, Debug)]
 pub struct ModelState {
     pub layers: Vec<MixerState>,
+}
+
+/// GELU with the exact erf form, `x · Φ(x)`, built from primitive ops so that autodiff
+/// differentiates it. burn's fused `gelu` has a backward on ndarray that is off by up to 3e-4
+/// (flex's is exact), which broke backend parity; this one agrees everywhere.
+fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    x.clone() * ((x / std::f32::consts::SQRT_2).erf() + 1.0) * 0.5
 }
 
 impl Mlp {

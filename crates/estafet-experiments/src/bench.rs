@@ -1,0 +1,267 @@
+//! `estafet bench`: the workloads of `../shared/bench/torch_baseline.py`, measured the same way so
+//! that the two can be joined line by line.
+//!
+//! Per model: token ids (vocab 64) → embedding → one sequence layer → linear head →
+//! cross-entropy → backward → Adam (lr 1e-3, ε 1e-8), on one fixed random batch. Figures:
+//! training tokens/s, full-sequence inference tokens/s, token-by-token (`step`) inference
+//! tokens/s, peak resident memory after each phase, parameters and floats of state. Each phase
+//! makes `warmup` untimed calls and up to `steps` timed ones (at least 3, and no more once it
+//! has run `max_seconds`), and reports the median, as the reference does. Every model runs in a
+//! fresh process, since peak RSS only ever grows within one.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
+use estafet_models::{Init, Input, InputSpec, Layout, MixerConfig, ModelConfig, ModelIo};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::{Backend, Error};
+
+pub const VOCAB: usize = 64;
+
+/// What to measure; the flags of `estafet bench`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchOptions {
+    pub models: Vec<String>,
+    pub batch: usize,
+    pub seq_len: usize,
+    /// Width for every model; `None`: the reference's defaults (Mamba 128, the rest 256).
+    pub d_model: Option<usize>,
+    pub threads: usize,
+    pub backend: Backend,
+    pub warmup: usize,
+    pub steps: usize,
+    pub max_seconds: f64,
+    pub seed: u64,
+    /// Also time token-by-token inference with `step`.
+    pub step_mode: bool,
+}
+
+/// The reference's default width for a model.
+pub fn default_d_model(model: &str) -> usize {
+    if model == "mamba" { 128 } else { 256 }
+}
+
+/// Runs every model in a child process (this executable, `bench --worker MODEL`) with the
+/// thread count in its environment; returns one JSON object per model.
+pub fn orchestrate(
+    options: &BenchOptions,
+    child_args: &[String],
+) -> Result<Vec<serde_json::Value>, Error> {
+    for m in &options.models {
+        if !MixerConfig::KINDS.contains(&m.as_str()) {
+            return Err(Error::Config(format!(
+                "--models: unknown model {m:?}; choose from {}",
+                MixerConfig::KINDS.join(", ")
+            )));
+        }
+    }
+    let exe = std::env::current_exe().context("cannot find the estafet executable")?;
+    let threads = options.threads.to_string();
+    let mut results = Vec::new();
+    for m in &options.models {
+        let out = Command::new(&exe)
+            .args(child_args)
+            .args(["--worker", m])
+            .env("RAYON_NUM_THREADS", &threads)
+            .env("OMP_NUM_THREADS", &threads)
+            .output()
+            .context("cannot start a benchmark worker")?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let parsed = stdout
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|_| out.status.success());
+        results.push(parsed.unwrap_or_else(|| {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            serde_json::json!({ "model": m, "error": stderr.trim().lines().last().unwrap_or("no output") })
+        }));
+    }
+    Ok(results)
+}
+
+/// Peak resident set of this process so far, in MB (Linux `VmHWM`; `None` elsewhere).
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Calls `f` up to `warmup` times untimed, then times it up to `steps` times: the reference's
+/// `timed`, budget rules included. Returns the timed durations in seconds.
+fn timed(mut f: impl FnMut(), warmup: usize, steps: usize, budget: f64) -> Vec<f64> {
+    let start = Instant::now();
+    for i in 0..warmup {
+        if i > 0 && start.elapsed().as_secs_f64() > budget / 4.0 {
+            break;
+        }
+        f();
+    }
+    let mut times = Vec::new();
+    while times.len() < steps && (times.len() < 3 || start.elapsed().as_secs_f64() < budget) {
+        let t0 = Instant::now();
+        f();
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn ms(seconds: f64) -> f64 {
+    (seconds * 1e5).round() / 100.0
+}
+
+/// Measures one model in this process; the JSON object `orchestrate` collects.
+pub fn measure(
+    model: &str,
+    options: &BenchOptions,
+    code_version: &str,
+) -> Result<serde_json::Value, Error> {
+    let device = options.backend.device()?;
+    let d_model = options.d_model.unwrap_or_else(|| default_d_model(model));
+    let mixer: MixerConfig = serde_json::from_value(serde_json::json!({ "kind": model }))
+        .map_err(|e| Error::Config(format!("--models: {model}: {e}")))?;
+    let config = ModelConfig {
+        mixer: mixer.clone(),
+        d_model,
+        n_layers: 1,
+        layout: Layout::Stacked,
+        mlp_expand: 0,
+    };
+    config
+        .validate()
+        .map_err(|e| Error::Config(format!("--d-model {d_model}: {model}: {e}")))?;
+    let (b, t) = (options.batch, options.seq_len);
+    let io = ModelIo {
+        input: InputSpec::Tokens { vocab: VOCAB },
+        d_output: VOCAB,
+    };
+    let ad_device = device.clone().autodiff();
+    let mut net = config.init(io, &mut Init::new(options.seed, &ad_device));
+    let params = net.num_params();
+    let state_floats = net.state_size(options.seq_len);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(options.seed);
+    let tokens: Vec<i64> = (0..b * (t + 1))
+        .map(|_| rng.random_range(0..VOCAB as i64))
+        .collect();
+    let all: Tensor<2, Int> = Tensor::from_data(TensorData::new(tokens, [b, t + 1]), &device);
+    let x = all.clone().slice([0..b, 0..t]);
+    let y = all.slice([0..b, 1..t + 1]);
+    let rss_setup = peak_rss_mb();
+
+    let infer_model = net.valid();
+    let sync = |logits: Tensor<3>| {
+        // Reading a value waits for the backend, so asynchronous backends are timed honestly.
+        let _: f32 = logits.slice([0..1, 0..1, 0..1]).into_scalar();
+    };
+    let step_times = if options.step_mode {
+        let tokens_t: Vec<Tensor<2, Int>> =
+            (0..t).map(|i| x.clone().slice([0..b, i..i + 1])).collect();
+        timed(
+            || {
+                let mut state = None;
+                let mut last = None;
+                for tok in &tokens_t {
+                    let (logits, next) = infer_model.step(Input::Tokens(tok.clone()), state);
+                    state = Some(next);
+                    last = Some(logits);
+                }
+                if let Some(l) = last {
+                    sync(l.unsqueeze_dim(1));
+                }
+            },
+            options.warmup.min(1),
+            options.steps,
+            options.max_seconds,
+        )
+    } else {
+        Vec::new()
+    };
+    let rss_step = peak_rss_mb();
+
+    let infer = timed(
+        || sync(infer_model.forward(Input::Tokens(x.clone()), None).0),
+        options.warmup,
+        options.steps,
+        options.max_seconds,
+    );
+    let rss_infer = peak_rss_mb();
+    drop(infer_model);
+
+    let mut optim = AdamConfig::new().with_epsilon(1e-8).init();
+    let x_ad = Tensor::<2, Int>::from_data(x.to_data(), &ad_device);
+    let y_ad = Tensor::<2, Int>::from_data(y.to_data(), &ad_device);
+    let mut losses = Vec::new();
+    let train = timed(
+        || {
+            let (logits, _) = net.forward(Input::Tokens(x_ad.clone()), None);
+            let loss = -log_softmax(logits, 2)
+                .gather(2, y_ad.clone().unsqueeze_dim(2))
+                .mean();
+            let grads = GradientsParams::from_grads(loss.backward(), &net);
+            net = optim.step(1e-3, net.clone(), grads);
+            losses.push(loss.into_scalar::<f32>() as f64);
+        },
+        options.warmup,
+        options.steps,
+        options.max_seconds,
+    );
+    let tokens = (b * t) as f64;
+    let round = |v: f64| (v * 10.0).round() / 10.0;
+    let mut config_json = serde_json::json!({
+        "batch": b, "seq_len": t, "d_model": d_model, "vocab": VOCAB,
+        "optimizer": "Adam lr=1e-3", "dtype": "float32", "warmup": options.warmup,
+        "steps": options.steps, "max_seconds": options.max_seconds,
+        "train_steps_timed": train.len(), "infer_steps_timed": infer.len(),
+        "step_sequences_timed": step_times.len(), "seed": options.seed,
+    });
+    if let serde_json::Value::Object(mixer_fields) =
+        serde_json::to_value(&mixer).expect("a mixer config serialises")
+    {
+        config_json
+            .as_object_mut()
+            .expect("an object")
+            .extend(mixer_fields.into_iter().filter(|(k, _)| k != "kind"));
+    }
+    Ok(serde_json::json!({
+        "model": model,
+        "train_tok_s": round(tokens / median(&train)),
+        "infer_tok_s": round(tokens / median(&infer)),
+        "step_tok_s": (!step_times.is_empty()).then(|| round(tokens / median(&step_times))),
+        "train_step_ms_median": ms(median(&train)),
+        "train_step_ms_min": ms(train.iter().copied().fold(f64::INFINITY, f64::min)),
+        "train_step_ms_max": ms(train.iter().copied().fold(0.0, f64::max)),
+        "infer_step_ms_median": ms(median(&infer)),
+        "step_seq_ms_median": (!step_times.is_empty()).then(|| ms(median(&step_times))),
+        "peak_rss_mb": peak_rss_mb().map(round),
+        "peak_rss_infer_mb": rss_infer.map(round),
+        "peak_rss_step_mb": rss_step.map(round),
+        "rss_setup_mb": rss_setup.map(round),
+        "params": params,
+        "state_floats": state_floats,
+        "loss_first": losses.first().map(|l| (l * 1e4).round() / 1e4),
+        "loss_last": losses.last().map(|l| (l * 1e4).round() / 1e4),
+        "config": config_json,
+        "threads": options.threads,
+        "backend": options.backend,
+        "estafet": code_version,
+    }))
+}

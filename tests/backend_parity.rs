@@ -1,0 +1,253 @@
+//! Backend parity: every model computes the same thing on every backend.
+//!
+//! The backend under test is named by `ESTAFET_PARITY_BACKEND` (`flex`, `wgpu`); unset, every
+//! compiled-in backend other than the reference, ndarray. Initial weights are drawn on the host
+//! from the seed, so both sides start from identical numbers. Agreement means, for every
+//! tensor compared, `|test − ref| ≤ ATOL + RTOL · max |ref|` (f32 arithmetic in another order:
+//! other matmul blocking, other reductions, GPU transcendental functions).
+//!
+//! Compared: outputs, final states and the gradients of every parameter and of the loss; the
+//! training loss of the first steps through `estafet`'s own loop; and checkpoints written on
+//! one backend, evaluated on the other.
+//!
+//! Run on a software GPU (lavapipe) or a real one:
+//! `ESTAFET_PARITY_BACKEND=wgpu cargo test --release --features wgpu --test backend_parity`.
+
+#![cfg(any(feature = "flex", feature = "wgpu"))]
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use estafet_experiments::Backend;
+use estafet_experiments::config::{self, ConfigSource};
+use estafet_experiments::saved::SavedRun;
+use estafet_experiments::train::{self, RunOptions};
+use estafet_models::{
+    Init, Input, InputSpec, Layout, MixerConfig, ModelConfig, ModelIo, SequenceModel,
+};
+
+const ATOL: f32 = 1e-5;
+const RTOL: f32 = 1e-4;
+
+fn backends_under_test() -> Vec<Backend> {
+    match std::env::var("ESTAFET_PARITY_BACKEND") {
+        Ok(name) => vec![
+            name.parse()
+                .expect("ESTAFET_PARITY_BACKEND names a backend"),
+        ],
+        Err(_) => Backend::ALL
+            .into_iter()
+            .filter(|b| *b != Backend::Ndarray && b.compiled())
+            .collect(),
+    }
+}
+
+/// Every mixer kind at its defaults, plus the forms and versions a default leaves out.
+fn mixers() -> Vec<(String, MixerConfig)> {
+    let mut all: Vec<(String, MixerConfig)> = MixerConfig::KINDS
+        .iter()
+        .map(|k| {
+            let m = serde_json::from_value(serde_json::json!({ "kind": k })).unwrap();
+            (k.to_string(), m)
+        })
+        .collect();
+    for (name, json) in [
+        ("rwkv6", serde_json::json!({ "kind": "rwkv", "version": 6 })),
+        (
+            "mamba-chunked",
+            serde_json::json!({ "kind": "mamba", "scan": { "kind": "chunked", "chunk_len": 4 } }),
+        ),
+    ] {
+        all.push((name.to_string(), serde_json::from_value(json).unwrap()));
+    }
+    all
+}
+
+fn model_config(mixer: MixerConfig) -> ModelConfig {
+    ModelConfig {
+        mixer,
+        d_model: 8,
+        n_layers: 2,
+        layout: Layout::Residual,
+        mlp_expand: 2,
+    }
+}
+
+const VOCAB: usize = 5;
+
+fn tokens(device: &Device) -> Tensor<2, Int> {
+    let ids: Vec<i64> = (0..2 * 11).map(|i| (i * 7 + 3) % VOCAB as i64).collect();
+    Tensor::from_data(TensorData::new(ids, [2, 11]), device)
+}
+
+/// Outputs, final state, then every gradient (parameters in visiting order), each flattened.
+fn forward_and_grads(config: &ModelConfig, device: &Device) -> Vec<(String, Vec<f32>)> {
+    let io = ModelIo {
+        input: InputSpec::Tokens { vocab: VOCAB },
+        d_output: VOCAB,
+    };
+    let model: SequenceModel = config.init(io, &mut Init::new(3, device));
+    let (y, state) = model.forward(Input::Tokens(tokens(device)), None);
+    // A fixed, position-dependent weighting, so that every output feeds the gradient.
+    let n = y.dims().iter().product::<usize>();
+    let w: Vec<f32> = (0..n).map(|i| ((i % 13) as f32 - 6.0) / 6.0).collect();
+    let w = Tensor::<3>::from_data(TensorData::new(w, y.dims()), device);
+    let loss = (y.clone() * w).sum();
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+
+    struct Collect<'a> {
+        grads: &'a GradientsParams,
+        out: Vec<(String, Vec<f32>)>,
+    }
+    impl ModuleVisitor for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let i = self.out.len();
+            let g = self.grads.get::<D>(param.id);
+            let values = g.map_or_else(Vec::new, |g| g.into_data().try_to_vec::<f32>().unwrap());
+            self.out.push((format!("grad of parameter {i}"), values));
+        }
+    }
+    let mut collect = Collect {
+        grads: &grads,
+        out: vec![
+            ("outputs".into(), y.into_data().try_to_vec::<f32>().unwrap()),
+            (
+                "final state".into(),
+                Tensor::cat(state.layers.iter().map(|s| s.flatten()).collect(), 0)
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap(),
+            ),
+        ],
+    };
+    model.visit(&mut collect);
+    collect.out
+}
+
+/// Asserts agreement within the tolerance; returns the largest `|Δ| / max|ref|`.
+fn assert_close(what: &str, reference: &[f32], test: &[f32]) -> f32 {
+    assert_eq!(reference.len(), test.len(), "{what}: sizes differ");
+    let scale = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let worst = reference
+        .iter()
+        .zip(test)
+        .map(|(r, t)| (r - t).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst <= ATOL + RTOL * scale,
+        "{what}: max |Δ| {worst:.3e} > {ATOL:e} + {RTOL:e}·{scale:.3e}"
+    );
+    worst / scale.max(f32::MIN_POSITIVE)
+}
+
+#[test]
+fn outputs_states_and_gradients_match_ndarray() {
+    let reference = Backend::Ndarray.device().unwrap().autodiff();
+    for backend in backends_under_test() {
+        let device = backend.device().unwrap().autodiff();
+        for (name, mixer) in mixers() {
+            let config = model_config(mixer);
+            let want = forward_and_grads(&config, &reference);
+            let got = forward_and_grads(&config, &device);
+            assert_eq!(want.len(), got.len());
+            let mut worst = 0.0f32;
+            for ((what, r), (_, t)) in want.iter().zip(&got) {
+                worst = worst.max(assert_close(&format!("{backend} {name}: {what}"), r, t));
+            }
+            eprintln!(
+                "{backend} {name}: {} tensors agree; largest |Δ| / max|ref| {worst:.2e}",
+                want.len()
+            );
+        }
+    }
+}
+
+fn tiny_experiment(mixer: &str) -> config::ExperimentConfig {
+    let text = format!(
+        "[model]\nd_model = 8\nn_layers = 1\n[model.mixer]\nkind = \"{mixer}\"\n\
+         [task]\nkind = \"copy_memory\"\nlag = 3\nn_symbols = 3\nalphabet = 4\n\
+         [train]\nsteps = 4\nbatch_size = 4\nlog_every = 1\n[eval]\nsamples = 8\n"
+    );
+    config::load(
+        &ConfigSource {
+            name: format!("{mixer}.toml"),
+            text,
+        },
+        &[],
+    )
+    .unwrap()
+}
+
+fn train_on(
+    backend: Backend,
+    experiment: &config::ExperimentConfig,
+    out: &std::path::Path,
+) -> Vec<f64> {
+    std::fs::remove_dir_all(out).ok();
+    train::run(
+        experiment,
+        &RunOptions {
+            backend,
+            out: out.to_path_buf(),
+            config_source: "parity".into(),
+            code_version: "test".into(),
+            progress: false,
+        },
+    )
+    .unwrap();
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["split"] == "train")
+        .map(|l| l["loss"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn training_curves_and_checkpoints_cross_backends() {
+    let scratch = std::env::temp_dir().join(format!("estafet-parity-{}", std::process::id()));
+    for backend in backends_under_test() {
+        for mixer in MixerConfig::KINDS {
+            let experiment = tiny_experiment(mixer);
+            let ref_dir = scratch.join(format!("{mixer}-ndarray"));
+            let test_dir = scratch.join(format!("{mixer}-{backend}"));
+            let want = train_on(Backend::Ndarray, &experiment, &ref_dir);
+            let got = train_on(backend, &experiment, &test_dir);
+            let (w, g): (Vec<f32>, Vec<f32>) = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (*a as f32, *b as f32))
+                .unzip();
+            assert_eq!(want.len(), 4);
+            assert_close(&format!("{backend} {mixer}: training losses"), &w, &g);
+
+            // A checkpoint written on one backend evaluates on the other to the same loss.
+            for (dir, on) in [(&ref_dir, backend), (&test_dir, Backend::Ndarray)] {
+                let device = on.device().unwrap();
+                let run = SavedRun::load(dir, &device).unwrap();
+                let info = run.task.info();
+                let eval = train::evaluate(
+                    &run.model,
+                    &run.task
+                        .eval_set(run.config.run.seed, run.config.eval.samples),
+                    &info,
+                    run.config.eval.batch_size,
+                    &device,
+                );
+                let summary: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(dir.join("summary.json")).unwrap(),
+                )
+                .unwrap();
+                let written = summary["final_eval"]["loss"].as_f64().unwrap() as f32;
+                assert_close(
+                    &format!("{mixer}: checkpoint of {} evaluated on {on}", dir.display()),
+                    &[written],
+                    &[eval.loss as f32],
+                );
+            }
+            eprintln!("{backend} {mixer}: losses {got:.4?} match, checkpoints cross");
+        }
+    }
+    std::fs::remove_dir_all(scratch).ok();
+}
