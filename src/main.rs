@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use estafet_experiments::bench::{self, BenchOptions};
 use estafet_experiments::config::{self, ConfigSource};
+use estafet_experiments::infer::{self, Sampling};
 use estafet_experiments::saved::SavedRun;
 use estafet_experiments::train::{self, RunOptions};
 use estafet_experiments::{Backend, Error, catalog};
@@ -63,6 +64,41 @@ enum Command {
         /// Held-out sequences per length (default: the run's eval.samples).
         #[arg(long)]
         samples: Option<usize>,
+        #[arg(long, value_parser = parse_backend)]
+        backend: Option<Backend>,
+    },
+    /// Generate text from a char_lm run, one character at a time, printing as it goes.
+    Generate {
+        run_dir: PathBuf,
+        /// Text the model reads before it writes.
+        #[arg(long)]
+        prompt: String,
+        /// Characters to generate.
+        #[arg(long, default_value_t = 300)]
+        tokens: usize,
+        /// Softmax temperature; 0 always takes the most likely character.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        /// Sample among the k most likely characters only.
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_parser = parse_backend)]
+        backend: Option<Backend>,
+    },
+    /// Forecast a series with a time_series run: reads a CSV column, writes CSV forecasts.
+    Predict {
+        run_dir: PathBuf,
+        /// A CSV file holding the series.
+        #[arg(long)]
+        input: PathBuf,
+        /// Its column: a header name or a 0-based index.
+        #[arg(long, default_value = "0")]
+        column: String,
+        /// Where to write the forecasts (default: standard output).
+        #[arg(long)]
+        output: Option<PathBuf>,
         #[arg(long, value_parser = parse_backend)]
         backend: Option<Backend>,
     },
@@ -362,6 +398,64 @@ fn execute(cli: Cli) -> Result<(), Error> {
                     e.baseline_metric,
                     if e.solved { "yes" } else { "no" }
                 );
+            }
+            Ok(())
+        }
+        Command::Generate {
+            run_dir,
+            prompt,
+            tokens,
+            temperature,
+            top_k,
+            seed,
+            backend,
+        } => {
+            let backend = resolve_backend(backend)?;
+            let device = backend.device()?;
+            let run = SavedRun::load(&run_dir, &device)?;
+            let mut stdout = std::io::stdout();
+            print!("{prompt}");
+            let stats = infer::generate(
+                &run,
+                &prompt,
+                tokens,
+                Sampling {
+                    temperature,
+                    top_k,
+                    seed,
+                },
+                &device,
+                &mut stdout,
+            )?;
+            println!();
+            eprintln!(
+                "{} characters in {:.2} s ({:.0} characters/s, prompt included) on {backend}; peak memory {}",
+                stats.tokens,
+                stats.seconds,
+                stats.tokens as f64 / stats.seconds,
+                stats
+                    .peak_rss_mb
+                    .map_or("unknown".into(), |m| format!("{m:.0} MB"))
+            );
+            Ok(())
+        }
+        Command::Predict {
+            run_dir,
+            input,
+            column,
+            output,
+            backend,
+        } => {
+            let backend = resolve_backend(backend)?;
+            let device = backend.device()?;
+            let run = SavedRun::load(&run_dir, &device)?;
+            let csv = infer::predict(&run, &input, &column, &device)?;
+            match output {
+                Some(path) => {
+                    estafet_experiments::run_dir::write_atomic(&path, csv.as_bytes())?;
+                    eprintln!("forecasts written to {}", path.display());
+                }
+                None => print!("{csv}"),
             }
             Ok(())
         }

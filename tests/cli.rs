@@ -509,3 +509,131 @@ fn eval_reads_a_checkpoint_at_other_lengths() {
     assert!(stderr(&result).contains("not a run directory"));
     std::fs::remove_dir_all(out).ok();
 }
+
+fn train_tiny(dir: &Path, name: &str, task: &str) -> PathBuf {
+    let config = dir.join(format!("{name}.toml"));
+    let text = format!(
+        "[model]\nd_model = 16\n[model.mixer]\nkind = \"lstm\"\n[task]\n{task}\n\
+         [train]\nsteps = 5\n[optim]\nlr = 0.01\n[eval]\nsamples = 8\n"
+    );
+    std::fs::write(&config, text).unwrap();
+    let run = dir.join(name);
+    let result = estafet(&[
+        "run",
+        config.to_str().unwrap(),
+        "--quiet",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    run
+}
+
+/// `estafet generate` streams characters of the run's vocabulary, reproducibly by seed.
+#[test]
+fn generate_writes_characters_of_the_corpus() {
+    let dir = scratch("generate");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = train_tiny(&dir, "lm", "kind = \"char_lm\"\nseq_len = 32");
+    let args = |seed: &str| {
+        estafet(&[
+            "generate",
+            run.to_str().unwrap(),
+            "--prompt",
+            "The relay",
+            "--tokens",
+            "40",
+            "--seed",
+            seed,
+            "--top-k",
+            "5",
+        ])
+    };
+    let out = args("1");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout.clone()).unwrap();
+    let generated = text
+        .trim_end_matches('\n')
+        .strip_prefix("The relay")
+        .unwrap();
+    assert_eq!(generated.chars().count(), 40, "{text:?}");
+    assert!(
+        generated
+            .chars()
+            .all(|c| estafet_data::char_lm::EMBEDDED_CORPUS.contains(c)),
+        "{generated:?}"
+    );
+    assert!(stderr(&out).contains("characters/s"), "{}", stderr(&out));
+    assert_eq!(args("1").stdout, out.stdout, "same seed, same text");
+
+    let bad = estafet(&["generate", run.to_str().unwrap(), "--prompt", "日本"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stderr(&bad).contains("not in the run's vocabulary"),
+        "{}",
+        stderr(&bad)
+    );
+
+    let series = train_tiny(&dir, "ts", "kind = \"time_series\"\nseq_len = 16");
+    let wrong = estafet(&["generate", series.to_str().unwrap(), "--prompt", "a"]);
+    assert_eq!(wrong.status.code(), Some(2));
+    assert!(
+        stderr(&wrong).contains("needs a char_lm run"),
+        "{}",
+        stderr(&wrong)
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// `estafet predict` forecasts every row of a CSV column with the run's horizon.
+#[test]
+fn predict_writes_forecasts_as_csv() {
+    let dir = scratch("predict");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = train_tiny(
+        &dir,
+        "ts",
+        "kind = \"time_series\"\nseq_len = 16\nhorizon = 3",
+    );
+    let input = dir.join("series.csv");
+    let rows: String = (0..25)
+        .map(|i| format!("{i},{}\n", (i as f64 * 0.4).sin()))
+        .collect();
+    std::fs::write(&input, format!("day,level\n{rows}")).unwrap();
+    let output = dir.join("forecasts.csv");
+    let out = estafet(&[
+        "predict",
+        run.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--column",
+        "level",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let csv = std::fs::read_to_string(&output).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "t,value,forecast_1,forecast_2,forecast_3");
+    assert_eq!(lines.len(), 26);
+    let row: Vec<f64> = lines[3].split(',').map(|v| v.parse().unwrap()).collect();
+    assert_eq!(row[0], 2.0);
+    assert!((row[1] - 0.8f64.sin()).abs() < 1e-12);
+    assert!(row[2..].iter().all(|v| v.is_finite()));
+
+    let missing = estafet(&[
+        "predict",
+        run.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--column",
+        "price",
+    ]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        stderr(&missing).contains("no column \"price\""),
+        "{}",
+        stderr(&missing)
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -134,51 +134,7 @@ impl TimeSeriesConfig {
     }
 
     fn load_csv(&self, path: &std::path::Path, column: &str) -> Result<CsvData, TaskError> {
-        let text = std::fs::read_to_string(path)
-            .or_else(|e| invalid("path", format!("cannot read {}: {e}", path.display())))?;
-        let rows: Vec<(usize, Vec<&str>)> = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| (i + 1, l.split(',').map(str::trim).collect()))
-            .collect();
-        let Some((_, first)) = rows.first() else {
-            return invalid("path", format!("{} holds no rows", path.display()));
-        };
-        let by_name = first.iter().position(|h| *h == column);
-        let (index, body) = match (by_name, column.parse::<usize>()) {
-            (Some(i), _) => (i, &rows[1..]),
-            (None, Ok(i)) => {
-                let has_header = first.get(i).is_some_and(|v| v.parse::<f64>().is_err());
-                (i, if has_header { &rows[1..] } else { &rows[..] })
-            }
-            (None, Err(_)) => {
-                return invalid(
-                    "column",
-                    format!(
-                        "{} has no column {column:?} (its header: {})",
-                        path.display(),
-                        first.join(",")
-                    ),
-                );
-            }
-        };
-        let mut values = Vec::with_capacity(body.len());
-        for (line, cells) in body {
-            let cell = cells.get(index).ok_or_else(|| TaskError {
-                field: "column",
-                message: format!("{}:{line}: no column {index} in this row", path.display()),
-            })?;
-            let v: f64 = cell
-                .parse()
-                .ok()
-                .filter(|v: &f64| v.is_finite())
-                .ok_or_else(|| TaskError {
-                    field: "column",
-                    message: format!("{}:{line}: {cell:?} is not a number", path.display()),
-                })?;
-            values.push(v);
-        }
+        let values = read_csv_column(path, column)?;
         let n = values.len();
         let split = ((1.0 - self.valid_fraction) * n as f64).round() as usize;
         let window = self.seq_len + self.horizon;
@@ -206,6 +162,57 @@ impl TimeSeriesConfig {
             std,
         })
     }
+}
+
+/// Column `column` (a header name, or a 0-based index; a first row that is not numeric there is
+/// a header) of the CSV file `path`, as numbers. Errors name the line.
+pub fn read_csv_column(path: &std::path::Path, column: &str) -> Result<Vec<f64>, TaskError> {
+    let text = std::fs::read_to_string(path)
+        .or_else(|e| invalid("path", format!("cannot read {}: {e}", path.display())))?;
+    let rows: Vec<(usize, Vec<&str>)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| (i + 1, l.split(',').map(str::trim).collect()))
+        .collect();
+    let Some((_, first)) = rows.first() else {
+        return invalid("path", format!("{} holds no rows", path.display()));
+    };
+    let by_name = first.iter().position(|h| *h == column);
+    let (index, body) = match (by_name, column.parse::<usize>()) {
+        (Some(i), _) => (i, &rows[1..]),
+        (None, Ok(i)) => {
+            let has_header = first.get(i).is_some_and(|v| v.parse::<f64>().is_err());
+            (i, if has_header { &rows[1..] } else { &rows[..] })
+        }
+        (None, Err(_)) => {
+            return invalid(
+                "column",
+                format!(
+                    "{} has no column {column:?} (its header: {})",
+                    path.display(),
+                    first.join(",")
+                ),
+            );
+        }
+    };
+    let mut values = Vec::with_capacity(body.len());
+    for (line, cells) in body {
+        let cell = cells.get(index).ok_or_else(|| TaskError {
+            field: "column",
+            message: format!("{}:{line}: no column {index} in this row", path.display()),
+        })?;
+        let v: f64 = cell
+            .parse()
+            .ok()
+            .filter(|v: &f64| v.is_finite())
+            .ok_or_else(|| TaskError {
+                field: "column",
+                message: format!("{}:{line}: {cell:?} is not a number", path.display()),
+            })?;
+        values.push(v);
+    }
+    Ok(values)
 }
 
 /// A CSV column, standardised by its training rows.
@@ -240,6 +247,10 @@ impl TimeSeries {
             baseline_metric: self.baseline,
             solved_metric: self.baseline / 2.0,
         }
+    }
+
+    pub fn horizon(&self) -> usize {
+        self.config.horizon
     }
 
     /// The affine map from model values back to the CSV's units: `x = mean + std · z`.

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod bench;
 pub mod catalog;
 pub mod config;
+pub mod infer;
 pub mod run_dir;
 pub mod saved;
 pub mod train;
