@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use estafet_experiments::bench::{self, BenchOptions};
 use estafet_experiments::config::{self, ConfigSource};
+use estafet_experiments::gradflow;
 use estafet_experiments::infer::{self, Sampling};
 use estafet_experiments::saved::SavedRun;
 use estafet_experiments::train::{self, RunOptions};
@@ -99,6 +100,24 @@ enum Command {
         /// Where to write the forecasts (default: standard output).
         #[arg(long)]
         output: Option<PathBuf>,
+        #[arg(long, value_parser = parse_backend)]
+        backend: Option<Backend>,
+    },
+    /// Gradient flow: how much the last position's loss depends on each earlier input and state,
+    /// for models at initialisation (a CONFIG) or trained (a RUN_DIR); CSVs and a plot.
+    Gradflow {
+        /// Configs (the model at initialisation) or run directories (the trained model).
+        #[arg(required = true)]
+        sources: Vec<PathBuf>,
+        /// Sequence length (default: each task's own).
+        #[arg(long)]
+        seq_len: Option<usize>,
+        /// Held-out sequences averaged over.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Output directory (default: runs/gradflow-TIMESTAMP).
+        #[arg(long)]
+        out: Option<PathBuf>,
         #[arg(long, value_parser = parse_backend)]
         backend: Option<Backend>,
     },
@@ -457,6 +476,97 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 }
                 None => print!("{csv}"),
             }
+            Ok(())
+        }
+        Command::Gradflow {
+            sources,
+            seq_len,
+            batch,
+            out,
+            backend,
+        } => {
+            if batch == 0 || seq_len == Some(0) {
+                return Err(Error::Config(
+                    "--batch and --seq-len must be positive".into(),
+                ));
+            }
+            let backend = resolve_backend(backend)?;
+            let device = backend.device()?.autodiff();
+            let out = out.unwrap_or_else(|| default_run_dir("gradflow"));
+            let mut flows = Vec::new();
+            for source in &sources {
+                let (label, config, model, when) = if source.is_dir() {
+                    let run = SavedRun::load(source, &device)?;
+                    let label = source
+                        .file_name()
+                        .map_or("run".into(), |n| n.to_string_lossy().into_owned());
+                    (
+                        label,
+                        run.config,
+                        run.model,
+                        format!("trained, step {}", run.step),
+                    )
+                } else {
+                    let config = config::load(&ConfigSource::read(source)?, &[])?;
+                    let io = train::model_io(
+                        &config
+                            .task
+                            .build()
+                            .map_err(|e| Error::Config(e.to_string()))?
+                            .info(),
+                    );
+                    let model = config
+                        .model
+                        .init(io, &mut estafet_models::Init::new(config.run.seed, &device));
+                    let stem = source
+                        .file_stem()
+                        .map_or("config".into(), |n| n.to_string_lossy().into_owned());
+                    (stem, config, model, "at initialisation".to_string())
+                };
+                let t = seq_len.unwrap_or(
+                    config
+                        .task
+                        .build()
+                        .map_err(|e| Error::Config(e.to_string()))?
+                        .info()
+                        .seq_len,
+                );
+                let flow = gradflow::measure(
+                    &label,
+                    &model,
+                    &config.task,
+                    t,
+                    batch,
+                    config.run.seed,
+                    &device,
+                )?;
+                eprintln!(
+                    "{label} ({} {when}), T = {t}: ‖∂L/∂x‖ slope {:.4} per step, ‖∂L/∂h‖ slope {:.4} per step",
+                    config.model.mixer.kind(),
+                    flow.input_slope,
+                    flow.state_slope
+                );
+                flows.push(flow);
+            }
+            gradflow::write(&out, &flows)?;
+            println!(
+                "{:<24} {:>6} {:>11} {:>11} {:>11} {:>12} {:>12}",
+                "model", "T", "‖∂x‖ d=0", "‖∂x‖ d=T/2", "‖∂x‖ d=T-1", "slope ∂x", "slope ∂h"
+            );
+            for f in &flows {
+                let at = |k: usize| f.input[k.min(f.seq_len - 1)];
+                println!(
+                    "{:<24} {:>6} {:>11.3e} {:>11.3e} {:>11.3e} {:>12.4} {:>12.4}",
+                    f.label,
+                    f.seq_len,
+                    at(0),
+                    at(f.seq_len / 2),
+                    at(f.seq_len - 1),
+                    f.input_slope,
+                    f.state_slope
+                );
+            }
+            println!("CSVs, plots and summary.json in {}", out.display());
             Ok(())
         }
         Command::Check { config, common } => {

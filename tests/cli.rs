@@ -637,3 +637,47 @@ fn predict_writes_forecasts_as_csv() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// `estafet gradflow` writes a `distance,grad_norm` CSV per model, plots and fitted slopes.
+#[test]
+fn gradflow_writes_curves_and_plots() {
+    let out = scratch("gradflow");
+    let run = estafet(&[
+        "gradflow",
+        "configs/copy-rnn.toml",
+        "configs/copy-lstm.toml",
+        "--seq-len",
+        "30",
+        "--batch",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let csv = std::fs::read_to_string(out.join("copy-lstm.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows[0], "distance,grad_norm");
+    assert_eq!(rows.len(), 31, "one row per distance 0..29");
+    let state = std::fs::read_to_string(out.join("copy-rnn.state.csv")).unwrap();
+    assert!(
+        state.lines().nth(1).unwrap().starts_with("1,"),
+        "no state gradient at distance 0"
+    );
+    for plot in [
+        "gradflow.png",
+        "gradflow.svg",
+        "gradflow-state.png",
+        "gradflow-state.svg",
+    ] {
+        assert!(
+            std::fs::metadata(out.join(plot)).unwrap().len() > 1000,
+            "{plot}"
+        );
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let slope = |i: usize| summary[i]["input_slope_per_step"].as_f64().unwrap();
+    // The Elman RNN at initialisation forgets faster than the LSTM.
+    assert!(slope(0) < slope(1), "{summary}");
+    std::fs::remove_dir_all(out).ok();
+}

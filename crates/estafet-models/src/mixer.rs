@@ -405,6 +405,53 @@ impl MixerState {
     }
 }
 
+impl MixerState {
+    /// The same state plus zero tensors that autodiff tracks, one `[B, n]` leaf per state
+    /// tensor: the gradient of a later loss with respect to a leaf is its gradient with
+    /// respect to that part of the state. Needs an autodiff device.
+    pub fn perturbed(self) -> (MixerState, Vec<Tensor<2>>) {
+        fn add<const D: usize>(t: Tensor<D>, leaves: &mut Vec<Tensor<2>>) -> Tensor<D> {
+            let dims = t.dims();
+            let n = dims[1..].iter().product::<usize>();
+            let leaf = Tensor::<2>::zeros([dims[0], n], &t.device()).require_grad();
+            leaves.push(leaf.clone());
+            t + leaf.reshape(dims)
+        }
+        let mut leaves = Vec::new();
+        let state = match self {
+            MixerState::Hidden(h) => MixerState::Hidden(add(h, &mut leaves)),
+            MixerState::Lstm(s) => MixerState::Lstm(LstmState {
+                h: add(s.h, &mut leaves),
+                c: add(s.c, &mut leaves),
+            }),
+            MixerState::Mamba(s) => MixerState::Mamba(MambaState {
+                conv: add(s.conv, &mut leaves),
+                ssm: add(s.ssm, &mut leaves),
+            }),
+            MixerState::Rwkv(s) => MixerState::Rwkv(crate::rwkv::RwkvState {
+                shift_time: add(s.shift_time, &mut leaves),
+                wkv: match s.wkv {
+                    crate::rwkv::WkvState::V4(w) => {
+                        crate::rwkv::WkvState::V4(crate::rwkv::Wkv4State {
+                            a: add(w.a, &mut leaves),
+                            b: add(w.b, &mut leaves),
+                            // The running maximum only rescales a and b; its gradient is zero.
+                            p: w.p,
+                        })
+                    }
+                    crate::rwkv::WkvState::V6(w) => crate::rwkv::WkvState::V6(add(w, &mut leaves)),
+                },
+                shift_channel: add(s.shift_channel, &mut leaves),
+            }),
+            MixerState::Attention(c) => MixerState::Attention(KvCache {
+                k: add(c.k, &mut leaves),
+                v: add(c.v, &mut leaves),
+            }),
+        };
+        (state, leaves)
+    }
+}
+
 // A state always comes from the same mixer it is handed back to; a mismatch is a bug in the
 // caller, not an input error.
 impl MixerState {

@@ -232,7 +232,16 @@ impl SequenceModel {
 
     /// One token per sequence (`input` with `T = 1`) → logits `[B, O]` and the next state.
     pub fn step(&self, input: Input, state: Option<ModelState>) -> (Tensor<2>, ModelState) {
-        let mut x = self.encode(input).squeeze_dim::<2>(1);
+        self.step_encoded(self.encode(input).squeeze_dim::<2>(1), state)
+    }
+
+    /// [`step`](Self::step) from an encoded input `x [B, D]`: what measures gradients with
+    /// respect to the model's inputs.
+    pub fn step_encoded(
+        &self,
+        mut x: Tensor<2>,
+        state: Option<ModelState>,
+    ) -> (Tensor<2>, ModelState) {
         let mut states = self.split_state(state);
         let mut layers = Vec::with_capacity(self.blocks.len());
         for (block, state) in self.blocks.iter().zip(states.iter_mut()) {
@@ -251,7 +260,8 @@ impl SequenceModel {
             .sum()
     }
 
-    fn encode(&self, input: Input) -> Tensor<3> {
+    /// The encoder alone: `input` → `[B, T, D]`.
+    pub fn encode(&self, input: Input) -> Tensor<3> {
         match (&self.encoder, input) {
             (Encoder::Embedding(embedding), Input::Tokens(tokens)) => embedding.forward(tokens),
             (Encoder::Projection(linear), Input::Features(x)) => linear.forward(x),
