@@ -39,6 +39,9 @@ enum Command {
         /// No progress bar; evaluation lines only.
         #[arg(long, short)]
         quiet: bool,
+        /// Continue the run in --out from its last checkpoint (same config and overrides).
+        #[arg(long, requires = "out")]
+        resume: bool,
     },
     /// Validate a config (and overrides) without running it; prints the resolved config.
     Check {
@@ -229,6 +232,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
             common,
             out,
             quiet,
+            resume,
         } => {
             let source = match &config {
                 Some(path) => ConfigSource::read(path)?,
@@ -237,6 +241,13 @@ fn execute(cli: Cli) -> Result<(), Error> {
             let experiment = config::load(&source, &common.overrides)?;
             let backend = resolve_backend(common.backend)?;
             let out = out.unwrap_or_else(|| default_run_dir(source.stem()));
+            if resume && out.join("summary.json").is_file() {
+                println!(
+                    "{} is complete (summary.json); nothing to resume",
+                    out.display()
+                );
+                return Ok(());
+            }
             let summary = train::run(
                 &experiment,
                 &RunOptions {
@@ -245,6 +256,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
                     config_source: source.name.clone(),
                     code_version: CODE_VERSION.to_string(),
                     progress: !quiet,
+                    resume,
                 },
             )?;
             let e = &summary.final_eval;

@@ -192,6 +192,7 @@ fn train_on(
             config_source: "parity".into(),
             code_version: "test".into(),
             progress: false,
+            resume: false,
         },
     )
     .unwrap();

@@ -681,3 +681,129 @@ fn gradflow_writes_curves_and_plots() {
     assert!(slope(0) < slope(1), "{summary}");
     std::fs::remove_dir_all(out).ok();
 }
+
+/// A run killed with SIGKILL (twice) and resumed ends with exactly the figures of a run that
+/// was never interrupted.
+#[test]
+fn a_killed_run_resumes_to_identical_results() {
+    let dir = scratch("resume");
+    std::fs::create_dir_all(&dir).unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "run",
+            "configs/copy-lstm.toml",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            "task.lag=5",
+            "--set",
+            "model.d_model=16",
+            "--set",
+            "train.steps=200",
+            "--set",
+            "train.checkpoint_every=10",
+            "--set",
+            "train.eval_every=50",
+            "--set",
+            "train.log_every=5",
+            "--set",
+            "eval.samples=32",
+            "--set",
+            "run.seed=3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let whole = dir.join("whole");
+    let out = Command::new(env!("CARGO_BIN_EXE_estafet"))
+        .args(args(&whole))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let killed = dir.join("killed");
+    let checkpoint_step = || -> u64 {
+        std::fs::read(killed.join("checkpoint/state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["step"].as_u64())
+            .unwrap_or(0)
+    };
+    for (kill_after, resume) in [(40, false), (120, true)] {
+        let mut a = args(&killed);
+        if resume {
+            a.push("--resume".into());
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_estafet"))
+            .args(a)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        while checkpoint_step() < kill_after {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before it was killed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(!killed.join("summary.json").exists());
+    }
+    let mut a = args(&killed);
+    a.push("--resume".into());
+    let out = Command::new(env!("CARGO_BIN_EXE_estafet"))
+        .args(a)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let read = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+    let summary =
+        |d: &Path| serde_json::from_str::<serde_json::Value>(&read(d, "summary.json")).unwrap();
+    assert_eq!(
+        summary(&whole)["final_eval"],
+        summary(&killed)["final_eval"]
+    );
+    assert_eq!(summary(&killed)["steps"], 200);
+    // The metrics agree line for line, timings aside.
+    let figures = |d: &Path| -> Vec<(String, u64, String, String)> {
+        read(d, "metrics.jsonl")
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| {
+                (
+                    v["split"].to_string(),
+                    v["step"].as_u64().unwrap(),
+                    v["loss"].to_string(),
+                    v["metric"].to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(figures(&whole), figures(&killed));
+    assert_eq!(figures(&whole).len(), 40 + 4);
+
+    // Resuming a complete run does nothing; resuming with another config is refused.
+    let again = estafet(
+        &args(&killed)
+            .iter()
+            .map(String::as_str)
+            .chain(["--resume"])
+            .collect::<Vec<_>>(),
+    );
+    assert!(again.status.success());
+    std::fs::remove_file(killed.join("summary.json")).unwrap();
+    let mut other = args(&killed);
+    other.extend(["--resume".into(), "--set".into(), "optim.lr=0.5".into()]);
+    let refused = estafet(&other.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("different config"),
+        "{}",
+        stderr(&refused)
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

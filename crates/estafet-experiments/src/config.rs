@@ -45,6 +45,12 @@ pub struct TrainConfig {
     /// A safetensors file with a PyTorch `nn.RNN`/`nn.LSTM`/`nn.GRU` state dict that
     /// initialises the recurrent layers (stacked layout, same kind, width and depth).
     pub init_from: Option<std::path::PathBuf>,
+    /// Stop at the first evaluation that reaches the task's solved level (zoology stops MQAR
+    /// at 0.99 this way).
+    pub stop_when_solved: bool,
+    /// Stop after this many seconds of training (0: no limit). A run stopped by the clock is
+    /// not reproducible step for step; its summary says why it stopped.
+    pub max_seconds: f64,
 }
 
 impl Default for TrainConfig {
@@ -56,6 +62,8 @@ impl Default for TrainConfig {
             eval_every: 0,
             checkpoint_every: 0,
             init_from: None,
+            stop_when_solved: false,
+            max_seconds: 0.0,
         }
     }
 }
@@ -267,6 +275,9 @@ impl ExperimentConfig {
             if !(0.0..1.0).contains(&v) {
                 return Err(format!("{field} must lie in [0, 1), got {v}"));
             }
+        }
+        if !(self.train.max_seconds >= 0.0 && self.train.max_seconds.is_finite()) {
+            return Err("train.max_seconds must be a number ≥ 0 (0: no limit)".into());
         }
         if !(self.optim.weight_decay >= 0.0 && self.optim.grad_clip >= 0.0) {
             return Err("optim.weight_decay and optim.grad_clip must not be negative".into());

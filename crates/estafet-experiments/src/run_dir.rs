@@ -49,6 +49,46 @@ impl RunDir {
         Ok(dir)
     }
 
+    /// Opens an existing run directory to continue it.
+    pub fn open(root: &Path) -> Result<Self> {
+        let dir = Self {
+            root: root.to_path_buf(),
+        };
+        dir.write_atomic(".write-test", b"")?;
+        fs::remove_file(root.join(".write-test")).ok();
+        Ok(dir)
+    }
+
+    /// The directory of the latest complete checkpoint, if any. A crash between the two renames
+    /// of [`write_checkpoint`](Self::write_checkpoint) leaves the previous checkpoint in
+    /// `.checkpoint.old`; it is put back.
+    pub fn recover_checkpoint(&self) -> Result<Option<PathBuf>> {
+        let target = self.root.join("checkpoint");
+        let old = self.root.join(".checkpoint.old");
+        if !target.exists() && old.exists() {
+            fs::rename(&old, &target).context("cannot restore the previous checkpoint")?;
+        }
+        Ok(target.join("state.json").is_file().then_some(target))
+    }
+
+    /// Keeps the complete lines of `name` whose `step` is at most `step` (what a resumed run
+    /// has not yet redone), rewriting the file atomically.
+    pub fn truncate_jsonl(&self, name: &str, step: usize) -> Result<()> {
+        let path = self.root.join(name);
+        let text = fs::read_to_string(&path).unwrap_or_default();
+        let kept: String = text
+            .split_inclusive('\n')
+            .filter(|line| line.ends_with('\n'))
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= step)
+            })
+            .collect();
+        self.write_atomic(name, kept.as_bytes())
+    }
+
     pub fn path(&self) -> &Path {
         &self.root
     }

@@ -28,6 +28,8 @@ pub struct RunOptions {
     pub code_version: String,
     /// Show a progress bar (when the terminal allows one).
     pub progress: bool,
+    /// Continue the run in `out` from its checkpoint, if it has one.
+    pub resume: bool,
 }
 
 /// `summary.json`.
@@ -38,17 +40,43 @@ pub struct Summary {
     pub params: usize,
     /// Floats of state per sequence at the task's length (attention: its KV cache).
     pub state_size: usize,
+    /// Steps taken (fewer than `train.steps` when the run stopped early).
     pub steps: usize,
+    pub stopped: StopReason,
     pub backend: Backend,
     pub seed: u64,
     pub code_version: String,
     pub train_seconds: f64,
     pub train_tokens_per_second: f64,
+    /// Peak resident memory of the process, MB (Linux).
+    pub peak_rss_mb: Option<f64>,
     pub metric: Metric,
     pub final_eval: EvalResult,
     /// The final model at `eval.lengths`.
     pub length_eval: Vec<EvalResult>,
     pub run_dir: PathBuf,
+}
+
+/// Why training ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// All `train.steps` were taken.
+    Steps,
+    /// An evaluation reached the task's solved level (`train.stop_when_solved`).
+    Solved,
+    /// `train.max_seconds` ran out.
+    TimeBudget,
+}
+
+impl StopReason {
+    fn describe(self) -> &'static str {
+        match self {
+            StopReason::Steps => "all steps taken",
+            StopReason::Solved => "the task is solved",
+            StopReason::TimeBudget => "train.max_seconds is spent",
+        }
+    }
 }
 
 /// Figures on the held-out set, beside the task's baselines.
@@ -117,32 +145,67 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
     let state_size = model.state_size(info.seq_len);
     let model_kind = config.model.mixer.kind();
 
-    let dir = RunDir::create(&options.out)?;
-    dir.write_atomic("config.toml", config.to_toml().as_bytes())?;
-    dir.write_json(
-        "run.json",
-        &RunInfo {
-            seed,
-            backend: options.backend,
-            code_version: &options.code_version,
-            config_source: &options.config_source,
-            started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-            model: model_kind,
-            task: &info,
-            params,
-            state_size,
-        },
-    )?;
-
     let train = &config.train;
-    let eval_set = task.eval_set(seed, config.eval.samples);
     let mut optimizer = AdamWConfig::new()
         .with_beta_1(config.optim.beta1 as f32)
         .with_beta_2(config.optim.beta2 as f32)
         .with_epsilon(config.optim.eps as f32)
         .with_weight_decay(config.optim.weight_decay as f32)
         .init();
+    let resumable = options.resume && options.out.join("config.toml").is_file();
+    let (dir, start, earlier_seconds) = if resumable {
+        let dir = RunDir::open(&options.out)?;
+        let saved = std::fs::read_to_string(options.out.join("config.toml"))
+            .context("cannot read the run's config.toml")?;
+        if saved != config.to_toml() {
+            return Err(Error::Config(format!(
+                "--resume: {} holds a run of a different config; resume it with the same config \
+                 and overrides (its resolved config is {}/config.toml)",
+                options.out.display(),
+                options.out.display()
+            )));
+        }
+        match dir.recover_checkpoint()? {
+            Some(checkpoint) => {
+                let state = read_checkpoint_state(&checkpoint)?;
+                model = model
+                    .try_load_file(checkpoint.join("model.bpk"))
+                    .map_err(|e| checkpoint_error(&checkpoint, "model.bpk", e))?;
+                optimizer = optimizer
+                    .load(checkpoint.join("optimizer.bpk"))
+                    .map_err(|e| checkpoint_error(&checkpoint, "optimizer.bpk", e))?;
+                dir.truncate_jsonl("metrics.jsonl", state.step)?;
+                (dir, state.step, state.train_seconds)
+            }
+            None => {
+                dir.truncate_jsonl("metrics.jsonl", 0)?;
+                (dir, 0, 0.0)
+            }
+        }
+    } else {
+        let dir = RunDir::create(&options.out)?;
+        dir.write_atomic("config.toml", config.to_toml().as_bytes())?;
+        dir.write_json(
+            "run.json",
+            &RunInfo {
+                seed,
+                backend: options.backend,
+                code_version: &options.code_version,
+                config_source: &options.config_source,
+                started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                    .to_string(),
+                model: model_kind,
+                task: &info,
+                params,
+                state_size,
+            },
+        )?;
+        (dir, 0, 0.0)
+    };
+
+    let eval_set = task.eval_set(seed, config.eval.samples);
     let bar = progress_bar(train.steps, options.progress);
+    bar.set_position(start as u64);
     let report = |line: String| {
         if bar.is_hidden() {
             eprintln!("{line}");
@@ -151,18 +214,27 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
         }
     };
     report(format!(
-        "{model_kind} ({params} parameters, {state_size} floats of state) on {} (T = {}), {} on {}, seed {seed} → {}",
+        "{model_kind} ({params} parameters, {state_size} floats of state) on {} (T = {}), {} on {}, seed {seed} → {}{}",
         info.kind,
         info.seq_len,
         train.steps,
         options.backend,
-        options.out.display()
+        options.out.display(),
+        if start > 0 {
+            format!(", resumed after step {start}")
+        } else {
+            String::new()
+        }
     ));
 
     let started = Instant::now();
+    let elapsed = || earlier_seconds + started.elapsed().as_secs_f64();
     let tokens_per_step = (train.batch_size * info.seq_len) as f64;
     let mut last_eval = None;
-    for step in 1..=train.steps {
+    let mut stopped = StopReason::Steps;
+    let mut last_step = start;
+    for step in start + 1..=train.steps {
+        last_step = step;
         let samples = task.train_batch(seed, step as u64, train.batch_size);
         let batch = Batch::new(&samples, &ad_device);
         let (outputs, _) = model.forward(model_input(&batch), None);
@@ -191,8 +263,10 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
             "loss {loss_value:.4} {} {metric:.3}",
             info.metric.name()
         ));
-        if step % train.log_every == 0 || step == train.steps {
-            let elapsed = started.elapsed().as_secs_f64();
+        let out_of_time = train.max_seconds > 0.0 && elapsed() >= train.max_seconds;
+        let last = step == train.steps || out_of_time;
+        if step % train.log_every == 0 || last {
+            let elapsed = elapsed();
             dir.append_jsonl(
                 "metrics.jsonl",
                 &MetricsLine::Train {
@@ -201,13 +275,15 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
                     metric,
                     grad_norm,
                     lr,
-                    tokens_per_second: tokens_per_step * step as f64 / elapsed,
+                    tokens_per_second: tokens_per_step * (step - start) as f64
+                        / started.elapsed().as_secs_f64(),
                     elapsed_seconds: elapsed,
                 },
             )?;
         }
         let eval_now = train.eval_every > 0 && step % train.eval_every == 0;
-        if eval_now || step == train.steps {
+        let mut solved = false;
+        if eval_now || last {
             let result = evaluate(
                 &model.valid(),
                 &eval_set,
@@ -232,14 +308,40 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
                 result.metric,
                 result.baseline_metric
             ));
+            solved = result.solved;
             last_eval = Some(result);
         }
-        if (train.checkpoint_every > 0 && step % train.checkpoint_every == 0) || step == train.steps
-        {
-            write_checkpoint(&dir, &model, &optimizer, step)?;
+        let stop_solved = solved && train.stop_when_solved;
+        let stop = last || stop_solved;
+        if (train.checkpoint_every > 0 && step % train.checkpoint_every == 0) || stop {
+            write_checkpoint(&dir, &model, &optimizer, step, elapsed())?;
+        }
+        if stop {
+            stopped = if stop_solved {
+                StopReason::Solved
+            } else if step < train.steps {
+                StopReason::TimeBudget
+            } else {
+                StopReason::Steps
+            };
+            if stopped != StopReason::Steps {
+                report(format!("step {step:>6}: stopping ({})", stopped.describe()));
+            }
+            break;
         }
     }
-    let train_seconds = started.elapsed().as_secs_f64();
+    let train_seconds = elapsed();
+    let last_eval = match last_eval {
+        Some(e) => e,
+        // Resumed from the final checkpoint of a run killed before its summary: evaluate again.
+        None => evaluate(
+            &model.valid(),
+            &eval_set,
+            &info,
+            config.eval.batch_size,
+            &device,
+        ),
+    };
 
     let mut length_eval = Vec::with_capacity(config.eval.lengths.len());
     for &length in &config.eval.lengths {
@@ -282,14 +384,16 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
         task: info.kind,
         params,
         state_size,
-        steps: train.steps,
+        steps: last_step,
+        stopped,
         backend: options.backend,
         seed,
         code_version: options.code_version.clone(),
         train_seconds,
-        train_tokens_per_second: tokens_per_step * train.steps as f64 / train_seconds,
+        train_tokens_per_second: tokens_per_step * last_step as f64 / train_seconds,
+        peak_rss_mb: crate::bench::peak_rss_mb(),
         metric: info.metric,
-        final_eval: last_eval.expect("the last step always evaluates"),
+        final_eval: last_eval,
         length_eval,
         run_dir: options.out.clone(),
     };
@@ -445,11 +549,41 @@ fn clip_global_norm(model: &SequenceModel, grads: &mut GradientsParams, max_norm
     norm
 }
 
+/// `checkpoint/state.json`: where the run stands. The data stream needs nothing more: batch
+/// `k` is a function of `(seed, k)`.
+#[derive(Serialize, serde::Deserialize)]
+struct CheckpointState {
+    step: usize,
+    train_seconds: f64,
+}
+
+fn read_checkpoint_state(checkpoint: &std::path::Path) -> Result<CheckpointState, Error> {
+    let path = checkpoint.join("state.json");
+    std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "{}: missing or corrupt checkpoint state",
+                path.display()
+            ))
+        })
+}
+
+fn checkpoint_error(checkpoint: &std::path::Path, file: &str, e: impl std::fmt::Display) -> Error {
+    Error::Config(format!(
+        "{}: cannot load: {}",
+        checkpoint.join(file).display(),
+        e.to_string().replace('\n', " ")
+    ))
+}
+
 fn write_checkpoint(
     dir: &RunDir,
     model: &SequenceModel,
     optimizer: &burn::optim::ModuleOptimizer,
     step: usize,
+    train_seconds: f64,
 ) -> Result<(), Error> {
     let model_bytes = model
         .clone()
@@ -459,8 +593,11 @@ fn write_checkpoint(
     let optim_bytes = optimizer
         .into_bytes()
         .context("cannot serialise the optimizer")?;
-    let state = serde_json::to_vec_pretty(&serde_json::json!({ "step": step }))
-        .context("cannot serialise the checkpoint state")?;
+    let state = serde_json::to_vec_pretty(&CheckpointState {
+        step,
+        train_seconds,
+    })
+    .context("cannot serialise the checkpoint state")?;
     dir.write_checkpoint(&[
         ("model.bpk", &model_bytes),
         ("optimizer.bpk", &optim_bytes),
