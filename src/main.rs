@@ -6,11 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use estafet_experiments::bench::{self, BenchOptions};
 use estafet_experiments::config::{self, ConfigSource};
-use estafet_experiments::gradflow;
 use estafet_experiments::infer::{self, Sampling};
 use estafet_experiments::saved::SavedRun;
 use estafet_experiments::train::{self, RunOptions};
 use estafet_experiments::{Backend, Error, catalog};
+use estafet_experiments::{gradflow, report, sweep};
 
 const CODE_VERSION: &str = env!("ESTAFET_CODE_VERSION");
 
@@ -124,6 +124,27 @@ enum Command {
         #[arg(long, value_parser = parse_backend)]
         backend: Option<Backend>,
     },
+    /// Run a sweep: a base config and axes (models, lengths, seeds, ...), as a grid of runs;
+    /// complete runs are skipped and interrupted ones resumed.
+    Sweep {
+        sweep: PathBuf,
+        /// Directory of the sweep's runs (shared by every shard).
+        #[arg(long)]
+        out: PathBuf,
+        /// Runs at a time on this machine.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// I/N: run only the runs whose index is I modulo N (a Slurm array task, say).
+        #[arg(long, value_parser = parse_shard, default_value = "0/1")]
+        shard: (usize, usize),
+        #[arg(long, value_parser = parse_backend)]
+        backend: Option<Backend>,
+        /// Print the expanded grid and exit.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write a markdown report with tables and plots from the run directories under DIR.
+    Report { dir: PathBuf },
     /// Measure training and inference speed and memory on the workloads of
     /// ../shared/bench/torch_baseline.py (one model per process).
     Bench {
@@ -197,6 +218,18 @@ enum Listing {
 
 fn parse_backend(s: &str) -> Result<Backend, String> {
     s.parse()
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let (i, n) = s.split_once('/').ok_or("expected I/N, e.g. 0/4")?;
+    let (i, n): (usize, usize) = (
+        i.parse().map_err(|_| format!("{i:?} is not a number"))?,
+        n.parse().map_err(|_| format!("{n:?} is not a number"))?,
+    );
+    if n == 0 || i >= n {
+        return Err(format!("shard {i}/{n}: need 0 ≤ I < N"));
+    }
+    Ok((i, n))
 }
 
 fn main() -> ExitCode {
@@ -579,6 +612,63 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 );
             }
             println!("CSVs, plots and summary.json in {}", out.display());
+            Ok(())
+        }
+        Command::Sweep {
+            sweep: path,
+            out,
+            jobs,
+            shard,
+            backend,
+            dry_run,
+        } => {
+            if jobs == 0 {
+                return Err(Error::Config("--jobs must be at least 1".into()));
+            }
+            let runs = sweep::expand(&path)?;
+            if dry_run {
+                for r in &runs {
+                    let mark = if r.index % shard.1 == shard.0 {
+                        ""
+                    } else {
+                        "  (other shard)"
+                    };
+                    println!("{:>4} {}{mark}", r.index, r.name);
+                }
+                return Ok(());
+            }
+            let backend = resolve_backend(backend)?;
+            let progress = sweep::run(&runs, &out, shard, jobs, backend)?;
+            eprintln!(
+                "sweep: {} run, {} already complete, {} failed",
+                progress.ran,
+                progress.skipped,
+                progress.failed.len()
+            );
+            if !progress.failed.is_empty() {
+                return Err(Error::Runtime(anyhow::anyhow!(
+                    "{} runs failed (logs in {}/.configs/): {}",
+                    progress.failed.len(),
+                    out.display(),
+                    progress.failed.join(", ")
+                )));
+            }
+            let complete = runs
+                .iter()
+                .all(|r| out.join(&r.name).join("summary.json").is_file());
+            if complete {
+                print!("{}", report::write(&out)?);
+            } else {
+                eprintln!(
+                    "other shards are still running; `estafet report {}` once they finish",
+                    out.display()
+                );
+            }
+            Ok(())
+        }
+        Command::Report { dir } => {
+            print!("{}", report::write(&dir)?);
+            eprintln!("written to {}", dir.join("report.md").display());
             Ok(())
         }
         Command::Check { config, common } => {

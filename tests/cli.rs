@@ -807,3 +807,90 @@ fn a_killed_run_resumes_to_identical_results() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// A sweep runs its grid (in shards, in parallel), skips finished runs when restarted, and
+/// ends with the report.
+#[test]
+fn a_sweep_runs_its_grid_in_shards_and_reports() {
+    let dir = scratch("sweep");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sweep = dir.join("sweep.toml");
+    std::fs::write(
+        &sweep,
+        r#"base = "../../configs/copy-lstm.toml"
+length_factors = [2]
+[set]
+"train.steps" = 4
+"eval.samples" = 8
+[axes]
+model = [
+  { label = "lstm16", mixer = { kind = "lstm" }, d_model = 16 },
+  { label = "gru8", mixer = { kind = "gru" }, d_model = 8 },
+]
+length = [24]
+"run.seed" = [0, 1]
+"#
+        .replace(
+            "../../configs",
+            &std::env::current_dir()
+                .unwrap()
+                .join("configs")
+                .display()
+                .to_string(),
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let o = out.to_str().unwrap();
+    let s = sweep.to_str().unwrap();
+    let first = estafet(&["sweep", s, "--out", o, "--shard", "1/2"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let done = |name: &str| out.join(name).join("summary.json").is_file();
+    assert!(done("lstm16-length24-seed1") && done("gru8-length24-seed1"));
+    assert!(
+        !done("lstm16-length24-seed0"),
+        "the other shard's runs wait"
+    );
+    let second = estafet(&["sweep", s, "--out", o, "--shard", "0/2", "--jobs", "2"]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    let report = String::from_utf8_lossy(&second.stdout);
+    assert!(
+        report.contains("| lstm16 |") && report.contains("| gru8 |"),
+        "{report}"
+    );
+    assert!(
+        report.contains("(0/2)") || report.contains("(1/2)") || report.contains("(2/2)"),
+        "{report}"
+    );
+    assert!(
+        report.contains("T = 48"),
+        "length generalisation at 2L: {report}"
+    );
+    for plot in [
+        "copy_memory-by-length.png",
+        "copy_memory-learning.svg",
+        "copy_memory-length-generalisation.png",
+    ] {
+        assert!(out.join("plots").join(plot).is_file(), "{plot}");
+    }
+    // Restarted: nothing to run.
+    let third = estafet(&["sweep", s, "--out", o]);
+    assert!(
+        stderr(&third).contains("4 already complete"),
+        "{}",
+        stderr(&third)
+    );
+    let report = estafet(&["report", o]);
+    assert!(report.status.success());
+    assert!(out.join("report.md").is_file());
+
+    std::fs::write(&sweep, "base = \"x.toml\"\n[axes]\nlength = 5\n").unwrap();
+    let bad = estafet(&["sweep", s, "--out", o]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stderr(&bad).contains("axes.length: expected a non-empty array"),
+        "{}",
+        stderr(&bad)
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -12,8 +12,10 @@ pub mod config;
 pub mod gradflow;
 pub mod infer;
 pub mod plot;
+pub mod report;
 pub mod run_dir;
 pub mod saved;
+pub mod sweep;
 pub mod train;
 pub mod weights;
 

@@ -8,12 +8,14 @@ use anyhow::{Context, Result};
 use plotters::prelude::*;
 
 /// One labelled line.
+#[derive(Clone)]
 pub struct Curve {
     pub label: String,
     pub points: Vec<(f64, f64)>,
 }
 
 /// A dashed horizontal reference line (a baseline, a threshold).
+#[derive(Clone)]
 pub struct Reference {
     pub label: String,
     pub y: f64,

@@ -1,0 +1,382 @@
+//! `estafet report DIR`: a markdown report and plots from run directories alone.
+//!
+//! Every directory under `DIR` with a `summary.json` is a run. Runs are grouped by task, model
+//! (the sweep's label for its `model` axis when `DIR/sweep.json` exists, else the mixer kind) and
+//! trained length; figures are the mean over seeds with a 95% confidence interval (Student's t),
+//! and the fraction of seeds that reached the task's solved level.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde_json::Value;
+
+use crate::Error;
+use crate::plot::{Curve, Figure, Reference};
+
+/// One finished run, as its files tell it.
+struct RunRecord {
+    task: String,
+    model: String,
+    seq_len: u64,
+    metric_name: String,
+    baseline: f64,
+    solved_at: f64,
+    higher_is_better: bool,
+    params: u64,
+    state_size: u64,
+    metric: f64,
+    solved: bool,
+    tokens_per_second: f64,
+    peak_rss_mb: Option<f64>,
+    /// (length, metric) of the final model at other lengths.
+    lengths: Vec<(u64, f64)>,
+    /// (step, metric) of the held-out evaluations at the trained length.
+    curve: Vec<(f64, f64)>,
+}
+
+fn read_json(path: &Path) -> Result<Value, Error> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", path.display())))
+}
+
+fn model_labels(dir: &Path) -> BTreeMap<String, String> {
+    let Ok(Value::Array(runs)) = read_json(&dir.join("sweep.json")) else {
+        return BTreeMap::new();
+    };
+    runs.iter()
+        .filter_map(|r| {
+            let name = r["name"].as_str()?.to_string();
+            let label = r["labels"].as_array()?.iter().find_map(|pair| {
+                let key = pair[0].as_str()?;
+                (key == "model" || key.starts_with("model."))
+                    .then(|| pair[1].as_str().map(String::from))?
+            })?;
+            Some((name, label))
+        })
+        .collect()
+}
+
+fn load(dir: &Path) -> Result<Vec<RunRecord>, Error> {
+    let labels = model_labels(dir);
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::Config(format!("{}: cannot read: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("summary.json").is_file())
+        .collect();
+    if dir.join("summary.json").is_file() {
+        paths.push(dir.to_path_buf());
+    }
+    paths.sort();
+    let mut records = Vec::new();
+    for path in paths {
+        let summary = read_json(&path.join("summary.json"))?;
+        let run = read_json(&path.join("run.json"))?;
+        let task = &run["task"];
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let seq_len = task["seq_len"].as_u64().unwrap_or(0);
+        let metric_name = task["metric"].as_str().unwrap_or("metric").to_string();
+        let curve = std::fs::read_to_string(path.join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["split"] == "eval" && l["seq_len"].as_u64() == Some(seq_len))
+            .filter_map(|l| Some((l["step"].as_f64()?, l["metric"].as_f64()?)))
+            .collect();
+        let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+        records.push(RunRecord {
+            task: task["kind"].as_str().unwrap_or("?").to_string(),
+            model: labels
+                .get(&name)
+                .cloned()
+                .unwrap_or_else(|| summary["model"].as_str().unwrap_or("?").to_string()),
+            seq_len,
+            higher_is_better: metric_name == "token_accuracy",
+            metric_name,
+            baseline: f(&task["baseline_metric"]),
+            solved_at: f(&task["solved_metric"]),
+            params: run["params"].as_u64().unwrap_or(0),
+            state_size: run["state_size"].as_u64().unwrap_or(0),
+            metric: f(&summary["final_eval"]["metric"]),
+            solved: summary["final_eval"]["solved"].as_bool().unwrap_or(false),
+            tokens_per_second: f(&summary["train_tokens_per_second"]),
+            peak_rss_mb: summary["peak_rss_mb"].as_f64(),
+            lengths: summary["length_eval"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|e| Some((e["seq_len"].as_u64()?, e["metric"].as_f64()?)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            curve,
+        });
+    }
+    Ok(records)
+}
+
+/// Mean and half-width of the 95% confidence interval (Student's t; 0 for one value).
+pub fn mean_ci(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    let mean = values.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, 0.0);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    // Two-sided 97.5% quantiles of Student's t for 1..=9 degrees of freedom, then the normal.
+    const T: [f64; 9] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262,
+    ];
+    let t = T.get(n - 2).copied().unwrap_or(1.96);
+    (mean, t * (var / n as f64).sqrt())
+}
+
+fn cell(values: &[f64], solved: usize) -> String {
+    let (m, ci) = mean_ci(values);
+    if values.len() > 1 {
+        format!("{m:.3} ± {ci:.3} ({solved}/{})", values.len())
+    } else {
+        format!("{m:.3} ({solved}/1)")
+    }
+}
+
+/// Writes `DIR/report.md` and `DIR/plots/`; returns the markdown.
+pub fn write(dir: &Path) -> Result<String, Error> {
+    let records = load(dir)?;
+    if records.is_empty() {
+        return Err(Error::Config(format!(
+            "{}: no finished runs (no */summary.json)",
+            dir.display()
+        )));
+    }
+    let plots = dir.join("plots");
+    std::fs::create_dir_all(&plots)
+        .with_context(|| format!("cannot create {}", plots.display()))?;
+    let mut md = format!(
+        "# Report: {}\n\n{} runs. Cells: final held-out metric, mean ± 95% CI over seeds, and how many \
+         seeds reached the task's solved level.\n",
+        dir.display(),
+        records.len()
+    );
+    let tasks: BTreeSet<&str> = records.iter().map(|r| r.task.as_str()).collect();
+    for task in tasks {
+        let rs: Vec<&RunRecord> = records.iter().filter(|r| r.task == task).collect();
+        let first = rs[0];
+        let lengths: BTreeSet<u64> = rs.iter().map(|r| r.seq_len).collect();
+        let mut models: Vec<&str> = Vec::new();
+        for r in &rs {
+            if !models.contains(&r.model.as_str()) {
+                models.push(&r.model);
+            }
+        }
+        md.push_str(&format!(
+            "\n## {task}\n\nMetric: {} ({}); baseline {:.4}, solved at {:.4}.\n\n",
+            first.metric_name,
+            if first.higher_is_better {
+                "higher is better"
+            } else {
+                "lower is better"
+            },
+            first.baseline,
+            first.solved_at
+        ));
+        md.push_str("| model | params | state floats |");
+        for l in &lengths {
+            md.push_str(&format!(" T = {l} |"));
+        }
+        md.push_str(" train tokens/s | peak RSS MB |\n|---|---|---|");
+        md.push_str(&"---|".repeat(lengths.len() + 2));
+        md.push('\n');
+        let mut by_length = Vec::new();
+        for model in &models {
+            let mine: Vec<&&RunRecord> = rs.iter().filter(|r| r.model == *model).collect();
+            let longest = mine.iter().map(|r| r.seq_len).max().unwrap_or(0);
+            let state = mine
+                .iter()
+                .find(|r| r.seq_len == longest)
+                .map_or(0, |r| r.state_size);
+            md.push_str(&format!(
+                "| {model} | {} | {state} (T = {longest}) |",
+                mine[0].params
+            ));
+            let mut points = Vec::new();
+            for l in &lengths {
+                let at: Vec<&&&RunRecord> = mine.iter().filter(|r| r.seq_len == *l).collect();
+                if at.is_empty() {
+                    md.push_str(" – |");
+                    continue;
+                }
+                let values: Vec<f64> = at.iter().map(|r| r.metric).collect();
+                let solved = at.iter().filter(|r| r.solved).count();
+                md.push_str(&format!(" {} |", cell(&values, solved)));
+                points.push((*l as f64, mean_ci(&values).0));
+            }
+            let tps: Vec<f64> = mine.iter().map(|r| r.tokens_per_second).collect();
+            let rss: Vec<f64> = mine.iter().filter_map(|r| r.peak_rss_mb).collect();
+            md.push_str(&format!(
+                " {:.0} | {} |\n",
+                mean_ci(&tps).0,
+                if rss.is_empty() {
+                    "–".into()
+                } else {
+                    format!("{:.0}", rss.iter().copied().fold(0.0, f64::max))
+                }
+            ));
+            by_length.push(Curve {
+                label: model.to_string(),
+                points,
+            });
+        }
+        let references = vec![
+            Reference {
+                label: "baseline".into(),
+                y: first.baseline,
+            },
+            Reference {
+                label: "solved".into(),
+                y: first.solved_at,
+            },
+        ];
+        let log_x = lengths.len() > 1
+            && *lengths.iter().last().unwrap() as f64 / *lengths.iter().next().unwrap() as f64
+                >= 4.0;
+        let stem = |what: &str| plots.join(format!("{task}-{what}"));
+        Figure {
+            title: format!("{task}: final {} by training length", first.metric_name),
+            x_label: "sequence length T".into(),
+            y_label: first.metric_name.clone(),
+            log_x,
+            log_y: false,
+            curves: by_length,
+            references: references.clone(),
+        }
+        .save(&stem("by-length"))?;
+        md.push_str(&format!(
+            "\n![{task} by length](plots/{task}-by-length.png)\n"
+        ));
+
+        // Learning curves at the longest length, mean over seeds at each evaluated step.
+        let longest = *lengths.iter().last().unwrap();
+        let curves = models
+            .iter()
+            .map(|model| {
+                let mut steps: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+                for r in rs
+                    .iter()
+                    .filter(|r| r.model == *model && r.seq_len == longest)
+                {
+                    for &(s, m) in &r.curve {
+                        steps.entry(s as u64).or_default().push(m);
+                    }
+                }
+                Curve {
+                    label: model.to_string(),
+                    points: steps
+                        .iter()
+                        .map(|(s, v)| (*s as f64, mean_ci(v).0))
+                        .collect(),
+                }
+            })
+            .collect();
+        Figure {
+            title: format!(
+                "{task}: held-out {} during training, T = {longest}",
+                first.metric_name
+            ),
+            x_label: "step".into(),
+            y_label: first.metric_name.clone(),
+            log_x: false,
+            log_y: false,
+            curves,
+            references: references.clone(),
+        }
+        .save(&stem("learning"))?;
+        md.push_str(&format!(
+            "![{task} learning curves](plots/{task}-learning.png)\n"
+        ));
+
+        // Length generalisation: runs trained at the shortest length, evaluated longer.
+        let shortest = *lengths.iter().next().unwrap();
+        let trained: Vec<&&RunRecord> = rs
+            .iter()
+            .filter(|r| r.seq_len == shortest && !r.lengths.is_empty())
+            .collect();
+        if !trained.is_empty() {
+            let eval_lengths: BTreeSet<u64> = trained
+                .iter()
+                .flat_map(|r| r.lengths.iter().map(|p| p.0))
+                .collect();
+            md.push_str(&format!(
+                "\nLength generalisation (trained at T = {shortest}, evaluated at longer T):\n\n| model | T = {shortest} |"
+            ));
+            for l in &eval_lengths {
+                md.push_str(&format!(" T = {l} |"));
+            }
+            md.push_str("\n|---|---|");
+            md.push_str(&"---|".repeat(eval_lengths.len()));
+            md.push('\n');
+            let mut curves = Vec::new();
+            for model in &models {
+                let mine: Vec<&&&RunRecord> =
+                    trained.iter().filter(|r| r.model == *model).collect();
+                if mine.is_empty() {
+                    continue;
+                }
+                let own: Vec<f64> = mine.iter().map(|r| r.metric).collect();
+                let mut points = vec![(shortest as f64, mean_ci(&own).0)];
+                md.push_str(&format!("| {model} | {:.3} |", mean_ci(&own).0));
+                for l in &eval_lengths {
+                    let v: Vec<f64> = mine
+                        .iter()
+                        .filter_map(|r| r.lengths.iter().find(|p| p.0 == *l).map(|p| p.1))
+                        .collect();
+                    if v.is_empty() {
+                        md.push_str(" – |");
+                    } else {
+                        md.push_str(&format!(" {:.3} |", mean_ci(&v).0));
+                        points.push((*l as f64, mean_ci(&v).0));
+                    }
+                }
+                md.push('\n');
+                curves.push(Curve {
+                    label: model.to_string(),
+                    points,
+                });
+            }
+            Figure {
+                title: format!("{task}: trained at T = {shortest}, evaluated longer"),
+                x_label: "evaluation length".into(),
+                y_label: first.metric_name.clone(),
+                log_x: true,
+                log_y: false,
+                curves,
+                references: references.clone(),
+            }
+            .save(&stem("length-generalisation"))?;
+            md.push_str(&format!(
+                "\n![{task} length generalisation](plots/{task}-length-generalisation.png)\n"
+            ));
+        }
+    }
+    crate::run_dir::write_atomic(&dir.join("report.md"), md.as_bytes())?;
+    Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confidence_interval_uses_students_t() {
+        let (m, ci) = mean_ci(&[1.0, 2.0, 3.0]);
+        assert_eq!(m, 2.0);
+        // s = 1, n = 3: 4.303 / √3
+        assert!((ci - 4.303 / 3f64.sqrt()).abs() < 1e-12);
+        assert_eq!(mean_ci(&[5.0]), (5.0, 0.0));
+    }
+}

@@ -1,0 +1,263 @@
+//! `estafet sweep`: a base config and axes, run as a grid of ordinary runs.
+//!
+//! ```toml
+//! base = "../../configs/copy-lstm.toml"   # relative to this file
+//! length_factors = [2, 4]                 # evaluate each run at 2L and 4L too (optional)
+//! [set]                                   # overrides for every run (optional)
+//! "train.steps" = 500
+//! [axes]                                  # the grid: every combination, in this order
+//! model = [                               # a table value replaces the field whole;
+//!   { label = "lstm", mixer = { kind = "lstm" }, d_model = 64 },      # `label` names it
+//!   { label = "mamba", mixer = { kind = "mamba" }, d_model = 32, layout = "residual" },
+//! ]
+//! length = [64, 256]                      # the task's length (any task: TaskConfig::with_seq_len)
+//! "run.seed" = [0, 1, 2]
+//! ```
+//!
+//! Run `i` of the grid lives in `OUT/NAME` (the labels of its axis values). A run whose
+//! `summary.json` exists is skipped, one with a checkpoint resumes, so a sweep that was stopped
+//! continues where it was. `--shard I/N` takes runs `i ≡ I (mod N)`, so that N machines (a
+//! Slurm array) can share one directory; `--jobs J` runs J at a time here. Each run is a child
+//! `estafet run --resume` of its resolved config, so its peak memory is its own.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{self, ConfigSource, ExperimentConfig};
+use crate::{Backend, Error};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SweepFile {
+    base: Option<PathBuf>,
+    #[serde(rename = "base_config")]
+    inline_base: Option<toml::Table>,
+    #[serde(default)]
+    length_factors: Vec<usize>,
+    #[serde(default)]
+    set: toml::Table,
+    axes: toml::Table,
+}
+
+/// One run of the grid.
+#[derive(Clone, Debug, Serialize)]
+pub struct SweepRun {
+    pub index: usize,
+    pub name: String,
+    /// Axis → label of its value in this run.
+    pub labels: Vec<(String, String)>,
+    #[serde(skip)]
+    pub config: ExperimentConfig,
+}
+
+/// The grid of `path`, every config resolved and validated before anything runs.
+pub fn expand(path: &Path) -> Result<Vec<SweepRun>, Error> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("{name}: cannot read sweep: {e}")))?;
+    let sweep: SweepFile = toml::from_str(&text)
+        .map_err(|e| Error::Config(format!("{name}: {}", e.message().trim())))?;
+    let mut axes: Vec<(String, Vec<toml::Value>)> = Vec::new();
+    for (key, values) in &sweep.axes {
+        let values = values.as_array().filter(|a| !a.is_empty()).ok_or_else(|| {
+            Error::Config(format!("{name}: axes.{key}: expected a non-empty array"))
+        })?;
+        axes.push((key.clone(), values.clone()));
+    }
+    let base = match (&sweep.base, &sweep.inline_base) {
+        (Some(file), None) => {
+            let file = path.parent().unwrap_or(Path::new(".")).join(file);
+            ConfigSource::read(&file)?
+        }
+        (None, Some(table)) => ConfigSource {
+            name: format!("{name} [base_config]"),
+            text: toml::to_string(table).expect("a table serialises"),
+        },
+        _ => {
+            return Err(Error::Config(format!(
+                "{name}: give exactly one of `base = \"FILE\"` or a `[base_config]` table"
+            )));
+        }
+    };
+    let set: Vec<String> = sweep.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let total: usize = axes.iter().map(|(_, v)| v.len()).product();
+    let mut runs = Vec::with_capacity(total);
+    for index in 0..total {
+        let mut rest = index;
+        let mut overrides = set.clone();
+        let mut labels = Vec::new();
+        let mut length = None;
+        // The last axis varies fastest.
+        let mut picks = vec![0; axes.len()];
+        for (i, (_, values)) in axes.iter().enumerate().rev() {
+            picks[i] = rest % values.len();
+            rest /= values.len();
+        }
+        for ((key, values), &pick) in axes.iter().zip(&picks) {
+            let mut value = values[pick].clone();
+            let label = label_of(key, &mut value, pick);
+            labels.push((key.clone(), label));
+            if key == "length" {
+                length = Some(value.as_integer().filter(|&l| l > 0).ok_or_else(|| {
+                    Error::Config(format!(
+                        "{name}: axes.length: {value} is not a positive integer"
+                    ))
+                })? as usize);
+            } else {
+                overrides.push(format!("{key}={value}"));
+            }
+        }
+        let mut config = config::load(&base, &overrides)
+            .map_err(|e| Error::Config(format!("{name}: run {index}: {e}")))?;
+        if let Some(length) = length {
+            config.task = config
+                .task
+                .with_seq_len(length)
+                .map_err(|e| Error::Config(format!("{name}: axes.length {length}: {e}")))?;
+        }
+        if !sweep.length_factors.is_empty() {
+            let own = config
+                .task
+                .build()
+                .map_err(|e| Error::Config(format!("{name}: run {index}: {e}")))?
+                .info()
+                .seq_len;
+            config.eval.lengths = sweep.length_factors.iter().map(|f| f * own).collect();
+        }
+        config
+            .validate()
+            .map_err(|e| Error::Config(format!("{name}: run {index}: {e}")))?;
+        let run_name = labels
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("-");
+        runs.push(SweepRun {
+            index,
+            name: run_name,
+            labels,
+            config,
+        });
+    }
+    Ok(runs)
+}
+
+/// A short label for an axis value: its `label` key (removed), else a table's `kind` or
+/// `mixer.kind`, else `key=value` for scalars.
+fn label_of(key: &str, value: &mut toml::Value, pick: usize) -> String {
+    if let Some(table) = value.as_table_mut() {
+        if let Some(toml::Value::String(l)) = table.remove("label") {
+            return l;
+        }
+        let kind = table
+            .get("kind")
+            .or_else(|| table.get("mixer").and_then(|m| m.get("kind")))
+            .and_then(|k| k.as_str());
+        return kind.map_or_else(|| format!("{key}{pick}"), str::to_string);
+    }
+    let short = key.rsplit('.').next().unwrap_or(key);
+    let shown = match value {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    format!("{short}{shown}")
+}
+
+/// Where a sweep stands.
+pub struct Progress {
+    pub ran: usize,
+    pub skipped: usize,
+    pub failed: Vec<String>,
+}
+
+/// Runs the shard's part of the grid in `out`, `jobs` at a time.
+pub fn run(
+    runs: &[SweepRun],
+    out: &Path,
+    shard: (usize, usize),
+    jobs: usize,
+    backend: Backend,
+) -> Result<Progress, Error> {
+    std::fs::create_dir_all(out.join(".configs"))
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    crate::run_dir::write_atomic(
+        &out.join("sweep.json"),
+        serde_json::to_string_pretty(runs)
+            .expect("runs serialise")
+            .as_bytes(),
+    )?;
+    let exe = std::env::current_exe().context("cannot find the estafet executable")?;
+    let mut queue: VecDeque<&SweepRun> = VecDeque::new();
+    let mut skipped = 0;
+    for r in runs.iter().filter(|r| r.index % shard.1 == shard.0) {
+        if out.join(&r.name).join("summary.json").is_file() {
+            skipped += 1;
+        } else {
+            queue.push_back(r);
+        }
+    }
+    let mine = queue.len() + skipped;
+    eprintln!(
+        "sweep: {} runs in the grid, {mine} in shard {}/{}, {skipped} already complete; {jobs} at a time",
+        runs.len(),
+        shard.0,
+        shard.1
+    );
+    let mut running: Vec<(Child, &SweepRun)> = Vec::new();
+    let mut progress = Progress {
+        ran: 0,
+        skipped,
+        failed: Vec::new(),
+    };
+    while !queue.is_empty() || !running.is_empty() {
+        while running.len() < jobs {
+            let Some(r) = queue.pop_front() else { break };
+            let config_path = out.join(".configs").join(format!("{}.toml", r.name));
+            crate::run_dir::write_atomic(&config_path, r.config.to_toml().as_bytes())?;
+            let run_dir = out.join(&r.name);
+            let log = std::fs::File::create(out.join(".configs").join(format!("{}.log", r.name)))
+                .context("cannot create a run log")?;
+            let child = Command::new(&exe)
+                .args([
+                    "run",
+                    "--quiet",
+                    "--resume",
+                    "--backend",
+                    backend.name(),
+                    "--out",
+                ])
+                .arg(&run_dir)
+                .arg(&config_path)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("cannot start a run")?;
+            running.push((child, r));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mut i = 0;
+        while i < running.len() {
+            if let Some(status) = running[i].0.try_wait().context("cannot wait for a run")? {
+                let (_, r) = running.remove(i);
+                progress.ran += 1;
+                let done = progress.ran + progress.skipped;
+                if status.success() {
+                    eprintln!("[{done}/{mine}] {}: done", r.name);
+                } else {
+                    let log = out.join(".configs").join(format!("{}.log", r.name));
+                    let last = std::fs::read_to_string(&log).unwrap_or_default();
+                    let last = last.lines().last().unwrap_or("").to_string();
+                    eprintln!("[{done}/{mine}] {}: FAILED: {last}", r.name);
+                    progress.failed.push(r.name.clone());
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+    Ok(progress)
+}
