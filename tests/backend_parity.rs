@@ -70,6 +70,8 @@ fn model_config(mixer: MixerConfig) -> ModelConfig {
         n_layers: 2,
         layout: Layout::Residual,
         mlp_expand: 2,
+        match_params: None,
+        match_state: None,
     }
 }
 

@@ -145,6 +145,8 @@ pub fn measure(
         n_layers: 1,
         layout: Layout::Stacked,
         mlp_expand: 0,
+        match_params: None,
+        match_state: None,
     };
     config
         .validate()

@@ -28,6 +28,8 @@ pub fn models(d_model: usize, seq_len: usize, backend: Backend) -> Result<Vec<Mo
                 n_layers: 1,
                 layout: Layout::Stacked,
                 mlp_expand: 0,
+                match_params: None,
+                match_state: None,
             };
             config
                 .validate()

@@ -102,6 +102,10 @@ struct RunInfo<'a> {
     started_at: String,
     model: &'static str,
     task: &'a TaskInfo,
+    /// The width, and the budget it was chosen for (`model.match_params`/`match_state`).
+    d_model: usize,
+    match_params: Option<usize>,
+    match_state: Option<usize>,
     params: usize,
     state_size: usize,
 }
@@ -196,6 +200,9 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
                     .to_string(),
                 model: model_kind,
                 task: &info,
+                d_model: config.model.d_model,
+                match_params: config.model.match_params,
+                match_state: config.model.match_state,
                 params,
                 state_size,
             },

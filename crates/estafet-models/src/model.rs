@@ -44,6 +44,13 @@ pub struct ModelConfig {
     /// Residual layout only.
     #[serde(default)]
     pub mlp_expand: usize,
+    /// A parameter budget: `d_model` is then chosen as the valid width whose model lands
+    /// nearest it (iso-parameter comparisons). Resolved by the experiment config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_params: Option<usize>,
+    /// A state budget in floats per sequence at the task's length (iso-state comparisons).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_state: Option<usize>,
 }
 
 fn one() -> usize {
@@ -334,6 +341,8 @@ mod tests {
                     n_layers: 2,
                     layout,
                     mlp_expand,
+                    match_params: None,
+                    match_state: None,
                 };
                 let io = ModelIo {
                     input: InputSpec::Tokens { vocab: 7 },

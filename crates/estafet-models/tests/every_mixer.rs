@@ -51,6 +51,8 @@ fn model_config(mixer: MixerConfig, d_model: usize) -> ModelConfig {
         n_layers: 2,
         layout,
         mlp_expand: 0,
+        match_params: None,
+        match_state: None,
     }
 }
 
