@@ -27,7 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train and evaluate one experiment; without CONFIG, the embedded default experiment.
+    /// Train and evaluate one experiment; without CONFIG, the quickstart: every architecture
+    /// on copy memory, then the report.
     Run {
         /// A TOML experiment config (see configs/).
         config: Option<PathBuf>,
@@ -267,10 +268,10 @@ fn execute(cli: Cli) -> Result<(), Error> {
             quiet,
             resume,
         } => {
-            let source = match &config {
-                Some(path) => ConfigSource::read(path)?,
-                None => ConfigSource::embedded_default(),
+            let Some(path) = &config else {
+                return quickstart(common, out);
             };
+            let source = ConfigSource::read(path)?;
             let experiment = config::load(&source, &common.overrides)?;
             let backend = resolve_backend(common.backend)?;
             let out = out.unwrap_or_else(|| default_run_dir(source.stem()));
@@ -745,6 +746,36 @@ fn execute(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
     }
+}
+
+/// `estafet run` with no config: the embedded comparison of every architecture, two runs at a
+/// time, ending with the report.
+fn quickstart(common: Common, out: Option<PathBuf>) -> Result<(), Error> {
+    if !common.overrides.is_empty() {
+        return Err(Error::Config(
+            "--set needs a CONFIG; the quickstart (`estafet run` alone) takes none".into(),
+        ));
+    }
+    let backend = resolve_backend(common.backend)?;
+    let (name, text) = sweep::QUICKSTART;
+    let runs = sweep::expand_text(&format!("embedded:{name}"), text, std::path::Path::new("."))?;
+    let out = out.unwrap_or_else(|| default_run_dir(name));
+    eprintln!(
+        "quickstart: {} architectures on copy memory (lag 20) → {}",
+        runs.len(),
+        out.display()
+    );
+    let progress = sweep::run(&runs, &out, (0, 1), 2, backend)?;
+    if !progress.failed.is_empty() {
+        return Err(Error::Runtime(anyhow::anyhow!(
+            "quickstart runs failed (logs in {}/.configs/): {}",
+            out.display(),
+            progress.failed.join(", ")
+        )));
+    }
+    print!("{}", report::write(&out)?);
+    println!("\nreport, plots and every run in {}", out.display());
+    Ok(())
 }
 
 fn resolve_backend(asked: Option<Backend>) -> Result<Backend, Error> {

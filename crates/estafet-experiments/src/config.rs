@@ -11,10 +11,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
-/// The experiment `estafet run` performs when given no config.
-pub const EMBEDDED_DEFAULT: (&str, &str) =
-    ("copy-lstm", include_str!("../../../configs/copy-lstm.toml"));
-
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExperimentConfig {
@@ -161,7 +157,7 @@ pub struct RunConfig {
     pub seed: u64,
 }
 
-/// Config text and the name errors are reported under (a path, or `embedded:NAME`).
+/// Config text and the name errors are reported under (usually its path).
 #[derive(Clone, Debug)]
 pub struct ConfigSource {
     pub name: String,
@@ -178,17 +174,9 @@ impl ConfigSource {
         })
     }
 
-    pub fn embedded_default() -> Self {
-        Self {
-            name: format!("embedded:{}", EMBEDDED_DEFAULT.0),
-            text: EMBEDDED_DEFAULT.1.to_string(),
-        }
-    }
-
-    /// A short name for run directories: the file stem, or the embedded name.
+    /// A short name for run directories: the file stem.
     pub fn stem(&self) -> &str {
-        let name = self.name.strip_prefix("embedded:").unwrap_or(&self.name);
-        Path::new(name)
+        Path::new(&self.name)
             .file_stem()
             .and_then(|s| s.to_str())
             .unwrap_or("run")
@@ -424,9 +412,16 @@ fn located(name: &str, text: &str, e: &toml::de::Error, path: Option<&str>) -> S
 mod tests {
     use super::*;
 
+    fn copy_lstm() -> ConfigSource {
+        ConfigSource {
+            name: "configs/copy-lstm.toml".into(),
+            text: include_str!("../../../configs/copy-lstm.toml").into(),
+        }
+    }
+
     #[test]
     fn a_parameter_budget_picks_the_nearest_width() {
-        let source = ConfigSource::embedded_default();
+        let source = copy_lstm();
         let config = load(&source, &["model.match_params=50000".into()]).unwrap();
         let io = crate::train::model_io(&config.task.build().unwrap().info());
         let device = crate::Backend::default_compiled()
@@ -484,8 +479,8 @@ steps = 3
     }
 
     #[test]
-    fn embedded_default_loads_and_round_trips() {
-        let config = load(&ConfigSource::embedded_default(), &[]).unwrap();
+    fn the_shipped_default_loads_and_round_trips() {
+        let config = load(&copy_lstm(), &[]).unwrap();
         let again = load(&source(&config.to_toml()), &[]).unwrap();
         assert_eq!(config, again);
     }

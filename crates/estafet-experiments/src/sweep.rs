@@ -54,12 +54,24 @@ pub struct SweepRun {
     pub config: ExperimentConfig,
 }
 
-/// The grid of `path`, every config resolved and validated before anything runs.
+/// The grid of the sweep file `path`, every config resolved and validated before anything runs.
 pub fn expand(path: &Path) -> Result<Vec<SweepRun>, Error> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Config(format!("{name}: cannot read sweep: {e}")))?;
-    let sweep: SweepFile = toml::from_str(&text)
+    expand_text(&name, &text, path.parent().unwrap_or(Path::new(".")))
+}
+
+/// The embedded quickstart: every architecture on one long-context task, small enough to run
+/// in a few minutes (`estafet run` with no config).
+pub const QUICKSTART: (&str, &str) = (
+    "quickstart",
+    include_str!("../../../experiments/quickstart/sweep.toml"),
+);
+
+/// The grid of sweep text `text` (named `name` in errors; `base` relative to `dir`).
+pub fn expand_text(name: &str, text: &str, dir: &Path) -> Result<Vec<SweepRun>, Error> {
+    let sweep: SweepFile = toml::from_str(text)
         .map_err(|e| Error::Config(format!("{name}: {}", e.message().trim())))?;
     let mut axes: Vec<(String, Vec<toml::Value>)> = Vec::new();
     for (key, values) in &sweep.axes {
@@ -70,7 +82,7 @@ pub fn expand(path: &Path) -> Result<Vec<SweepRun>, Error> {
     }
     let base = match (&sweep.base, &sweep.inline_base) {
         (Some(file), None) => {
-            let file = path.parent().unwrap_or(Path::new(".")).join(file);
+            let file = dir.join(file);
             ConfigSource::read(&file)?
         }
         (None, Some(table)) => ConfigSource {
@@ -260,4 +272,52 @@ pub fn run(
         }
     }
     Ok(progress)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quickstart_compares_every_architecture() {
+        let runs = expand_text("quickstart", QUICKSTART.1, Path::new(".")).unwrap();
+        let kinds: Vec<&str> = runs.iter().map(|r| r.config.model.mixer.kind()).collect();
+        assert_eq!(kinds, estafet_models::MixerConfig::KINDS);
+        assert!(runs.iter().all(|r| r.config.eval.lengths == [80]));
+    }
+
+    #[test]
+    fn axes_vary_the_last_fastest_and_name_runs_by_label() {
+        let text = r#"
+            [base_config.model]
+            d_model = 8
+            [base_config.model.mixer]
+            kind = "gru"
+            [base_config.task]
+            kind = "parity"
+            [base_config.train]
+            steps = 1
+            [axes]
+            "optim.lr" = [0.1, 0.01]
+            length = [16, 32]
+        "#;
+        let runs = expand_text("t", text, Path::new(".")).unwrap();
+        let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "lr0.1-length16",
+                "lr0.1-length32",
+                "lr0.01-length16",
+                "lr0.01-length32"
+            ]
+        );
+        assert_eq!(runs[3].config.optim.lr, 0.01);
+        assert_eq!(runs[3].config.task.build().unwrap().info().seq_len, 32);
+        let bad = expand_text("t", &text.replace("0.01]", "-1.0]"), Path::new(".")).unwrap_err();
+        assert!(
+            bad.to_string().contains("optim.lr must be positive"),
+            "{bad}"
+        );
+    }
 }

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU check, in two halves, because the lent GPU machine has no Rust toolchain and no network:
+#
+#   experiments/bench/gpu.sh build   # here: release binaries with wgpu into .gpu/ (git-ignored)
+#   experiments/bench/gpu.sh run     # there (device tool, carry .gpu and .gl): parity + benchmark
+#
+# `run` names the GPU, runs the backend parity suite on wgpu (every model against ndarray:
+# outputs, states, gradients, training losses, checkpoints across backends), then
+# `estafet bench --backend wgpu` at T = 256 and T = 4096, writing everything under $OUT.
+# .gl holds Debian's Vulkan/GL loaders (libvulkan1 ...), which that image lacks; see
+# /work/.library/device/README.md for how they were fetched.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+bin=.gpu
+
+case "${1:-}" in
+build)
+  set -e
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/estafet/target}
+  cargo build --release --locked --features flex,wgpu
+  test_bin=$(cargo test --release --locked --features flex,wgpu --test backend_parity --no-run \
+    --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "backend_parity" and m.get("executable"):
+        print(m["executable"])')
+  mkdir -p "$bin"
+  cp "$CARGO_TARGET_DIR/release/estafet" "$bin/estafet"
+  cp "$test_bin" "$bin/backend_parity"
+  strip "$bin/estafet" "$bin/backend_parity"
+  du -sh "$bin"
+  ;;
+run)
+  out=${OUT:-/tmp/estafet-gpu}
+  mkdir -p "$out"
+  if [ -d .gl ] && ! ldconfig -p | grep -q libvulkan.so.1; then
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+  fi
+  icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  [ -f "$icd" ] && export VK_DRIVER_FILES=$icd
+  export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp/xdg}; mkdir -p "$XDG_RUNTIME_DIR"; chmod 700 "$XDG_RUNTIME_DIR"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+  "$bin/estafet" list backends | tee -a "$out/gpu.txt"
+  echo "== parity (wgpu vs ndarray)"
+  ESTAFET_PARITY_BACKEND=wgpu timeout "${PARITY_SECONDS:-240}" "$bin/backend_parity" --test-threads 1 --nocapture \
+    > "$out/parity.log" 2>&1
+  echo "parity exit $?" | tee -a "$out/parity.log"
+  grep -E "agree|match|test result|panicked|Δ" "$out/parity.log" | tail -25
+  for t in 256 4096; do
+    b=$([ "$t" = 256 ] && echo 32 || echo "${BATCH_4096:-8}")
+    echo "== bench wgpu, B $b, T $t"
+    timeout "${BENCH_SECONDS:-150}" "$bin/estafet" bench --backend wgpu --batch "$b" --seq-len "$t" \
+      --warmup 1 --steps 5 --max-seconds "${PHASE_SECONDS:-6}" --json > "$out/bench-wgpu-T$t.jsonl"
+    echo "bench exit $?"
+    cut -c1-200 "$out/bench-wgpu-T$t.jsonl"
+  done
+  ;;
+*)
+  echo "usage: experiments/bench/gpu.sh build|run" >&2
+  exit 2
+  ;;
+esac
