@@ -369,7 +369,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 );
             }
             let mut failed = false;
-            for r in bench::orchestrate(&options, &child_args)? {
+            bench::orchestrate(&options, &child_args, |r| {
                 if json {
                     println!("{r}");
                 } else if let Some(e) = r.get("error") {
@@ -397,7 +397,8 @@ fn execute(cli: Cli) -> Result<(), Error> {
                     );
                 }
                 failed |= r.get("error").is_some();
-            }
+                std::io::Write::flush(&mut std::io::stdout()).ok();
+            })?;
             if failed {
                 return Err(Error::Runtime(anyhow::anyhow!("a benchmark worker failed")));
             }

@@ -49,11 +49,13 @@ pub fn default_d_model(model: &str) -> usize {
 }
 
 /// Runs every model in a child process (this executable, `bench --worker MODEL`) with the
-/// thread count in its environment; returns one JSON object per model.
+/// thread count in its environment; hands each model's JSON object to `on_result` as soon as
+/// it is measured, so that an interrupted benchmark keeps what it measured.
 pub fn orchestrate(
     options: &BenchOptions,
     child_args: &[String],
-) -> Result<Vec<serde_json::Value>, Error> {
+    mut on_result: impl FnMut(&serde_json::Value),
+) -> Result<(), Error> {
     for m in &options.models {
         if !MixerConfig::KINDS.contains(&m.as_str()) {
             return Err(Error::Config(format!(
@@ -64,7 +66,6 @@ pub fn orchestrate(
     }
     let exe = std::env::current_exe().context("cannot find the estafet executable")?;
     let threads = options.threads.to_string();
-    let mut results = Vec::new();
     for m in &options.models {
         let out = Command::new(&exe)
             .args(child_args)
@@ -79,12 +80,12 @@ pub fn orchestrate(
             .last()
             .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|_| out.status.success());
-        results.push(parsed.unwrap_or_else(|| {
+        on_result(&parsed.unwrap_or_else(|| {
             let stderr = String::from_utf8_lossy(&out.stderr);
             serde_json::json!({ "model": m, "error": stderr.trim().lines().last().unwrap_or("no output") })
         }));
     }
-    Ok(results)
+    Ok(())
 }
 
 /// Peak resident set of this process so far, in MB (Linux `VmHWM`; `None` elsewhere).
@@ -96,7 +97,8 @@ pub fn peak_rss_mb() -> Option<f64> {
 }
 
 /// Calls `f` up to `warmup` times untimed, then times it up to `steps` times: the reference's
-/// `timed`, budget rules included. Returns the timed durations in seconds.
+/// `timed`, budget rules included (at least 3 timed calls, or `steps` if fewer are asked for,
+/// as a GPU run at long lengths does). Returns the timed durations in seconds.
 fn timed(mut f: impl FnMut(), warmup: usize, steps: usize, budget: f64) -> Vec<f64> {
     let start = Instant::now();
     for i in 0..warmup {
@@ -106,7 +108,9 @@ fn timed(mut f: impl FnMut(), warmup: usize, steps: usize, budget: f64) -> Vec<f
         f();
     }
     let mut times = Vec::new();
-    while times.len() < steps && (times.len() < 3 || start.elapsed().as_secs_f64() < budget) {
+    while times.len() < steps
+        && (times.len() < 3.min(steps) || start.elapsed().as_secs_f64() < budget)
+    {
         let t0 = Instant::now();
         f();
         times.push(t0.elapsed().as_secs_f64());
