@@ -42,19 +42,21 @@ fn read_json(path: &Path) -> Result<Value, Error> {
         .map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", path.display())))
 }
 
-fn model_labels(dir: &Path) -> BTreeMap<String, String> {
+/// Each sweep run's model label and grid index, from `DIR/sweep.json`.
+fn model_labels(dir: &Path) -> BTreeMap<String, (String, u64)> {
     let Ok(Value::Array(runs)) = read_json(&dir.join("sweep.json")) else {
         return BTreeMap::new();
     };
     runs.iter()
         .filter_map(|r| {
             let name = r["name"].as_str()?.to_string();
+            let index = r["index"].as_u64()?;
             let label = r["labels"].as_array()?.iter().find_map(|pair| {
                 let key = pair[0].as_str()?;
                 (key == "model" || key.starts_with("model."))
                     .then(|| pair[1].as_str().map(String::from))?
             })?;
-            Some((name, label))
+            Some((name, (label, index)))
         })
         .collect()
 }
@@ -69,7 +71,14 @@ fn load(dir: &Path) -> Result<Vec<RunRecord>, Error> {
     if dir.join("summary.json").is_file() {
         paths.push(dir.to_path_buf());
     }
-    paths.sort();
+    // The sweep's order (models as the sweep file lists them), else by name.
+    paths.sort_by_key(|p| {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        (labels.get(&name).map_or(u64::MAX, |l| l.1), name)
+    });
     let mut records = Vec::new();
     for path in paths {
         let summary = read_json(&path.join("summary.json"))?;
@@ -93,7 +102,7 @@ fn load(dir: &Path) -> Result<Vec<RunRecord>, Error> {
             task: task["kind"].as_str().unwrap_or("?").to_string(),
             model: labels
                 .get(&name)
-                .cloned()
+                .map(|l| l.0.clone())
                 .unwrap_or_else(|| summary["model"].as_str().unwrap_or("?").to_string()),
             seq_len,
             higher_is_better: metric_name == "token_accuracy",
