@@ -8,7 +8,8 @@
 #   experiments/bench/compare.sh --batch 8 --seq-len 4096 # the scaling points
 #
 # Environment: TORCH_BASELINE (the reference script), ESTAFET_VENV (where torch lives),
-# CARGO_TARGET_DIR (shared with CI), OUT (a directory for the raw JSON lines).
+# CARGO_TARGET_DIR (shared with CI), OUT (a directory for the raw JSON lines), ESTAFET_FEATURES
+# (cargo features of the build, default flex; flex,wgpu reuses the build of gpu.sh and CI).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -37,8 +38,9 @@ fi
 mambapy=$("$venv/bin/python" -c "import mambapy" 2>/dev/null && echo --include-mambapy || true)
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/estafet/target}
-echo "== building estafet (release, ndarray + flex)" >&2
-cargo build --release --locked --features flex --quiet
+features=${ESTAFET_FEATURES:-flex}
+echo "== building estafet (release, features $features)" >&2
+cargo build --release --locked --features "$features" --quiet
 estafet=$CARGO_TARGET_DIR/release/estafet
 
 out=${OUT:-$(mktemp -d)}
