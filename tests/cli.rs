@@ -894,3 +894,49 @@ length = [24]
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// `train.diagnostics` logs state norms, gate saturation and the RNN's spectral radius.
+#[test]
+fn diagnostics_are_logged_with_each_evaluation() {
+    for (config, gated) in [
+        ("configs/copy-rnn.toml", false),
+        ("configs/copy-lstm.toml", true),
+    ] {
+        let out = scratch(&format!("diag-{gated}"));
+        let run = estafet(&[
+            "run",
+            config,
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            "task.lag=5",
+            "--set",
+            "model.d_model=8",
+            "--set",
+            "train.steps=4",
+            "--set",
+            "train.eval_every=2",
+            "--set",
+            "eval.samples=8",
+            "--set",
+            "train.diagnostics=true",
+        ]);
+        assert!(run.status.success(), "{}", stderr(&run));
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|l: &serde_json::Value| l["split"] == "diagnostics")
+            .collect();
+        assert_eq!(lines.len(), 2, "one per evaluation");
+        let d = &lines[1];
+        let norms = d["state_norm"].as_array().unwrap();
+        assert_eq!(norms.len(), 5);
+        assert!(norms.iter().all(|p| p[1].as_f64().unwrap() > 0.0), "{d}");
+        assert_eq!(d["saturated_gates"].is_f64(), gated, "{d}");
+        let radius = d["spectral_radius"].as_array().unwrap();
+        assert_eq!(radius.len(), if gated { 0 } else { 1 }, "{d}");
+        std::fs::remove_dir_all(out).ok();
+    }
+}

@@ -47,6 +47,9 @@ pub struct TrainConfig {
     /// Stop after this many seconds of training (0: no limit). A run stopped by the clock is
     /// not reproducible step for step; its summary says why it stopped.
     pub max_seconds: f64,
+    /// Log state norms along a sequence, the fraction of saturated gates and the Elman RNN's
+    /// spectral radius with every evaluation (`split = "diagnostics"` in metrics.jsonl).
+    pub diagnostics: bool,
 }
 
 impl Default for TrainConfig {
@@ -60,6 +63,7 @@ impl Default for TrainConfig {
             init_from: None,
             stop_when_solved: false,
             max_seconds: 0.0,
+            diagnostics: false,
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod bench;
 pub mod catalog;
 pub mod config;
+pub mod diagnostics;
 pub mod gradflow;
 pub mod infer;
 pub mod plot;

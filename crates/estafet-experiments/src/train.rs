@@ -128,6 +128,11 @@ enum MetricsLine {
         loss: f64,
         metric: f64,
     },
+    Diagnostics {
+        step: usize,
+        #[serde(flatten)]
+        figures: crate::diagnostics::Diagnostics,
+    },
 }
 
 /// Trains `config` and writes its run directory; returns the summary also written there.
@@ -317,6 +322,23 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
             ));
             solved = result.solved;
             last_eval = Some(result);
+            if train.diagnostics {
+                let figures = crate::diagnostics::measure(&model.valid(), &eval_set, &device);
+                report(format!(
+                    "step {step:>6}: state norm {}; saturated gates {}; spectral radius {:?}",
+                    figures
+                        .state_norm
+                        .iter()
+                        .map(|(t, n)| format!("{n:.3} at t {t}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    figures
+                        .saturated_gates
+                        .map_or("-".into(), |f| format!("{:.1}%", 100.0 * f)),
+                    figures.spectral_radius
+                ));
+                dir.append_jsonl("metrics.jsonl", &MetricsLine::Diagnostics { step, figures })?;
+            }
         }
         let stop_solved = solved && train.stop_when_solved;
         let stop = last || stop_solved;

@@ -87,6 +87,28 @@ impl Gru {
         (h.clone(), h)
     }
 
+    /// The sigmoid gates `r, z` one step from `h` would use, `[B, 2H]`: what the saturation
+    /// diagnostic reads.
+    pub fn gates(&self, x_t: Tensor<2>, h: Option<&Tensor<2>>) -> Tensor<2> {
+        let [batch, _] = x_t.dims();
+        let h = h
+            .cloned()
+            .unwrap_or_else(|| self.zeros(batch, &x_t.device()));
+        let [xr, xz, _]: [Tensor<2>; 3] = self
+            .input
+            .forward(x_t)
+            .chunk(3, 1)
+            .try_into()
+            .expect("3H splits into three gates");
+        let [hr, hz, _]: [Tensor<2>; 3] = self
+            .hidden
+            .forward(h)
+            .chunk(3, 1)
+            .try_into()
+            .expect("3H splits into three gates");
+        sigmoid(Tensor::cat(vec![xr + hr, xz + hz], 1))
+    }
+
     fn cell(&self, gates_x: Tensor<2>, h: Tensor<2>) -> Tensor<2> {
         let [xr, xz, xn]: [Tensor<2>; 3] = gates_x
             .chunk(3, 1)

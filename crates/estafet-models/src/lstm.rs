@@ -118,6 +118,21 @@ impl Lstm {
         (state.h.clone(), state)
     }
 
+    /// The sigmoid gates `i, f, o` one step from `state` would use, `[B, 3H]`: what the
+    /// saturation diagnostic reads.
+    pub fn gates(&self, x_t: Tensor<2>, state: Option<&LstmState>) -> Tensor<2> {
+        let [batch, _] = x_t.dims();
+        let h = state.map_or_else(
+            || Tensor::zeros([batch, self.d_hidden()], &x_t.device()),
+            |s| s.h.clone(),
+        );
+        let [i, f, _, o]: [Tensor<2>; 4] = (self.input.forward(x_t) + self.hidden.forward(h))
+            .chunk(4, 1)
+            .try_into()
+            .expect("4H splits into four gates");
+        sigmoid(Tensor::cat(vec![i, f, o], 1))
+    }
+
     /// The cell update given the input's share of the gate pre-activations `[B, 4H]`.
     fn cell(&self, gates_x: Tensor<2>, LstmState { h, c }: LstmState) -> LstmState {
         let gates = gates_x + self.hidden.forward(h);

@@ -110,6 +110,17 @@ impl MinGru {
         }
     }
 
+    /// The update gate `z_t = σ(k_t)`, `[B, H]` (it depends on the input alone).
+    pub fn gates(&self, x_t: Tensor<2>) -> Tensor<2> {
+        let [_, k]: [Tensor<2>; 2] = self
+            .input
+            .forward(x_t)
+            .chunk(2, 1)
+            .try_into()
+            .expect("2H splits in two");
+        sigmoid(k)
+    }
+
     /// `x_t [B, D]`, `h_{t-1}` → `h_t`, returned as output and as state.
     pub fn step(&self, x_t: Tensor<2>, state: Option<Tensor<2>>) -> (Tensor<2>, Tensor<2>) {
         let (y, h) = self.forward_with(x_t.unsqueeze_dim(1), state, Scan::Sequential);

@@ -378,12 +378,48 @@ impl Mixer {
     }
 }
 
+impl Mixer {
+    /// The sigmoid gate activations one `step` from `state` would use (LSTM `i, f, o`; GRU
+    /// `r, z`; minGRU `z`), `[B, G]`, for the saturation diagnostic; `None` for mixers whose
+    /// memory is not gated that way.
+    pub fn gates(&self, x_t: Tensor<2>, state: Option<&MixerState>) -> Option<Tensor<2>> {
+        let hidden = match state {
+            Some(MixerState::Hidden(h)) => Some(h),
+            _ => None,
+        };
+        match self {
+            Mixer::Lstm(cell) => Some(cell.gates(
+                x_t,
+                match state {
+                    Some(MixerState::Lstm(s)) => Some(s),
+                    _ => None,
+                },
+            )),
+            Mixer::Gru(cell) => Some(cell.gates(x_t, hidden)),
+            Mixer::MinGru(cell) => Some(cell.gates(x_t)),
+            _ => None,
+        }
+    }
+
+    /// The Elman RNN's recurrent matrix `W_hh`, whose spectral radius governs how fast its
+    /// memory fades; `None` for other mixers.
+    pub fn recurrent_matrix(&self) -> Option<Tensor<2>> {
+        match self {
+            Mixer::Rnn(cell) => Some(cell.hidden.weight.val()),
+            _ => None,
+        }
+    }
+}
+
 impl MixerState {
-    /// Every number of the state, flattened and concatenated in a fixed order: what tests
-    /// compare across forms and backends.
+    /// Every number of the state in a fixed order, batch-major (sequence `b`'s numbers are
+    /// the `b`-th contiguous block): what tests compare across forms and backends, and what
+    /// per-sequence state norms are taken over.
     pub fn flatten(&self) -> Tensor<1> {
-        fn flat<const D: usize>(t: &Tensor<D>) -> Tensor<1> {
-            t.clone().flatten(0, D - 1)
+        fn flat<const D: usize>(t: &Tensor<D>) -> Tensor<2> {
+            let dims = t.dims();
+            t.clone()
+                .reshape([dims[0], dims[1..].iter().product::<usize>()])
         }
         let parts = match self {
             MixerState::Hidden(h) => vec![flat(h)],
@@ -401,7 +437,7 @@ impl MixerState {
             }
             MixerState::Attention(c) => vec![flat(&c.k), flat(&c.v)],
         };
-        Tensor::cat(parts, 0)
+        Tensor::cat(parts, 1).flatten(0, 1)
     }
 }
 

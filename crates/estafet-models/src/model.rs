@@ -259,6 +259,29 @@ impl SequenceModel {
         (self.decode(x), ModelState { layers })
     }
 
+    /// [`step_encoded`](Self::step_encoded), also returning the gate activations each layer's
+    /// mixer used (see [`Mixer::gates`]), for the training diagnostics.
+    pub fn step_with_gates(
+        &self,
+        mut x: Tensor<2>,
+        state: Option<ModelState>,
+    ) -> (Tensor<2>, ModelState, Vec<Tensor<2>>) {
+        let mut states = self.split_state(state);
+        let mut layers = Vec::with_capacity(self.blocks.len());
+        let mut gates = Vec::new();
+        for (block, state) in self.blocks.iter().zip(states.iter_mut()) {
+            let mixer_input = match &block.norm {
+                Some(norm) => norm.forward(x.clone()),
+                None => x.clone(),
+            };
+            gates.extend(block.mixer.gates(mixer_input, state.as_ref()));
+            let (y, s) = block.step(x, state.take());
+            x = y;
+            layers.push(s);
+        }
+        (self.decode(x), ModelState { layers }, gates)
+    }
+
     /// Floats of state per sequence after `seq_len` tokens, summed over layers.
     pub fn state_size(&self, seq_len: usize) -> usize {
         self.blocks
