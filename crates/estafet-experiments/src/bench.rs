@@ -17,7 +17,7 @@ use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
-use estafet_models::{Init, Input, InputSpec, Layout, MixerConfig, ModelConfig, ModelIo};
+use estafet_models::{Init, Input, InputSpec, MixerConfig, ModelIo};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -141,20 +141,8 @@ pub fn measure(
 ) -> Result<serde_json::Value, Error> {
     let device = options.backend.device()?;
     let d_model = options.d_model.unwrap_or_else(|| default_d_model(model));
-    let mixer: MixerConfig = serde_json::from_value(serde_json::json!({ "kind": model }))
-        .map_err(|e| Error::Config(format!("--models: {model}: {e}")))?;
-    let config = ModelConfig {
-        mixer: mixer.clone(),
-        d_model,
-        n_layers: 1,
-        layout: Layout::Stacked,
-        mlp_expand: 0,
-        match_params: None,
-        match_state: None,
-    };
-    config
-        .validate()
-        .map_err(|e| Error::Config(format!("--d-model {d_model}: {model}: {e}")))?;
+    let config = crate::catalog::one_layer(model, d_model)?;
+    let mixer = config.mixer.clone();
     let (b, t) = (options.batch, options.seq_len);
     let io = ModelIo {
         input: InputSpec::Tokens { vocab: VOCAB },

@@ -13,6 +13,26 @@ pub struct ModelEntry {
     pub state_size: usize,
 }
 
+/// Mixer `kind` with its defaults as the benchmark's model: one layer between an embedding and
+/// a head, at width `d_model`. Errors name the flag.
+pub fn one_layer(kind: &str, d_model: usize) -> Result<ModelConfig, Error> {
+    let mixer: MixerConfig = serde_json::from_value(serde_json::json!({ "kind": kind }))
+        .map_err(|e| Error::Config(format!("--models: {kind}: {e}")))?;
+    let config = ModelConfig {
+        mixer,
+        d_model,
+        n_layers: 1,
+        layout: Layout::Stacked,
+        mlp_expand: 0,
+        match_params: None,
+        match_state: None,
+    };
+    config
+        .validate()
+        .map_err(|e| Error::Config(format!("--d-model {d_model}: {kind}: {e}")))?;
+    Ok(config)
+}
+
 /// Each mixer kind with its defaults, as one layer between an embedding and a head (vocabulary
 /// 64, the benchmark's shape) at width `d_model`; state at `seq_len` tokens.
 pub fn models(d_model: usize, seq_len: usize, backend: Backend) -> Result<Vec<ModelEntry>, Error> {
@@ -20,20 +40,7 @@ pub fn models(d_model: usize, seq_len: usize, backend: Backend) -> Result<Vec<Mo
     MixerConfig::KINDS
         .iter()
         .map(|kind| {
-            let mixer: MixerConfig = serde_json::from_value(serde_json::json!({ "kind": kind }))
-                .expect("every kind has defaults");
-            let config = ModelConfig {
-                mixer,
-                d_model,
-                n_layers: 1,
-                layout: Layout::Stacked,
-                mlp_expand: 0,
-                match_params: None,
-                match_state: None,
-            };
-            config
-                .validate()
-                .map_err(|e| Error::Config(format!("--d-model {d_model}: {kind}: {e}")))?;
+            let config = one_layer(kind, d_model)?;
             let io = ModelIo {
                 input: InputSpec::Tokens { vocab: 64 },
                 d_output: 64,

@@ -39,20 +39,7 @@ impl SavedRun {
             .build()
             .map_err(|e| Error::Config(format!("{}: {e}", config_path.display())))?;
         let checkpoint = dir.join("checkpoint");
-        let state_path = checkpoint.join("state.json");
-        let state: serde_json::Value = std::fs::read(&state_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| {
-                Error::Config(format!(
-                    "{}: missing or corrupt checkpoint state",
-                    state_path.display()
-                ))
-            })?;
-        let step = state["step"]
-            .as_u64()
-            .ok_or_else(|| Error::Config(format!("{}: no step recorded", state_path.display())))?
-            as usize;
+        let step = train::read_checkpoint_state(&checkpoint)?.step;
         let model_path = checkpoint.join("model.bpk");
         let io = train::model_io(&task.info());
         let model = config

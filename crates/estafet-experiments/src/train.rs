@@ -239,6 +239,28 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
         }
     ));
 
+    // One evaluation: a metrics line, and a line on the terminal.
+    let log_eval = |label: &str, step: usize, result: &EvalResult| -> Result<(), Error> {
+        dir.append_jsonl(
+            "metrics.jsonl",
+            &MetricsLine::Eval {
+                step,
+                seq_len: result.seq_len,
+                loss: result.loss,
+                metric: result.metric,
+            },
+        )?;
+        report(format!(
+            "{label}: eval loss {:.4} (baseline {:.4}), {} {:.4} (baseline {:.4})",
+            result.loss,
+            result.baseline_loss,
+            info.metric.name(),
+            result.metric,
+            result.baseline_metric
+        ));
+        Ok(())
+    };
+
     let started = Instant::now();
     let elapsed = || earlier_seconds + started.elapsed().as_secs_f64();
     let tokens_per_step = (train.batch_size * info.seq_len) as f64;
@@ -303,23 +325,7 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
                 config.eval.batch_size,
                 &device,
             );
-            dir.append_jsonl(
-                "metrics.jsonl",
-                &MetricsLine::Eval {
-                    step,
-                    seq_len: result.seq_len,
-                    loss: result.loss,
-                    metric: result.metric,
-                },
-            )?;
-            report(format!(
-                "step {step:>6}: eval loss {:.4} (baseline {:.4}), {} {:.4} (baseline {:.4})",
-                result.loss,
-                result.baseline_loss,
-                info.metric.name(),
-                result.metric,
-                result.baseline_metric
-            ));
+            log_eval(&format!("step {step:>6}"), step, &result)?;
             solved = result.solved;
             last_eval = Some(result);
             if train.diagnostics {
@@ -387,23 +393,7 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
             config.eval.batch_size,
             &device,
         );
-        dir.append_jsonl(
-            "metrics.jsonl",
-            &MetricsLine::Eval {
-                step: train.steps,
-                seq_len: length,
-                loss: result.loss,
-                metric: result.metric,
-            },
-        )?;
-        report(format!(
-            "length {length:>6}: eval loss {:.4} (baseline {:.4}), {} {:.4} (baseline {:.4})",
-            result.loss,
-            result.baseline_loss,
-            info.metric.name(),
-            result.metric,
-            result.baseline_metric
-        ));
+        log_eval(&format!("length {length:>6}"), last_step, &result)?;
         length_eval.push(result);
     }
     bar.finish_and_clear();
@@ -581,12 +571,14 @@ fn clip_global_norm(model: &SequenceModel, grads: &mut GradientsParams, max_norm
 /// `checkpoint/state.json`: where the run stands. The data stream needs nothing more: batch
 /// `k` is a function of `(seed, k)`.
 #[derive(Serialize, serde::Deserialize)]
-struct CheckpointState {
-    step: usize,
-    train_seconds: f64,
+pub(crate) struct CheckpointState {
+    pub step: usize,
+    pub train_seconds: f64,
 }
 
-fn read_checkpoint_state(checkpoint: &std::path::Path) -> Result<CheckpointState, Error> {
+pub(crate) fn read_checkpoint_state(
+    checkpoint: &std::path::Path,
+) -> Result<CheckpointState, Error> {
     let path = checkpoint.join("state.json");
     std::fs::read(&path)
         .ok()
