@@ -542,42 +542,37 @@ fn execute(cli: Cli) -> Result<(), Error> {
             let out = out.unwrap_or_else(|| default_run_dir("gradflow"));
             let mut flows = Vec::new();
             for source in &sources {
-                let (label, config, model, when) = if source.is_dir() {
+                let (label, config, model, when, own_len) = if source.is_dir() {
                     let run = SavedRun::load(source, &device)?;
                     let label = source
                         .file_name()
                         .map_or("run".into(), |n| n.to_string_lossy().into_owned());
-                    (
-                        label,
-                        run.config,
-                        run.model,
-                        format!("trained, step {}", run.step),
-                    )
+                    let own_len = run.task.info().seq_len;
+                    let when = format!("trained, step {}", run.step);
+                    (label, run.config, run.model, when, own_len)
                 } else {
                     let config = config::load(&ConfigSource::read(source)?, &[])?;
-                    let io = train::model_io(
-                        &config
-                            .task
-                            .build()
-                            .map_err(|e| Error::Config(e.to_string()))?
-                            .info(),
-                    );
-                    let model = config
-                        .model
-                        .init(io, &mut estafet_models::Init::new(config.run.seed, &device));
-                    let stem = source
-                        .file_stem()
-                        .map_or("config".into(), |n| n.to_string_lossy().into_owned());
-                    (stem, config, model, "at initialisation".to_string())
-                };
-                let t = seq_len.unwrap_or(
-                    config
+                    let info = config
                         .task
                         .build()
                         .map_err(|e| Error::Config(e.to_string()))?
-                        .info()
-                        .seq_len,
-                );
+                        .info();
+                    let model = config.model.init(
+                        train::model_io(&info),
+                        &mut estafet_models::Init::new(config.run.seed, &device),
+                    );
+                    let stem = source
+                        .file_stem()
+                        .map_or("config".into(), |n| n.to_string_lossy().into_owned());
+                    (
+                        stem,
+                        config,
+                        model,
+                        "at initialisation".to_string(),
+                        info.seq_len,
+                    )
+                };
+                let t = seq_len.unwrap_or(own_len);
                 let flow = gradflow::measure(
                     &label,
                     &model,
