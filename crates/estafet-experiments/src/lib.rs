@@ -1,6 +1,7 @@
 //! Experiments for estafet: configs in; trained models, metrics, checkpoints and summaries out.
 //!
-//! This is the only crate that touches files or names a backend (in [`backend`]); models and
+//! This is the only crate that touches files and the one that chooses a backend (in
+//! [`backend`]; `estafet_models::fused` names only the backends its kernels run on); models and
 //! tasks stay pure. The flow of one run: [`config::load`] resolves a TOML file and `--set`
 //! overrides into an [`ExperimentConfig`]; [`train::run`] builds the task and the model on the
 //! chosen backend, trains, evaluates and writes a [`run_dir::RunDir`].

@@ -17,6 +17,7 @@ use burn::tensor::activation::{sigmoid, tanh};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::fused::{self, Cell};
 use crate::init::Init;
 use crate::time::recur;
 
@@ -68,7 +69,36 @@ impl Gru {
     }
 
     /// `x [B, T, D]` (`T ≥ 1`), `h_0 [B, H]` (zeros if `None`) → `h_1..h_T [B, T, H]`, `h_T`.
+    ///
+    /// On a backend with the fused kernel this is one op ([`fused::cell_scan`]), elsewhere
+    /// [`Self::forward_sequential`].
     pub fn forward(&self, x: Tensor<3>, state: Option<Tensor<2>>) -> (Tensor<3>, Tensor<2>) {
+        if !fused::has_kernel(&x.device()) {
+            return self.forward_sequential(x, state);
+        }
+        let [batch, len, _] = x.dims();
+        let h = state.unwrap_or_else(|| self.zeros(batch, &x.device()));
+        let hs = fused::cell_scan(
+            Cell::Gru,
+            x,
+            self.input.weight.val(),
+            fused::bias(&self.input),
+            self.hidden.weight.val(),
+            fused::bias(&self.hidden),
+            h.clone(),
+            h,
+        );
+        let last = hs.clone().narrow(1, len - 1, 1).squeeze_dim(1);
+        (hs, last)
+    }
+
+    /// The definition, one cell update per step built from tensor ops: what the fused op is
+    /// tested against, and what backends without the kernel run.
+    pub fn forward_sequential(
+        &self,
+        x: Tensor<3>,
+        state: Option<Tensor<2>>,
+    ) -> (Tensor<3>, Tensor<2>) {
         let [batch, _, _] = x.dims();
         let h = state.unwrap_or_else(|| self.zeros(batch, &x.device()));
         recur(

@@ -1,7 +1,8 @@
 //! Sequence model definitions for estafet: recurrent cells and the stacks built from them.
 //!
-//! This crate holds models only: no I/O, no file formats, no command line, and no backend is
-//! named; every function takes tensors on whatever `Device` the caller chose.
+//! This crate holds models only: no I/O, no file formats, no command line; every function takes
+//! tensors on whatever `Device` the caller chose. The one place a backend is named is `fused`,
+//! which says which CPU backends run its host kernels.
 //!
 //! Shape legend, used in every doc comment:
 //!
@@ -22,6 +23,7 @@
 #![allow(clippy::large_enum_variant)]
 
 pub mod attention;
+pub mod fused;
 pub mod gru;
 pub mod init;
 pub mod lstm;

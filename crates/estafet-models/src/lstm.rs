@@ -20,6 +20,7 @@ use burn::tensor::activation::{sigmoid, tanh};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::fused::{self, Cell};
 use crate::init::Init;
 use crate::time::recur;
 
@@ -98,7 +99,41 @@ impl Lstm {
     /// - `x`: `[B, T, D]`, `T ≥ 1`
     /// - `state`: `h_0, c_0` (zeros if `None`)
     /// - returns `h_1..h_T` as `[B, T, H]` and the final state
+    ///
+    /// On a backend with the fused kernel this is one op ([`fused::cell_scan`]), elsewhere
+    /// [`Self::forward_sequential`].
     pub fn forward(&self, x: Tensor<3>, state: Option<LstmState>) -> (Tensor<3>, LstmState) {
+        if !fused::has_kernel(&x.device()) {
+            return self.forward_sequential(x, state);
+        }
+        let [batch, len, _] = x.dims();
+        let h = self.d_hidden();
+        let state = state.unwrap_or_else(|| LstmState::zeros(batch, h, &x.device()));
+        let out = fused::cell_scan(
+            Cell::Lstm,
+            x,
+            self.input.weight.val(),
+            fused::bias(&self.input),
+            self.hidden.weight.val(),
+            fused::bias(&self.hidden),
+            state.h,
+            state.c,
+        );
+        let last = out.clone().narrow(1, len - 1, 1).squeeze_dim::<2>(1);
+        let state = LstmState {
+            h: last.clone().narrow(1, 0, h),
+            c: last.narrow(1, h, h),
+        };
+        (out.narrow(2, 0, h), state)
+    }
+
+    /// The definition, one cell update per step built from tensor ops: what the fused op is
+    /// tested against, and what backends without the kernel run.
+    pub fn forward_sequential(
+        &self,
+        x: Tensor<3>,
+        state: Option<LstmState>,
+    ) -> (Tensor<3>, LstmState) {
         let [batch, _, _] = x.dims();
         let state = state.unwrap_or_else(|| LstmState::zeros(batch, self.d_hidden(), &x.device()));
         recur(

@@ -23,6 +23,7 @@ use burn::tensor::{Device, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::fused;
 use crate::init::Init;
 use crate::scan::{Scan, linear_scan};
 
@@ -153,18 +154,35 @@ impl Mamba {
         }
     }
 
-    /// `u [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step, in the form
-    /// [`Mamba::scan`] names.
+    /// `u [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step.
+    ///
+    /// On a backend with the fused kernel the scan is one op ([`fused::selective_scan`]), which
+    /// never holds `[B, T, E·D, N]` tensors; elsewhere it runs in the form [`Mamba::scan`] names.
     pub fn forward(&self, u: Tensor<3>, state: Option<MambaState>) -> (Tensor<3>, MambaState) {
-        self.forward_with(u, state, self.scan)
+        if fused::has_kernel(&u.device()) {
+            self.run(u, state, None)
+        } else {
+            self.run(u, state, Some(self.scan))
+        }
     }
 
-    /// As [`Mamba::forward`], in the given form.
+    /// As [`Mamba::forward`] with the scan built from tensor ops in the given form (the
+    /// sequential one is the definition).
     pub fn forward_with(
         &self,
         u: Tensor<3>,
         state: Option<MambaState>,
         scan: Scan,
+    ) -> (Tensor<3>, MambaState) {
+        self.run(u, state, Some(scan))
+    }
+
+    /// The block with the scan in tensor ops (`Some(form)`) or fused (`None`).
+    fn run(
+        &self,
+        u: Tensor<3>,
+        state: Option<MambaState>,
+        scan: Option<Scan>,
     ) -> (Tensor<3>, MambaState) {
         let [batch, t, _] = u.dims();
         let (inner, n, k) = (self.inner(), self.d_state(), self.d_conv());
@@ -188,20 +206,33 @@ impl Mamba {
         let c = dbc.narrow(2, r + n, n); // [B, T, N]
         let a = -self.a_log.val().exp(); // [E·D, N]
 
-        let log_decay =
-            delta.clone().unsqueeze_dim::<4>(3) * a.unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0);
-        let drive = (delta * x.clone()).unsqueeze_dim::<4>(3) * b.unsqueeze_dim::<4>(2); // [B, T, E·D, N]
         let m = inner * n;
-        let (h, h_last) = linear_scan(
-            log_decay.reshape([batch, t, m]),
-            drive.reshape([batch, t, m]),
-            state.ssm.reshape([batch, m]),
-            scan,
-        );
-        let y = (h.reshape([batch, t, inner, n]) * c.unsqueeze_dim::<4>(2))
-            .sum_dim(3)
-            .squeeze_dim::<3>(3)
-            + x * self.d.val().unsqueeze_dim::<2>(0).unsqueeze_dim::<3>(0);
+        let (y, h_last) = match scan {
+            Some(scan) => {
+                let log_decay = delta.clone().unsqueeze_dim::<4>(3)
+                    * a.unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0);
+                let drive = (delta * x.clone()).unsqueeze_dim::<4>(3) * b.unsqueeze_dim::<4>(2); // [B, T, E·D, N]
+                let (h, h_last) = linear_scan(
+                    log_decay.reshape([batch, t, m]),
+                    drive.reshape([batch, t, m]),
+                    state.ssm.reshape([batch, m]),
+                    scan,
+                );
+                let y = (h.reshape([batch, t, inner, n]) * c.unsqueeze_dim::<4>(2))
+                    .sum_dim(3)
+                    .squeeze_dim::<3>(3);
+                (y, h_last)
+            }
+            None => {
+                let out = fused::selective_scan(delta, x.clone(), a, b, c, state.ssm);
+                let y = out
+                    .clone()
+                    .narrow(1, 0, t * inner)
+                    .reshape([batch, t, inner]);
+                (y, out.narrow(1, t * inner, m))
+            }
+        };
+        let y = y + x * self.d.val().unsqueeze_dim::<2>(0).unsqueeze_dim::<3>(0);
         let out = self.out_proj.forward(y * silu(z));
         (
             out,

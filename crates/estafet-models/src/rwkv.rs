@@ -34,6 +34,7 @@ use burn::tensor::activation::{relu, sigmoid, silu};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::fused;
 use crate::init::Init;
 use crate::time::unbind;
 
@@ -316,7 +317,7 @@ impl TimeMix4 {
         x: Tensor<3>,
         shift: Tensor<2>,
         state: Wkv4State,
-        form: WkvForm,
+        form: Option<WkvForm>,
     ) -> (Tensor<3>, Tensor<2>, Wkv4State) {
         let next = last(&x);
         let shifted = token_shift(x.clone(), shift);
@@ -330,8 +331,21 @@ impl TimeMix4 {
         let w = self.time_decay.val().exp();
         let u = self.time_first.val();
         let (wkv, state) = match form {
-            WkvForm::Sequential => wkv4_sequential(w, u, k, v, state),
-            WkvForm::Chunked { chunk_len } => wkv4_chunked(w, u, k, v, state, chunk_len),
+            Some(WkvForm::Sequential) => wkv4_sequential(w, u, k, v, state),
+            Some(WkvForm::Chunked { chunk_len }) => wkv4_chunked(w, u, k, v, state, chunk_len),
+            None => {
+                let [batch, t, d] = k.dims();
+                let Wkv4State { a, b, p } = state;
+                let out = fused::wkv4(w, u, k, v, a, b, p);
+                let y = out.clone().narrow(1, 0, t * d).reshape([batch, t, d]);
+                let part = |i| out.clone().narrow(1, t * d + i * d, d);
+                let state = Wkv4State {
+                    a: part(0),
+                    b: part(1),
+                    p: part(2),
+                };
+                (y, state)
+            }
         };
         (self.output.forward(r * wkv), next, state)
     }
@@ -656,16 +670,31 @@ impl Rwkv {
     }
 
     /// `x [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step.
+    ///
+    /// RWKV-4 on a backend with the fused kernel computes the WKV as one op
+    /// ([`fused::wkv4`]); otherwise the WKV runs in the form [`Rwkv::wkv`] names.
     pub fn forward(&self, x: Tensor<3>, state: Option<RwkvState>) -> (Tensor<3>, RwkvState) {
-        self.forward_with(x, state, self.wkv)
+        let fused = matches!(self.time_mix, TimeMix::V4(_)) && fused::has_kernel(&x.device());
+        self.run(x, state, if fused { None } else { Some(self.wkv) })
     }
 
-    /// As [`Rwkv::forward`], with the WKV computed in the given form.
+    /// As [`Rwkv::forward`], with the WKV built from tensor ops in the given form (the
+    /// sequential one is the definition).
     pub fn forward_with(
         &self,
         x: Tensor<3>,
         state: Option<RwkvState>,
         form: WkvForm,
+    ) -> (Tensor<3>, RwkvState) {
+        self.run(x, state, Some(form))
+    }
+
+    /// The block with the WKV in tensor ops (`Some(form)`) or fused (`None`, RWKV-4 only).
+    fn run(
+        &self,
+        x: Tensor<3>,
+        state: Option<RwkvState>,
+        form: Option<WkvForm>,
     ) -> (Tensor<3>, RwkvState) {
         let [batch, _, _] = x.dims();
         let state = state.unwrap_or_else(|| self.zero_state(batch, &x.device()));
@@ -676,6 +705,7 @@ impl Rwkv {
                 (y, shift, WkvState::V4(s))
             }
             (TimeMix::V6(tm), WkvState::V6(s)) => {
+                let form = form.unwrap_or(self.wkv);
                 let (y, shift, s) = tm.forward(normed, state.shift_time, s, form);
                 (y, shift, WkvState::V6(s))
             }

@@ -13,8 +13,11 @@
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Distribution, Gradients, Tensor};
 use estafet_models::Init;
+use estafet_models::gru::{Gru, GruConfig};
+use estafet_models::lstm::{Lstm, LstmConfig, LstmState};
 use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
 use estafet_models::mingru::{MinGru, MinGruConfig};
+use estafet_models::rnn::{Nonlinearity, Rnn, RnnConfig};
 use estafet_models::rwkv::{Rwkv, RwkvConfig, RwkvState, Wkv4State, WkvForm, WkvState};
 use estafet_models::scan::Scan;
 
@@ -235,7 +238,7 @@ fn rwkv_state_parts(s: &RwkvState) -> Vec<Tensor<1>> {
     parts
 }
 
-fn check_rwkv(version: u8) {
+fn check_rwkv(version: u8, fused: bool) {
     let mut config = RwkvConfig::new(8, version);
     config.head_size = 4;
     config.lora_rank = 3;
@@ -287,10 +290,16 @@ fn check_rwkv(version: u8) {
                 )
             },
             |m, x, s, chunk| {
-                let form = chunk.map_or(WkvForm::Sequential, |chunk_len| WkvForm::Chunked {
-                    chunk_len,
-                });
-                let (y, s) = m.forward_with(x, Some(s), form);
+                let (y, s) = match chunk {
+                    // The fused kernel has no chunks: every "chunk" runs it.
+                    Some(_) if fused => m.forward(x, Some(s)),
+                    _ => {
+                        let form = chunk.map_or(WkvForm::Sequential, |chunk_len| {
+                            WkvForm::Chunked { chunk_len }
+                        });
+                        m.forward_with(x, Some(s), form)
+                    }
+                };
                 (y, rwkv_state_parts(&s))
             },
             |m, x_t, s| m.step(x_t, Some(s)),
@@ -301,10 +310,157 @@ fn check_rwkv(version: u8) {
 
 #[test]
 fn rwkv4_forms_agree() {
-    check_rwkv(4);
+    check_rwkv(4, false);
+}
+
+#[test]
+fn rwkv4_fused_agrees_with_sequential() {
+    check_rwkv(4, true);
 }
 
 #[test]
 fn rwkv6_forms_agree() {
-    check_rwkv(6);
+    check_rwkv(6, false);
+}
+
+// The classic cells have one fast form, the fused op (`fused::cell_scan`, hand-written
+// backward); `check_forms` runs it for every "chunk" (it has none) against `forward_sequential`.
+
+#[test]
+fn elman_fused_agrees_with_sequential() {
+    for nonlinearity in [Nonlinearity::Tanh, Nonlinearity::Relu] {
+        let rnn: Rnn = RnnConfig {
+            d_input: 6,
+            d_hidden: 6,
+            nonlinearity,
+            irnn_init: false,
+        }
+        .init(&mut Init::new(5, &device()));
+        let h0 = normal([2, 6], 1.0);
+        for t in LENGTHS {
+            check_forms(
+                &format!("{nonlinearity:?}"),
+                &rnn,
+                t,
+                6,
+                || {
+                    let h = leaf(&flat(h0.clone()));
+                    (h.clone().reshape([2, 6]), vec![h])
+                },
+                |m, x, h, form| {
+                    let (y, h) = match form {
+                        None => m.forward_sequential(x, Some(h)),
+                        Some(_) => m.forward(x, Some(h)),
+                    };
+                    (y, vec![flat(h)])
+                },
+                |m, x_t, h| m.step(x_t, Some(h)),
+                |h| vec![flat(h.clone())],
+            );
+        }
+    }
+}
+
+#[test]
+fn gru_fused_agrees_with_sequential() {
+    let gru: Gru = GruConfig {
+        d_input: 6,
+        d_hidden: 6,
+    }
+    .init(&mut Init::new(6, &device()));
+    let h0 = normal([2, 6], 1.0);
+    for t in LENGTHS {
+        check_forms(
+            "gru",
+            &gru,
+            t,
+            6,
+            || {
+                let h = leaf(&flat(h0.clone()));
+                (h.clone().reshape([2, 6]), vec![h])
+            },
+            |m, x, h, form| {
+                let (y, h) = match form {
+                    None => m.forward_sequential(x, Some(h)),
+                    Some(_) => m.forward(x, Some(h)),
+                };
+                (y, vec![flat(h)])
+            },
+            |m, x_t, h| m.step(x_t, Some(h)),
+            |h| vec![flat(h.clone())],
+        );
+    }
+}
+
+#[test]
+fn lstm_fused_agrees_with_sequential() {
+    let lstm: Lstm = LstmConfig {
+        d_input: 6,
+        d_hidden: 6,
+        forget_bias: 1.0,
+    }
+    .init(&mut Init::new(7, &device()));
+    let (h0, c0) = (normal([2, 6], 1.0), normal([2, 6], 1.0));
+    for t in LENGTHS {
+        check_forms(
+            "lstm",
+            &lstm,
+            t,
+            6,
+            || {
+                let h = leaf(&flat(h0.clone()));
+                let c = leaf(&flat(c0.clone()));
+                let state = LstmState {
+                    h: h.clone().reshape([2, 6]),
+                    c: c.clone().reshape([2, 6]),
+                };
+                (state, vec![h, c])
+            },
+            |m, x, s, form| {
+                let (y, s) = match form {
+                    None => m.forward_sequential(x, Some(s)),
+                    Some(_) => m.forward(x, Some(s)),
+                };
+                (y, vec![flat(s.h), flat(s.c)])
+            },
+            |m, x_t, s| m.step(x_t, Some(s)),
+            |s| vec![flat(s.h.clone()), flat(s.c.clone())],
+        );
+    }
+}
+
+#[test]
+fn mamba_fused_agrees_with_sequential() {
+    let mut config = MambaConfig::new(6, Scan::Sequential);
+    config.d_state = 4;
+    let block: Mamba = config.init(&mut Init::new(3, &device()));
+    let conv0 = normal([2, 3, 12], 1.0);
+    let ssm0 = normal([2, 12, 4], 1.0);
+    for t in LENGTHS {
+        check_forms(
+            "mamba fused",
+            &block,
+            t,
+            6,
+            || {
+                let (conv, ssm) = (leaf(&flat(conv0.clone())), leaf(&flat(ssm0.clone())));
+                (
+                    MambaState {
+                        conv: conv.clone().reshape([2, 3, 12]),
+                        ssm: ssm.clone().reshape([2, 12, 4]),
+                    },
+                    vec![conv, ssm],
+                )
+            },
+            |m, x, s, form| {
+                let (y, s) = match form {
+                    None => m.forward_with(x, Some(s), Scan::Sequential),
+                    Some(_) => m.forward(x, Some(s)),
+                };
+                (y, vec![flat(s.conv), flat(s.ssm)])
+            },
+            |m, x_t, s| m.step(x_t, Some(s)),
+            |s| vec![flat(s.conv.clone()), flat(s.ssm.clone())],
+        );
+    }
 }

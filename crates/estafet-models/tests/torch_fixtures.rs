@@ -253,7 +253,13 @@ fn mamba_matches_selective_scan_ref() {
     let d = f.shape("x")[2];
     let [di, n] = [f.shape("A_log")[0], f.shape("A_log")[1]];
     let k = f.shape("conv1d.weight")[2];
-    for scan in [Scan::Sequential, Scan::Chunked { chunk_len: 3 }] {
+    // `None`: the fused kernel (`fused::selective_scan`).
+    for form in [
+        Some(Scan::Sequential),
+        Some(Scan::Chunked { chunk_len: 3 }),
+        None,
+    ] {
+        let scan = form.unwrap_or(Scan::Sequential);
         let mut config = MambaConfig::new(d, scan);
         config.d_state = n;
         config.d_conv = k;
@@ -284,7 +290,10 @@ fn mamba_matches_selective_scan_ref() {
         };
         assert_eq!(m.state_size(), template.state_size());
         let x = f.get::<3>("x").require_grad();
-        let (y, state): (Tensor<3>, MambaState) = m.forward(x.clone(), None);
+        let (y, state): (Tensor<3>, MambaState) = match form {
+            Some(scan) => m.forward_with(x.clone(), None, scan),
+            None => m.forward(x.clone(), None),
+        };
         let mut worst = f
             .check("y", y.clone())
             .max(f.check("hn", state.ssm.clone()));
@@ -319,7 +328,7 @@ fn mamba_matches_selective_scan_ref() {
             "grad.out_proj.weight",
             m.out_proj.weight.grad(&grads).unwrap().transpose(),
         ));
-        println!("mamba ({scan:?}): largest |estafet − reference| = {worst:.2e}");
+        println!("mamba ({form:?}): largest |estafet − reference| = {worst:.2e}");
     }
 }
 
@@ -327,7 +336,12 @@ fn mamba_matches_selective_scan_ref() {
 fn rwkv4_time_mix_matches_the_official_recurrence() {
     let f = Fixture::load("rwkv4_time_mix");
     let [b, _, d] = [f.shape("x")[0], f.shape("x")[1], f.shape("x")[2]];
-    for form in [WkvForm::Sequential, WkvForm::Chunked { chunk_len: 3 }] {
+    // `None`: the fused kernel (`fused::wkv4`).
+    for form in [
+        Some(WkvForm::Sequential),
+        Some(WkvForm::Chunked { chunk_len: 3 }),
+        None,
+    ] {
         let block = RwkvConfig::new(d, 4).init(&mut Init::new(0, &device()));
         let TimeMix::V4(mut tm) = block.time_mix else {
             unreachable!()
