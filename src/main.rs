@@ -233,6 +233,12 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
     Ok((i, n))
 }
 
+// The host kernels and burn allocate tens of MB per step; glibc returns such blocks to the OS
+// and faults them back in every step, mimalloc keeps them (measured: 1.2–1.5× tokens/s on the
+// benchmark, experiments/bench/README.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // A panic is a bug in estafet, but the user still gets one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
