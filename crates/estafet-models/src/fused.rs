@@ -149,10 +149,7 @@ pub trait FusedOps: Backend {
         c: FloatTensor<Self>,
         h0: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let device = delta.device();
-        let s = Selective::read::<Self>([&delta, &x, &a, &b, &c, &h0]);
-        let shape = s.out_shape();
-        write::<Self>(s.forward(), shape, &device)
+        run_plain::<Self, Selective, 6>([delta, x, a, b, c, h0])
     }
 
     fn wkv4(
@@ -164,10 +161,7 @@ pub trait FusedOps: Backend {
         b: FloatTensor<Self>,
         p: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let device = k.device();
-        let s = Wkv4::read::<Self>([&w, &u, &k, &v, &a, &b, &p]);
-        let shape = s.out_shape();
-        write::<Self>(s.forward(), shape, &device)
+        run_plain::<Self, Wkv4, 7>([w, u, k, v, a, b, p])
     }
 }
 
@@ -236,32 +230,7 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         c: FloatTensor<Self>,
         h0: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let prep = SelectiveScanBackward
-            .prepare::<C>([
-                delta.node(),
-                x.node(),
-                a.node(),
-                b.node(),
-                c.node(),
-                h0.node(),
-            ])
-            .compute_bound()
-            .stateful();
-        let device = delta.primitive().device();
-        let s = Selective::read::<B>([
-            delta.primitive(),
-            x.primitive(),
-            a.primitive(),
-            b.primitive(),
-            c.primitive(),
-            h0.primitive(),
-        ]);
-        let shape = s.out_shape();
-        let out = write::<B>(s.forward(), shape, &device);
-        match prep {
-            OpsKind::Tracked(prep) => prep.finish((Arc::new(s), device), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
+        run_tracked::<B, C, Selective, 6>([delta, x, a, b, c, h0])
     }
 
     fn wkv4(
@@ -273,34 +242,7 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         b: FloatTensor<Self>,
         p: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let prep = Wkv4Backward
-            .prepare::<C>([
-                w.node(),
-                u.node(),
-                k.node(),
-                v.node(),
-                a.node(),
-                b.node(),
-                p.node(),
-            ])
-            .compute_bound()
-            .stateful();
-        let device = k.primitive().device();
-        let s = Wkv4::read::<B>([
-            w.primitive(),
-            u.primitive(),
-            k.primitive(),
-            v.primitive(),
-            a.primitive(),
-            b.primitive(),
-            p.primitive(),
-        ]);
-        let shape = s.out_shape();
-        let out = write::<B>(s.forward(), shape, &device);
-        match prep {
-            OpsKind::Tracked(prep) => prep.finish((Arc::new(s), device), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
+        run_tracked::<B, C, Wkv4, 7>([w, u, k, v, a, b, p])
     }
 }
 
@@ -880,6 +822,66 @@ fn backward_block(
     }
 }
 
+/// A host kernel with `N` input tensors and one output, and its backward: what
+/// [`run_plain`] and [`run_tracked`] turn into a backend op.
+trait HostKernel<const N: usize>: Sized + Send + Sync + std::fmt::Debug + 'static {
+    /// Reads the inputs to the host (checking their shapes).
+    fn read<B: Backend>(inputs: [&FloatTensor<B>; N]) -> Self;
+    fn out_shape(&self) -> Vec<usize>;
+    fn input_shapes(&self) -> [Vec<usize>; N];
+    fn forward(&self) -> Vec<f32>;
+    /// The gradients of the inputs given the output's.
+    fn backward(&self, d_out: &[f32]) -> [Vec<f32>; N];
+}
+
+/// `K` on a CPU backend without autodiff.
+fn run_plain<B: Backend, K: HostKernel<N>, const N: usize>(
+    inputs: [FloatTensor<B>; N],
+) -> FloatTensor<B> {
+    let device = inputs[0].device();
+    let kernel = K::read::<B>(inputs.each_ref());
+    write::<B>(kernel.forward(), kernel.out_shape(), &device)
+}
+
+/// `K` under autodiff: the host-side inputs are kept for `K::backward` when any input is
+/// tracked.
+fn run_tracked<B: Backend, C: CheckpointStrategy, K: HostKernel<N>, const N: usize>(
+    inputs: [FloatTensor<Autodiff<B, C>>; N],
+) -> FloatTensor<Autodiff<B, C>> {
+    let prep = HostBackward::<K>(std::marker::PhantomData)
+        .prepare::<C>(inputs.each_ref().map(|t| t.node()))
+        .compute_bound()
+        .stateful();
+    let device = inputs[0].primitive().device();
+    let kernel = K::read::<B>(inputs.each_ref().map(|t| t.primitive()));
+    let out = write::<B>(kernel.forward(), kernel.out_shape(), &device);
+    match prep {
+        OpsKind::Tracked(prep) => prep.finish((Arc::new(kernel), device), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+#[derive(Debug)]
+struct HostBackward<K>(std::marker::PhantomData<K>);
+
+impl<B: Backend, K: HostKernel<N>, const N: usize> Backward<B, N> for HostBackward<K> {
+    type State = (Arc<K>, Device<B>);
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let d_out = read::<B>(grads.consume::<B>(&ops.node));
+        let (kernel, device) = &ops.state;
+        let results = kernel
+            .backward(&d_out)
+            .into_iter()
+            .zip(kernel.input_shapes());
+        for (parent, (values, shape)) in ops.parents.into_iter().zip(results) {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, write::<B>(values, shape, device));
+            }
+        }
+    }
+}
+
 /// Mamba's selective scan (S6) with its output contraction, one op:
 ///
 /// ```text
@@ -912,33 +914,6 @@ pub fn selective_scan(
     ))
 }
 
-#[derive(Debug)]
-struct SelectiveScanBackward;
-
-impl<B: Backend> Backward<B, 6> for SelectiveScanBackward {
-    type State = (Arc<Selective>, Device<B>);
-
-    fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let d_out = read::<B>(grads.consume::<B>(&ops.node));
-        let (s, device) = &ops.state;
-        let g = s.backward(&d_out);
-        let (bsz, t, m, n) = (s.batch, s.len, s.m, s.n);
-        let results = [
-            (g[0].clone(), vec![bsz, t, m]),
-            (g[1].clone(), vec![bsz, t, m]),
-            (g[2].clone(), vec![m, n]),
-            (g[3].clone(), vec![bsz, t, n]),
-            (g[4].clone(), vec![bsz, t, n]),
-            (g[5].clone(), vec![bsz, m, n]),
-        ];
-        for (parent, (values, shape)) in ops.parents.into_iter().zip(results) {
-            if let Some(node) = parent {
-                grads.register::<B>(node.id, write::<B>(values, shape, device));
-            }
-        }
-    }
-}
-
 /// The selective scan's inputs on the host.
 #[derive(Debug)]
 struct Selective {
@@ -955,28 +930,6 @@ struct Selective {
 }
 
 impl Selective {
-    fn read<B: Backend>([delta, x, a, b, c, h0]: [&FloatTensor<B>; 6]) -> Self {
-        let [batch, len, m] = dims3::<B>(delta);
-        let n = a.shape().as_slice()[1];
-        assert!(len >= 1, "selective_scan needs T ≥ 1");
-        Self {
-            batch,
-            len,
-            m,
-            n,
-            delta: read::<B>(delta.clone()),
-            x: read::<B>(x.clone()),
-            a: read::<B>(a.clone()),
-            b: read::<B>(b.clone()),
-            c: read::<B>(c.clone()),
-            h0: read::<B>(h0.clone()),
-        }
-    }
-
-    fn out_shape(&self) -> Vec<usize> {
-        vec![self.batch, self.len * self.m + self.m * self.n]
-    }
-
     /// One sequence's slices: `(delta, x, b, c, h0)`.
     fn sequence(&self, i: usize) -> [&[f32]; 5] {
         let (t, m, n) = (self.len, self.m, self.n);
@@ -1008,6 +961,42 @@ impl Selective {
             visit(t, &h);
         }
         h
+    }
+}
+
+impl HostKernel<6> for Selective {
+    fn read<B: Backend>([delta, x, a, b, c, h0]: [&FloatTensor<B>; 6]) -> Self {
+        let [batch, len, m] = dims3::<B>(delta);
+        let n = a.shape().as_slice()[1];
+        assert!(len >= 1, "selective_scan needs T ≥ 1");
+        Self {
+            batch,
+            len,
+            m,
+            n,
+            delta: read::<B>(delta.clone()),
+            x: read::<B>(x.clone()),
+            a: read::<B>(a.clone()),
+            b: read::<B>(b.clone()),
+            c: read::<B>(c.clone()),
+            h0: read::<B>(h0.clone()),
+        }
+    }
+
+    fn out_shape(&self) -> Vec<usize> {
+        vec![self.batch, self.len * self.m + self.m * self.n]
+    }
+
+    fn input_shapes(&self) -> [Vec<usize>; 6] {
+        let (b, t, m, n) = (self.batch, self.len, self.m, self.n);
+        [
+            vec![b, t, m],
+            vec![b, t, m],
+            vec![m, n],
+            vec![b, t, n],
+            vec![b, t, n],
+            vec![b, m, n],
+        ]
     }
 
     fn forward(&self) -> Vec<f32> {
@@ -1079,24 +1068,20 @@ impl Selective {
                 }
             }
         });
-        let gather = |offset: usize, len: usize| -> Vec<f32> {
-            (0..bsz)
-                .flat_map(|i| parts[i * per + offset..][..len].iter().copied())
-                .collect()
-        };
-        let mut d_a = vec![0.0f32; m * n];
-        for i in 0..bsz {
-            let part = &parts[i * per + per - m * n..][..m * n];
-            d_a.iter_mut().zip(part).for_each(|(s, v)| *s += v);
-        }
         let (tm, tn) = (t_len * m, t_len * n);
+        let section = |offset, len| Sections {
+            parts: &parts,
+            per,
+            offset,
+            len,
+        };
         [
-            gather(0, tm),
-            gather(tm, tm),
-            d_a,
-            gather(2 * tm, tn),
-            gather(2 * tm + tn, tn),
-            gather(2 * tm + 2 * tn, m * n),
+            section(0, tm).gather(),
+            section(tm, tm).gather(),
+            section(per - m * n, m * n).sum(),
+            section(2 * tm, tn).gather(),
+            section(2 * tm + tn, tn).gather(),
+            section(2 * tm + 2 * tn, m * n).gather(),
         ]
     }
 }
@@ -1132,34 +1117,6 @@ pub fn wkv4(
         b.into_dispatch(),
         p.into_dispatch(),
     ))
-}
-
-#[derive(Debug)]
-struct Wkv4Backward;
-
-impl<B: Backend> Backward<B, 7> for Wkv4Backward {
-    type State = (Arc<Wkv4>, Device<B>);
-
-    fn backward(self, ops: Ops<Self::State, 7>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let d_out = read::<B>(grads.consume::<B>(&ops.node));
-        let (s, device) = &ops.state;
-        let (bsz, t, d) = (s.batch, s.len, s.d);
-        let shapes = [
-            vec![d],
-            vec![d],
-            vec![bsz, t, d],
-            vec![bsz, t, d],
-            vec![bsz, d],
-            vec![bsz, d],
-            vec![bsz, d],
-        ];
-        for ((parent, values), shape) in ops.parents.into_iter().zip(s.backward(&d_out)).zip(shapes)
-        {
-            if let Some(node) = parent {
-                grads.register::<B>(node.id, write::<B>(values, shape, device));
-            }
-        }
-    }
 }
 
 /// The WKV's inputs on the host.
@@ -1223,7 +1180,7 @@ fn wkv4_step(w: f32, u: f32, k: f32, v: f32, a: f32, b: f32, p: f32) -> Wkv4Step
     }
 }
 
-impl Wkv4 {
+impl HostKernel<7> for Wkv4 {
     fn read<B: Backend>([w, u, k, v, a, b, p]: [&FloatTensor<B>; 7]) -> Self {
         let [batch, len, d] = dims3::<B>(k);
         assert!(len >= 1, "wkv4 needs T ≥ 1");
@@ -1243,6 +1200,19 @@ impl Wkv4 {
 
     fn out_shape(&self) -> Vec<usize> {
         vec![self.batch, self.len * self.d + 3 * self.d]
+    }
+
+    fn input_shapes(&self) -> [Vec<usize>; 7] {
+        let (b, t, d) = (self.batch, self.len, self.d);
+        [
+            vec![d],
+            vec![d],
+            vec![b, t, d],
+            vec![b, t, d],
+            vec![b, d],
+            vec![b, d],
+            vec![b, d],
+        ]
     }
 
     fn forward(&self) -> Vec<f32> {
@@ -1358,29 +1328,51 @@ impl Wkv4 {
                 }
             }
         });
-        let gather = |offset: usize, len: usize| -> Vec<f32> {
-            (0..bsz)
-                .flat_map(|i| parts[i * per + offset..][..len].iter().copied())
-                .collect()
-        };
-        let sum = |offset: usize| -> Vec<f32> {
-            let mut total = vec![0.0f32; d];
-            for i in 0..bsz {
-                let part = &parts[i * per + offset..][..d];
-                total.iter_mut().zip(part).for_each(|(s, v)| *s += v);
-            }
-            total
-        };
         let td = t_len * d;
+        let section = |offset, len| Sections {
+            parts: &parts,
+            per,
+            offset,
+            len,
+        };
         [
-            sum(2 * td + 3 * d),
-            sum(2 * td + 4 * d),
-            gather(0, td),
-            gather(td, td),
-            gather(2 * td, d),
-            gather(2 * td + d, d),
-            gather(2 * td + 2 * d, d),
+            section(2 * td + 3 * d, d).sum(),
+            section(2 * td + 4 * d, d).sum(),
+            section(0, td).gather(),
+            section(td, td).gather(),
+            section(2 * td, d).gather(),
+            section(2 * td + d, d).gather(),
+            section(2 * td + 2 * d, d).gather(),
         ]
+    }
+}
+
+/// One section (`offset..offset + len`) of every sequence's `per`-float block of per-sequence
+/// gradients, which the kernels' backwards write in parallel.
+struct Sections<'a> {
+    parts: &'a [f32],
+    per: usize,
+    offset: usize,
+    len: usize,
+}
+
+impl Sections<'_> {
+    /// The section of every sequence, in batch order: a per-sequence input's gradient.
+    fn gather(&self) -> Vec<f32> {
+        self.parts
+            .chunks_exact(self.per)
+            .flat_map(|part| part[self.offset..][..self.len].iter().copied())
+            .collect()
+    }
+
+    /// The section summed over sequences: a shared parameter's gradient.
+    fn sum(&self) -> Vec<f32> {
+        let mut total = vec![0.0f32; self.len];
+        for part in self.parts.chunks_exact(self.per) {
+            let part = &part[self.offset..][..self.len];
+            total.iter_mut().zip(part).for_each(|(s, v)| *s += v);
+        }
+        total
     }
 }
 
@@ -1436,8 +1428,22 @@ fn exp(x: f32) -> f32 {
     if x < -87.0 { 0.0 } else { y }
 }
 
-/// A linear layer's bias for [`cell_scan`] (zeros when it has none).
-pub fn bias(linear: &burn::nn::Linear) -> Tensor<1> {
+/// [`cell_scan`] with the projections of a cell's `input` (`[D, G·H]`) and `hidden`
+/// (`[H, G·H]`) linear layers.
+pub fn cell_layer(
+    cell: Cell,
+    x: Tensor<3>,
+    input: &burn::nn::Linear,
+    hidden: &burn::nn::Linear,
+    h0: Tensor<2>,
+    c0: Tensor<2>,
+) -> Tensor<3> {
+    let (w_i, w_h) = (input.weight.val(), hidden.weight.val());
+    cell_scan(cell, x, w_i, bias(input), w_h, bias(hidden), h0, c0)
+}
+
+/// A linear layer's bias (zeros when it has none).
+fn bias(linear: &burn::nn::Linear) -> Tensor<1> {
     linear.bias.as_ref().map_or_else(
         || {
             let [_, n] = linear.weight.dims();

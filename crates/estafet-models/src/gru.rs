@@ -78,16 +78,7 @@ impl Gru {
         }
         let [batch, len, _] = x.dims();
         let h = state.unwrap_or_else(|| self.zeros(batch, &x.device()));
-        let hs = fused::cell_scan(
-            Cell::Gru,
-            x,
-            self.input.weight.val(),
-            fused::bias(&self.input),
-            self.hidden.weight.val(),
-            fused::bias(&self.hidden),
-            h.clone(),
-            h,
-        );
+        let hs = fused::cell_layer(Cell::Gru, x, &self.input, &self.hidden, h.clone(), h);
         let last = hs.clone().narrow(1, len - 1, 1).squeeze_dim(1);
         (hs, last)
     }

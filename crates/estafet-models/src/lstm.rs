@@ -109,16 +109,7 @@ impl Lstm {
         let [batch, len, _] = x.dims();
         let h = self.d_hidden();
         let state = state.unwrap_or_else(|| LstmState::zeros(batch, h, &x.device()));
-        let out = fused::cell_scan(
-            Cell::Lstm,
-            x,
-            self.input.weight.val(),
-            fused::bias(&self.input),
-            self.hidden.weight.val(),
-            fused::bias(&self.hidden),
-            state.h,
-            state.c,
-        );
+        let out = fused::cell_layer(Cell::Lstm, x, &self.input, &self.hidden, state.h, state.c);
         let last = out.clone().narrow(1, len - 1, 1).squeeze_dim::<2>(1);
         let state = LstmState {
             h: last.clone().narrow(1, 0, h),

@@ -102,16 +102,14 @@ impl Rnn {
         }
         let [batch, len, _] = x.dims();
         let h = state.unwrap_or_else(|| self.zeros(batch, &x.device()));
-        let hs = fused::cell_scan(
+        let hs = fused::cell_layer(
             match self.nonlinearity {
                 Nonlinearity::Tanh => Cell::Tanh,
                 Nonlinearity::Relu => Cell::Relu,
             },
             x,
-            self.input.weight.val(),
-            fused::bias(&self.input),
-            self.hidden.weight.val(),
-            fused::bias(&self.hidden),
+            &self.input,
+            &self.hidden,
             h.clone(),
             h,
         );
