@@ -1,24 +1,28 @@
-//! The classic cells over a whole sequence as **one** autodiff op with a hand-written backward
-//! (backpropagation through time), computed by a host kernel on the CPU backends.
+//! Whole recurrences as **one** autodiff op each, with hand-written backwards, computed by host
+//! kernels on the CPU backends (burn's backend extension routes [`FusedOps`]):
 //!
-//! Built from ordinary tensor ops (`time::recur`), a layer records ~10 small ops per time step in
-//! the autodiff graph and the backward walks them again: at `B = 32, H = 256` op dispatch and
-//! allocation, not arithmetic, set the pace. Here the layer is one op: the input projection of
-//! every step `xp = x W_i + b_i` as one GEMM, then a loop of `hp = h_{t-1} W_h + b_h` (one GEMM
-//! per step) and the cell's elementwise update. The backward is one reverse loop of the
-//! elementwise derivatives and `dh_{t-1} = dhp W_hᵀ` (one GEMM per step), then `dW_h`, `dW_i`
-//! and `dx` as single GEMMs over all `B·T` rows. Sequences are independent, so the batch is cut
-//! into one block per thread and each block runs its time loop alone.
+//! - [`cell_scan`]: an Elman, LSTM or GRU layer over the whole sequence (BPTT backward);
+//! - [`selective_scan`]: Mamba's S6 scan with its `C` contraction;
+//! - [`wkv4`]: RWKV-4's WKV in the official kernel's running-max form.
+//!
+//! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
+//! autodiff graph and the backward walks them again: at `B = 32, H = 256` op dispatch and
+//! allocation, not arithmetic, set the pace. For the cells, the input projection of every step
+//! `xp = x W_i + b_i` is one GEMM, then a loop of `hp = h_{t-1} W_h + b_h` (one GEMM per step)
+//! and the cell's elementwise update. The backward is one reverse loop of the elementwise
+//! derivatives and `dh_{t-1} = dhp W_hᵀ` (one GEMM per step), then `dW_h`, `dW_i` and `dx` as
+//! single GEMMs over all `B·T` rows. Sequences are independent, so the batch is cut into one
+//! block per thread (the scans: one sequence per task) and each runs its time loop alone.
 //!
 //! ```text
-//! out [B, T, S·H]    S = 2 for the LSTM (h_t then c_t on the last axis), 1 otherwise
+//! cell_scan out [B, T, S·H]    S = 2 for the LSTM (h_t then c_t on the last axis), 1 otherwise
 //! ```
 //!
-//! Each model's sequential form (`forward_sequential`) is the definition; `tests/forms.rs`
-//! compares this op with it in values, final states and every gradient. Backends without the
-//! kernel (`has_kernel` false: wgpu) run the sequential form. This file and
+//! Each model's tensor-op forms (`forward_sequential`, `forward_with`) are the definition;
+//! `tests/forms.rs` compares every op here with them in values, final states and every gradient.
+//! Backends without the kernels (`has_kernel` false: wgpu) run those forms. This file and
 //! `estafet-experiments/src/backend.rs` are the only places that name backends: the latter picks
-//! one, this one says which run the host kernel.
+//! one, this one says which run the host kernels.
 
 // NdArray is deprecated in burn 0.22 but still estafet's reference backend; the extension
 // macro's generated code names it, so the allowance covers the module.
