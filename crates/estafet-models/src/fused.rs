@@ -139,10 +139,7 @@ pub trait FusedOps: Backend {
         c0: FloatTensor<Self>,
         cell: Cell,
     ) -> FloatTensor<Self> {
-        let inputs = Inputs::read::<Self>(cell, [&x, &w_i, &b_i, &w_h, &b_h, &h0, &c0]);
-        let device = x.device();
-        let (out, _) = forward(&inputs, false);
-        write::<Self>(out, inputs.out_shape(), &device)
+        run_plain::<Self, CellScan, 7>([x, w_i, b_i, w_h, b_h, h0, c0], cell)
     }
 
     fn selective_scan(
@@ -153,7 +150,7 @@ pub trait FusedOps: Backend {
         c: FloatTensor<Self>,
         h0: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        run_plain::<Self, Selective, 6>([delta, x, a, b, c, h0])
+        run_plain::<Self, Selective, 6>([delta, x, a, b, c, h0], ())
     }
 
     fn wkv4(
@@ -165,7 +162,7 @@ pub trait FusedOps: Backend {
         b: FloatTensor<Self>,
         p: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        run_plain::<Self, Wkv4, 7>([w, u, k, v, a, b, p])
+        run_plain::<Self, Wkv4, 7>([w, u, k, v, a, b, p], ())
     }
 }
 
@@ -186,44 +183,7 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         c0: FloatTensor<Self>,
         cell: Cell,
     ) -> FloatTensor<Self> {
-        let prep = CellScanBackward
-            .prepare::<C>([
-                x.node(),
-                w_i.node(),
-                b_i.node(),
-                w_h.node(),
-                b_h.node(),
-                h0.node(),
-                c0.node(),
-            ])
-            .compute_bound()
-            .stateful();
-        let inputs = Inputs::read::<B>(
-            cell,
-            [
-                x.primitive(),
-                w_i.primitive(),
-                b_i.primitive(),
-                w_h.primitive(),
-                b_h.primitive(),
-                h0.primitive(),
-                c0.primitive(),
-            ],
-        );
-        let device = x.primitive().device();
-        let shape = inputs.out_shape();
-        match prep {
-            OpsKind::Tracked(prep) => {
-                let (out, saved) = forward(&inputs, true);
-                let primitive = write::<B>(out.clone(), shape, &device);
-                let state = Arc::new(Saved { inputs, out, saved });
-                prep.finish((state, device), primitive)
-            }
-            OpsKind::UnTracked(prep) => {
-                let (out, _) = forward(&inputs, false);
-                prep.finish(write::<B>(out, shape, &device))
-            }
-        }
+        run_tracked::<B, C, CellScan, 7>([x, w_i, b_i, w_h, b_h, h0, c0], cell)
     }
 
     fn selective_scan(
@@ -234,7 +194,7 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         c: FloatTensor<Self>,
         h0: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        run_tracked::<B, C, Selective, 6>([delta, x, a, b, c, h0])
+        run_tracked::<B, C, Selective, 6>([delta, x, a, b, c, h0], ())
     }
 
     fn wkv4(
@@ -246,50 +206,14 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         b: FloatTensor<Self>,
         p: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        run_tracked::<B, C, Wkv4, 7>([w, u, k, v, a, b, p])
+        run_tracked::<B, C, Wkv4, 7>([w, u, k, v, a, b, p], ())
     }
 }
 
+/// A cell layer's inputs on the host, row-major, and after a forward that keeps them, its output
+/// and activations.
 #[derive(Debug)]
-struct CellScanBackward;
-
-/// What the backward reads: the inputs, the outputs and the activations of every step.
-#[derive(Debug)]
-struct Saved {
-    inputs: Inputs,
-    out: Vec<f32>,
-    saved: Vec<f32>,
-}
-
-impl<B: Backend> Backward<B, 7> for CellScanBackward {
-    type State = (Arc<Saved>, Device<B>);
-
-    fn backward(self, ops: Ops<Self::State, 7>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let d_out = read::<B>(grads.consume::<B>(&ops.node));
-        let (s, device) = &ops.state;
-        let i = &s.inputs;
-        let g = backward(i, &s.out, &s.saved, &d_out);
-        let (gh, h, d) = (i.cell.gates() * i.hidden, i.hidden, i.d_input);
-        let results = [
-            (g.x, vec![i.batch, i.len, d]),
-            (g.w_i, vec![d, gh]),
-            (g.b_i, vec![gh]),
-            (g.w_h, vec![h, gh]),
-            (g.b_h, vec![gh]),
-            (g.h0, vec![i.batch, h]),
-            (g.c0, vec![i.batch, h]),
-        ];
-        for (parent, (values, shape)) in ops.parents.into_iter().zip(results) {
-            if let Some(node) = parent {
-                grads.register::<B>(node.id, write::<B>(values, shape, device));
-            }
-        }
-    }
-}
-
-/// The op's inputs on the host, row-major.
-#[derive(Debug)]
-struct Inputs {
+struct CellScan {
     cell: Cell,
     batch: usize,
     len: usize,
@@ -305,10 +229,16 @@ struct Inputs {
     b_h: Vec<f32>,
     h0: Vec<f32>,
     c0: Vec<f32>,
+    /// `[B, T, S·H]`, kept for the backward.
+    out: Vec<f32>,
+    /// `[B, T, 4H]` (LSTM `(i, f, g, o)`, GRU `(r, z, n, hp_n)`), kept for the backward.
+    acts: Vec<f32>,
 }
 
-impl Inputs {
-    fn read<B: Backend>(cell: Cell, [x, w_i, b_i, w_h, b_h, h0, c0]: [&FloatTensor<B>; 7]) -> Self {
+impl HostKernel<7> for CellScan {
+    type Args = Cell;
+
+    fn read<B: Backend>([x, w_i, b_i, w_h, b_h, h0, c0]: [&FloatTensor<B>; 7], cell: Cell) -> Self {
         let [batch, len, d_input] = dims3::<B>(x);
         let hidden = h0.shape().as_slice()[1];
         let gh = cell.gates() * hidden;
@@ -337,11 +267,39 @@ impl Inputs {
             b_h,
             h0: read::<B>(h0.clone()),
             c0: read::<B>(c0.clone()),
+            out: Vec::new(),
+            acts: Vec::new(),
         }
     }
 
     fn out_shape(&self) -> Vec<usize> {
         vec![self.batch, self.len, self.cell.outputs() * self.hidden]
+    }
+
+    fn input_shapes(&self) -> [Vec<usize>; 7] {
+        let (b, t, d, h) = (self.batch, self.len, self.d_input, self.hidden);
+        let gh = self.cell.gates() * h;
+        [
+            vec![b, t, d],
+            vec![d, gh],
+            vec![gh],
+            vec![h, gh],
+            vec![gh],
+            vec![b, h],
+            vec![b, h],
+        ]
+    }
+
+    fn forward(&mut self, keep: bool) -> Vec<f32> {
+        let (out, acts) = forward(self, keep);
+        if keep {
+            (self.out, self.acts) = (out.clone(), acts);
+        }
+        out
+    }
+
+    fn backward(&self, d_out: &[f32]) -> [Vec<f32>; 7] {
+        backward(self, d_out)
     }
 }
 
@@ -456,7 +414,7 @@ fn blocks(data: &mut [f32], batch: usize, rows: usize, width: usize) -> Vec<&mut
 
 /// The forward loop: returns `out [B, T, S·H]` and, when `save`, the activations
 /// `[B, T, 4H]` the backward needs.
-fn forward(i: &Inputs, save: bool) -> (Vec<f32>, Vec<f32>) {
+fn forward(i: &CellScan, save: bool) -> (Vec<f32>, Vec<f32>) {
     use rayon::prelude::*;
     let (bsz, t_len, h) = (i.batch, i.len, i.hidden);
     let sw = i.cell.outputs() * h;
@@ -475,7 +433,7 @@ fn forward(i: &Inputs, save: bool) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// [`forward`] for the sequences `first..` that `out` holds; `acts` empty when not saving.
-fn forward_block(i: &Inputs, first: usize, out: &mut [f32], acts: &mut [f32]) {
+fn forward_block(i: &CellScan, first: usize, out: &mut [f32], acts: &mut [f32]) {
     let (cell, t_len, h) = (i.cell, i.len, i.hidden);
     let gh = cell.gates() * h;
     let sw = cell.outputs() * h;
@@ -610,19 +568,9 @@ fn forward_block(i: &Inputs, first: usize, out: &mut [f32], acts: &mut [f32]) {
     }
 }
 
-/// Gradients of the op's seven inputs.
-struct Grads {
-    x: Vec<f32>,
-    w_i: Vec<f32>,
-    b_i: Vec<f32>,
-    w_h: Vec<f32>,
-    b_h: Vec<f32>,
-    h0: Vec<f32>,
-    c0: Vec<f32>,
-}
-
-/// Backpropagation through time given `d_out`, the gradient of `out`.
-fn backward(i: &Inputs, out: &[f32], acts: &[f32], d_out: &[f32]) -> Grads {
+/// Backpropagation through time given `d_out`, the gradient of `out`: the gradients of
+/// `(x, W_i, b_i, W_h, b_h, h_0, c_0)`.
+fn backward(i: &CellScan, d_out: &[f32]) -> [Vec<f32>; 7] {
     use rayon::prelude::*;
     let (cell, bsz, t_len, h) = (i.cell, i.batch, i.len, i.hidden);
     let gh = cell.gates() * h;
@@ -653,7 +601,7 @@ fn backward(i: &Inputs, out: &[f32], acts: &[f32], d_out: &[f32]) -> Grads {
     parts
         .into_par_iter()
         .enumerate()
-        .for_each(|(k, part)| backward_block(i, k * rows, out, acts, d_out, part));
+        .for_each(|(k, part)| backward_block(i, k * rows, d_out, part));
     let d_hp = if cell == Cell::Gru { &d_hp_gru } else { &d_xp };
     let (rows_all, d) = (bsz * t_len, i.d_input);
     // dW_h = Σ_{b,t} h_{t-1}ᵀ dhp_t, dW_i = Σ_{b,t} x_tᵀ dxp_t, dx = dxp W_iᵀ: one GEMM each
@@ -699,24 +647,15 @@ fn backward(i: &Inputs, out: &[f32], acts: &[f32], d_out: &[f32]) -> Grads {
         }
         sums
     };
-    Grads {
-        x: d_x,
-        w_i: d_w_i,
-        b_i: column_sums(&d_xp),
-        w_h: d_w_h,
-        b_h: column_sums(d_hp),
-        h0: d_h0,
-        c0: d_c0,
-    }
+    let (d_b_i, d_b_h) = (column_sums(&d_xp), column_sums(d_hp));
+    [d_x, d_w_i, d_b_i, d_w_h, d_b_h, d_h0, d_c0]
 }
 
 /// [`backward`] for the block of sequences starting at `first`; `part` holds its slices of
 /// `d_xp`, `d_hp` (GRU only, else empty), `h_prev`, `d_h0` and `d_c0`.
 fn backward_block(
-    i: &Inputs,
+    i: &CellScan,
     first: usize,
-    out: &[f32],
-    acts: &[f32],
     d_out: &[f32],
     [d_xp, d_hp_gru, h_prev, dh_next, dc_next]: [&mut [f32]; 5],
 ) {
@@ -725,9 +664,9 @@ fn backward_block(
     let sw = cell.outputs() * h;
     let aw = cell.saved() * h;
     let bsz = dh_next.len() / h;
-    let out = &out[first * t_len * sw..][..bsz * t_len * sw];
+    let out = &i.out[first * t_len * sw..][..bsz * t_len * sw];
     let d_out = &d_out[first * t_len * sw..][..bsz * t_len * sw];
-    let acts = &acts[first * t_len * aw..][..bsz * t_len * aw];
+    let acts = &i.acts[first * t_len * aw..][..bsz * t_len * aw];
     let h0 = &i.h0[first * h..][..bsz * h];
     let c0 = &i.c0[first * h..][..bsz * h];
     for b in 0..bsz {
@@ -829,11 +768,14 @@ fn backward_block(
 /// A host kernel with `N` input tensors and one output, and its backward: what
 /// [`run_plain`] and [`run_tracked`] turn into a backend op.
 trait HostKernel<const N: usize>: Sized + Send + Sync + std::fmt::Debug + 'static {
+    /// The op's arguments that are not tensors.
+    type Args;
     /// Reads the inputs to the host (checking their shapes).
-    fn read<B: Backend>(inputs: [&FloatTensor<B>; N]) -> Self;
+    fn read<B: Backend>(inputs: [&FloatTensor<B>; N], args: Self::Args) -> Self;
     fn out_shape(&self) -> Vec<usize>;
     fn input_shapes(&self) -> [Vec<usize>; N];
-    fn forward(&self) -> Vec<f32>;
+    /// The output; with `keep`, the kernel also keeps what its backward needs beyond the inputs.
+    fn forward(&mut self, keep: bool) -> Vec<f32>;
     /// The gradients of the inputs given the output's.
     fn backward(&self, d_out: &[f32]) -> [Vec<f32>; N];
 }
@@ -841,27 +783,35 @@ trait HostKernel<const N: usize>: Sized + Send + Sync + std::fmt::Debug + 'stati
 /// `K` on a CPU backend without autodiff.
 fn run_plain<B: Backend, K: HostKernel<N>, const N: usize>(
     inputs: [FloatTensor<B>; N],
+    args: K::Args,
 ) -> FloatTensor<B> {
     let device = inputs[0].device();
-    let kernel = K::read::<B>(inputs.each_ref());
-    write::<B>(kernel.forward(), kernel.out_shape(), &device)
+    let mut kernel = K::read::<B>(inputs.each_ref(), args);
+    write::<B>(kernel.forward(false), kernel.out_shape(), &device)
 }
 
-/// `K` under autodiff: the host-side inputs are kept for `K::backward` when any input is
-/// tracked.
+/// `K` under autodiff: when any input is tracked, the kernel (its host-side inputs and what
+/// its forward kept) is the state of one backward node that runs `K::backward`.
 fn run_tracked<B: Backend, C: CheckpointStrategy, K: HostKernel<N>, const N: usize>(
     inputs: [FloatTensor<Autodiff<B, C>>; N],
+    args: K::Args,
 ) -> FloatTensor<Autodiff<B, C>> {
     let prep = HostBackward::<K>(std::marker::PhantomData)
         .prepare::<C>(inputs.each_ref().map(|t| t.node()))
         .compute_bound()
         .stateful();
     let device = inputs[0].primitive().device();
-    let kernel = K::read::<B>(inputs.each_ref().map(|t| t.primitive()));
-    let out = write::<B>(kernel.forward(), kernel.out_shape(), &device);
+    let mut kernel = K::read::<B>(inputs.each_ref().map(|t| t.primitive()), args);
     match prep {
-        OpsKind::Tracked(prep) => prep.finish((Arc::new(kernel), device), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
+        OpsKind::Tracked(prep) => {
+            let out = write::<B>(kernel.forward(true), kernel.out_shape(), &device);
+            prep.finish((Arc::new(kernel), device), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(write::<B>(
+            kernel.forward(false),
+            kernel.out_shape(),
+            &device,
+        )),
     }
 }
 
@@ -969,7 +919,9 @@ impl Selective {
 }
 
 impl HostKernel<6> for Selective {
-    fn read<B: Backend>([delta, x, a, b, c, h0]: [&FloatTensor<B>; 6]) -> Self {
+    type Args = ();
+
+    fn read<B: Backend>([delta, x, a, b, c, h0]: [&FloatTensor<B>; 6], (): ()) -> Self {
         let [batch, len, m] = dims3::<B>(delta);
         let n = a.shape().as_slice()[1];
         assert!(len >= 1, "selective_scan needs T ≥ 1");
@@ -1003,7 +955,7 @@ impl HostKernel<6> for Selective {
         ]
     }
 
-    fn forward(&self) -> Vec<f32> {
+    fn forward(&mut self, _keep: bool) -> Vec<f32> {
         let (t_len, m, n) = (self.len, self.m, self.n);
         let width = t_len * m + m * n;
         let mut out = vec![0.0f32; self.batch * width];
@@ -1185,7 +1137,9 @@ fn wkv4_step(w: f32, u: f32, k: f32, v: f32, a: f32, b: f32, p: f32) -> Wkv4Step
 }
 
 impl HostKernel<7> for Wkv4 {
-    fn read<B: Backend>([w, u, k, v, a, b, p]: [&FloatTensor<B>; 7]) -> Self {
+    type Args = ();
+
+    fn read<B: Backend>([w, u, k, v, a, b, p]: [&FloatTensor<B>; 7], (): ()) -> Self {
         let [batch, len, d] = dims3::<B>(k);
         assert!(len >= 1, "wkv4 needs T ≥ 1");
         Self {
@@ -1219,7 +1173,7 @@ impl HostKernel<7> for Wkv4 {
         ]
     }
 
-    fn forward(&self) -> Vec<f32> {
+    fn forward(&mut self, _keep: bool) -> Vec<f32> {
         let (t_len, d) = (self.len, self.d);
         let width = t_len * d + 3 * d;
         let mut out = vec![0.0f32; self.batch * width];
@@ -1433,17 +1387,22 @@ fn exp(x: f32) -> f32 {
 }
 
 /// [`cell_scan`] with the projections of a cell's `input` (`[D, G·H]`) and `hidden`
-/// (`[H, G·H]`) linear layers.
+/// (`[H, G·H]`) linear layers, from `h0` and (LSTM) `c0`: returns the op's output
+/// `[B, T, S·H]` and its last step `[B, S·H]`, the final state.
 pub fn cell_layer(
     cell: Cell,
     x: Tensor<3>,
     input: &burn::nn::Linear,
     hidden: &burn::nn::Linear,
     h0: Tensor<2>,
-    c0: Tensor<2>,
-) -> Tensor<3> {
+    c0: Option<Tensor<2>>,
+) -> (Tensor<3>, Tensor<2>) {
+    let len = x.dims()[1];
+    let c0 = c0.unwrap_or_else(|| h0.zeros_like());
     let (w_i, w_h) = (input.weight.val(), hidden.weight.val());
-    cell_scan(cell, x, w_i, bias(input), w_h, bias(hidden), h0, c0)
+    let out = cell_scan(cell, x, w_i, bias(input), w_h, bias(hidden), h0, c0);
+    let last = out.clone().narrow(1, len - 1, 1).squeeze_dim(1);
+    (out, last)
 }
 
 /// A linear layer's bias (zeros when it has none).

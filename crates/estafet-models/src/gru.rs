@@ -76,11 +76,9 @@ impl Gru {
         if !fused::has_kernel(&x.device()) {
             return self.forward_sequential(x, state);
         }
-        let [batch, len, _] = x.dims();
+        let [batch, _, _] = x.dims();
         let h = state.unwrap_or_else(|| self.zeros(batch, &x.device()));
-        let hs = fused::cell_layer(Cell::Gru, x, &self.input, &self.hidden, h.clone(), h);
-        let last = hs.clone().narrow(1, len - 1, 1).squeeze_dim(1);
-        (hs, last)
+        fused::cell_layer(Cell::Gru, x, &self.input, &self.hidden, h, None)
     }
 
     /// The definition, one cell update per step built from tensor ops: what the fused op is

@@ -106,11 +106,17 @@ impl Lstm {
         if !fused::has_kernel(&x.device()) {
             return self.forward_sequential(x, state);
         }
-        let [batch, len, _] = x.dims();
+        let [batch, _, _] = x.dims();
         let h = self.d_hidden();
         let state = state.unwrap_or_else(|| LstmState::zeros(batch, h, &x.device()));
-        let out = fused::cell_layer(Cell::Lstm, x, &self.input, &self.hidden, state.h, state.c);
-        let last = out.clone().narrow(1, len - 1, 1).squeeze_dim::<2>(1);
+        let (out, last) = fused::cell_layer(
+            Cell::Lstm,
+            x,
+            &self.input,
+            &self.hidden,
+            state.h,
+            Some(state.c),
+        );
         let state = LstmState {
             h: last.clone().narrow(1, 0, h),
             c: last.narrow(1, h, h),

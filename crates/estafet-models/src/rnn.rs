@@ -100,21 +100,13 @@ impl Rnn {
         if !fused::has_kernel(&x.device()) {
             return self.forward_sequential(x, state);
         }
-        let [batch, len, _] = x.dims();
+        let [batch, _, _] = x.dims();
         let h = state.unwrap_or_else(|| self.zeros(batch, &x.device()));
-        let hs = fused::cell_layer(
-            match self.nonlinearity {
-                Nonlinearity::Tanh => Cell::Tanh,
-                Nonlinearity::Relu => Cell::Relu,
-            },
-            x,
-            &self.input,
-            &self.hidden,
-            h.clone(),
-            h,
-        );
-        let last = hs.clone().narrow(1, len - 1, 1).squeeze_dim(1);
-        (hs, last)
+        let cell = match self.nonlinearity {
+            Nonlinearity::Tanh => Cell::Tanh,
+            Nonlinearity::Relu => Cell::Relu,
+        };
+        fused::cell_layer(cell, x, &self.input, &self.hidden, h, None)
     }
 
     /// The definition, one cell update per step built from tensor ops: what the fused op is
