@@ -11,7 +11,12 @@
 //! - `series = "csv"`: column `column` (a header name, or a 0-based index) of the CSV file
 //!   `path`; the first `1 − valid_fraction` of the rows trains and the rest validates, and both
 //!   are standardised by the training rows' mean and deviation. Windows start at random rows of
-//!   their split.
+//!   their split. Every value must be finite in f32 (a value beyond ±3.4e38 is an error naming
+//!   its line), and the training rows must not all be equal (a zero spread cannot be
+//!   standardised). A missing value (an empty cell, `NA`, `N/A`, `NaN`, `null`) is an error by
+//!   default; `missing = "skip"` drops its row and `missing = "forward_fill"` repeats the last
+//!   value before it (rows missing before the first value are dropped), since real price and
+//!   sensor series have gaps.
 //!
 //! Worked example, `horizon = 2`, `seq_len = 4`, series `x₀ x₁ …`:
 //!
@@ -45,6 +50,19 @@ pub enum Series {
     Csv,
 }
 
+/// What a missing value in a CSV column does (`series = "csv"` only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Missing {
+    /// Stop with an error naming the line.
+    #[default]
+    Error,
+    /// Drop the row.
+    Skip,
+    /// Repeat the last value seen; rows before the first value are dropped.
+    ForwardFill,
+}
+
 /// `[task]` with `kind = "time_series"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -63,6 +81,8 @@ pub struct TimeSeriesConfig {
     pub noise: f64,
     /// Fraction of a CSV's rows, at its end, held out for validation.
     pub valid_fraction: f64,
+    /// A missing value in the CSV column: `error`, `skip` its row, or `forward_fill`.
+    pub missing: Missing,
 }
 
 impl Default for TimeSeriesConfig {
@@ -75,6 +95,7 @@ impl Default for TimeSeriesConfig {
             horizon: 1,
             noise: 0.1,
             valid_fraction: 0.2,
+            missing: Missing::Error,
         }
     }
 }
@@ -112,6 +133,7 @@ impl TimeSeriesConfig {
                 for (field, given) in [
                     ("path", self.path.is_some()),
                     ("column", self.column.is_some()),
+                    ("missing", self.missing != Missing::Error),
                 ] {
                     if given {
                         return invalid(field, "only a CSV series (series = \"csv\") reads a file");
@@ -134,7 +156,7 @@ impl TimeSeriesConfig {
     }
 
     fn load_csv(&self, path: &std::path::Path, column: &str) -> Result<CsvData, TaskError> {
-        let values = read_csv_column(path, column)?;
+        let values = read_csv_column(path, column, self.missing)?;
         let n = values.len();
         let split = ((1.0 - self.valid_fraction) * n as f64).round() as usize;
         let window = self.seq_len + self.horizon;
@@ -154,7 +176,19 @@ impl TimeSeriesConfig {
             .map(|v| (v - mean).powi(2))
             .sum::<f64>()
             / split as f64;
-        let std = if var > 0.0 { var.sqrt() } else { 1.0 };
+        // A constant training split would standardise to 0/0: every window the same, and any
+        // model "beats" persistence on the noise of a rounding error.
+        if var <= 0.0 {
+            return invalid(
+                "column",
+                format!(
+                    "{}: column {column:?} is constant over its {split} training rows (value \
+                     {mean}); a zero spread cannot be standardised",
+                    path.display()
+                ),
+            );
+        }
+        let std = var.sqrt();
         Ok(CsvData {
             values: values.iter().map(|v| ((v - mean) / std) as f32).collect(),
             split,
@@ -165,8 +199,13 @@ impl TimeSeriesConfig {
 }
 
 /// Column `column` (a header name, or a 0-based index; a first row that is not numeric there is
-/// a header) of the CSV file `path`, as numbers. Errors name the line.
-pub fn read_csv_column(path: &std::path::Path, column: &str) -> Result<Vec<f64>, TaskError> {
+/// a header) of the CSV file `path`, as numbers, each finite in f32 (the models' precision).
+/// Missing values are handled as `missing` says. Errors name the line.
+pub fn read_csv_column(
+    path: &std::path::Path,
+    column: &str,
+    missing: Missing,
+) -> Result<Vec<f64>, TaskError> {
     let text = std::fs::read_to_string(path)
         .or_else(|e| invalid("path", format!("cannot read {}: {e}", path.display())))?;
     let rows: Vec<(usize, Vec<&str>)> = text
@@ -198,21 +237,50 @@ pub fn read_csv_column(path: &std::path::Path, column: &str) -> Result<Vec<f64>,
     };
     let mut values = Vec::with_capacity(body.len());
     for (line, cells) in body {
-        let cell = cells.get(index).ok_or_else(|| TaskError {
+        let at = |what: String| TaskError {
             field: "column",
-            message: format!("{}:{line}: no column {index} in this row", path.display()),
-        })?;
+            message: format!("{}:{line}: {what}", path.display()),
+        };
+        let cell = cells
+            .get(index)
+            .ok_or_else(|| at(format!("no column {index} in this row")))?;
+        if is_missing(cell) {
+            match missing {
+                Missing::Error => {
+                    return Err(at(format!(
+                        "missing value {cell:?} (set missing = \"skip\" or \"forward_fill\" to \
+                         accept gaps)"
+                    )));
+                }
+                Missing::Skip => {}
+                Missing::ForwardFill => {
+                    if let Some(&last) = values.last() {
+                        values.push(last);
+                    }
+                }
+            }
+            continue;
+        }
         let v: f64 = cell
             .parse()
-            .ok()
-            .filter(|v: &f64| v.is_finite())
-            .ok_or_else(|| TaskError {
-                field: "column",
-                message: format!("{}:{line}: {cell:?} is not a number", path.display()),
-            })?;
+            .map_err(|_| at(format!("{cell:?} is not a number")))?;
+        if !v.is_finite() || !(v as f32).is_finite() {
+            return Err(at(format!(
+                "{cell} is not a finite number in f32 (|x| ≤ 3.4e38), the precision models \
+                 compute in"
+            )));
+        }
         values.push(v);
     }
     Ok(values)
+}
+
+/// A cell that holds no value: empty, or one of the usual spellings of "not available".
+fn is_missing(cell: &str) -> bool {
+    cell.is_empty()
+        || ["na", "n/a", "nan", "null", "none"]
+            .iter()
+            .any(|m| cell.eq_ignore_ascii_case(m))
 }
 
 /// A CSV column, standardised by its training rows.
@@ -251,6 +319,11 @@ impl TimeSeries {
 
     pub fn horizon(&self) -> usize {
         self.config.horizon
+    }
+
+    /// How the run's CSV handled missing values (a series to forecast is read the same way).
+    pub fn missing(&self) -> Missing {
+        self.config.missing
     }
 
     /// The affine map from model values back to the CSV's units: `x = mean + std · z`.
@@ -483,6 +556,79 @@ mod tests {
             ..TimeSeriesConfig::default()
         };
         assert_eq!(zero.build().unwrap_err().field, "horizon");
+    }
+
+    fn csv_file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn values_beyond_f32_and_constant_columns_are_refused() {
+        let huge = csv_file("v\n1\n2\n1e39\n4\n");
+        let e = read_csv_column(huge.path(), "v", Missing::Error).unwrap_err();
+        assert_eq!(e.field, "column");
+        assert!(
+            e.message.contains(":4: 1e39 is not a finite number in f32"),
+            "{e}"
+        );
+        let inf = csv_file("v\n1\ninf\n");
+        let e = read_csv_column(inf.path(), "v", Missing::Error).unwrap_err();
+        assert!(e.message.contains(":3: inf is not a finite number"), "{e}");
+        // f32's largest value itself is fine.
+        let edge = csv_file("v\n3.4e38\n-3.4e38\n");
+        assert_eq!(
+            read_csv_column(edge.path(), "v", Missing::Error)
+                .unwrap()
+                .len(),
+            2
+        );
+
+        let mut text = String::from("v\n");
+        for i in 0..40 {
+            text.push_str(if i < 32 { "5\n" } else { "6\n" });
+        }
+        let constant = csv_file(&text);
+        let e = TimeSeriesConfig {
+            series: Series::Csv,
+            path: Some(constant.path().into()),
+            column: Some("v".into()),
+            seq_len: 3,
+            horizon: 1,
+            ..TimeSeriesConfig::default()
+        }
+        .build()
+        .unwrap_err();
+        assert_eq!(e.field, "column");
+        assert!(
+            e.message.contains("constant over its 32 training rows"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_values_are_an_error_skipped_or_filled_forward() {
+        let gaps = csv_file("t,v\n0,\n1,1.5\n2,NA\n3,2.5\n4,nan\n5,\n6,4\n");
+        let e = read_csv_column(gaps.path(), "v", Missing::Error).unwrap_err();
+        assert!(e.message.contains(":2: missing value \"\""), "{e}");
+        assert!(e.message.contains("forward_fill"), "{e}");
+        assert_eq!(
+            read_csv_column(gaps.path(), "v", Missing::Skip).unwrap(),
+            [1.5, 2.5, 4.0]
+        );
+        assert_eq!(
+            read_csv_column(gaps.path(), "v", Missing::ForwardFill).unwrap(),
+            [1.5, 1.5, 2.5, 2.5, 2.5, 4.0]
+        );
+        // A synthetic series has no cells to miss.
+        let e = TimeSeriesConfig {
+            missing: Missing::Skip,
+            ..TimeSeriesConfig::default()
+        }
+        .build()
+        .unwrap_err();
+        assert_eq!(e.field, "missing");
     }
 
     #[test]

@@ -130,7 +130,8 @@ fn draw(logits: &[f32], s: Sampling, rng: &mut rand_chacha::ChaCha8Rng) -> usize
 
 /// Reads a series (column `column` of the CSV `input`, in the units the run was trained on)
 /// and writes, for every row `t`, the run's forecasts of rows `t + 1 … t + horizon`, as CSV
-/// (`t,value,forecast_1,…`), in the same units.
+/// (`t,value,forecast_1,…`), in the same units. Missing values are handled as the run's task
+/// config says (`missing`), so `t` counts the rows that remain.
 pub fn predict(
     run: &SavedRun,
     input: &Path,
@@ -144,7 +145,7 @@ pub fn predict(
             run.task.info().kind
         )));
     };
-    let values = read_csv_column(input, column)
+    let values = read_csv_column(input, column, ts.missing())
         .map_err(|e| Error::Config(format!("--input: {}", e.message)))?;
     if values.is_empty() {
         return Err(Error::Config(format!(
