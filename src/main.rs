@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use estafet_experiments::bench::{self, BenchOptions};
 use estafet_experiments::config::{self, ConfigSource};
 use estafet_experiments::infer::{self, Sampling};
+use estafet_experiments::run_dir::RunDir;
 use estafet_experiments::saved::SavedRun;
 use estafet_experiments::train::{self, RunOptions};
 use estafet_experiments::{Backend, Error, catalog};
@@ -40,7 +41,8 @@ enum Command {
         /// No progress bar; evaluation lines only.
         #[arg(long, short)]
         quiet: bool,
-        /// Continue the run in --out from its last checkpoint (same config and overrides).
+        /// Continue the run in --out from its last checkpoint: the same config and overrides,
+        /// except budget fields (train.steps, train.max_seconds, ...), which extend the run.
         #[arg(long, requires = "out")]
         resume: bool,
     },
@@ -274,6 +276,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
             quiet,
             resume,
         } => {
+            estafet_experiments::interrupt::install()?;
             let Some(path) = &config else {
                 return quickstart(common, out);
             };
@@ -281,13 +284,14 @@ fn execute(cli: Cli) -> Result<(), Error> {
             let experiment = config::load(&source, &common.overrides)?;
             let backend = resolve_backend(common.backend)?;
             let out = out.unwrap_or_else(|| default_run_dir(source.stem()));
-            if resume && out.join("summary.json").is_file() {
+            if resume && train::is_complete_as(&out, &experiment)? {
                 println!(
                     "{} is complete (summary.json); nothing to resume",
                     out.display()
                 );
                 return Ok(());
             }
+            let resume_command = continue_command(&out, true);
             let summary = train::run(
                 &experiment,
                 &RunOptions {
@@ -297,6 +301,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
                     code_version: CODE_VERSION.to_string(),
                     progress: !quiet,
                     resume,
+                    resume_command,
                 },
             )?;
             let e = &summary.final_eval;
@@ -641,13 +646,16 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 return Ok(());
             }
             let backend = resolve_backend(backend)?;
+            estafet_experiments::interrupt::install()?;
             let progress = sweep::run(&runs, &out, shard, jobs, backend)?;
             eprintln!(
-                "sweep: {} run, {} already complete, {} failed",
+                "sweep: {} run, {} already complete, {} failed, {} diverged",
                 progress.ran,
                 progress.skipped,
-                progress.failed.len()
+                progress.failed.len(),
+                progress.diverged.len()
             );
+            stopped_by_signal(&progress, &out)?;
             if !progress.failed.is_empty() {
                 return Err(Error::Runtime(anyhow::anyhow!(
                     "{} runs failed (logs in {}/.configs/): {}",
@@ -656,9 +664,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
                     progress.failed.join(", ")
                 )));
             }
-            let complete = runs
-                .iter()
-                .all(|r| out.join(&r.name).join("summary.json").is_file());
+            let complete = runs.iter().all(|r| RunDir::is_complete(&out.join(&r.name)));
             if complete {
                 print!("{}", report::write(&out)?);
             } else {
@@ -768,6 +774,7 @@ fn quickstart(common: Common, out: Option<PathBuf>) -> Result<(), Error> {
         out.display()
     );
     let progress = sweep::run(&runs, &out, (0, 1), 2, backend)?;
+    stopped_by_signal(&progress, &out)?;
     if !progress.failed.is_empty() {
         return Err(Error::Runtime(anyhow::anyhow!(
             "quickstart runs failed (logs in {}/.configs/): {}",
@@ -778,6 +785,51 @@ fn quickstart(common: Common, out: Option<PathBuf>) -> Result<(), Error> {
     print!("{}", report::write(&out)?);
     println!("\nreport, plots and every run in {}", out.display());
     Ok(())
+}
+
+/// A sweep stopped by a signal: its runs checkpointed; the same command continues it.
+fn stopped_by_signal(progress: &sweep::Progress, out: &std::path::Path) -> Result<(), Error> {
+    match progress.interrupted {
+        Some(signal) => Err(Error::Interrupted {
+            signal,
+            message: format!(
+                "{}: the runs under way stopped after a checkpoint; continue with: {}",
+                signal.name(),
+                continue_command(out, false)
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// This process's command line, made to continue its work: with `--out` (when it was not
+/// given, the directory chosen now) and, for `run`, `--resume`; quoted for a POSIX shell.
+fn continue_command(out: &std::path::Path, resume: bool) -> String {
+    let mut args: Vec<String> = std::env::args().collect();
+    let has = |flag: &str, args: &[String]| {
+        args.iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+    };
+    if !has("--out", &args) {
+        args.push("--out".into());
+        args.push(out.display().to_string());
+    }
+    if resume && !has("--resume", &args) {
+        args.push("--resume".into());
+    }
+    args.iter()
+        .map(|a| {
+            let plain = !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+            if plain {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn resolve_backend(asked: Option<Backend>) -> Result<Backend, Error> {

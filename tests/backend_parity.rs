@@ -195,6 +195,7 @@ fn train_on(
             code_version: "test".into(),
             progress: false,
             resume: false,
+            resume_command: String::new(),
         },
     )
     .unwrap();

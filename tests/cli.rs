@@ -940,3 +940,525 @@ fn diagnostics_are_logged_with_each_evaluation() {
         std::fs::remove_dir_all(out).ok();
     }
 }
+
+/// Sends `signal` (e.g. "INT", "TERM") to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// The largest `step` of a training line in `dir/metrics.jsonl` (0 if none yet).
+fn logged_step(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["split"] == "train")
+        .filter_map(|v| v["step"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+fn checkpoint_step(dir: &Path) -> u64 {
+    std::fs::read(dir.join("checkpoint/state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["step"].as_u64())
+        .unwrap_or(0)
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// `(split, step, seq_len, loss, metric, lr)` of every metrics line: everything but timings.
+fn figures(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| {
+            format!(
+                "{} {} {} {} {} {}",
+                v["split"], v["step"], v["seq_len"], v["loss"], v["metric"], v["lr"]
+            )
+        })
+        .collect()
+}
+
+fn small_lstm(out: &Path, steps: usize, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "run",
+        "configs/copy-lstm.toml",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "task.lag=5",
+        "--set",
+        "model.d_model=16",
+        "--set",
+        &format!("train.steps={steps}"),
+        "--set",
+        "train.eval_every=50",
+        "--set",
+        "train.log_every=5",
+        "--set",
+        "eval.samples=32",
+        "--set",
+        "run.seed=3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn spawn(args: &[String]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_estafet"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `dir` has logged a training step of at least `step`; the child must still run.
+fn wait_for_step(child: &mut std::process::Child, dir: &Path, step: u64) {
+    while logged_step(dir) < step {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before the signal"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// Ctrl-C, then SIGTERM (Slurm's preemption warning), each after the run was resumed: each
+/// finishes its step, checkpoints (no `checkpoint_every` needed), writes interrupted.json and
+/// exits 130 / 143 with the command that continues; the resumed run ends with exactly the
+/// figures of an uninterrupted one.
+#[test]
+fn signals_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one() {
+    let dir = scratch("signals");
+    std::fs::create_dir_all(&dir).unwrap();
+    let steps = 400;
+    let whole = dir.join("whole");
+    let out = estafet(
+        &small_lstm(&whole, steps, &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let stopped = dir.join("stopped");
+    let mut previous = 0;
+    for (after, sig, code, resume) in [(40, "INT", 130, false), (150, "TERM", 143, true)] {
+        let mut args = small_lstm(&stopped, steps, &[]);
+        if resume {
+            args.push("--resume".into());
+        }
+        let mut child = spawn(&args);
+        wait_for_step(&mut child, &stopped, after);
+        signal(child.id(), sig);
+        let out = child.wait_with_output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(code), "{err}");
+        let step = checkpoint_step(&stopped);
+        assert!(
+            step >= after && step < steps as u64 && step > previous,
+            "{step}"
+        );
+        previous = step;
+        let note = json(&stopped.join("interrupted.json"));
+        assert_eq!(note["signal"], format!("SIG{sig}"));
+        assert_eq!(note["step"], step);
+        let command = note["resume_command"].as_str().unwrap();
+        assert!(
+            command.contains("--resume") && command.contains(stopped.to_str().unwrap()),
+            "{command}"
+        );
+        assert!(
+            err.contains("continue with:") && err.contains(command),
+            "{err}"
+        );
+        assert!(!stopped.join("summary.json").exists());
+    }
+    let mut args = small_lstm(&stopped, steps, &[]);
+    args.push("--resume".into());
+    let out = estafet(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stopped.join("interrupted.json").exists());
+    assert_eq!(
+        json(&whole.join("summary.json"))["final_eval"],
+        json(&stopped.join("summary.json"))["final_eval"]
+    );
+    assert_eq!(figures(&whole), figures(&stopped));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A second Ctrl-C ends the run at once, mid-step; the checkpoint written by the clock
+/// (`train.checkpoint_minutes`) before it is intact and the run resumes from it.
+#[test]
+fn a_second_ctrl_c_exits_at_once_keeping_the_last_checkpoint() {
+    let dir = scratch("double-int");
+    // Steps slow enough (tens of ms) that both signals land within one.
+    let args = |resume: bool| {
+        let mut a = small_lstm(
+            &dir,
+            2000,
+            &[
+                "--set",
+                "model.d_model=128",
+                "--set",
+                "train.batch_size=64",
+                "--set",
+                "train.log_every=1",
+                "--set",
+                "train.checkpoint_minutes=0.001",
+            ],
+        );
+        if resume {
+            a.push("--resume".into());
+        }
+        a
+    };
+    let mut child = spawn(&args(false));
+    while checkpoint_step(&dir) < 3 {
+        assert!(child.try_wait().unwrap().is_none());
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    signal(child.id(), "INT");
+    signal(child.id(), "INT");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(
+        !dir.join("interrupted.json").exists(),
+        "the second signal did not wait for the step to end"
+    );
+    let kept = checkpoint_step(&dir);
+    assert!((3..2000).contains(&kept), "{kept}");
+    // Resumes from that checkpoint (and is stopped again, cleanly).
+    let mut child = spawn(&args(true));
+    wait_for_step(&mut child, &dir, kept + 2);
+    signal(child.id(), "TERM");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("resumed after step {kept}")),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// SIGTERM to a sweep stops each running run after a checkpoint; the same command continues.
+#[test]
+fn a_sweep_passes_sigterm_to_its_runs_and_continues() {
+    let dir = scratch("sweep-term");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sweep = dir.join("sweep.toml");
+    std::fs::write(
+        &sweep,
+        format!(
+            r#"base = "{}/configs/copy-lstm.toml"
+[set]
+"train.steps" = 3000
+"train.log_every" = 5
+"eval.samples" = 8
+"task.lag" = 5
+"model.d_model" = 16
+[axes]
+"run.seed" = [0, 1]
+"#,
+            std::env::current_dir().unwrap().display()
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let args: Vec<String> = [
+        "sweep",
+        sweep.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(["--jobs".into(), "2".into()])
+    .collect();
+    let mut child = spawn(&args);
+    for seed in ["seed0", "seed1"] {
+        wait_for_step(&mut child, &out.join(seed), 20);
+    }
+    signal(child.id(), "TERM");
+    let result = child.wait_with_output().unwrap();
+    let err = stderr(&result);
+    assert_eq!(result.status.code(), Some(143), "{err}");
+    assert!(err.contains("continue with:"), "{err}");
+    for seed in ["seed0", "seed1"] {
+        let run = out.join(seed);
+        let note = json(&run.join("interrupted.json"));
+        assert_eq!(note["signal"], "SIGTERM");
+        assert_eq!(note["step"], checkpoint_step(&run));
+        assert!(!run.join("summary.json").exists());
+    }
+    // Continued with a smaller budget: train.steps only budgets a run, so the runs take the
+    // change (recorded in run.json) and finish.
+    let text = std::fs::read_to_string(&sweep).unwrap();
+    let step = checkpoint_step(&out.join("seed0")).max(checkpoint_step(&out.join("seed1")));
+    std::fs::write(&sweep, text.replace("3000", &(step + 10).to_string())).unwrap();
+    let again = estafet(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(again.status.success(), "{}", stderr(&again));
+    for seed in ["seed0", "seed1"] {
+        assert!(out.join(seed).join("summary.json").is_file());
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// `--resume` with more steps extends a finished run: under a constant schedule it ends exactly
+/// as a run of that many steps straight through; under cosine the steps after the extension
+/// follow the longer schedule. Changes to what is trained are refused, as is shortening.
+#[test]
+fn a_finished_run_is_extended_by_resume_with_more_steps() {
+    let dir = scratch("extend");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |out: &Path, steps: usize, extra: &[&str]| {
+        let args = small_lstm(out, steps, extra);
+        estafet(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let straight = dir.join("straight");
+    assert!(run(&straight, 120, &[]).status.success());
+    let extended = dir.join("extended");
+    assert!(run(&extended, 100, &[]).status.success());
+    let out = run(&extended, 120, &["--resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(figures(&straight), figures(&extended));
+    let summary = json(&extended.join("summary.json"));
+    assert_eq!(summary["steps"], 120);
+    assert_eq!(
+        summary["final_eval"],
+        json(&straight.join("summary.json"))["final_eval"]
+    );
+    let info = json(&extended.join("run.json"));
+    let record = &info["extensions"][0];
+    assert_eq!(record["at_step"], 100);
+    assert_eq!(record["changes"][0]["field"], "train.steps");
+    assert_eq!(record["changes"][0]["was"], "100");
+    assert_eq!(record["changes"][0]["now"], "120");
+    assert_eq!(
+        record["previous_summary"]["steps"], 100,
+        "the earlier result is kept"
+    );
+    assert!(
+        std::fs::read_to_string(extended.join("config.toml"))
+            .unwrap()
+            .contains("steps = 120")
+    );
+    // Resuming again with the same budget: nothing to do.
+    let again = run(&extended, 120, &["--resume"]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to resume"));
+
+    // What was trained cannot change; a run cannot be shortened below its checkpoint.
+    let refused = run(&extended, 200, &["--resume", "--set", "optim.lr=0.5"]);
+    assert_eq!(refused.status.code(), Some(2));
+    let e = stderr(&refused);
+    assert!(
+        e.contains("different config") && e.contains("optim.lr (0.01 → 0.5)"),
+        "{e}"
+    );
+    let refused = run(&extended, 50, &["--resume"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("extended, not shortened"),
+        "{}",
+        stderr(&refused)
+    );
+
+    // Cosine: the extension follows the cosine of the new total from the checkpoint on.
+    let cosine = dir.join("cosine");
+    let schedule = ["--set", "optim.schedule=cosine", "--set", "optim.lr=0.01"];
+    assert!(run(&cosine, 100, &schedule).status.success());
+    let mut extra = schedule.to_vec();
+    extra.push("--resume");
+    assert!(run(&cosine, 200, &extra).status.success());
+    let lr_at = |step: u64| -> f64 {
+        std::fs::read_to_string(cosine.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["split"] == "train" && v["step"] == step)
+            .unwrap()["lr"]
+            .as_f64()
+            .unwrap()
+    };
+    let cosine_lr = |step: f64, total: f64| {
+        0.01 * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * step / total).cos()))
+    };
+    assert!(
+        (lr_at(50) - cosine_lr(50.0, 100.0)).abs() < 1e-9,
+        "before: the 100-step curve"
+    );
+    assert!((lr_at(100) - cosine_lr(100.0, 100.0)).abs() < 1e-9);
+    assert!(
+        (lr_at(150) - cosine_lr(150.0, 200.0)).abs() < 1e-9,
+        "after: the 200-step curve"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A loss that explodes without becoming NaN stops the run (exit 3) with a summary that says
+/// so, holding the figures of the last good checkpoint (here none: the untrained model's).
+#[test]
+fn a_diverging_run_stops_and_says_so() {
+    let dir = scratch("diverge");
+    let args = small_lstm(
+        &dir,
+        500,
+        &[
+            "--set",
+            "optim.lr=1e9",
+            "--set",
+            "train.checkpoint_every=10",
+        ],
+    );
+    let out = estafet(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{e}");
+    assert!(e.contains("training diverged at step"), "{e}");
+    assert!(e.contains("no checkpoint was written before"), "{e}");
+    assert_eq!(
+        e.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{e}"
+    );
+    let summary = json(&dir.join("summary.json"));
+    assert_eq!(summary["stopped"], "diverged");
+    let step = summary["diverged"]["step"].as_u64().unwrap();
+    assert!(step < 100, "stopped early: step {step}");
+    let kept = summary["diverged"]["checkpoint_step"].as_u64().unwrap();
+    assert!(kept < step);
+    assert_eq!(checkpoint_step(&dir), kept);
+    let loss = summary["final_eval"]["loss"].as_f64().unwrap();
+    assert!(
+        loss.is_finite() && loss < 10.0,
+        "the kept model's loss {loss}"
+    );
+    // Off, the same run trains to the end however bad its loss.
+    let off = scratch("diverge-off");
+    let args = small_lstm(
+        &off,
+        60,
+        &[
+            "--set",
+            "optim.lr=1e9",
+            "--set",
+            "train.divergence_factor=0",
+        ],
+    );
+    let out = estafet(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let summary = json(&off.join("summary.json"));
+    if out.status.success() {
+        assert_eq!(summary["stopped"], "steps");
+    } else {
+        // Only a non-finite loss stops it then.
+        assert!(
+            summary["diverged"]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("is NaN")
+                || summary["diverged"]["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("inf")
+        );
+    }
+    std::fs::remove_dir_all(dir).ok();
+    std::fs::remove_dir_all(off).ok();
+}
+
+/// CSV series: a value beyond f32, or a constant training split, is a one-line error naming
+/// the file (and line); gaps are an error unless `missing` says how to treat them.
+#[test]
+fn hostile_csv_files_are_refused_and_gaps_can_be_filled() {
+    let dir = scratch("csv");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rows = String::from("t,price\n");
+    for i in 0..200 {
+        rows.push_str(&format!("{i},{}\n", (i as f64 * 0.3).sin() + 2.0));
+    }
+    let run = |name: &str, text: &str, extra: &[&str]| {
+        let path = dir.join(format!("{name}.csv"));
+        std::fs::write(&path, text).unwrap();
+        let out = dir.join(name);
+        let mut args = vec![
+            "run".to_string(),
+            "configs/sines-lstm.toml".into(),
+            "--quiet".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        for set in [
+            "task.series=csv".to_string(),
+            format!("task.path={}", path.display()),
+            "task.column=price".into(),
+            "task.seq_len=20".into(),
+            "train.steps=3".into(),
+            "model.d_model=8".into(),
+            "eval.samples=8".into(),
+        ]
+        .into_iter()
+        .chain(extra.iter().map(|s| s.to_string()))
+        {
+            args.push("--set".into());
+            args.push(set);
+        }
+        estafet(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    assert!(run("good", &rows, &[]).status.success());
+
+    let huge = rows.replace("\n7,", "\n7,1e39\n700,");
+    let out = run("huge", &huge, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = stderr(&out);
+    assert!(
+        e.contains("huge.csv:9: 1e39 is not a finite number in f32"),
+        "{e}"
+    );
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+
+    let mut flat = String::from("price\n");
+    for i in 0..200 {
+        flat.push_str(if i < 160 { "3\n" } else { "4\n" });
+    }
+    let out = run("flat", &flat, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("constant over its 160 training rows"),
+        "{}",
+        stderr(&out)
+    );
+
+    let gaps = rows.replace("\n5,", "\n5,\n500,NA\n5000,");
+    let out = run("gaps", &gaps, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("gaps.csv:7: missing value"),
+        "{}",
+        stderr(&out)
+    );
+    for policy in ["skip", "forward_fill"] {
+        let out = run(
+            &format!("gaps-{policy}"),
+            &gaps,
+            &[&format!("task.missing={policy}")],
+        );
+        assert!(out.status.success(), "{policy}: {}", stderr(&out));
+    }
+    std::fs::remove_dir_all(dir).ok();
+}

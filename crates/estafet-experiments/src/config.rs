@@ -36,8 +36,12 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// Steps between evaluations on the held-out set (0: only at the end).
     pub eval_every: usize,
-    /// Steps between checkpoints (0: only at the end).
+    /// Steps between checkpoints (0: none by count; see `checkpoint_minutes`).
     pub checkpoint_every: usize,
+    /// Minutes of wall time between checkpoints, besides `checkpoint_every`, so that no run
+    /// loses more than this to a crash or a kill (0: none by the clock). A checkpoint is also
+    /// written at the end, on SIGINT/SIGTERM, and never while the loss is diverging.
+    pub checkpoint_minutes: f64,
     /// A safetensors file with a PyTorch `nn.RNN`/`nn.LSTM`/`nn.GRU` state dict that
     /// initialises the recurrent layers (stacked layout, same kind, width and depth).
     pub init_from: Option<std::path::PathBuf>,
@@ -50,7 +54,30 @@ pub struct TrainConfig {
     /// Log state norms along a sequence, the fraction of saturated gates and the Elman RNN's
     /// spectral radius with every evaluation (`split = "diagnostics"` in metrics.jsonl).
     pub diagnostics: bool,
+    /// Divergence: the run stops when the mean training loss of each of
+    /// `divergence_patience` successive logging windows (`log_every` steps each) exceeds
+    /// `divergence_factor` × max(the task's baseline loss, the loss at step 1, i.e. the
+    /// untrained model's). 0 disables the check; a non-finite loss always stops the run.
+    pub divergence_factor: f64,
+    pub divergence_patience: usize,
 }
+
+/// The fields that only budget a run: `--resume` may change them (and records each change in
+/// `run.json`), since they decide how long training goes on and what is logged, never what a
+/// step computes. Any other difference from the run's config is refused.
+pub const BUDGET_FIELDS: &[&str] = &[
+    "train.steps",
+    "train.max_seconds",
+    "train.stop_when_solved",
+    "train.eval_every",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.checkpoint_minutes",
+    "train.diagnostics",
+    "train.divergence_factor",
+    "train.divergence_patience",
+    "eval.lengths",
+];
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -64,6 +91,9 @@ impl Default for TrainConfig {
             stop_when_solved: false,
             max_seconds: 0.0,
             diagnostics: false,
+            checkpoint_minutes: 10.0,
+            divergence_factor: 10.0,
+            divergence_patience: 5,
         }
     }
 }
@@ -334,8 +364,17 @@ impl ExperimentConfig {
                 return Err(format!("{field} must lie in [0, 1), got {v}"));
             }
         }
-        if !(self.train.max_seconds >= 0.0 && self.train.max_seconds.is_finite()) {
-            return Err("train.max_seconds must be a number ≥ 0 (0: no limit)".into());
+        for (field, v) in [
+            ("train.max_seconds", self.train.max_seconds),
+            ("train.checkpoint_minutes", self.train.checkpoint_minutes),
+            ("train.divergence_factor", self.train.divergence_factor),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("{field} must be a number ≥ 0 (0: off), got {v}"));
+            }
+        }
+        if self.train.divergence_factor > 0.0 && self.train.divergence_patience == 0 {
+            return Err("train.divergence_patience must be at least 1".into());
         }
         if !(self.optim.weight_decay >= 0.0 && self.optim.grad_clip >= 0.0) {
             return Err("optim.weight_decay and optim.grad_clip must not be negative".into());
@@ -362,6 +401,74 @@ impl ExperimentConfig {
     /// The config as it was run, every default written out.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("an experiment config is always valid TOML")
+    }
+
+    /// How `self` differs from `earlier`, field by field (`path`, earlier value, this value),
+    /// split into the [`BUDGET_FIELDS`] and the rest. A field absent on one side reads `–`.
+    pub fn changes_from(&self, earlier: &ExperimentConfig) -> (Vec<Change>, Vec<Change>) {
+        let table = |c: &ExperimentConfig| {
+            toml::Value::try_from(c).expect("an experiment config is always valid TOML")
+        };
+        let (mut old, mut new) = (Vec::new(), Vec::new());
+        flatten("", &table(earlier), &mut old);
+        flatten("", &table(self), &mut new);
+        let value_at = |leaves: &[(String, String)], path: &str| {
+            leaves
+                .iter()
+                .find(|(p, _)| p == path)
+                .map_or("–".to_string(), |(_, v)| v.clone())
+        };
+        let mut paths: Vec<&String> = old.iter().chain(&new).map(|(p, _)| p).collect();
+        paths.sort();
+        paths.dedup();
+        let (mut budget, mut other) = (Vec::new(), Vec::new());
+        for path in paths {
+            let (was, now) = (value_at(&old, path), value_at(&new, path));
+            if was != now {
+                let change = Change {
+                    field: path.clone(),
+                    was,
+                    now,
+                };
+                if BUDGET_FIELDS.contains(&path.as_str()) {
+                    budget.push(change);
+                } else {
+                    other.push(change);
+                }
+            }
+        }
+        (budget, other)
+    }
+}
+
+/// One field that differs between two configs, its values written as TOML.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Change {
+    pub field: String,
+    pub was: String,
+    pub now: String,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({} → {})", self.field, self.was, self.now)
+    }
+}
+
+/// The leaves of a TOML value as `(dotted.path, value)`; arrays are leaves.
+fn flatten(prefix: &str, value: &toml::Value, out: &mut Vec<(String, String)>) {
+    match value {
+        toml::Value::Table(table) => {
+            for (key, v) in table {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                flatten(&path, v, out);
+            }
+        }
+        leaf => out.push((prefix.to_string(), leaf.to_string())),
     }
 }
 
@@ -541,6 +648,37 @@ steps = 3
         assert!(e.contains("optim.beta2"), "{e}");
         let e = err(BASE, &["train.steps=0"]);
         assert!(e.contains("train.steps must be positive"), "{e}");
+    }
+
+    #[test]
+    fn changes_are_split_into_budget_and_the_rest() {
+        let base = load(&source(BASE), &[]).unwrap();
+        let other = |o: &[&str]| {
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            load(&source(BASE), &o).unwrap()
+        };
+        assert_eq!(base.changes_from(&base), (vec![], vec![]));
+        let (budget, rest) = other(&["train.steps=9", "eval.lengths=[40]"]).changes_from(&base);
+        assert_eq!(
+            budget.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["eval.lengths ([] → [40])", "train.steps (3 → 9)"]
+        );
+        assert!(rest.is_empty());
+        let (budget, rest) =
+            other(&["optim.lr=0.5", "model.mixer.kind=\"gru\""]).changes_from(&base);
+        assert!(budget.is_empty());
+        let fields: Vec<&str> = rest.iter().map(|c| c.field.as_str()).collect();
+        assert!(fields.contains(&"optim.lr"), "{fields:?}");
+        assert!(fields.contains(&"model.mixer.kind"), "{fields:?}");
+        // Every budget field names a real field.
+        let leaves = {
+            let mut v = Vec::new();
+            flatten("", &toml::Value::try_from(&base).unwrap(), &mut v);
+            v
+        };
+        for field in BUDGET_FIELDS {
+            assert!(leaves.iter().any(|(p, _)| p == field), "{field}");
+        }
     }
 
     #[test]

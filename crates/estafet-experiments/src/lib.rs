@@ -13,6 +13,7 @@ pub mod config;
 pub mod diagnostics;
 pub mod gradflow;
 pub mod infer;
+pub mod interrupt;
 pub mod plot;
 pub mod report;
 pub mod run_dir;
@@ -24,23 +25,40 @@ pub mod weights;
 pub use backend::Backend;
 pub use config::{ConfigSource, ExperimentConfig};
 
-/// Why a command failed. Bad input is told apart from failures while running, since the
-/// command line reports them with different exit statuses (2 and 1).
+/// Why a command did not finish normally; each kind has its own exit status, so that scripts
+/// (and a sweep) can tell them apart.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The config, an override or a flag is wrong; the message names the file and field.
+    /// The config, an override or a flag is wrong; the message names the file and field. Exit 2.
     #[error("{0}")]
     Config(String),
-    /// Something failed while running (I/O, a non-finite loss, a backend).
+    /// Something failed while running (I/O, a backend). Exit 1.
     #[error("{0:#}")]
     Runtime(#[from] anyhow::Error),
+    /// Training diverged (a non-finite loss, or a loss far above the task's baseline for long):
+    /// the run ended with its summary written (`stopped = "diverged"`), a result rather than a
+    /// crash. Exit 3.
+    #[error("{0}")]
+    Diverged(String),
+    /// SIGINT or SIGTERM stopped the command after a checkpoint; the message says how to
+    /// continue. Exit 130 or 143.
+    #[error("{message}")]
+    Interrupted {
+        signal: interrupt::Signal,
+        message: String,
+    },
 }
 
 impl Error {
+    /// Exit status of a training run that diverged.
+    pub const DIVERGED_EXIT: i32 = 3;
+
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) => 2,
             Error::Runtime(_) => 1,
+            Error::Diverged(_) => Self::DIVERGED_EXIT,
+            Error::Interrupted { signal, .. } => signal.exit_code(),
         }
     }
 }

@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::Error;
 use crate::plot::{Curve, Figure, Reference};
+use crate::run_dir::RunDir;
 
 /// One finished run, as its files tell it.
 struct RunRecord {
@@ -33,6 +34,9 @@ struct RunRecord {
     lengths: Vec<(u64, f64)>,
     /// (step, metric) of the held-out evaluations at the trained length.
     curve: Vec<(f64, f64)>,
+    /// The run's directory name and the step it diverged at (its figures are its last good
+    /// checkpoint's).
+    diverged: Option<(String, u64)>,
 }
 
 fn read_json(path: &Path) -> Result<Value, Error> {
@@ -66,9 +70,9 @@ fn load(dir: &Path) -> Result<Vec<RunRecord>, Error> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::Config(format!("{}: cannot read: {e}", dir.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("summary.json").is_file())
+        .filter(|p| RunDir::is_complete(p))
         .collect();
-    if dir.join("summary.json").is_file() {
+    if RunDir::is_complete(dir) {
         paths.push(dir.to_path_buf());
     }
     // The sweep's order (models as the sweep file lists them), else by name.
@@ -124,6 +128,12 @@ fn load(dir: &Path) -> Result<Vec<RunRecord>, Error> {
                 })
                 .unwrap_or_default(),
             curve,
+            diverged: (summary["stopped"] == "diverged").then(|| {
+                (
+                    name.clone(),
+                    summary["diverged"]["step"].as_u64().unwrap_or(0),
+                )
+            }),
         });
     }
     Ok(records)
@@ -265,6 +275,17 @@ pub fn write(dir: &Path) -> Result<String, Error> {
             references: references.clone(),
         }
         .save(&stem("by-length"))?;
+        let diverged: Vec<String> = rs
+            .iter()
+            .filter_map(|r| r.diverged.as_ref())
+            .map(|(name, step)| format!("{name} (step {step})"))
+            .collect();
+        if !diverged.is_empty() {
+            md.push_str(&format!(
+                "\nDiverged, counted with the figures of their last good checkpoint: {}.\n",
+                diverged.join(", ")
+            ));
+        }
         md.push_str(&format!(
             "\n![{task} by length](plots/{task}-by-length.png)\n"
         ));

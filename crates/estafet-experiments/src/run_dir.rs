@@ -8,8 +8,13 @@
 //!   run.json         seed, backend, code version, config source, parameters, state size
 //!   metrics.jsonl    one JSON object per logged step and per evaluation
 //!   checkpoint/      model.bpk, optimizer.bpk, state.json (the step): the latest checkpoint
+//!   interrupted.json where a run stopped by SIGINT/SIGTERM stands, and the command to resume
 //!   summary.json     final figures, written last: its presence means the run completed
 //! ```
+//!
+//! Every file is replaced whole (temporary file, then rename), except `metrics.jsonl`, which
+//! is appended a line at a time and flushed; a resumed run rewrites it (atomically) without
+//! the lines logged after its checkpoint.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -91,6 +96,22 @@ impl RunDir {
 
     pub fn path(&self) -> &Path {
         &self.root
+    }
+
+    /// Whether the run in `root` completed (its `summary.json` is written last).
+    pub fn is_complete(root: &Path) -> bool {
+        root.join("summary.json").is_file()
+    }
+
+    /// Removes `name` if it exists.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        let path = self.root.join(name);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("cannot remove {}", path.display()))
+            }
+            _ => Ok(()),
+        }
     }
 
     pub fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<()> {

@@ -14,11 +14,18 @@
 //! "run.seed" = [0, 1, 2]
 //! ```
 //!
-//! Run `i` of the grid lives in `OUT/NAME` (the labels of its axis values). A run whose
-//! `summary.json` exists is skipped, one with a checkpoint resumes, so a sweep that was stopped
-//! continues where it was. `--shard I/N` takes runs `i ≡ I (mod N)`, so that N machines (a
-//! Slurm array) can share one directory; `--jobs J` runs J at a time here. Each run is a child
-//! `estafet run --resume` of its resolved config, so its peak memory is its own.
+//! Run `i` of the grid lives in `OUT/NAME` (the labels of its axis values). A run that is
+//! complete with this very config is skipped, one with a checkpoint resumes (and is extended,
+//! if the sweep now gives it more steps or time), so a sweep that was stopped continues where
+//! it was. `--shard I/N` takes runs `i ≡ I (mod N)`, so that N machines (a Slurm array) can
+//! share one directory; `--jobs J` runs J at a time here. Each run is a child `estafet run
+//! --resume` of its resolved config, so its peak memory is its own.
+//!
+//! SIGINT or SIGTERM stops the sweep cleanly: no new run starts, each running one is sent
+//! SIGTERM (so it checkpoints after its current step) and waited for, and the sweep exits with
+//! the signal's status; running the same command again continues. The runs sit in their own
+//! process group, so a Ctrl-C in the terminal reaches them only through the sweep, once. A run
+//! that diverges (exit status 3) has written its summary: it counts as done.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -184,6 +191,10 @@ pub struct Progress {
     pub ran: usize,
     pub skipped: usize,
     pub failed: Vec<String>,
+    /// Runs that diverged (their summaries say so).
+    pub diverged: Vec<String>,
+    /// The signal that stopped the sweep, if one did; the runs it stopped resume next time.
+    pub interrupted: Option<crate::interrupt::Signal>,
 }
 
 /// Runs the shard's part of the grid in `out`, `jobs` at a time.
@@ -206,7 +217,7 @@ pub fn run(
     let mut queue: VecDeque<&SweepRun> = VecDeque::new();
     let mut skipped = 0;
     for r in runs.iter().filter(|r| r.index % shard.1 == shard.0) {
-        if out.join(&r.name).join("summary.json").is_file() {
+        if crate::train::is_complete_as(&out.join(&r.name), &r.config)? {
             skipped += 1;
         } else {
             queue.push_back(r);
@@ -224,8 +235,25 @@ pub fn run(
         ran: 0,
         skipped,
         failed: Vec::new(),
+        diverged: Vec::new(),
+        interrupted: None,
     };
     while !queue.is_empty() || !running.is_empty() {
+        if progress.interrupted.is_none()
+            && let Some(signal) = crate::interrupt::requested()
+        {
+            eprintln!(
+                "sweep: {}: stopping {} running runs after their current step; {} not started",
+                signal.name(),
+                running.len(),
+                queue.len()
+            );
+            progress.interrupted = Some(signal);
+            queue.clear();
+            for (child, _) in &running {
+                crate::interrupt::terminate(child.id());
+            }
+        }
         while running.len() < jobs {
             let Some(r) = queue.pop_front() else { break };
             let config_path = out.join(".configs").join(format!("{}.toml", r.name));
@@ -233,7 +261,10 @@ pub fn run(
             let run_dir = out.join(&r.name);
             let log = std::fs::File::create(out.join(".configs").join(format!("{}.log", r.name)))
                 .context("cannot create a run log")?;
-            let child = Command::new(&exe)
+            let mut command = Command::new(&exe);
+            #[cfg(unix)]
+            std::os::unix::process::CommandExt::process_group(&mut command, 0);
+            let child = command
                 .args([
                     "run",
                     "--quiet",
@@ -257,13 +288,24 @@ pub fn run(
                 let (_, r) = running.remove(i);
                 progress.ran += 1;
                 let done = progress.ran + progress.skipped;
+                let log = || {
+                    let log = out.join(".configs").join(format!("{}.log", r.name));
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    text.lines().last().unwrap_or("").to_string()
+                };
                 if status.success() {
                     eprintln!("[{done}/{mine}] {}: done", r.name);
+                } else if status.code() == Some(Error::DIVERGED_EXIT) {
+                    eprintln!("[{done}/{mine}] {}: diverged: {}", r.name, log());
+                    progress.diverged.push(r.name.clone());
+                } else if progress.interrupted.is_some() {
+                    progress.ran -= 1;
+                    eprintln!(
+                        "{}: stopped after a checkpoint; it resumes next time",
+                        r.name
+                    );
                 } else {
-                    let log = out.join(".configs").join(format!("{}.log", r.name));
-                    let last = std::fs::read_to_string(&log).unwrap_or_default();
-                    let last = last.lines().last().unwrap_or("").to_string();
-                    eprintln!("[{done}/{mine}] {}: FAILED: {last}", r.name);
+                    eprintln!("[{done}/{mine}] {}: FAILED: {}", r.name, log());
                     progress.failed.push(r.name.clone());
                 }
             } else {

@@ -1,7 +1,7 @@
 //! The training loop: AdamW with global-norm clipping on the autodiff device, periodic
 //! evaluation on the fixed held-out set, metrics, checkpoints and the final summary.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -12,9 +12,10 @@ use burn::tensor::{Device, Tensor};
 use estafet_data::{Batch, Channel, LossPositions, Metric, Sample, SeqBatch, TaskInfo};
 use estafet_models::{Init, Input, InputSpec, ModelIo, SequenceModel};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::config::ExperimentConfig;
+use crate::config::{ConfigSource, ExperimentConfig};
+use crate::interrupt::Signal;
 use crate::run_dir::RunDir;
 use crate::{Backend, Error};
 
@@ -30,6 +31,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Continue the run in `out` from its checkpoint, if it has one.
     pub resume: bool,
+    /// The command line that continues this run, told to the user when a signal stops it.
+    pub resume_command: String,
 }
 
 /// `summary.json`.
@@ -43,6 +46,10 @@ pub struct Summary {
     /// Steps taken (fewer than `train.steps` when the run stopped early).
     pub steps: usize,
     pub stopped: StopReason,
+    /// Where and why training diverged (`stopped = "diverged"`); the figures below are then
+    /// those of the last good checkpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diverged: Option<Divergence>,
     pub backend: Backend,
     pub seed: u64,
     pub code_version: String,
@@ -67,6 +74,8 @@ pub enum StopReason {
     Solved,
     /// `train.max_seconds` ran out.
     TimeBudget,
+    /// The loss became non-finite or stayed far above the baseline (`train.divergence_*`).
+    Diverged,
 }
 
 impl StopReason {
@@ -75,8 +84,20 @@ impl StopReason {
             StopReason::Steps => "all steps taken",
             StopReason::Solved => "the task is solved",
             StopReason::TimeBudget => "train.max_seconds is spent",
+            StopReason::Diverged => "training diverged",
         }
     }
+}
+
+/// How a run diverged.
+#[derive(Clone, Debug, Serialize)]
+pub struct Divergence {
+    /// The step at which the run stopped.
+    pub step: usize,
+    pub reason: String,
+    /// The step of the checkpoint kept (0: none was written; the figures are the untrained
+    /// model's).
+    pub checkpoint_step: usize,
 }
 
 /// Figures on the held-out set, beside the task's baselines.
@@ -110,6 +131,19 @@ struct RunInfo<'a> {
     state_size: usize,
 }
 
+/// `interrupted.json`: a run stopped by a signal, after its checkpoint was written.
+#[derive(Serialize)]
+struct Interrupted<'a> {
+    signal: Signal,
+    /// The last step taken, and the step of the checkpoint (the same).
+    step: usize,
+    train_seconds: f64,
+    at: String,
+    /// The latest evaluation before the signal, if any.
+    last_eval: Option<&'a EvalResult>,
+    resume_command: &'a str,
+}
+
 #[derive(Serialize)]
 #[serde(tag = "split", rename_all = "snake_case")]
 enum MetricsLine {
@@ -135,7 +169,27 @@ enum MetricsLine {
     },
 }
 
+/// Whether `out` holds a complete run of `config` exactly (nothing to resume or extend).
+pub fn is_complete_as(out: &Path, config: &ExperimentConfig) -> Result<bool, Error> {
+    if !RunDir::is_complete(out) {
+        return Ok(false);
+    }
+    let saved = saved_config(out)?;
+    let (budget, other) = config.changes_from(&saved);
+    Ok(budget.is_empty() && other.is_empty())
+}
+
+fn saved_config(out: &Path) -> Result<ExperimentConfig, Error> {
+    crate::config::load(&ConfigSource::read(&out.join("config.toml"))?, &[])
+}
+
 /// Trains `config` and writes its run directory; returns the summary also written there.
+///
+/// With `options.resume`, continues the run in `options.out` from its checkpoint. The config
+/// may then differ from the run's only in [`crate::config::BUDGET_FIELDS`] (more steps, a
+/// larger time budget, ...); each such extension is recorded in `run.json`. Steps after the
+/// checkpoint follow the new config, so under `schedule = "cosine"` they follow the cosine of
+/// the new `train.steps` (the learning rate rises from the old schedule's to the new one's).
 pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, Error> {
     let task = config
         .task
@@ -146,10 +200,14 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
     let seed = config.run.seed;
     let io = model_io(&info);
     let ad_device = device.clone().autodiff();
-    let mut model = config.model.init(io, &mut Init::new(seed, &ad_device));
-    if let Some(path) = &config.train.init_from {
-        model = crate::weights::load_torch_rnn(model, path, &ad_device)?;
-    }
+    let fresh_model = || -> Result<SequenceModel, Error> {
+        let model = config.model.init(io, &mut Init::new(seed, &ad_device));
+        match &config.train.init_from {
+            Some(path) => crate::weights::load_torch_rnn(model, path, &ad_device),
+            None => Ok(model),
+        }
+    };
+    let mut model = fresh_model()?;
     let params = model.num_params();
     let state_size = model.state_size(info.seq_len);
     let model_kind = config.model.mixer.kind();
@@ -162,19 +220,9 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
         .with_weight_decay(config.optim.weight_decay as f32)
         .init();
     let resumable = options.resume && options.out.join("config.toml").is_file();
-    let (dir, start, earlier_seconds) = if resumable {
-        let dir = RunDir::open(&options.out)?;
-        let saved = std::fs::read_to_string(options.out.join("config.toml"))
-            .context("cannot read the run's config.toml")?;
-        if saved != config.to_toml() {
-            return Err(Error::Config(format!(
-                "--resume: {} holds a run of a different config; resume it with the same config \
-                 and overrides (its resolved config is {}/config.toml)",
-                options.out.display(),
-                options.out.display()
-            )));
-        }
-        match dir.recover_checkpoint()? {
+    let (dir, mut state) = if resumable {
+        let (dir, checkpoint) = reopen(config, options)?;
+        let state = match checkpoint {
             Some(checkpoint) => {
                 let state = read_checkpoint_state(&checkpoint)?;
                 model = model
@@ -183,14 +231,12 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
                 optimizer = optimizer
                     .load(checkpoint.join("optimizer.bpk"))
                     .map_err(|e| checkpoint_error(&checkpoint, "optimizer.bpk", e))?;
-                dir.truncate_jsonl("metrics.jsonl", state.step)?;
-                (dir, state.step, state.train_seconds)
+                state
             }
-            None => {
-                dir.truncate_jsonl("metrics.jsonl", 0)?;
-                (dir, 0, 0.0)
-            }
-        }
+            None => CheckpointState::default(),
+        };
+        dir.truncate_jsonl("metrics.jsonl", state.step)?;
+        (dir, state)
     } else {
         let dir = RunDir::create(&options.out)?;
         dir.write_atomic("config.toml", config.to_toml().as_bytes())?;
@@ -201,8 +247,7 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
                 backend: options.backend,
                 code_version: &options.code_version,
                 config_source: &options.config_source,
-                started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-                    .to_string(),
+                started_at: now(),
                 model: model_kind,
                 task: &info,
                 d_model: config.model.d_model,
@@ -212,8 +257,9 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
                 state_size,
             },
         )?;
-        (dir, 0, 0.0)
+        (dir, CheckpointState::default())
     };
+    let start = state.step;
 
     let eval_set = task.eval_set(seed, config.eval.samples);
     let bar = progress_bar(train.steps, options.progress);
@@ -262,10 +308,13 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
     };
 
     let started = Instant::now();
+    let earlier_seconds = state.train_seconds;
     let elapsed = || earlier_seconds + started.elapsed().as_secs_f64();
     let tokens_per_step = (train.batch_size * info.seq_len) as f64;
+    let mut last_checkpoint = Instant::now();
     let mut last_eval = None;
     let mut stopped = StopReason::Steps;
+    let mut diverged = None;
     let mut last_step = start;
     for step in start + 1..=train.steps {
         last_step = step;
@@ -275,12 +324,14 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
         let scores = score(outputs, &batch, &info);
         let loss_value: f64 = scores.loss.clone().into_scalar::<f32>() as f64;
         if !loss_value.is_finite() {
-            return Err(anyhow::anyhow!(
-                "training diverged: the loss at step {step} is {loss_value}; lower optim.lr or \
-                 optim.grad_clip (the last checkpoint in {} is kept)",
-                options.out.display()
-            )
-            .into());
+            diverged = Some((
+                step,
+                format!("the training loss at step {step} is {loss_value}"),
+            ));
+            break;
+        }
+        if step == 1 {
+            state.initial_loss = Some(loss_value);
         }
         let mut grads = GradientsParams::from_grads(scores.loss.backward(), &model);
         let grad_norm = clip_global_norm(&model, &mut grads, config.optim.grad_clip);
@@ -297,6 +348,7 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
             "loss {loss_value:.4} {} {metric:.3}",
             info.metric.name()
         ));
+        state.watch.add(loss_value);
         let out_of_time = train.max_seconds > 0.0 && elapsed() >= train.max_seconds;
         let last = step == train.steps || out_of_time;
         if step % train.log_every == 0 || last {
@@ -314,6 +366,20 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
                     elapsed_seconds: elapsed,
                 },
             )?;
+            let threshold = (train.divergence_factor > 0.0).then(|| {
+                train.divergence_factor * info.baseline_loss.max(state.initial_loss.unwrap_or(0.0))
+            });
+            if let Some(reason) = state.watch.close_window(
+                step,
+                threshold,
+                train.divergence_patience,
+                train.divergence_factor,
+                info.baseline_loss,
+                state.initial_loss,
+            ) {
+                diverged = Some((step, reason));
+                break;
+            }
         }
         let eval_now = train.eval_every > 0 && step % train.eval_every == 0;
         let mut solved = false;
@@ -348,8 +414,27 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
         }
         let stop_solved = solved && train.stop_when_solved;
         let stop = last || stop_solved;
-        if (train.checkpoint_every > 0 && step % train.checkpoint_every == 0) || stop {
-            write_checkpoint(&dir, &model, &optimizer, step, elapsed())?;
+        let signal = crate::interrupt::requested();
+        // A checkpoint by count or by the clock waits while the loss is above the divergence
+        // threshold, so that the one kept is a good one.
+        let due = (train.checkpoint_every > 0 && step % train.checkpoint_every == 0)
+            || (train.checkpoint_minutes > 0.0
+                && last_checkpoint.elapsed().as_secs_f64() >= 60.0 * train.checkpoint_minutes);
+        if stop || signal.is_some() || (due && state.watch.streak == 0) {
+            state.step = step;
+            state.train_seconds = elapsed();
+            write_checkpoint(&dir, &model, &optimizer, &state)?;
+            last_checkpoint = Instant::now();
+        }
+        if let Some(signal) = signal {
+            bar.finish_and_clear();
+            return Err(interrupted(
+                &dir,
+                options,
+                signal,
+                &state,
+                last_eval.as_ref(),
+            )?);
         }
         if stop {
             stopped = if stop_solved {
@@ -366,9 +451,50 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
         }
     }
     let train_seconds = elapsed();
+
+    // Diverged: the figures are the last good checkpoint's (or the untrained model's).
+    let divergence = match diverged {
+        Some((step, reason)) => {
+            let checkpoint_step = match dir.recover_checkpoint()? {
+                Some(checkpoint) => {
+                    let kept = read_checkpoint_state(&checkpoint)?;
+                    model = fresh_model()?
+                        .try_load_file(checkpoint.join("model.bpk"))
+                        .map_err(|e| checkpoint_error(&checkpoint, "model.bpk", e))?;
+                    kept.step
+                }
+                None => {
+                    model = fresh_model()?;
+                    0
+                }
+            };
+            report(format!(
+                "step {step:>6}: stopping (training diverged: {reason})"
+            ));
+            stopped = StopReason::Diverged;
+            last_eval = None;
+            Some(Divergence {
+                step,
+                reason,
+                checkpoint_step,
+            })
+        }
+        None => None,
+    };
+    if let Some(signal) = crate::interrupt::requested() {
+        bar.finish_and_clear();
+        return Err(interrupted(
+            &dir,
+            options,
+            signal,
+            &state,
+            last_eval.as_ref(),
+        )?);
+    }
     let last_eval = match last_eval {
         Some(e) => e,
-        // Resumed from the final checkpoint of a run killed before its summary: evaluate again.
+        // Resumed from the final checkpoint of a run killed before its summary, or diverged:
+        // evaluate the model at hand.
         None => evaluate(
             &model.valid(),
             &eval_set,
@@ -405,6 +531,7 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
         state_size,
         steps: last_step,
         stopped,
+        diverged: divergence.clone(),
         backend: options.backend,
         seed,
         code_version: options.code_version.clone(),
@@ -417,7 +544,178 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
         run_dir: options.out.clone(),
     };
     dir.write_json("summary.json", &summary)?;
+    if let Some(d) = divergence {
+        let kept = if d.checkpoint_step > 0 {
+            format!(
+                "the summary holds the figures of the last good checkpoint (step {}), kept in {}",
+                d.checkpoint_step,
+                dir.path().join("checkpoint").display()
+            )
+        } else {
+            "no checkpoint was written before the loss rose, so the summary holds the untrained \
+             model's figures"
+                .to_string()
+        };
+        return Err(Error::Diverged(format!(
+            "training diverged at step {}: {}; {kept}; lower optim.lr or optim.grad_clip, or \
+             tune train.divergence_factor",
+            d.step, d.reason
+        )));
+    }
     Ok(summary)
+}
+
+/// Opens the run in `options.out` to continue it: checks that `config` differs from the run's
+/// only in budget fields, records an extension in `run.json`, and returns the checkpoint to
+/// start from (none if the run was stopped before its first).
+fn reopen(
+    config: &ExperimentConfig,
+    options: &RunOptions,
+) -> Result<(RunDir, Option<PathBuf>), Error> {
+    let out = &options.out;
+    let dir = RunDir::open(out)?;
+    let saved = saved_config(out)?;
+    let (budget, other) = config.changes_from(&saved);
+    if !other.is_empty() {
+        let listed: Vec<String> = other.iter().take(4).map(ToString::to_string).collect();
+        return Err(Error::Config(format!(
+            "--resume: {} holds a run of a different config ({}{}); only the fields that budget \
+             a run may change on resume ({}); its resolved config is {}",
+            out.display(),
+            listed.join(", "),
+            if other.len() > 4 { ", ..." } else { "" },
+            crate::config::BUDGET_FIELDS.join(", "),
+            out.join("config.toml").display()
+        )));
+    }
+    let checkpoint = dir.recover_checkpoint()?;
+    let at_step = match &checkpoint {
+        Some(c) => read_checkpoint_state(c)?.step,
+        None => 0,
+    };
+    if at_step > config.train.steps {
+        return Err(Error::Config(format!(
+            "--resume: train.steps = {} is below the step of the run's checkpoint ({at_step}); a \
+             run can be extended, not shortened",
+            config.train.steps
+        )));
+    }
+    if !budget.is_empty() {
+        let mut info: serde_json::Value = std::fs::read(out.join("run.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "{}: missing or corrupt",
+                    out.join("run.json").display()
+                ))
+            })?;
+        // A complete run that is extended stops being complete; its summary moves into the
+        // record of the extension, so no result is lost.
+        let previous_summary = std::fs::read(out.join("summary.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        let extension = serde_json::json!({
+            "at_step": at_step,
+            "at": now(),
+            "changes": budget,
+            "previous_summary": previous_summary,
+        });
+        match info.get_mut("extensions").and_then(|e| e.as_array_mut()) {
+            Some(list) => list.push(extension),
+            None => info["extensions"] = serde_json::json!([extension]),
+        }
+        dir.write_json("run.json", &info)?;
+        dir.write_atomic("config.toml", config.to_toml().as_bytes())?;
+        dir.remove("summary.json")?;
+    }
+    dir.remove("interrupted.json")?;
+    Ok((dir, checkpoint))
+}
+
+/// Writes `interrupted.json` and returns the error that tells the user how to continue.
+fn interrupted(
+    dir: &RunDir,
+    options: &RunOptions,
+    signal: Signal,
+    state: &CheckpointState,
+    last_eval: Option<&EvalResult>,
+) -> Result<Error, Error> {
+    dir.write_json(
+        "interrupted.json",
+        &Interrupted {
+            signal,
+            step: state.step,
+            train_seconds: state.train_seconds,
+            at: now(),
+            last_eval,
+            resume_command: &options.resume_command,
+        },
+    )?;
+    Ok(Error::Interrupted {
+        signal,
+        message: format!(
+            "{} after step {}: checkpoint written to {}; continue with: {}",
+            signal.name(),
+            state.step,
+            dir.path().join("checkpoint").display(),
+            options.resume_command
+        ),
+    })
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// The divergence check's running figures, kept in the checkpoint so that a resumed run
+/// decides exactly as an uninterrupted one.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct DivergenceWatch {
+    /// Sum and count of the training losses of the logging window under way.
+    window_sum: f64,
+    window_steps: usize,
+    /// Successive windows whose mean loss exceeded the threshold.
+    streak: usize,
+}
+
+impl DivergenceWatch {
+    fn add(&mut self, loss: f64) {
+        self.window_sum += loss;
+        self.window_steps += 1;
+    }
+
+    /// Closes the window at a logging step; returns why the run diverged, if it now has.
+    fn close_window(
+        &mut self,
+        step: usize,
+        threshold: Option<f64>,
+        patience: usize,
+        factor: f64,
+        baseline: f64,
+        initial: Option<f64>,
+    ) -> Option<String> {
+        let mean = self.window_sum / self.window_steps.max(1) as f64;
+        let first = step + 1 - self.window_steps;
+        self.window_sum = 0.0;
+        self.window_steps = 0;
+        let threshold = threshold?;
+        if mean > threshold {
+            self.streak += 1;
+        } else {
+            self.streak = 0;
+        }
+        (self.streak >= patience).then(|| {
+            format!(
+                "the mean training loss of steps {first}–{step} is {mean:.4e}, and {patience} \
+                 logging windows in a row stayed above {factor} × {:.4} = {threshold:.4} \
+                 (train.divergence_factor × the larger of the task's baseline loss {baseline:.4} \
+                 and the initial loss {})",
+                baseline.max(initial.unwrap_or(0.0)),
+                initial.map_or("–".into(), |l| format!("{l:.4}"))
+            )
+        })
+    }
 }
 
 /// Loss and metric of one batch.
@@ -570,10 +868,15 @@ fn clip_global_norm(model: &SequenceModel, grads: &mut GradientsParams, max_norm
 
 /// `checkpoint/state.json`: where the run stands. The data stream needs nothing more: batch
 /// `k` is a function of `(seed, k)`.
-#[derive(Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct CheckpointState {
     pub step: usize,
     pub train_seconds: f64,
+    /// The loss at step 1 (the untrained model's), the divergence check's reference.
+    #[serde(default)]
+    pub initial_loss: Option<f64>,
+    #[serde(default)]
+    pub watch: DivergenceWatch,
 }
 
 pub(crate) fn read_checkpoint_state(
@@ -603,8 +906,7 @@ fn write_checkpoint(
     dir: &RunDir,
     model: &SequenceModel,
     optimizer: &burn::optim::ModuleOptimizer,
-    step: usize,
-    train_seconds: f64,
+    state: &CheckpointState,
 ) -> Result<(), Error> {
     let model_bytes = model
         .clone()
@@ -614,11 +916,8 @@ fn write_checkpoint(
     let optim_bytes = optimizer
         .into_bytes()
         .context("cannot serialise the optimizer")?;
-    let state = serde_json::to_vec_pretty(&CheckpointState {
-        step,
-        train_seconds,
-    })
-    .context("cannot serialise the checkpoint state")?;
+    let state =
+        serde_json::to_vec_pretty(state).context("cannot serialise the checkpoint state")?;
     dir.write_checkpoint(&[
         ("model.bpk", &model_bytes),
         ("optimizer.bpk", &optim_bytes),
@@ -637,4 +936,53 @@ fn progress_bar(steps: usize, show: bool) -> ProgressBar {
             .expect("the template is valid"),
     );
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DivergenceWatch;
+
+    /// Feeds windows of `steps` losses each; returns the step at which the watch fired.
+    fn fire(windows: &[f64], threshold: Option<f64>, patience: usize) -> Option<usize> {
+        let mut watch = DivergenceWatch::default();
+        let mut step = 0;
+        for &loss in windows {
+            for _ in 0..5 {
+                step += 1;
+                watch.add(loss);
+            }
+            if watch
+                .close_window(step, threshold, patience, 10.0, 1.0, Some(2.0))
+                .is_some()
+            {
+                return Some(step);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn divergence_needs_patience_windows_in_a_row_above_the_threshold() {
+        assert_eq!(fire(&[50.0, 50.0, 50.0], Some(20.0), 3), Some(15));
+        // A window back below the threshold starts the count again.
+        assert_eq!(fire(&[50.0, 50.0, 1.0, 50.0, 50.0], Some(20.0), 3), None);
+        assert_eq!(
+            fire(&[50.0, 1.0, 50.0, 50.0, 50.0], Some(20.0), 3),
+            Some(25)
+        );
+        // At the threshold is not above it; no threshold: never.
+        assert_eq!(fire(&[20.0; 4], Some(20.0), 1), None);
+        assert_eq!(fire(&[1e30; 4], None, 1), None);
+        let mut watch = DivergenceWatch::default();
+        for _ in 0..5 {
+            watch.add(100.0);
+        }
+        let why = watch
+            .close_window(5, Some(20.0), 1, 10.0, 1.0, Some(2.0))
+            .unwrap();
+        assert!(
+            why.contains("steps 1–5") && why.contains("1.0000e2"),
+            "{why}"
+        );
+    }
 }
