@@ -306,7 +306,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
             )?;
             let e = &summary.final_eval;
             println!(
-                "{} on {}: eval loss {:.4} (baseline {:.4}), {} {:.4} (baseline {:.4}, solved at {:.4}){}",
+                "{} on {}: eval loss {:.4} (baseline {:.4}), {} {:.4} (baseline {:.4}, solved at {:.4}){}{}",
                 summary.model,
                 summary.task,
                 e.loss,
@@ -315,6 +315,8 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 e.metric,
                 e.baseline_metric,
                 e.solved_metric,
+                e.scaled_accuracy
+                    .map_or(String::new(), |s| format!(", scaled accuracy {s:.3}")),
                 if e.solved { ": solved" } else { "" }
             );
             println!(

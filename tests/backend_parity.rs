@@ -87,6 +87,7 @@ fn forward_and_grads(config: &ModelConfig, device: &Device) -> Vec<(String, Vec<
     let io = ModelIo {
         input: InputSpec::Tokens { vocab: VOCAB },
         d_output: VOCAB,
+        readout: estafet_models::Readout::PerPosition,
     };
     let model: SequenceModel = config.init(io, &mut Init::new(3, device));
     let (y, state) = model.forward(Input::Tokens(tokens(device)), None);

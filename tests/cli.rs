@@ -369,6 +369,51 @@ fn every_task_samples_and_trains() {
     let out = estafet(&["sample", "time_series", "--set", "series=\"csv\""]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("task.path"), "{}", stderr(&out));
+    // The state-tracking tasks show their tokens (modular arithmetic: as symbols).
+    let out = estafet(&[
+        "sample",
+        "word_problem",
+        "--set",
+        "group=\"a5\"",
+        "--set",
+        "seq_len=5",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("word_problem (group = \"a5\""), "{text}");
+    assert!(
+        text.lines()
+            .nth(3)
+            .unwrap()
+            .split_whitespace()
+            .skip(1)
+            .all(|v| v.parse::<u32>().unwrap() < 60),
+        "{text}"
+    );
+    let out = estafet(&[
+        "sample",
+        "modular_arithmetic",
+        "--set",
+        "brackets=true",
+        "--set",
+        "seq_len=12",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().nth(2).unwrap().trim_end().ends_with('='),
+        "{text}"
+    );
+    let out = estafet(&[
+        "sample",
+        "word_problem",
+        "--set",
+        "group=\"a5\"",
+        "--set",
+        "inputs=\"swaps\"",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("task.inputs"), "{}", stderr(&out));
     let out = estafet(&["sample", "mqar", "--set", "n_pairs=100"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("task.n_pairs"), "{}", stderr(&out));

@@ -21,7 +21,9 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{Channel, LossPositions, Metric, Sample, Seq, TaskError, TaskInfo, invalid};
+use crate::task::{
+    Channel, LossPositions, Metric, Readout, Sample, Seq, TaskError, TaskInfo, invalid,
+};
 
 /// `[task]` with `kind = "adding"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,6 +67,7 @@ impl Adding {
             baseline_loss: 1.0 / 6.0,
             baseline_metric: 1.0 / 6.0,
             solved_metric: 0.01,
+            readout: Readout::PerPosition,
         }
     }
 

@@ -27,7 +27,9 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{Channel, LossPositions, Metric, Sample, Split, TaskError, TaskInfo, invalid};
+use crate::task::{
+    Channel, LossPositions, Metric, Readout, Sample, Split, TaskError, TaskInfo, invalid,
+};
 
 /// The corpus used when `path` is unset.
 pub const EMBEDDED_CORPUS: &str = include_str!("../corpus/relay.txt");
@@ -160,6 +162,7 @@ impl CharLm {
             baseline_loss: self.baseline,
             baseline_metric: self.baseline / std::f64::consts::LN_2,
             solved_metric: self.config.solved_bpc,
+            readout: Readout::PerPosition,
         }
     }
 

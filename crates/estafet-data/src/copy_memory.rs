@@ -25,7 +25,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{Channel, LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
+use crate::task::{Channel, LossPositions, Metric, Readout, Sample, TaskError, TaskInfo, invalid};
 
 /// `[task]` with `kind = "copy_memory"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -108,6 +108,7 @@ impl CopyMemory {
             baseline_loss: n_symbols as f64 * (alphabet as f64).ln() / (lag + 2 * n_symbols) as f64,
             baseline_metric: 1.0 / alphabet as f64,
             solved_metric: 0.99,
+            readout: Readout::PerPosition,
         }
     }
 

@@ -20,7 +20,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{Channel, LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
+use crate::task::{Channel, LossPositions, Metric, Readout, Sample, TaskError, TaskInfo, invalid};
 
 /// `[task]` with `kind = "induction_heads"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -73,6 +73,7 @@ impl InductionHeads {
             baseline_loss: (c.vocab as f64).ln(),
             baseline_metric: 1.0 / c.vocab as f64,
             solved_metric: 0.99,
+            readout: Readout::PerPosition,
         }
     }
 

@@ -8,16 +8,21 @@
 
 pub mod adding;
 pub mod char_lm;
+pub mod compression;
 pub mod copy_memory;
+pub mod in_context_recall;
 pub mod induction_heads;
+pub mod memorization;
+pub mod modular_arithmetic;
 pub mod mqar;
 pub mod parity;
 pub mod selective_copying;
 mod task;
 pub mod time_series;
+pub mod word_problem;
 
 pub use copy_memory::CopyMemoryConfig;
 pub use task::{
-    Batch, Channel, LossPositions, Metric, Sample, Seq, SeqBatch, Split, Task, TaskConfig,
+    Batch, Channel, LossPositions, Metric, Readout, Sample, Seq, SeqBatch, Split, Task, TaskConfig,
     TaskError, TaskInfo, rng,
 };

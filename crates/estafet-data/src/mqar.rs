@@ -26,7 +26,7 @@ use rand::seq::index::sample;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{Channel, LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
+use crate::task::{Channel, LossPositions, Metric, Readout, Sample, TaskError, TaskInfo, invalid};
 
 /// `[task]` with `kind = "mqar"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -111,6 +111,7 @@ impl Mqar {
             baseline_loss: (values as f64).ln(),
             baseline_metric: 1.0 / values as f64,
             solved_metric: 0.99,
+            readout: Readout::PerPosition,
         }
     }
 

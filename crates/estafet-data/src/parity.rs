@@ -18,7 +18,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{Channel, LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
+use crate::task::{Channel, LossPositions, Metric, Readout, Sample, TaskError, TaskInfo, invalid};
 
 /// `[task]` with `kind = "parity"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -61,6 +61,7 @@ impl Parity {
             baseline_loss: 2f64.ln(),
             baseline_metric: 0.5,
             solved_metric: 0.99,
+            readout: Readout::PerPosition,
         }
     }
 

@@ -23,7 +23,7 @@ use rand::seq::index::sample;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{Channel, LossPositions, Metric, Sample, TaskError, TaskInfo, invalid};
+use crate::task::{Channel, LossPositions, Metric, Readout, Sample, TaskError, TaskInfo, invalid};
 
 /// `[task]` with `kind = "selective_copying"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -90,6 +90,7 @@ impl SelectiveCopying {
             baseline_loss: (c.vocab as f64).ln(),
             baseline_metric: 1.0 / c.vocab as f64,
             solved_metric: 0.99,
+            readout: Readout::PerPosition,
         }
     }
 

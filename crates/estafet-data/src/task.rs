@@ -1,16 +1,21 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::adding::{Adding, AddingConfig};
 use crate::char_lm::{CharLm, CharLmConfig};
+use crate::compression::{Compression, CompressionConfig};
 use crate::copy_memory::{CopyMemory, CopyMemoryConfig};
+use crate::in_context_recall::{FuzzyRecallConfig, NoisyRecallConfig, Recall};
 use crate::induction_heads::{InductionHeads, InductionHeadsConfig};
+use crate::memorization::{Memorization, MemorizationConfig};
+use crate::modular_arithmetic::{ModularArithmetic, ModularArithmeticConfig};
 use crate::mqar::{Mqar, MqarConfig};
 use crate::parity::{Parity, ParityConfig};
 use crate::selective_copying::{SelectiveCopying, SelectiveCopyingConfig};
 use crate::time_series::{TimeSeries, TimeSeriesConfig};
+use crate::word_problem::{WordProblem, WordProblemConfig};
 
 /// The generator behind every task: ChaCha8 from `seed`, on its own `stream` so that training
 /// batches (`stream = step`) and the evaluation set ([`rng::EVAL_STREAM`]) never overlap.
@@ -18,6 +23,8 @@ pub mod rng {
     use super::*;
 
     pub const EVAL_STREAM: u64 = u64::MAX;
+    /// Streams from here on hold the fixed training sets (a run takes fewer steps than this).
+    pub const POOL_STREAM: u64 = 1 << 62;
 
     pub fn stream(seed: u64, stream: u64) -> ChaCha8Rng {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -36,6 +43,12 @@ pub enum TaskConfig {
     Mqar(MqarConfig),
     InductionHeads(InductionHeadsConfig),
     Parity(ParityConfig),
+    WordProblem(WordProblemConfig),
+    ModularArithmetic(ModularArithmeticConfig),
+    FuzzyInContextRecall(FuzzyRecallConfig),
+    NoisyInContextRecall(NoisyRecallConfig),
+    Memorization(MemorizationConfig),
+    Compression(CompressionConfig),
     CharLm(CharLmConfig),
     TimeSeries(TimeSeriesConfig),
 }
@@ -66,6 +79,12 @@ impl TaskConfig {
             TaskConfig::Mqar(MqarConfig::default()),
             TaskConfig::InductionHeads(InductionHeadsConfig::default()),
             TaskConfig::Parity(ParityConfig::default()),
+            TaskConfig::WordProblem(WordProblemConfig::default()),
+            TaskConfig::ModularArithmetic(ModularArithmeticConfig::default()),
+            TaskConfig::FuzzyInContextRecall(FuzzyRecallConfig::default()),
+            TaskConfig::NoisyInContextRecall(NoisyRecallConfig::default()),
+            TaskConfig::Memorization(MemorizationConfig::default()),
+            TaskConfig::Compression(CompressionConfig::default()),
             TaskConfig::CharLm(CharLmConfig::default()),
             TaskConfig::TimeSeries(TimeSeriesConfig::default()),
         ]
@@ -79,6 +98,12 @@ impl TaskConfig {
             TaskConfig::Mqar(_) => "mqar",
             TaskConfig::InductionHeads(_) => "induction_heads",
             TaskConfig::Parity(_) => "parity",
+            TaskConfig::WordProblem(_) => "word_problem",
+            TaskConfig::ModularArithmetic(_) => "modular_arithmetic",
+            TaskConfig::FuzzyInContextRecall(_) => "fuzzy_in_context_recall",
+            TaskConfig::NoisyInContextRecall(_) => "noisy_in_context_recall",
+            TaskConfig::Memorization(_) => "memorization",
+            TaskConfig::Compression(_) => "compression",
             TaskConfig::CharLm(_) => "char_lm",
             TaskConfig::TimeSeries(_) => "time_series",
         }
@@ -92,6 +117,12 @@ impl TaskConfig {
             TaskConfig::Mqar(c) => c.build().map(Task::Mqar),
             TaskConfig::InductionHeads(c) => c.build().map(Task::InductionHeads),
             TaskConfig::Parity(c) => c.build().map(Task::Parity),
+            TaskConfig::WordProblem(c) => c.build().map(Task::WordProblem),
+            TaskConfig::ModularArithmetic(c) => c.build().map(Task::ModularArithmetic),
+            TaskConfig::FuzzyInContextRecall(c) => c.build().map(Task::FuzzyInContextRecall),
+            TaskConfig::NoisyInContextRecall(c) => c.build().map(Task::NoisyInContextRecall),
+            TaskConfig::Memorization(c) => c.build().map(Task::Memorization),
+            TaskConfig::Compression(c) => c.build().map(Task::Compression),
             TaskConfig::CharLm(c) => c.build().map(Task::CharLm),
             TaskConfig::TimeSeries(c) => c.build().map(Task::TimeSeries),
         }
@@ -128,6 +159,12 @@ impl TaskConfig {
             TaskConfig::Mqar(c) => c.seq_len = seq_len,
             TaskConfig::InductionHeads(c) => c.seq_len = seq_len,
             TaskConfig::Parity(c) => c.seq_len = seq_len,
+            TaskConfig::WordProblem(c) => c.seq_len = seq_len,
+            TaskConfig::ModularArithmetic(c) => c.seq_len = seq_len,
+            TaskConfig::FuzzyInContextRecall(c) => c.seq_len = seq_len,
+            TaskConfig::NoisyInContextRecall(c) => c.seq_len = seq_len,
+            TaskConfig::Memorization(c) => c.seq_len = seq_len,
+            TaskConfig::Compression(c) => c.seq_len = seq_len,
             TaskConfig::CharLm(c) => c.seq_len = seq_len,
             TaskConfig::TimeSeries(c) => c.seq_len = seq_len,
         }
@@ -228,6 +265,19 @@ pub struct TaskInfo {
     /// The metric at which the task counts as solved (at or above it for accuracy, at or
     /// below it for errors and bits).
     pub solved_metric: f64,
+    /// How the model must read its outputs.
+    pub readout: Readout,
+}
+
+/// How a task wants the model's outputs read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Readout {
+    /// Each position's output from what the model has read so far (every causal task).
+    PerPosition,
+    /// Every position's output from the last position's vector alone, a bottleneck
+    /// (MAD's compression task, which MAD runs through an autoencoder).
+    Bottleneck,
 }
 
 /// A sequence of `T` positions.
@@ -299,6 +349,12 @@ pub enum Task {
     Mqar(Mqar),
     InductionHeads(InductionHeads),
     Parity(Parity),
+    WordProblem(WordProblem),
+    ModularArithmetic(ModularArithmetic),
+    FuzzyInContextRecall(Recall),
+    NoisyInContextRecall(Recall),
+    Memorization(Memorization),
+    Compression(Compression),
     CharLm(CharLm),
     TimeSeries(TimeSeries),
 }
@@ -312,6 +368,11 @@ impl Task {
             Task::Mqar(t) => t.info(),
             Task::InductionHeads(t) => t.info(),
             Task::Parity(t) => t.info(),
+            Task::WordProblem(t) => t.info(),
+            Task::ModularArithmetic(t) => t.info(),
+            Task::FuzzyInContextRecall(t) | Task::NoisyInContextRecall(t) => t.info(),
+            Task::Memorization(t) => t.info(),
+            Task::Compression(t) => t.info(),
             Task::CharLm(t) => t.info(),
             Task::TimeSeries(t) => t.info(),
         }
@@ -325,15 +386,44 @@ impl Task {
             Task::Mqar(t) => t.sample(rng),
             Task::InductionHeads(t) => t.sample(rng),
             Task::Parity(t) => t.sample(rng),
+            Task::WordProblem(t) => t.sample(rng),
+            Task::ModularArithmetic(t) => t.sample(rng),
+            Task::FuzzyInContextRecall(t) | Task::NoisyInContextRecall(t) => {
+                t.sample(rng, Split::Train)
+            }
+            Task::Memorization(t) => t.sample(rng),
+            Task::Compression(t) => t.sample(rng),
             Task::CharLm(t) => t.sample(rng, Split::Train),
             Task::TimeSeries(t) => t.sample(rng, Split::Train),
         }
     }
 
-    /// Training batch number `step` of the stream of `seed`.
+    /// Training batch number `step` of the stream of `seed`. A task with a finite training set
+    /// (MAD's `train_examples`) draws each sample uniformly from that many fixed sequences,
+    /// example `i` being the first sample of stream `rng::POOL_STREAM + i`.
     pub fn train_batch(&self, seed: u64, step: u64, batch_size: usize) -> Vec<Sample> {
         let mut rng = rng::stream(seed, step);
-        (0..batch_size).map(|_| self.sample(&mut rng)).collect()
+        match self.train_examples() {
+            None => (0..batch_size).map(|_| self.sample(&mut rng)).collect(),
+            Some(n) => (0..batch_size)
+                .map(|_| {
+                    let i = rng.random_range(0..n as u64);
+                    self.sample(&mut rng::stream(seed, rng::POOL_STREAM + i))
+                })
+                .collect(),
+        }
+    }
+
+    /// The number of distinct training sequences, for tasks that have a finite training set.
+    pub fn train_examples(&self) -> Option<usize> {
+        match self {
+            Task::FuzzyInContextRecall(t) | Task::NoisyInContextRecall(t) => {
+                Some(t.train_examples())
+            }
+            Task::Memorization(t) => Some(t.train_examples()),
+            Task::Compression(t) => Some(t.train_examples()),
+            _ => None,
+        }
     }
 
     /// The fixed held-out set of `seed`: the same `n` samples every time. Tasks read from data
@@ -344,6 +434,9 @@ impl Task {
             .map(|_| match self {
                 Task::CharLm(t) => t.sample(&mut rng, Split::Valid),
                 Task::TimeSeries(t) => t.sample(&mut rng, Split::Valid),
+                Task::FuzzyInContextRecall(t) | Task::NoisyInContextRecall(t) => {
+                    t.sample(&mut rng, Split::Valid)
+                }
                 _ => self.sample(&mut rng),
             })
             .collect()
@@ -485,6 +578,40 @@ mod tests {
                 _ => panic!("{}: batch and info disagree", info.kind),
             }
         }
+    }
+
+    /// A finite training set: every training sample is one of `train_examples` fixed
+    /// sequences, different seeds hold different sets, and held-out samples are new.
+    #[test]
+    fn a_finite_training_set_repeats_its_sequences() {
+        let config = TaskConfig::Memorization(crate::memorization::MemorizationConfig {
+            train_examples: 3,
+            ..Default::default()
+        });
+        let task = config.build().unwrap();
+        assert_eq!(task.train_examples(), Some(3));
+        let seen = |seed| {
+            let mut seen: Vec<Vec<u32>> = (0..20)
+                .flat_map(|step| task.train_batch(seed, step, 4))
+                .map(|s| s.input.tokens().to_vec())
+                .collect();
+            seen.sort();
+            seen.dedup();
+            seen
+        };
+        let (a, b) = (seen(0), seen(1));
+        assert_eq!((a.len(), b.len()), (3, 3));
+        assert_ne!(a, b);
+        let held_out = task.eval_set(0, 8);
+        assert!(
+            held_out
+                .iter()
+                .all(|s| !a.contains(&s.input.tokens().to_vec()))
+        );
+        assert_eq!(
+            TaskConfig::defaults()[0].build().unwrap().train_examples(),
+            None
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::task::{
-    Channel, LossPositions, Metric, Sample, Seq, Split, TaskError, TaskInfo, invalid,
+    Channel, LossPositions, Metric, Readout, Sample, Seq, Split, TaskError, TaskInfo, invalid,
 };
 
 /// Where the values come from.
@@ -314,6 +314,7 @@ impl TimeSeries {
             baseline_loss: self.baseline,
             baseline_metric: self.baseline,
             solved_metric: self.baseline / 2.0,
+            readout: Readout::PerPosition,
         }
     }
 

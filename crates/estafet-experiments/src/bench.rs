@@ -147,6 +147,7 @@ pub fn measure(
     let io = ModelIo {
         input: InputSpec::Tokens { vocab: VOCAB },
         d_output: VOCAB,
+        readout: estafet_models::Readout::PerPosition,
     };
     let ad_device = device.clone().autodiff();
     let mut net = config.init(io, &mut Init::new(options.seed, &ad_device));

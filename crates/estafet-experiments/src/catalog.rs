@@ -44,6 +44,7 @@ pub fn models(d_model: usize, seq_len: usize, backend: Backend) -> Result<Vec<Mo
             let io = ModelIo {
                 input: InputSpec::Tokens { vocab: 64 },
                 d_output: 64,
+                readout: estafet_models::Readout::PerPosition,
             };
             let model = config.init(io, &mut Init::new(0, &device));
             Ok(ModelEntry {
@@ -108,6 +109,11 @@ pub fn render(task: &Task, sample: &Sample) -> String {
                     '\n' => "↵".into(),
                     c => c.to_string(),
                 },
+                (Seq::Tokens(v), Task::ModularArithmetic(ma))
+                    if std::ptr::eq(seq, &sample.input) =>
+                {
+                    ma.show(v[t])
+                }
                 (Seq::Tokens(v), _) => v[t].to_string(),
                 (Seq::Reals { .. }, _) => seq
                     .reals_at(t)

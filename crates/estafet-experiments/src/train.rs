@@ -9,8 +9,8 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor};
-use estafet_data::{Batch, Channel, LossPositions, Metric, Sample, SeqBatch, TaskInfo};
-use estafet_models::{Init, Input, InputSpec, ModelIo, SequenceModel};
+use estafet_data::{Batch, Channel, LossPositions, Metric, Readout, Sample, SeqBatch, TaskInfo};
+use estafet_models::{Init, Input, InputSpec, ModelIo, Readout as ModelReadout, SequenceModel};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -112,6 +112,10 @@ pub struct EvalResult {
     pub baseline_metric: f64,
     pub solved_metric: f64,
     pub solved: bool,
+    /// Token accuracy only: `(accuracy − 1/V) / (1 − 1/V)` for `V` output classes, 0 at
+    /// chance and 1 when perfect (the "scaled accuracy" of Grazzi et al. 2024).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scaled_accuracy: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -784,6 +788,10 @@ pub fn model_io(info: &TaskInfo) -> ModelIo {
             Channel::Reals { width } => InputSpec::Features { dim: width },
         },
         d_output: info.output.size(),
+        readout: match info.readout {
+            Readout::PerPosition => ModelReadout::PerPosition,
+            Readout::Bottleneck => ModelReadout::Bottleneck,
+        },
     }
 }
 
@@ -818,6 +826,13 @@ pub fn evaluate(
         baseline_metric: info.baseline_metric,
         solved_metric: info.solved_metric,
         solved: info.metric.reaches(metric, info.solved_metric),
+        scaled_accuracy: match (info.metric, info.output) {
+            (Metric::TokenAccuracy, Channel::Tokens { vocab }) if vocab > 1 => {
+                let chance = 1.0 / vocab as f64;
+                Some((metric - chance) / (1.0 - chance))
+            }
+            _ => None,
+        },
     }
 }
 

@@ -105,6 +105,7 @@ mod tests {
         let io = ModelIo {
             input: InputSpec::Tokens { vocab: 5 },
             d_output: 5,
+            readout: estafet_models::Readout::PerPosition,
         };
         config.init(io, &mut Init::new(0, &device()))
     }

@@ -41,5 +41,7 @@ pub mod torch;
 
 pub use init::Init;
 pub use mixer::{Mixer, MixerConfig, MixerState};
-pub use model::{Input, InputSpec, Layout, ModelConfig, ModelIo, ModelState, SequenceModel};
+pub use model::{
+    Input, InputSpec, Layout, ModelConfig, ModelIo, ModelState, Readout, SequenceModel,
+};
 pub use scan::Scan;

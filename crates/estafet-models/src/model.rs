@@ -9,6 +9,11 @@
 //!   logits = head(x)                                     logits = head(x)
 //! ```
 //! The encoder is an embedding for token inputs and a linear projection for real-valued ones.
+//!
+//! With [`Readout::Bottleneck`] (MAD's autoencoder, for its compression task) only the last
+//! position's vector `h = x[:, T−1]` reaches the head: position `t` reads
+//! `head(mlp(h + pos_t))`, `pos_t` a fixed sinusoidal code and `mlp` MAD's two
+//! `norm → linear → GELU` layers, so whatever the sequence held must pass through one vector.
 
 use burn::module::Module;
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
@@ -63,6 +68,18 @@ pub struct ModelIo {
     pub input: InputSpec,
     /// Logits (classes) or values (regression) per position, `O`.
     pub d_output: usize,
+    pub readout: Readout,
+}
+
+/// How the outputs of position `t` are read from the blocks' output `x [B, T, D]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Readout {
+    /// `head(x[:, t])`: causal, one output per position read so far.
+    #[default]
+    PerPosition,
+    /// `head(mlp(x[:, T−1] + pos_t))`: the whole sequence through the last position's vector
+    /// (MAD's autoencoder). `step` still reads per position.
+    Bottleneck,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,9 +148,16 @@ impl ModelConfig {
                 }),
             })
             .collect();
+        let bottleneck = (io.readout == Readout::Bottleneck).then(|| Bottleneck {
+            norm_in: norm(),
+            first: init.linear(d, d, true),
+            norm_mid: norm(),
+            second: init.linear(d, d, true),
+        });
         SequenceModel {
             encoder,
             blocks,
+            bottleneck,
             norm: residual.then(norm),
             head: init.linear(d, io.d_output, true),
         }
@@ -162,10 +186,50 @@ pub struct Mlp {
     pub down: Linear,
 }
 
+/// MAD's non-expanding decoder: `gelu(second(norm_mid(gelu(first(norm_in(h + pos))))))`.
+#[derive(Module, Debug)]
+pub struct Bottleneck {
+    pub norm_in: LayerNorm,
+    pub first: Linear,
+    pub norm_mid: LayerNorm,
+    pub second: Linear,
+}
+
+impl Bottleneck {
+    /// `h [B, D]` → `[B, T, D]`, one vector per position to read.
+    fn forward(&self, h: Tensor<2>, seq_len: usize) -> Tensor<3> {
+        let [b, d] = h.dims();
+        let pos = Tensor::<2>::from_data(
+            burn::tensor::TensorData::new(sinusoidal(seq_len, d), [seq_len, d]),
+            &h.device(),
+        );
+        let x = h.unsqueeze_dim::<3>(1).expand([b, seq_len, d]) + pos.unsqueeze_dim::<3>(0);
+        let x = gelu(self.first.forward(self.norm_in.forward(x)));
+        gelu(self.second.forward(self.norm_mid.forward(x)))
+    }
+}
+
+/// The fixed position code `[T, D]` row-major: `sin(t·ω_i)` in the first half of the
+/// features, `cos(t·ω_i)` in the second, `ω_i = 10000^(−i/(D/2))` (Vaswani et al.).
+fn sinusoidal(seq_len: usize, d: usize) -> Vec<f32> {
+    let half = d / 2;
+    let mut out = vec![0.0; seq_len * d];
+    for t in 0..seq_len {
+        for i in 0..half {
+            let angle = t as f64 * 10000f64.powf(-(i as f64) / half.max(1) as f64);
+            out[t * d + i] = angle.sin() as f32;
+            out[t * d + half + i] = angle.cos() as f32;
+        }
+    }
+    out
+}
+
 #[derive(Module, Debug)]
 pub struct SequenceModel {
     pub encoder: Encoder,
     pub blocks: Vec<Block>,
+    /// Present for [`Readout::Bottleneck`].
+    pub bottleneck: Option<Bottleneck>,
     pub norm: Option<LayerNorm>,
     pub head: Linear,
 }
@@ -233,6 +297,10 @@ impl SequenceModel {
             let (y, s) = block.forward(x, state.take());
             x = y;
             layers.push(s);
+        }
+        if let Some(bottleneck) = &self.bottleneck {
+            let t = x.dims()[1];
+            x = bottleneck.forward(x.narrow(1, t - 1, 1).squeeze_dim::<2>(1), t);
         }
         (self.decode(x), ModelState { layers })
     }
@@ -370,6 +438,7 @@ mod tests {
                 let io = ModelIo {
                     input: InputSpec::Tokens { vocab: 7 },
                     d_output: 5,
+                    readout: Readout::PerPosition,
                 };
                 let model = config.init(io, &mut Init::new(3, &device));
                 let tokens =
@@ -402,5 +471,51 @@ mod tests {
                 assert_eq!(end.layers.len(), state.layers.len());
             }
         }
+    }
+
+    /// The bottleneck readout reads every position from the last one's vector alone: the
+    /// logits equal the decoder applied to the per-position model's last hidden vector, and
+    /// two sequences that end in the same state give the same logits everywhere.
+    #[test]
+    fn the_bottleneck_reads_the_sequence_through_its_last_position() {
+        let device = device();
+        let config = ModelConfig {
+            mixer: serde_json::from_value(serde_json::json!({ "kind": "lstm" })).unwrap(),
+            d_model: 8,
+            n_layers: 1,
+            layout: Layout::Residual,
+            mlp_expand: 0,
+            match_params: None,
+            match_state: None,
+        };
+        let io = |readout| ModelIo {
+            input: InputSpec::Tokens { vocab: 7 },
+            d_output: 5,
+            readout,
+        };
+        let model = config.init(io(Readout::Bottleneck), &mut Init::new(1, &device));
+        let tokens = Tensor::<2>::random([3, 6], Distribution::Uniform(0.0, 7.0), &device).int();
+        let (logits, _) = model.forward(Input::Tokens(tokens.clone()), None);
+        assert_eq!(logits.dims(), [3, 6, 5]);
+
+        // By hand: the blocks' output at the last position, through the decoder and head.
+        let x = model.blocks[0]
+            .forward(model.encode(Input::Tokens(tokens.clone())), None)
+            .0;
+        let h = x.narrow(1, 5, 1).squeeze_dim::<2>(1);
+        let by_hand = model.decode(model.bottleneck.as_ref().unwrap().forward(h, 6));
+        let diff: f32 = (by_hand - logits.clone()).abs().max().into_scalar();
+        assert!(diff < 1e-6, "{diff}");
+        // Positions differ only through the position code.
+        let first = logits.clone().narrow(1, 0, 1);
+        let second = logits.narrow(1, 1, 1);
+        let apart: f32 = (first - second).abs().max().into_scalar();
+        assert!(apart > 1e-4, "positions are told apart");
+        // The per-position model of the same seed has no decoder.
+        let plain = config.init(io(Readout::PerPosition), &mut Init::new(1, &device));
+        assert!(plain.bottleneck.is_none());
+        assert!(
+            burn::module::Module::num_params(&model) > burn::module::Module::num_params(&plain)
+        );
     }
 }

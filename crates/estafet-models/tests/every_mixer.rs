@@ -67,6 +67,7 @@ fn gradients_match_finite_differences() {
             ModelIo {
                 input: InputSpec::Features { dim: 3 },
                 d_output: 4,
+                readout: estafet_models::Readout::PerPosition,
             },
             &mut Init::new(5, &device()),
         );
@@ -107,6 +108,7 @@ fn every_model_overfits_a_tiny_batch() {
             ModelIo {
                 input: InputSpec::Tokens { vocab },
                 d_output: vocab,
+                readout: estafet_models::Readout::PerPosition,
             },
             &mut Init::new(6, &dev),
         );
