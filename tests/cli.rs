@@ -769,13 +769,6 @@ fn a_killed_run_resumes_to_identical_results() {
     assert!(out.status.success(), "{}", stderr(&out));
 
     let killed = dir.join("killed");
-    let checkpoint_step = || -> u64 {
-        std::fs::read(killed.join("checkpoint/state.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|v| v["step"].as_u64())
-            .unwrap_or(0)
-    };
     for (kill_after, resume) in [(40, false), (120, true)] {
         let mut a = args(&killed);
         if resume {
@@ -786,7 +779,7 @@ fn a_killed_run_resumes_to_identical_results() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        while checkpoint_step() < kill_after {
+        while checkpoint_step(&killed) < kill_after {
             assert!(
                 child.try_wait().unwrap().is_none(),
                 "the run ended before it was killed"
@@ -805,29 +798,12 @@ fn a_killed_run_resumes_to_identical_results() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
 
-    let read = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap();
-    let summary =
-        |d: &Path| serde_json::from_str::<serde_json::Value>(&read(d, "summary.json")).unwrap();
     assert_eq!(
-        summary(&whole)["final_eval"],
-        summary(&killed)["final_eval"]
+        json(&whole.join("summary.json"))["final_eval"],
+        json(&killed.join("summary.json"))["final_eval"]
     );
-    assert_eq!(summary(&killed)["steps"], 200);
+    assert_eq!(json(&killed.join("summary.json"))["steps"], 200);
     // The metrics agree line for line, timings aside.
-    let figures = |d: &Path| -> Vec<(String, u64, String, String)> {
-        read(d, "metrics.jsonl")
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .map(|v| {
-                (
-                    v["split"].to_string(),
-                    v["step"].as_u64().unwrap(),
-                    v["loss"].to_string(),
-                    v["metric"].to_string(),
-                )
-            })
-            .collect()
-    };
     assert_eq!(figures(&whole), figures(&killed));
     assert_eq!(figures(&whole).len(), 40 + 4);
 

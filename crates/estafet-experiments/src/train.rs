@@ -430,15 +430,8 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
             write_checkpoint(&dir, &model, &optimizer, &state)?;
             last_checkpoint = Instant::now();
         }
-        if let Some(signal) = signal {
-            bar.finish_and_clear();
-            return Err(interrupted(
-                &dir,
-                options,
-                signal,
-                &state,
-                last_eval.as_ref(),
-            )?);
+        if signal.is_some() {
+            break;
         }
         if stop {
             stopped = if stop_solved {
@@ -485,7 +478,9 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
         }
         None => None,
     };
-    if let Some(signal) = crate::interrupt::requested() {
+    // A signal during the loop (its checkpoint is written) or after it, before the summary; a
+    // diverged run writes its summary regardless.
+    if let Some(signal) = crate::interrupt::requested().filter(|_| divergence.is_none()) {
         bar.finish_and_clear();
         return Err(interrupted(
             &dir,
