@@ -23,7 +23,7 @@ use estafet_experiments::config::{self, ConfigSource};
 use estafet_experiments::saved::SavedRun;
 use estafet_experiments::train::{self, RunOptions};
 use estafet_models::{
-    Init, Input, InputSpec, Layout, MixerConfig, ModelConfig, ModelIo, SequenceModel,
+    Init, Input, InputSpec, Layout, MixerConfig, ModelConfig, ModelIo, Readout, SequenceModel,
 };
 
 const ATOL: f32 = 1e-5;
@@ -83,11 +83,15 @@ fn tokens(device: &Device) -> Tensor<2, Int> {
 }
 
 /// Outputs, final state, then every gradient (parameters in visiting order), each flattened.
-fn forward_and_grads(config: &ModelConfig, device: &Device) -> Vec<(String, Vec<f32>)> {
+fn forward_and_grads(
+    config: &ModelConfig,
+    readout: Readout,
+    device: &Device,
+) -> Vec<(String, Vec<f32>)> {
     let io = ModelIo {
         input: InputSpec::Tokens { vocab: VOCAB },
         d_output: VOCAB,
-        readout: estafet_models::Readout::PerPosition,
+        readout,
     };
     let model: SequenceModel = config.init(io, &mut Init::new(3, device));
     let (y, state) = model.forward(Input::Tokens(tokens(device)), None);
@@ -148,10 +152,16 @@ fn outputs_states_and_gradients_match_ndarray() {
     let reference = Backend::Ndarray.device().unwrap().autodiff();
     for backend in backends_under_test() {
         let device = backend.device().unwrap().autodiff();
-        for (name, mixer) in mixers() {
+        // Every mixer read per position, and MAD's autoencoder readout (compression) once.
+        let lstm = mixers().into_iter().find(|(n, _)| n == "lstm").unwrap().1;
+        let cases = mixers()
+            .into_iter()
+            .map(|(name, mixer)| (name, mixer, Readout::PerPosition))
+            .chain([("lstm-bottleneck".to_string(), lstm, Readout::Bottleneck)]);
+        for (name, mixer, readout) in cases {
             let config = model_config(mixer);
-            let want = forward_and_grads(&config, &reference);
-            let got = forward_and_grads(&config, &device);
+            let want = forward_and_grads(&config, readout, &reference);
+            let got = forward_and_grads(&config, readout, &device);
             assert_eq!(want.len(), got.len());
             let mut worst = 0.0f32;
             for ((what, r), (_, t)) in want.iter().zip(&got) {
