@@ -456,6 +456,50 @@ mod tests {
         }
     }
 
+    /// An independent solver for multi-token motifs: key tokens (0–6) and value tokens (7–14)
+    /// do not overlap, so maximal runs split the sequence into key-value pairs; a key met
+    /// again must bring back its first value, and exactly those value tokens are scored.
+    #[test]
+    fn fuzzy_recall_is_solved_by_remembering_each_key_as_a_run() {
+        let task = FuzzyRecallConfig::default().build().unwrap();
+        for split in [Split::Train, Split::Valid] {
+            for seed in 0..20 {
+                let s = task.sample(&mut stream(seed, 0), split);
+                let (x, y) = (s.input.tokens(), s.target.tokens());
+                // The whole sequence x_0 … x_T, and which of its positions a target scores.
+                let mut all = x.to_vec();
+                all.push(y[127]);
+                let scored: Vec<bool> = std::iter::once(false).chain(s.mask.clone()).collect();
+                let is_key = |t: u32| t < 7;
+                let mut memory: HashMap<Vec<u32>, Vec<u32>> = HashMap::new();
+                let mut i = all.iter().position(|&t| t != 15).unwrap();
+                assert!(all[..i].iter().all(|&t| t == 15), "padding only in front");
+                let mut expected = vec![false; 129];
+                while i < all.len() {
+                    let k_end = i + all[i..].iter().take_while(|&&t| is_key(t)).count();
+                    let v_end = k_end + all[k_end..].iter().take_while(|&&t| !is_key(t)).count();
+                    let (key, value) = (all[i..k_end].to_vec(), all[k_end..v_end].to_vec());
+                    assert!(!key.is_empty() && !value.is_empty(), "seed {seed}: pairs");
+                    assert!(key.len() <= 3 && value.len() <= 3);
+                    if split == Split::Valid {
+                        assert_eq!(key.len(), 3);
+                    }
+                    match memory.get(&key) {
+                        Some(v) => {
+                            assert_eq!(&value, v, "seed {seed}: a key keeps its value");
+                            expected[k_end..v_end].iter_mut().for_each(|e| *e = true);
+                        }
+                        None => {
+                            memory.insert(key, value);
+                        }
+                    }
+                    i = v_end;
+                }
+                assert_eq!(scored, expected, "seed {seed} {split:?}");
+            }
+        }
+    }
+
     #[test]
     fn the_worked_example_is_a_valid_instance_and_settings_are_checked() {
         let task = NoisyRecallConfig {
