@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde_json::Value;
+use statrs::distribution::{ContinuousCDF, StudentsT};
 
 use crate::Error;
 use crate::plot::{Curve, Figure, Reference};
@@ -147,11 +148,11 @@ pub fn mean_ci(values: &[f64]) -> (f64, f64) {
         return (mean, 0.0);
     }
     let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-    // Two-sided 97.5% quantiles of Student's t for 1..=9 degrees of freedom, then the normal.
-    const T: [f64; 9] = [
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262,
-    ];
-    let t = T.get(n - 2).copied().unwrap_or(1.96);
+    // The exact two-sided 97.5% quantile of Student's t with n − 1 degrees of freedom, at
+    // every n: the normal's 1.96 would understate the interval for a few tens of seeds.
+    let t = StudentsT::new(0.0, 1.0, (n - 1) as f64)
+        .expect("n ≥ 2 gives a valid t distribution")
+        .inverse_cdf(0.975);
     (mean, t * (var / n as f64).sqrt())
 }
 
@@ -406,7 +407,21 @@ mod tests {
         let (m, ci) = mean_ci(&[1.0, 2.0, 3.0]);
         assert_eq!(m, 2.0);
         // s = 1, n = 3: 4.303 / √3
-        assert!((ci - 4.303 / 3f64.sqrt()).abs() < 1e-12);
+        assert!((ci - 4.302653 / 3f64.sqrt()).abs() < 1e-6);
         assert_eq!(mean_ci(&[5.0]), (5.0, 0.0));
+        // Beyond the old table's 9 degrees of freedom: t(0.975) for 10, 20 and 29 (tables).
+        for (df, t) in [(10, 2.228139), (20, 2.085963), (29, 2.045230)] {
+            let values: Vec<f64> = (0..=df)
+                .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+                .collect();
+            let (m, ci) = mean_ci(&values);
+            let n = values.len() as f64;
+            let s = (values.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+            assert!(
+                (ci / (s / n.sqrt()) - t).abs() < 1e-5,
+                "df {df}: {}",
+                ci / (s / n.sqrt())
+            );
+        }
     }
 }
