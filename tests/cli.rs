@@ -890,6 +890,7 @@ length = [24]
     for plot in [
         "copy_memory-by-length.png",
         "copy_memory-learning.svg",
+        "copy_memory-training.png",
         "copy_memory-length-generalisation.png",
     ] {
         assert!(out.join("plots").join(plot).is_file(), "{plot}");

@@ -35,6 +35,8 @@ struct RunRecord {
     lengths: Vec<(u64, f64)>,
     /// (step, metric) of the held-out evaluations at the trained length.
     curve: Vec<(f64, f64)>,
+    /// (step, metric) of the training batches, as logged every `train.log_every` steps.
+    train_curve: Vec<(f64, f64)>,
     /// The run's directory name and the step it diverged at (its figures are its last good
     /// checkpoint's).
     diverged: Option<(String, u64)>,
@@ -95,13 +97,20 @@ fn load(dir: &Path) -> Result<Vec<RunRecord>, Error> {
             .unwrap_or_default();
         let seq_len = task["seq_len"].as_u64().unwrap_or(0);
         let metric_name = task["metric"].as_str().unwrap_or("metric").to_string();
-        let curve = std::fs::read_to_string(path.join("metrics.jsonl"))
+        let lines: Vec<Value> = std::fs::read_to_string(path.join("metrics.jsonl"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|l| l["split"] == "eval" && l["seq_len"].as_u64() == Some(seq_len))
-            .filter_map(|l| Some((l["step"].as_f64()?, l["metric"].as_f64()?)))
             .collect();
+        let points = |keep: &dyn Fn(&Value) -> bool| -> Vec<(f64, f64)> {
+            lines
+                .iter()
+                .filter(|l| keep(l))
+                .filter_map(|l| Some((l["step"].as_f64()?, l["metric"].as_f64()?)))
+                .collect()
+        };
+        let curve = points(&|l| l["split"] == "eval" && l["seq_len"].as_u64() == Some(seq_len));
+        let train_curve = points(&|l| l["split"] == "train");
         let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
         records.push(RunRecord {
             task: task["kind"].as_str().unwrap_or("?").to_string(),
@@ -129,6 +138,7 @@ fn load(dir: &Path) -> Result<Vec<RunRecord>, Error> {
                 })
                 .unwrap_or_default(),
             curve,
+            train_curve,
             diverged: (summary["stopped"] == "diverged").then(|| {
                 (
                     name.clone(),
@@ -293,43 +303,57 @@ pub fn write(dir: &Path) -> Result<String, Error> {
 
         // Learning curves at the longest length, mean over seeds at each evaluated step.
         let longest = *lengths.iter().last().unwrap();
-        let curves = models
-            .iter()
-            .map(|model| {
-                let mut steps: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
-                for r in rs
-                    .iter()
-                    .filter(|r| r.model == *model && r.seq_len == longest)
-                {
-                    for &(s, m) in &r.curve {
-                        steps.entry(s as u64).or_default().push(m);
-                    }
-                }
-                Curve {
-                    label: model.to_string(),
-                    points: steps
+        // The mean over seeds at each logged step, one curve per model.
+        let mean_curves = |of: fn(&RunRecord) -> &[(f64, f64)]| -> Vec<Curve> {
+            models
+                .iter()
+                .map(|model| {
+                    let mut steps: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+                    for r in rs
                         .iter()
-                        .map(|(s, v)| (*s as f64, mean_ci(v).0))
-                        .collect(),
-                }
-            })
-            .collect();
-        Figure {
-            title: format!(
-                "{task}: held-out {} during training, T = {longest}",
-                first.metric_name
+                        .filter(|r| r.model == *model && r.seq_len == longest)
+                    {
+                        for &(s, m) in of(r) {
+                            steps.entry(s as u64).or_default().push(m);
+                        }
+                    }
+                    Curve {
+                        label: model.to_string(),
+                        points: steps
+                            .iter()
+                            .map(|(s, v)| (*s as f64, mean_ci(v).0))
+                            .collect(),
+                    }
+                })
+                .collect()
+        };
+        for (what, title, of) in [
+            (
+                "learning",
+                "held-out",
+                (|r: &RunRecord| r.curve.as_slice()) as fn(&RunRecord) -> &[(f64, f64)],
             ),
-            x_label: "step".into(),
-            y_label: first.metric_name.clone(),
-            log_x: false,
-            log_y: false,
-            curves,
-            references: references.clone(),
+            ("training", "training-batch", |r: &RunRecord| {
+                r.train_curve.as_slice()
+            }),
+        ] {
+            Figure {
+                title: format!(
+                    "{task}: {title} {} during training, T = {longest}",
+                    first.metric_name
+                ),
+                x_label: "step".into(),
+                y_label: first.metric_name.clone(),
+                log_x: false,
+                log_y: false,
+                curves: mean_curves(of),
+                references: references.clone(),
+            }
+            .save(&stem(what))?;
+            md.push_str(&format!(
+                "![{task} {title} curves](plots/{task}-{what}.png)\n"
+            ));
         }
-        .save(&stem("learning"))?;
-        md.push_str(&format!(
-            "![{task} learning curves](plots/{task}-learning.png)\n"
-        ));
 
         // Length generalisation: runs trained at the shortest length, evaluated longer.
         let shortest = *lengths.iter().next().unwrap();
