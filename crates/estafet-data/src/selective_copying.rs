@@ -17,6 +17,11 @@
 //!
 //! Baseline: a model that cannot recall guesses uniformly, cross-entropy `ln vocab`, accuracy
 //! `1 / vocab`.
+//!
+//! MAD's selective copying (`vocab_size V, seq_len L, num_tokens_to_copy n`, defaults 16, 256,
+//! 16) is this task with `vocab = V − 2` (MAD spends two tokens on blank and copy), `n_tokens =
+//! n` and `seq_len = L − n − 1`; MAD asks for the tokens with one copy token and `n` blanks where
+//! this task uses `n` recall markers.
 
 use rand::Rng;
 use rand::seq::index::sample;
