@@ -973,6 +973,16 @@ fn signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill -{signal} {pid}");
 }
 
+/// Whether SIGINT waits, undelivered, for process `pid` (its pending masks in /proc).
+fn sigint_pending(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
+        .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+        .any(|mask| mask & (1 << (2 - 1)) != 0)
+}
+
 /// The largest `step` of a training line in `dir/metrics.jsonl` (0 if none yet).
 fn logged_step(dir: &Path) -> u64 {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
@@ -1130,16 +1140,19 @@ fn signals_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one() {
 #[test]
 fn a_second_ctrl_c_exits_at_once_keeping_the_last_checkpoint() {
     let dir = scratch("double-int");
-    // Steps slow enough (tens of ms) that both signals land within one.
+    // Steps of about a second (a checkpoint after each, by the clock), so that both signals
+    // land within one step.
     let args = |resume: bool| {
         let mut a = small_lstm(
             &dir,
             2000,
             &[
                 "--set",
-                "model.d_model=128",
+                "model.d_model=256",
                 "--set",
-                "train.batch_size=64",
+                "train.batch_size=128",
+                "--set",
+                "task.lag=30",
                 "--set",
                 "train.log_every=1",
                 "--set",
@@ -1157,6 +1170,10 @@ fn a_second_ctrl_c_exits_at_once_keeping_the_last_checkpoint() {
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     signal(child.id(), "INT");
+    // Two SIGINTs pending at once would merge into one: wait until the first is delivered.
+    while sigint_pending(child.id()) {
+        std::thread::sleep(std::time::Duration::from_micros(100));
+    }
     signal(child.id(), "INT");
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
