@@ -218,8 +218,23 @@ impl ConfigSource {
 }
 
 /// Parses `source`, applies `overrides` (`key.path=value`, the value read as TOML and taken as
-/// a string if it is not valid TOML), deserializes and validates.
+/// a string if it is not valid TOML), deserializes, resolves the model's budget and validates.
 pub fn load(source: &ConfigSource, overrides: &[String]) -> Result<ExperimentConfig, Error> {
+    let mut config = parse(source, overrides)?;
+    let name = &source.name;
+    config
+        .match_budget()
+        .map_err(|e| Error::Config(format!("{name}: {e}")))?;
+    config
+        .validate()
+        .map_err(|e| Error::Config(format!("{name}: {e}")))?;
+    Ok(config)
+}
+
+/// [`load`] without resolving or validating: the config as written. Enough for a config that
+/// estafet itself resolved and wrote (a run's `config.toml`), whose `match_params` would
+/// otherwise build a dozen models again only to find the width already there.
+pub fn parse(source: &ConfigSource, overrides: &[String]) -> Result<ExperimentConfig, Error> {
     let name = &source.name;
     let mut table: toml::Table = source
         .text
@@ -253,13 +268,6 @@ pub fn load(source: &ConfigSource, overrides: &[String]) -> Result<ExperimentCon
                 Ok(_) => Error::Config(format!("{name}: {path}: {message}")),
             }
         })?;
-    let mut config = config;
-    config
-        .match_budget()
-        .map_err(|e| Error::Config(format!("{name}: {e}")))?;
-    config
-        .validate()
-        .map_err(|e| Error::Config(format!("{name}: {e}")))?;
     Ok(config)
 }
 

@@ -183,8 +183,9 @@ pub fn is_complete_as(out: &Path, config: &ExperimentConfig) -> Result<bool, Err
     Ok(budget.is_empty() && other.is_empty())
 }
 
+/// The run's resolved config, as it wrote it.
 fn saved_config(out: &Path) -> Result<ExperimentConfig, Error> {
-    crate::config::load(&ConfigSource::read(&out.join("config.toml"))?, &[])
+    crate::config::parse(&ConfigSource::read(&out.join("config.toml"))?, &[])
 }
 
 /// Trains `config` and writes its run directory; returns the summary also written there.
@@ -370,14 +371,10 @@ pub fn run(config: &ExperimentConfig, options: &RunOptions) -> Result<Summary, E
                     elapsed_seconds: elapsed,
                 },
             )?;
-            let threshold = (train.divergence_factor > 0.0).then(|| {
-                train.divergence_factor * info.baseline_loss.max(state.initial_loss.unwrap_or(0.0))
-            });
             if let Some(reason) = state.watch.close_window(
                 step,
-                threshold,
-                train.divergence_patience,
                 train.divergence_factor,
+                train.divergence_patience,
                 info.baseline_loss,
                 state.initial_loss,
             ) {
@@ -684,13 +681,14 @@ impl DivergenceWatch {
         self.window_steps += 1;
     }
 
-    /// Closes the window at a logging step; returns why the run diverged, if it now has.
+    /// Closes the window at a logging step; returns why the run diverged, if it now has. The
+    /// threshold is `factor` × the larger of the task's `baseline` loss and the `initial` one
+    /// (`factor = 0`: no check).
     fn close_window(
         &mut self,
         step: usize,
-        threshold: Option<f64>,
-        patience: usize,
         factor: f64,
+        patience: usize,
         baseline: f64,
         initial: Option<f64>,
     ) -> Option<String> {
@@ -698,7 +696,11 @@ impl DivergenceWatch {
         let first = step + 1 - self.window_steps;
         self.window_sum = 0.0;
         self.window_steps = 0;
-        let threshold = threshold?;
+        if factor <= 0.0 {
+            return None;
+        }
+        let reference = baseline.max(initial.unwrap_or(0.0));
+        let threshold = factor * reference;
         if mean > threshold {
             self.streak += 1;
         } else {
@@ -707,10 +709,9 @@ impl DivergenceWatch {
         (self.streak >= patience).then(|| {
             format!(
                 "the mean training loss of steps {first}–{step} is {mean:.4e}, and {patience} \
-                 logging windows in a row stayed above {factor} × {:.4} = {threshold:.4} \
-                 (train.divergence_factor × the larger of the task's baseline loss {baseline:.4} \
-                 and the initial loss {})",
-                baseline.max(initial.unwrap_or(0.0)),
+                 logging windows in a row stayed above {factor} × {reference:.4} = \
+                 {threshold:.4} (train.divergence_factor × the larger of the task's baseline \
+                 loss {baseline:.4} and the initial loss {})",
                 initial.map_or("–".into(), |l| format!("{l:.4}"))
             )
         })
@@ -952,8 +953,9 @@ fn progress_bar(steps: usize, show: bool) -> ProgressBar {
 mod tests {
     use super::DivergenceWatch;
 
-    /// Feeds windows of `steps` losses each; returns the step at which the watch fired.
-    fn fire(windows: &[f64], threshold: Option<f64>, patience: usize) -> Option<usize> {
+    /// Feeds windows of 5 losses each; returns the step at which the watch fired. With the
+    /// baseline 1 and the initial loss 2, the threshold is `2 · factor`.
+    fn fire(windows: &[f64], factor: f64, patience: usize) -> Option<usize> {
         let mut watch = DivergenceWatch::default();
         let mut step = 0;
         for &loss in windows {
@@ -962,7 +964,7 @@ mod tests {
                 watch.add(loss);
             }
             if watch
-                .close_window(step, threshold, patience, 10.0, 1.0, Some(2.0))
+                .close_window(step, factor, patience, 1.0, Some(2.0))
                 .is_some()
             {
                 return Some(step);
@@ -973,23 +975,18 @@ mod tests {
 
     #[test]
     fn divergence_needs_patience_windows_in_a_row_above_the_threshold() {
-        assert_eq!(fire(&[50.0, 50.0, 50.0], Some(20.0), 3), Some(15));
+        assert_eq!(fire(&[50.0, 50.0, 50.0], 10.0, 3), Some(15));
         // A window back below the threshold starts the count again.
-        assert_eq!(fire(&[50.0, 50.0, 1.0, 50.0, 50.0], Some(20.0), 3), None);
-        assert_eq!(
-            fire(&[50.0, 1.0, 50.0, 50.0, 50.0], Some(20.0), 3),
-            Some(25)
-        );
-        // At the threshold is not above it; no threshold: never.
-        assert_eq!(fire(&[20.0; 4], Some(20.0), 1), None);
-        assert_eq!(fire(&[1e30; 4], None, 1), None);
+        assert_eq!(fire(&[50.0, 50.0, 1.0, 50.0, 50.0], 10.0, 3), None);
+        assert_eq!(fire(&[50.0, 1.0, 50.0, 50.0, 50.0], 10.0, 3), Some(25));
+        // At the threshold is not above it; factor 0: never.
+        assert_eq!(fire(&[20.0; 4], 10.0, 1), None);
+        assert_eq!(fire(&[1e30; 4], 0.0, 1), None);
         let mut watch = DivergenceWatch::default();
         for _ in 0..5 {
             watch.add(100.0);
         }
-        let why = watch
-            .close_window(5, Some(20.0), 1, 10.0, 1.0, Some(2.0))
-            .unwrap();
+        let why = watch.close_window(5, 10.0, 1, 1.0, Some(2.0)).unwrap();
         assert!(
             why.contains("steps 1–5") && why.contains("1.0000e2"),
             "{why}"
