@@ -353,12 +353,7 @@ impl Recall {
             }
             samples.push(s);
         }
-        let total: usize = counts.iter().sum();
-        let entropy = -counts
-            .iter()
-            .filter(|&&c| c > 0)
-            .map(|&c| c as f64 / total as f64 * (c as f64 / total as f64).ln())
-            .sum::<f64>();
+        let entropy = crate::task::entropy_of_counts(&counts);
         let (first, n) = self.value_tokens;
         let guess = (first..first + n as u32)
             .max_by_key(|&v| counts[v as usize])

@@ -88,8 +88,12 @@ impl ModularArithmeticConfig {
                 ),
             );
         }
+        // The odd lengths an expression may take: from the first odd one ≥ min_len to the last
+        // odd one ≤ seq_len − 1.
+        let lengths = (shortest, longest - (1 - longest % 2));
         let mut task = ModularArithmetic {
             config: self.clone(),
+            lengths,
             baseline: (0.0, 0.0),
         };
         let mut counts = vec![0usize; self.modulus as usize];
@@ -97,13 +101,8 @@ impl ModularArithmeticConfig {
         for _ in 0..BASELINE_SAMPLES {
             counts[*task.sample(&mut rng).target.tokens().last().expect("T ≥ 2") as usize] += 1;
         }
-        let n = BASELINE_SAMPLES as f64;
-        let entropy = -counts
-            .iter()
-            .filter(|&&c| c > 0)
-            .map(|&c| c as f64 / n * (c as f64 / n).ln())
-            .sum::<f64>();
-        let majority = *counts.iter().max().expect("m ≥ 2") as f64 / n;
+        let entropy = crate::task::entropy_of_counts(&counts);
+        let majority = *counts.iter().max().expect("m ≥ 2") as f64 / BASELINE_SAMPLES as f64;
         task.baseline = (entropy, majority);
         Ok(task)
     }
@@ -112,6 +111,8 @@ impl ModularArithmeticConfig {
 #[derive(Clone, Debug)]
 pub struct ModularArithmetic {
     config: ModularArithmeticConfig,
+    /// The shortest and the longest expression (both odd).
+    lengths: (usize, usize),
     /// (cross-entropy, accuracy) of always answering the most frequent value.
     baseline: (f64, f64),
 }
@@ -162,12 +163,7 @@ impl ModularArithmetic {
 
     pub fn sample(&self, rng: &mut ChaCha8Rng) -> Sample {
         let c = &self.config;
-        let shortest = c.min_len | 1;
-        let longest = if c.seq_len.is_multiple_of(2) {
-            c.seq_len - 1
-        } else {
-            c.seq_len - 2
-        };
+        let (shortest, longest) = self.lengths;
         let len = shortest + 2 * rng.random_range(0..=(longest - shortest) / 2);
         let mut expression = Vec::with_capacity(len);
         let value = self.chain(rng, len, &mut expression);

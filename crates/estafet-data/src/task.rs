@@ -61,6 +61,17 @@ pub struct TaskError {
     pub message: String,
 }
 
+/// The entropy (nats) of the empirical distribution that `counts` describe: the cross-entropy
+/// of always predicting it, the baseline of the tasks that measure theirs by counting.
+pub(crate) fn entropy_of_counts(counts: &[usize]) -> f64 {
+    let total = counts.iter().sum::<usize>() as f64;
+    -counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| c as f64 / total * (c as f64 / total).ln())
+        .sum::<f64>()
+}
+
 /// `Err` naming `task.field`: how every generator refuses an impossible setting.
 pub(crate) fn invalid<T>(field: &'static str, message: impl Into<String>) -> Result<T, TaskError> {
     Err(TaskError {
