@@ -390,7 +390,7 @@ impl ExperimentConfig {
         if self.train.init_from.is_some() {
             let classic = matches!(
                 self.model.mixer,
-                MixerConfig::Rnn { .. } | MixerConfig::Lstm { .. } | MixerConfig::Gru
+                MixerConfig::Rnn(_) | MixerConfig::Lstm(_) | MixerConfig::Gru(_)
             );
             if !classic || self.model.layout != Layout::Stacked {
                 return Err(

@@ -19,6 +19,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::init::Init;
+use crate::mask::{self, Visible};
 
 /// How attention knows where a token is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +29,38 @@ pub enum Positions {
     Rotary,
     /// A learned vector per position, added to the input; at most `max_len` positions.
     Learned { max_len: usize },
+}
+
+/// `[model.mixer]` with `kind = "attention"`: `n_heads` (4) and `positions` (rotary). Its
+/// width is the model's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AttentionSpec {
+    pub n_heads: usize,
+    pub positions: Positions,
+}
+
+impl Default for AttentionSpec {
+    fn default() -> Self {
+        Self {
+            n_heads: 4,
+            positions: Positions::Rotary,
+        }
+    }
+}
+
+impl AttentionSpec {
+    pub fn config(&self, d_model: usize) -> AttentionConfig {
+        AttentionConfig {
+            d_model,
+            n_heads: self.n_heads,
+            positions: self.positions,
+        }
+    }
+
+    pub fn validate(&self, d_model: usize) -> Result<(), String> {
+        self.config(d_model).validate()
+    }
 }
 
 /// Configuration of an [`Attention`] layer.
@@ -158,16 +191,8 @@ impl Attention {
         };
         let s = offset + t;
         // Query i (absolute offset + i) sees keys 0..=offset + i.
-        let mask: Vec<f32> = (0..t * s)
-            .map(|n| {
-                if n % s <= offset + n / s {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-            .collect();
-        let mask = Tensor::<4>::from_data(TensorData::new(mask, [1, 1, t, s]), &device);
+        let mask = mask::causal(t, s, offset, Visible::UpTo, f32::NEG_INFINITY, &device)
+            .reshape([1, 1, t, s]);
         let scores = q.matmul(cache.k.clone().swap_dims(2, 3)) / (head as f64).sqrt() + mask;
         let o = softmax(scores, 3).matmul(cache.v.clone()); // [B, H, T, K]
         let o = o.swap_dims(1, 2).reshape([b, t, d]);

@@ -21,6 +21,25 @@ use crate::fused::{self, Cell};
 use crate::init::Init;
 use crate::time::recur;
 
+/// `[model.mixer]` with `kind = "gru"`: PyTorch's GRU has no options. Its width is the
+/// model's.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GruSpec {}
+
+impl GruSpec {
+    pub fn config(&self, d_model: usize) -> GruConfig {
+        GruConfig {
+            d_input: d_model,
+            d_hidden: d_model,
+        }
+    }
+
+    pub fn validate(&self, _d_model: usize) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 /// Configuration of a [`Gru`] layer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

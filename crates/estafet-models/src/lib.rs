@@ -28,6 +28,7 @@ pub mod gru;
 pub mod init;
 pub mod lstm;
 pub mod mamba;
+pub mod mask;
 pub mod mingru;
 pub mod mixer;
 pub mod model;

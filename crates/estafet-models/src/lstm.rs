@@ -24,6 +24,28 @@ use crate::fused::{self, Cell};
 use crate::init::Init;
 use crate::time::recur;
 
+/// `[model.mixer]` with `kind = "lstm"`: `forget_bias`, added to the forget-gate bias at
+/// initialisation (0: PyTorch's). Its width is the model's.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LstmSpec {
+    pub forget_bias: f64,
+}
+
+impl LstmSpec {
+    pub fn config(&self, d_model: usize) -> LstmConfig {
+        LstmConfig {
+            d_input: d_model,
+            d_hidden: d_model,
+            forget_bias: self.forget_bias,
+        }
+    }
+
+    pub fn validate(&self, _d_model: usize) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 /// Configuration of an [`Lstm`] layer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -25,11 +25,72 @@ use serde::{Deserialize, Serialize};
 
 use crate::fused;
 use crate::init::Init;
-use crate::scan::{Scan, linear_scan};
+use crate::scan::{Form, Scan, linear_scan};
+
+/// `[model.mixer]` with `kind = "mamba"`: the paper's symbols, with its defaults (N = 16,
+/// E = 2, d_conv = 4, R = ⌈D/16⌉) and the scan's form. Its width is the model's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MambaSpec {
+    /// N.
+    pub d_state: usize,
+    /// E.
+    pub expand: usize,
+    pub d_conv: usize,
+    /// R; `⌈D / 16⌉` when absent.
+    pub dt_rank: Option<usize>,
+    pub scan: Form,
+}
+
+impl Default for MambaSpec {
+    fn default() -> Self {
+        Self {
+            d_state: 16,
+            expand: 2,
+            d_conv: 4,
+            dt_rank: None,
+            scan: Form::Auto,
+        }
+    }
+}
+
+impl MambaSpec {
+    /// The block at width `d_model`, Δ initialised in `[0.001, 0.1]` as in the reference.
+    pub fn config(&self, d_model: usize) -> MambaConfig {
+        MambaConfig {
+            d_model,
+            d_state: self.d_state,
+            expand: self.expand,
+            d_conv: self.d_conv,
+            dt_rank: self.dt_rank.unwrap_or(d_model.div_ceil(16)),
+            dt_min: 0.001,
+            dt_max: 0.1,
+            scan: self.scan,
+        }
+    }
+
+    pub fn validate(&self, _d_model: usize) -> Result<(), String> {
+        let positive = [
+            ("d_state", self.d_state),
+            ("expand", self.expand),
+            ("dt_rank", self.dt_rank.unwrap_or(1)),
+        ];
+        if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("model.mixer.{field} must be at least 1"));
+        }
+        if self.d_conv < 2 {
+            return Err(
+                "model.mixer.d_conv must be at least 2 (a causal kernel spans the past)".into(),
+            );
+        }
+        self.scan
+            .validate()
+            .map_err(|e| format!("model.mixer.scan.{e}"))
+    }
+}
 
 /// Configuration of a [`Mamba`] block.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MambaConfig {
     /// Model width `D`.
     pub d_model: usize,
@@ -44,23 +105,13 @@ pub struct MambaConfig {
     /// Range of the initial step sizes Δ (log-uniform), as in the reference implementation.
     pub dt_min: f64,
     pub dt_max: f64,
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 impl MambaConfig {
-    /// The paper's defaults for width `d_model`: N = 16, E = 2, d_conv = 4, R = ⌈D/16⌉,
-    /// Δ ∈ [0.001, 0.1].
-    pub fn new(d_model: usize, scan: Scan) -> Self {
-        Self {
-            d_model,
-            d_state: 16,
-            expand: 2,
-            d_conv: 4,
-            dt_rank: d_model.div_ceil(16),
-            dt_min: 0.001,
-            dt_max: 0.1,
-            scan,
-        }
+    /// The paper's defaults for width `d_model` ([`MambaSpec::default`]).
+    pub fn new(d_model: usize) -> Self {
+        MambaSpec::default().config(d_model)
     }
 
     /// The reference implementation's initialisation (`mamba_simple.py`): PyTorch defaults for
@@ -117,7 +168,7 @@ pub struct Mamba {
     /// `[E·D, D]`.
     pub out_proj: Linear,
     #[module(skip)]
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 /// The state of a Mamba block between calls.
@@ -157,13 +208,11 @@ impl Mamba {
     /// `u [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step.
     ///
     /// On a backend with the fused kernel the scan is one op ([`fused::selective_scan`]), which
-    /// never holds `[B, T, E·D, N]` tensors; elsewhere it runs in the form [`Mamba::scan`] names.
+    /// never holds `[B, T, E·D, N]` tensors, unless [`Mamba::scan`] names a tensor form;
+    /// elsewhere the scan runs in that form (the sequential one for `auto`).
     pub fn forward(&self, u: Tensor<3>, state: Option<MambaState>) -> (Tensor<3>, MambaState) {
-        if fused::has_kernel(&u.device()) {
-            self.run(u, state, None)
-        } else {
-            self.run(u, state, Some(self.scan))
-        }
+        let scan = self.scan.resolve(fused::has_kernel(&u.device()));
+        self.run(u, state, scan)
     }
 
     /// As [`Mamba::forward`] with the scan built from tensor ops in the given form (the
@@ -273,7 +322,7 @@ mod tests {
     use burn::tensor::Distribution;
 
     fn block() -> Mamba {
-        let mut config = MambaConfig::new(6, Scan::Sequential);
+        let mut config = MambaConfig::new(6);
         config.d_state = 4;
         config.dt_rank = 2;
         config.init(&mut Init::new(11, &device()))

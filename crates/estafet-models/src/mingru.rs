@@ -23,6 +23,30 @@ use crate::init::Init;
 use crate::scan::{Scan, linear_scan};
 use crate::time::unbind;
 
+/// `[model.mixer]` with `kind = "mingru"`: the scan's form (minGRU has no fused kernel). Its
+/// width is the model's.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MinGruSpec {
+    pub scan: Scan,
+}
+
+impl MinGruSpec {
+    pub fn config(&self, d_model: usize) -> MinGruConfig {
+        MinGruConfig {
+            d_input: d_model,
+            d_hidden: d_model,
+            scan: self.scan,
+        }
+    }
+
+    pub fn validate(&self, _d_model: usize) -> Result<(), String> {
+        self.scan
+            .validate()
+            .map_err(|e| format!("model.mixer.scan.{e}"))
+    }
+}
+
 /// Configuration of a [`MinGru`] layer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

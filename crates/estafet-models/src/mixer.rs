@@ -1,285 +1,100 @@
 //! The swappable sequence mixer: one config enum, one module enum, one state enum.
 //!
 //! Every mixer maps `[B, T, D] → [B, T, D]` with explicit state in and out, and offers a
-//! single-token `step` for recurrent inference. Adding an architecture means adding a variant
-//! to each of the three enums below and to their `match`es; nothing else changes.
+//! single-token `step` for recurrent inference. Each architecture's file owns its options and
+//! their defaults (`XSpec`, the `[model.mixer]` table), its built configuration (`XConfig`) and
+//! its module (`X`). The list below names each kind once: the config and module enums, the list
+//! of kinds and [`MixerConfig::all`] (what the tests iterate) are generated from it, and every
+//! `match` on [`Mixer`] is checked by the compiler, so a new kind cannot be left out.
 
 use burn::module::Module;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::attention::{Attention, AttentionConfig, KvCache, Positions};
-use crate::gru::{Gru, GruConfig};
+use crate::attention::{Attention, AttentionSpec, KvCache};
+use crate::gru::{Gru, GruSpec};
 use crate::init::Init;
-use crate::lstm::{Lstm, LstmConfig, LstmState};
-use crate::mamba::{Mamba, MambaConfig, MambaState};
-use crate::mingru::{MinGru, MinGruConfig};
-use crate::rnn::{Nonlinearity, Rnn, RnnConfig};
-use crate::rwkv::{Rwkv, RwkvConfig, RwkvState, WkvForm};
-use crate::scan::Scan;
+use crate::lstm::{Lstm, LstmSpec, LstmState};
+use crate::mamba::{Mamba, MambaSpec, MambaState};
+use crate::mingru::{MinGru, MinGruSpec};
+use crate::rnn::{Rnn, RnnSpec};
+use crate::rwkv::{Rwkv, RwkvSpec, RwkvState};
+use crate::scan::Form;
 
-/// Which mixer a block uses, with that mixer's own hyper-parameters (its width is the model's
-/// `d_model`). In TOML: `[model.mixer]` with `kind = "lstm"`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum MixerConfig {
-    /// [`Rnn`], the Elman RNN: `nonlinearity = "tanh" | "relu"`, `irnn_init` for the identity
-    /// recurrent initialisation.
-    Rnn {
-        #[serde(default)]
-        nonlinearity: Nonlinearity,
-        #[serde(default)]
-        irnn_init: bool,
-    },
-    /// [`Lstm`]; `forget_bias` is added to the forget-gate bias at initialisation.
-    Lstm {
-        #[serde(default)]
-        forget_bias: f64,
-    },
+macro_rules! mixers {
+    ($($(#[$doc:meta])* $variant:ident($spec:ty) -> $module:ty = $kind:literal,)*) => {
+        /// Which mixer a block uses, with that mixer's own options (its width is the model's
+        /// `d_model`). In TOML: `[model.mixer]` with `kind = "lstm"` and the kind's fields.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "kind", deny_unknown_fields)]
+        pub enum MixerConfig {
+            $($(#[$doc])* #[serde(rename = $kind)] $variant($spec),)*
+        }
+
+        #[derive(Module, Debug)]
+        pub enum Mixer {
+            $($variant($module),)*
+        }
+
+        impl MixerConfig {
+            /// Every mixer kind, as written in configs.
+            pub const KINDS: &[&str] = &[$($kind),*];
+
+            /// The name used in configs, reports and run summaries.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(MixerConfig::$variant(_) => $kind,)*
+                }
+            }
+
+            /// Every kind with its defaults, in the order of [`MixerConfig::KINDS`].
+            pub fn all() -> Vec<MixerConfig> {
+                vec![$(MixerConfig::$variant(<$spec>::default()),)*]
+            }
+
+            /// Checks what serde cannot, at width `d_model`; the message names the field.
+            pub fn validate(&self, d_model: usize) -> Result<(), String> {
+                match self {
+                    $(MixerConfig::$variant(spec) => spec.validate(d_model),)*
+                }
+            }
+
+            pub fn init(&self, d_model: usize, init: &mut Init) -> Mixer {
+                match self {
+                    $(MixerConfig::$variant(spec) => Mixer::$variant(spec.config(d_model).init(init)),)*
+                }
+            }
+        }
+    };
+}
+
+mixers! {
+    /// [`Rnn`], the Elman RNN.
+    Rnn(RnnSpec) -> Rnn = "rnn",
+    /// [`Lstm`], PyTorch's formulation.
+    Lstm(LstmSpec) -> Lstm = "lstm",
     /// [`Gru`], PyTorch's formulation.
-    Gru,
-    /// [`MinGru`]; `scan` picks the training form.
-    #[serde(rename = "mingru")]
-    MinGru {
-        #[serde(default = "default_scan")]
-        scan: Scan,
-    },
-    /// [`Mamba`], the selective SSM block of Mamba-1; the paper's symbols.
-    Mamba {
-        /// N.
-        #[serde(default = "default_d_state")]
-        d_state: usize,
-        /// E.
-        #[serde(default = "default_expand")]
-        expand: usize,
-        #[serde(default = "default_d_conv")]
-        d_conv: usize,
-        /// R; `⌈d_model / 16⌉` when absent.
-        #[serde(default)]
-        dt_rank: Option<usize>,
-        #[serde(default = "default_scan")]
-        scan: Scan,
-    },
+    Gru(GruSpec) -> Gru = "gru",
+    /// [`MinGru`] (Feng et al. 2024).
+    MinGru(MinGruSpec) -> MinGru = "mingru",
+    /// [`Mamba`], the selective SSM block of Mamba-1.
+    Mamba(MambaSpec) -> Mamba = "mamba",
     /// [`Rwkv`], a complete RWKV block (time mix and channel mix with their own pre-norms and
     /// residuals; use it with `layout = "stacked"` to get RWKV's own architecture).
-    Rwkv {
-        /// 4 (RWKV-4, per-channel decay) or 6 (Finch, matrix state, data-dependent decay).
-        #[serde(default = "default_rwkv_version")]
-        version: u8,
-        #[serde(default = "default_ffn_expand")]
-        ffn_expand: usize,
-        /// RWKV-6 head size; `min(64, d_model)` when absent.
-        #[serde(default)]
-        head_size: Option<usize>,
-        /// RWKV-6 LoRA rank.
-        #[serde(default = "default_lora_rank")]
-        lora_rank: usize,
-        #[serde(default = "default_wkv")]
-        wkv: WkvForm,
-    },
+    Rwkv(RwkvSpec) -> Rwkv = "rwkv",
     /// [`Attention`], causal softmax attention with a KV cache: the non-recurrent baseline.
-    Attention {
-        #[serde(default = "default_n_heads")]
-        n_heads: usize,
-        #[serde(default = "default_positions")]
-        positions: Positions,
-    },
-}
-
-fn default_n_heads() -> usize {
-    4
-}
-
-fn default_positions() -> Positions {
-    Positions::Rotary
-}
-
-fn default_rwkv_version() -> u8 {
-    4
-}
-
-fn default_ffn_expand() -> usize {
-    4
-}
-
-fn default_lora_rank() -> usize {
-    32
-}
-
-/// As for the scans, the loop is the fastest form measured here (B = 32, T = 256, D = 256:
-/// 0.74 s vs 3.6 s at chunk 16 for forward and backward).
-fn default_wkv() -> WkvForm {
-    WkvForm::Sequential
-}
-
-fn default_d_state() -> usize {
-    16
-}
-
-fn default_expand() -> usize {
-    2
-}
-
-fn default_d_conv() -> usize {
-    4
-}
-
-/// On a 2-core CPU with ndarray the loop beat every chunk length tried (B = 32, T = 256:
-/// minGRU-sized M = 64 113 ms vs 469 ms at chunk 16 for forward and backward; Mamba-sized
-/// M = 1024 3.2 s vs 13.6 s), so the definition is also the default.
-fn default_scan() -> Scan {
-    Scan::Sequential
+    Attention(AttentionSpec) -> Attention = "attention",
 }
 
 impl MixerConfig {
-    /// Every mixer kind, as written in configs.
-    pub const KINDS: &[&str] = &["rnn", "lstm", "gru", "mingru", "mamba", "rwkv", "attention"];
-
-    /// The name used in configs, reports and run summaries.
-    pub fn kind(&self) -> &'static str {
+    /// The form the config names for a recurrence with a fused kernel, and its field.
+    pub fn form(&self) -> Option<(&'static str, Form)> {
         match self {
-            MixerConfig::Rnn { .. } => "rnn",
-            MixerConfig::Lstm { .. } => "lstm",
-            MixerConfig::Gru => "gru",
-            MixerConfig::MinGru { .. } => "mingru",
-            MixerConfig::Mamba { .. } => "mamba",
-            MixerConfig::Rwkv { .. } => "rwkv",
-            MixerConfig::Attention { .. } => "attention",
+            MixerConfig::Mamba(spec) => Some(("scan", spec.scan)),
+            MixerConfig::Rwkv(spec) => Some(("wkv", spec.wkv)),
+            _ => None,
         }
     }
-
-    /// Checks what serde cannot, at width `d_model`; the message names the field.
-    pub fn validate(&self, d_model: usize) -> Result<(), String> {
-        match self {
-            MixerConfig::MinGru { scan } => scan.validate().map_err(|e| format!("model.mixer.{e}")),
-            MixerConfig::Mamba {
-                d_state,
-                expand,
-                d_conv,
-                dt_rank,
-                scan,
-            } => {
-                let positive = [
-                    ("d_state", *d_state),
-                    ("expand", *expand),
-                    ("dt_rank", dt_rank.unwrap_or(1)),
-                ];
-                if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
-                    return Err(format!("model.mixer.{field} must be at least 1"));
-                }
-                if *d_conv < 2 {
-                    return Err(
-                        "model.mixer.d_conv must be at least 2 (a causal kernel spans the past)"
-                            .into(),
-                    );
-                }
-                scan.validate().map_err(|e| format!("model.mixer.{e}"))
-            }
-            MixerConfig::Rwkv { .. } => self.rwkv_config(d_model).validate(),
-            MixerConfig::Attention { n_heads, positions } => AttentionConfig {
-                d_model,
-                n_heads: *n_heads,
-                positions: *positions,
-            }
-            .validate(),
-            MixerConfig::Rnn { .. } | MixerConfig::Lstm { .. } | MixerConfig::Gru => Ok(()),
-        }
-    }
-
-    /// The RWKV block this config describes at width `d_model`.
-    fn rwkv_config(&self, d_model: usize) -> RwkvConfig {
-        match self {
-            MixerConfig::Rwkv {
-                version,
-                ffn_expand,
-                head_size,
-                lora_rank,
-                wkv,
-            } => RwkvConfig {
-                d_model,
-                version: *version,
-                ffn_expand: *ffn_expand,
-                head_size: head_size.unwrap_or(64.min(d_model)),
-                lora_rank: *lora_rank,
-                wkv: *wkv,
-            },
-            _ => unreachable!("only called on MixerConfig::Rwkv"),
-        }
-    }
-
-    pub fn init(&self, d_model: usize, init: &mut Init) -> Mixer {
-        match self {
-            MixerConfig::Rwkv { .. } => Mixer::Rwkv(self.rwkv_config(d_model).init(init)),
-            MixerConfig::Attention { n_heads, positions } => Mixer::Attention(
-                AttentionConfig {
-                    d_model,
-                    n_heads: *n_heads,
-                    positions: *positions,
-                }
-                .init(init),
-            ),
-            MixerConfig::Rnn {
-                nonlinearity,
-                irnn_init,
-            } => Mixer::Rnn(
-                RnnConfig {
-                    d_input: d_model,
-                    d_hidden: d_model,
-                    nonlinearity: *nonlinearity,
-                    irnn_init: *irnn_init,
-                }
-                .init(init),
-            ),
-            MixerConfig::Lstm { forget_bias } => Mixer::Lstm(
-                LstmConfig {
-                    d_input: d_model,
-                    d_hidden: d_model,
-                    forget_bias: *forget_bias,
-                }
-                .init(init),
-            ),
-            MixerConfig::Gru => Mixer::Gru(
-                GruConfig {
-                    d_input: d_model,
-                    d_hidden: d_model,
-                }
-                .init(init),
-            ),
-            MixerConfig::Mamba {
-                d_state,
-                expand,
-                d_conv,
-                dt_rank,
-                scan,
-            } => {
-                let mut config = MambaConfig::new(d_model, *scan);
-                config.d_state = *d_state;
-                config.expand = *expand;
-                config.d_conv = *d_conv;
-                config.dt_rank = dt_rank.unwrap_or(config.dt_rank);
-                Mixer::Mamba(config.init(init))
-            }
-            MixerConfig::MinGru { scan } => Mixer::MinGru(
-                MinGruConfig {
-                    d_input: d_model,
-                    d_hidden: d_model,
-                    scan: *scan,
-                }
-                .init(init),
-            ),
-        }
-    }
-}
-
-#[derive(Module, Debug)]
-pub enum Mixer {
-    Rnn(Rnn),
-    Lstm(Lstm),
-    Gru(Gru),
-    MinGru(MinGru),
-    Mamba(Mamba),
-    Rwkv(Rwkv),
-    Attention(Attention),
 }
 
 /// The recurrent state a mixer carries from one call to the next.
@@ -524,5 +339,78 @@ impl MixerState {
             MixerState::Hidden(h) => h,
             other => panic!("an RNN, GRU or minGRU was handed {other:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: serde_json::Value) -> Result<MixerConfig, String> {
+        serde_json::from_value(json).map_err(|e| e.to_string())
+    }
+
+    /// A table with `kind` alone is that kind's `Default` (serde's defaults and the spec's
+    /// agree), every kind survives a round trip, and `all` lists the kinds in `KINDS` order.
+    #[test]
+    fn a_kind_alone_is_its_defaults() {
+        let all = MixerConfig::all();
+        assert_eq!(all.len(), MixerConfig::KINDS.len());
+        for (kind, config) in MixerConfig::KINDS.iter().zip(all) {
+            assert_eq!(config.kind(), *kind);
+            assert_eq!(parse(serde_json::json!({ "kind": kind })).unwrap(), config);
+            let written = serde_json::to_value(&config).unwrap();
+            assert_eq!(written["kind"], *kind);
+            assert_eq!(parse(written).unwrap(), config);
+        }
+    }
+
+    /// Each RWKV version takes its own fields only, and only RWKV-4 has a fused WKV.
+    #[test]
+    fn rwkv_versions_carry_their_own_fields() {
+        let err = parse(serde_json::json!({ "kind": "rwkv", "lora_rank": 8 })).unwrap_err();
+        assert!(err.contains("RWKV-6 fields"), "{err}");
+        let err = parse(serde_json::json!({ "kind": "rwkv", "version": 5 })).unwrap_err();
+        assert!(err.contains("4 or 6"), "{err}");
+        let v6 =
+            parse(serde_json::json!({ "kind": "rwkv", "version": 6, "head_size": 4 })).unwrap();
+        assert_eq!(
+            v6,
+            MixerConfig::Rwkv(RwkvSpec {
+                version: crate::rwkv::Version::V6 {
+                    head_size: Some(4),
+                    lora_rank: 32
+                },
+                ..RwkvSpec::default()
+            })
+        );
+        assert!(v6.validate(8).is_ok());
+        let fused =
+            parse(serde_json::json!({ "kind": "rwkv", "version": 6, "wkv": { "kind": "fused" } }))
+                .unwrap();
+        assert!(fused.validate(64).unwrap_err().contains("only RWKV-4"));
+    }
+
+    /// The form tables as written in configs.
+    #[test]
+    fn forms_parse_from_their_tables() {
+        for (table, form) in [
+            (serde_json::json!({ "kind": "auto" }), Form::Auto),
+            (serde_json::json!({ "kind": "fused" }), Form::Fused),
+            (
+                serde_json::json!({ "kind": "sequential" }),
+                Form::Tensor(crate::Scan::Sequential),
+            ),
+            (
+                serde_json::json!({ "kind": "chunked", "chunk_len": 3 }),
+                Form::Tensor(crate::Scan::Chunked { chunk_len: 3 }),
+            ),
+        ] {
+            let config = parse(serde_json::json!({ "kind": "mamba", "scan": table })).unwrap();
+            assert_eq!(config.form(), Some(("scan", form)));
+        }
+        let err =
+            parse(serde_json::json!({ "kind": "mamba", "scan": { "kind": "fast" } })).unwrap_err();
+        assert!(err.contains("fast"), "{err}");
     }
 }

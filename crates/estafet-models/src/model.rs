@@ -117,11 +117,25 @@ impl ModelConfig {
     /// The longest sequence the model can read, if it has a limit (learned positions).
     pub fn max_seq_len(&self) -> Option<usize> {
         match &self.mixer {
-            MixerConfig::Attention {
+            MixerConfig::Attention(crate::attention::AttentionSpec {
                 positions: crate::attention::Positions::Learned { max_len },
                 ..
-            } => Some(*max_len),
+            }) => Some(*max_len),
             _ => None,
+        }
+    }
+
+    /// Whether `device`'s backend can run the forms the config names: a `fused` form needs a
+    /// backend with the fused kernels.
+    pub fn check_device(&self, device: &burn::tensor::Device) -> Result<(), String> {
+        match self.mixer.form() {
+            Some((field, crate::scan::Form::Fused)) if !crate::fused::has_kernel(device) => {
+                Err(format!(
+                    "model.mixer.{field} = fused: this backend has no fused kernels (ndarray and \
+                     flex have them); use auto, sequential or chunked"
+                ))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -408,6 +422,8 @@ mod tests {
             serde_json::json!({ "kind": "mingru", "scan": { "kind": "sequential" } }),
             serde_json::json!({ "kind": "mamba", "scan": { "kind": "sequential" } }),
             serde_json::json!({ "kind": "rwkv", "wkv": { "kind": "sequential" } }),
+            serde_json::json!({ "kind": "mamba", "scan": { "kind": "fused" } }),
+            serde_json::json!({ "kind": "rwkv", "wkv": { "kind": "fused" } }),
             serde_json::json!({ "kind": "rwkv", "version": 6, "head_size": 4 }),
             serde_json::json!({ "kind": "attention", "n_heads": 2,
                                 "positions": { "kind": "learned", "max_len": 16 } }),

@@ -27,6 +27,30 @@ pub enum Nonlinearity {
     Relu,
 }
 
+/// `[model.mixer]` with `kind = "rnn"`: `nonlinearity = "tanh" | "relu"`, `irnn_init` for the
+/// identity recurrent initialisation. Its width is the model's.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RnnSpec {
+    pub nonlinearity: Nonlinearity,
+    pub irnn_init: bool,
+}
+
+impl RnnSpec {
+    pub fn config(&self, d_model: usize) -> RnnConfig {
+        RnnConfig {
+            d_input: d_model,
+            d_hidden: d_model,
+            nonlinearity: self.nonlinearity,
+            irnn_init: self.irnn_init,
+        }
+    }
+
+    pub fn validate(&self, _d_model: usize) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 /// Configuration of an [`Rnn`] layer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -36,33 +36,141 @@ use serde::{Deserialize, Serialize};
 
 use crate::fused;
 use crate::init::Init;
+use crate::mask::{self, Visible};
+use crate::scan::{Form, Scan};
 use crate::time::unbind;
 
-/// Which form computes the WKV.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum WkvForm {
-    /// The official kernel's loop with running-max rescaling: the reference.
-    Sequential,
-    /// Chunks of `chunk_len`, each a masked weighted average seeded by the carried state.
-    Chunked { chunk_len: usize },
+/// Which RWKV, each version with the fields it alone has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    /// RWKV-4: per-channel decay, the running-max WKV.
+    V4,
+    /// RWKV-6 (Finch): heads of `head_size` (`min(64, D)` when `None`; the official models use
+    /// 64) with a matrix state, and token-shift and decay LoRAs of rank `lora_rank` (official:
+    /// 32 and 64).
+    V6 {
+        head_size: Option<usize>,
+        lora_rank: usize,
+    },
+}
+
+/// `[model.mixer]` with `kind = "rwkv"`: `version = 4 | 6`, `ffn_expand`, the WKV's form `wkv`,
+/// and for version 6 `head_size` and `lora_rank`. Its width is the model's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RwkvTable", into = "RwkvTable")]
+pub struct RwkvSpec {
+    pub version: Version,
+    /// Channel-mix hidden width as a multiple of `D` (RWKV uses 4; v6 uses 3.5 rounded).
+    pub ffn_expand: usize,
+    /// How the WKV is computed; only RWKV-4 has a fused kernel.
+    pub wkv: Form,
+}
+
+impl Default for RwkvSpec {
+    fn default() -> Self {
+        Self {
+            version: Version::V4,
+            ffn_expand: 4,
+            wkv: Form::Auto,
+        }
+    }
+}
+
+/// RWKV-6's default LoRA rank.
+const LORA_RANK: usize = 32;
+
+/// [`RwkvSpec`] as written in TOML: one flat table whose `version` says which other fields
+/// may appear.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RwkvTable {
+    #[serde(default = "four")]
+    version: u8,
+    #[serde(default = "four_usize")]
+    ffn_expand: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    head_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lora_rank: Option<usize>,
+    #[serde(default)]
+    wkv: Form,
+}
+
+fn four() -> u8 {
+    4
+}
+
+fn four_usize() -> usize {
+    4
+}
+
+impl TryFrom<RwkvTable> for RwkvSpec {
+    type Error = String;
+
+    fn try_from(t: RwkvTable) -> Result<Self, String> {
+        let version = match t.version {
+            4 if t.head_size.is_some() || t.lora_rank.is_some() => {
+                return Err(
+                    "head_size and lora_rank are RWKV-6 fields; version 4 has neither".into(),
+                );
+            }
+            4 => Version::V4,
+            6 => Version::V6 {
+                head_size: t.head_size,
+                lora_rank: t.lora_rank.unwrap_or(LORA_RANK),
+            },
+            v => return Err(format!("version must be 4 or 6, got {v}")),
+        };
+        Ok(Self {
+            version,
+            ffn_expand: t.ffn_expand,
+            wkv: t.wkv,
+        })
+    }
+}
+
+impl From<RwkvSpec> for RwkvTable {
+    fn from(s: RwkvSpec) -> Self {
+        let (version, head_size, lora_rank) = match s.version {
+            Version::V4 => (4, None, None),
+            Version::V6 {
+                head_size,
+                lora_rank,
+            } => (6, head_size, Some(lora_rank)),
+        };
+        Self {
+            version,
+            ffn_expand: s.ffn_expand,
+            head_size,
+            lora_rank,
+            wkv: s.wkv,
+        }
+    }
+}
+
+impl RwkvSpec {
+    pub fn config(&self, d_model: usize) -> RwkvConfig {
+        RwkvConfig {
+            d_model,
+            version: self.version,
+            ffn_expand: self.ffn_expand,
+            wkv: self.wkv,
+        }
+    }
+
+    pub fn validate(&self, d_model: usize) -> Result<(), String> {
+        self.config(d_model).validate()
+    }
 }
 
 /// Configuration of an [`Rwkv`] block.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RwkvConfig {
     pub d_model: usize,
-    /// 4 or 6.
-    pub version: u8,
-    /// Channel-mix hidden width as a multiple of `d_model` (RWKV uses 4; v6 uses 3.5 rounded).
+    pub version: Version,
+    /// Channel-mix hidden width as a multiple of `d_model`.
     pub ffn_expand: usize,
-    /// RWKV-6: head size `K` (the official models use 64).
-    pub head_size: usize,
-    /// RWKV-6: rank of the token-shift and decay LoRAs (official: 32 and 64).
-    pub lora_rank: usize,
-    /// The WKV form (both versions).
-    pub wkv: WkvForm,
+    pub wkv: Form,
 }
 
 /// Channel mix, shared by both versions.
@@ -132,7 +240,7 @@ pub struct Rwkv {
     pub ln2: LayerNorm,
     pub channel_mix: ChannelMix,
     #[module(skip)]
-    pub wkv: WkvForm,
+    pub wkv: Form,
 }
 
 /// The WKV state of one RWKV-4 layer, each `[B, D]`: numerator `a` and denominator `b`, both
@@ -166,43 +274,58 @@ const NEG_BIG: f32 = -1e38;
 
 impl RwkvConfig {
     /// RWKV-4 or RWKV-6 at width `d_model` with the usual sizes: channel mix ×4, head size 64
-    /// (or `d_model` if smaller), LoRA rank 32, sequential WKV.
-    pub fn new(d_model: usize, version: u8) -> Self {
-        Self {
-            d_model,
+    /// (or `d_model` if smaller), LoRA rank 32, the WKV's form chosen by the backend.
+    pub fn new(d_model: usize, version: Version) -> Self {
+        RwkvSpec {
             version,
-            ffn_expand: 4,
-            head_size: 64.min(d_model),
-            lora_rank: 32,
-            wkv: WkvForm::Sequential,
+            ..RwkvSpec::default()
+        }
+        .config(d_model)
+    }
+
+    /// RWKV-6 at width `d_model` with the usual sizes.
+    pub fn v6(d_model: usize) -> Self {
+        Self::new(
+            d_model,
+            Version::V6 {
+                head_size: None,
+                lora_rank: LORA_RANK,
+            },
+        )
+    }
+
+    /// RWKV-6's head size at this width.
+    fn head_size(&self) -> Option<usize> {
+        match self.version {
+            Version::V4 => None,
+            Version::V6 { head_size, .. } => Some(head_size.unwrap_or(64.min(self.d_model))),
         }
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        if self.version != 4 && self.version != 6 {
-            return Err(format!(
-                "model.mixer.version must be 4 or 6, got {}",
-                self.version
-            ));
-        }
         if self.ffn_expand == 0 {
             return Err("model.mixer.ffn_expand must be at least 1".into());
         }
-        if self.version == 6
-            && (self.head_size == 0 || !self.d_model.is_multiple_of(self.head_size))
-        {
-            return Err(format!(
-                "model.mixer.head_size must divide d_model = {} (got {})",
-                self.d_model, self.head_size
-            ));
+        if let Version::V6 { lora_rank, .. } = self.version {
+            let head_size = self.head_size().unwrap_or(0);
+            if head_size == 0 || !self.d_model.is_multiple_of(head_size) {
+                return Err(format!(
+                    "model.mixer.head_size must divide d_model = {} (got {head_size})",
+                    self.d_model
+                ));
+            }
+            if lora_rank == 0 {
+                return Err("model.mixer.lora_rank must be at least 1".into());
+            }
+            if self.wkv == Form::Fused {
+                return Err("model.mixer.wkv = fused: only RWKV-4 has a fused WKV; \
+                     use auto, sequential or chunked"
+                    .into());
+            }
         }
-        if self.version == 6 && self.lora_rank == 0 {
-            return Err("model.mixer.lora_rank must be at least 1".into());
-        }
-        if let WkvForm::Chunked { chunk_len: 0 } = self.wkv {
-            return Err("model.mixer.wkv.chunk_len must be at least 1".into());
-        }
-        Ok(())
+        self.wkv
+            .validate()
+            .map_err(|e| format!("model.mixer.wkv.{e}"))
     }
 
     /// Layer-0 initialisation in the spirit of the official models: decay ramps from slow to
@@ -224,7 +347,7 @@ impl RwkvConfig {
             value: init.linear(hidden, d, false),
             receptance: init.linear(d, d, false),
         };
-        let time_mix = if self.version == 4 {
+        let time_mix = if self.version == Version::V4 {
             TimeMix::V4(TimeMix4 {
                 time_decay: vector(init, &|r| -5.0 + 8.0 * r),
                 time_first: vector(init, &|_| 0.3f32.ln()),
@@ -237,8 +360,13 @@ impl RwkvConfig {
                 output: init.linear(d, d, false),
             })
         } else {
-            let rank = self.lora_rank;
-            let k = self.head_size;
+            let Version::V6 {
+                lora_rank: rank, ..
+            } = self.version
+            else {
+                unreachable!("the other branch is RWKV-4")
+            };
+            let k = self.head_size().expect("RWKV-6 has heads");
             TimeMix::V6(TimeMix6 {
                 maa_x: vector(init, &|r| 1.0 - r),
                 maa: init.param(
@@ -317,7 +445,7 @@ impl TimeMix4 {
         x: Tensor<3>,
         shift: Tensor<2>,
         state: Wkv4State,
-        form: Option<WkvForm>,
+        form: Option<Scan>,
     ) -> (Tensor<3>, Tensor<2>, Wkv4State) {
         let next = last(&x);
         let shifted = token_shift(x.clone(), shift);
@@ -331,8 +459,8 @@ impl TimeMix4 {
         let w = self.time_decay.val().exp();
         let u = self.time_first.val();
         let (wkv, state) = match form {
-            Some(WkvForm::Sequential) => wkv4_sequential(w, u, k, v, state),
-            Some(WkvForm::Chunked { chunk_len }) => wkv4_chunked(w, u, k, v, state, chunk_len),
+            Some(Scan::Sequential) => wkv4_sequential(w, u, k, v, state),
+            Some(Scan::Chunked { chunk_len }) => wkv4_chunked(w, u, k, v, state, chunk_len),
             None => {
                 let [batch, t, d] = k.dims();
                 let Wkv4State { a, b, p } = state;
@@ -422,10 +550,8 @@ pub fn wkv4_chunked(
             })
             .collect();
         let lag = Tensor::<4>::from_data(TensorData::new(lag, [1, len, len, 1]), &device);
-        let causal: Vec<f32> = (0..len * len)
-            .map(|n| if n % len < n / len { 0.0 } else { NEG_BIG })
-            .collect();
-        let causal = Tensor::<4>::from_data(TensorData::new(causal, [1, len, len, 1]), &device);
+        let causal =
+            mask::causal(len, len, 0, Visible::Before, NEG_BIG, &device).reshape([1, len, len, 1]);
         let scores = kc.clone().unsqueeze_dim::<4>(1) - lag * w4.clone() + causal; // [B, t, i, D], i < t
         let diagonal = u3.clone() + kc.clone(); // [B, t, D]
         // Carried state at output t: exponent p − (t − start)·w.
@@ -482,7 +608,7 @@ impl TimeMix6 {
         x: Tensor<3>,
         shift: Tensor<2>,
         state: Tensor<4>,
-        form: WkvForm,
+        form: Scan,
     ) -> (Tensor<3>, Tensor<2>, Tensor<4>) {
         let d = x.dims()[2];
         let next = last(&x);
@@ -561,11 +687,11 @@ pub fn wkv6(
     log_w: Tensor<4>,
     u: Tensor<4>,
     state: Tensor<4>,
-    form: WkvForm,
+    form: Scan,
 ) -> (Tensor<4>, Tensor<4>) {
     match form {
-        WkvForm::Sequential => wkv6_sequential(r, k, v, log_w, u, state),
-        WkvForm::Chunked { chunk_len } => wkv6_chunked(r, k, v, log_w, u, state, chunk_len),
+        Scan::Sequential => wkv6_sequential(r, k, v, log_w, u, state),
+        Scan::Chunked { chunk_len } => wkv6_chunked(r, k, v, log_w, u, state, chunk_len),
     }
 }
 
@@ -612,10 +738,8 @@ fn wkv6_chunked(
         let cum = lw.clone().cumsum(2); // L_t (inclusive)
         let before = cum.clone() - lw; // L_{t−1} (exclusive)
         // A[t, i] = Σ_K r_t k_i exp(L_{t−1} − L_i) for i < t: [B, H, t, i, K].
-        let strict: Vec<f32> = (0..len * len)
-            .map(|n| if n % len < n / len { 0.0 } else { NEG_BIG })
-            .collect();
-        let strict = Tensor::<5>::from_data(TensorData::new(strict, [1, 1, len, len, 1]), &device);
+        let strict = mask::causal(len, len, 0, Visible::Before, NEG_BIG, &device)
+            .reshape([1, 1, len, len, 1]);
         let decay = (before.clone().unsqueeze_dim::<5>(3) - cum.clone().unsqueeze_dim::<5>(2)
             + strict)
             .exp();
@@ -672,10 +796,11 @@ impl Rwkv {
     /// `x [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step.
     ///
     /// RWKV-4 on a backend with the fused kernel computes the WKV as one op
-    /// ([`fused::wkv4`]); otherwise the WKV runs in the form [`Rwkv::wkv`] names.
+    /// ([`fused::wkv4`]) unless [`Rwkv::wkv`] names a tensor form; elsewhere the WKV runs in
+    /// that form (the sequential one for `auto`).
     pub fn forward(&self, x: Tensor<3>, state: Option<RwkvState>) -> (Tensor<3>, RwkvState) {
-        let fused = matches!(self.time_mix, TimeMix::V4(_)) && fused::has_kernel(&x.device());
-        self.run(x, state, if fused { None } else { Some(self.wkv) })
+        let kernel = matches!(self.time_mix, TimeMix::V4(_)) && fused::has_kernel(&x.device());
+        self.run(x, state, self.wkv.resolve(kernel))
     }
 
     /// As [`Rwkv::forward`], with the WKV built from tensor ops in the given form (the
@@ -684,7 +809,7 @@ impl Rwkv {
         &self,
         x: Tensor<3>,
         state: Option<RwkvState>,
-        form: WkvForm,
+        form: Scan,
     ) -> (Tensor<3>, RwkvState) {
         self.run(x, state, Some(form))
     }
@@ -694,7 +819,7 @@ impl Rwkv {
         &self,
         x: Tensor<3>,
         state: Option<RwkvState>,
-        form: Option<WkvForm>,
+        form: Option<Scan>,
     ) -> (Tensor<3>, RwkvState) {
         let [batch, _, _] = x.dims();
         let state = state.unwrap_or_else(|| self.zero_state(batch, &x.device()));
@@ -705,7 +830,7 @@ impl Rwkv {
                 (y, shift, WkvState::V4(s))
             }
             (TimeMix::V6(tm), WkvState::V6(s)) => {
-                let form = form.unwrap_or(self.wkv);
+                let form = form.expect("RWKV-6 has no fused WKV (refused by validate)");
                 let (y, shift, s) = tm.forward(normed, state.shift_time, s, form);
                 (y, shift, WkvState::V6(s))
             }
@@ -727,7 +852,7 @@ impl Rwkv {
 
     /// One token: `x_t [B, D]` → `[B, D]` and the next state.
     pub fn step(&self, x_t: Tensor<2>, state: Option<RwkvState>) -> (Tensor<2>, RwkvState) {
-        let (y, state) = self.forward_with(x_t.unsqueeze_dim(1), state, WkvForm::Sequential);
+        let (y, state) = self.forward_with(x_t.unsqueeze_dim(1), state, Scan::Sequential);
         (y.squeeze_dim(1), state)
     }
 }
@@ -797,12 +922,12 @@ mod tests {
         let v = Tensor::<3>::from_floats([[[1.0], [5.0], [9.0]]], &device());
         let w = Tensor::<1>::from_floats([0.5], &device());
         let u = Tensor::<1>::from_floats([0.0], &device());
-        for form in [WkvForm::Sequential, WkvForm::Chunked { chunk_len: 2 }] {
+        for form in [Scan::Sequential, Scan::Chunked { chunk_len: 2 }] {
             let (y, _) = match form {
-                WkvForm::Sequential => {
+                Scan::Sequential => {
                     wkv4_sequential(w.clone(), u.clone(), k.clone(), v.clone(), zero4(1, 1))
                 }
-                WkvForm::Chunked { chunk_len } => wkv4_chunked(
+                Scan::Chunked { chunk_len } => wkv4_chunked(
                     w.clone(),
                     u.clone(),
                     k.clone(),
@@ -818,9 +943,14 @@ mod tests {
     }
 
     fn block(version: u8) -> Rwkv {
+        let version = match version {
+            4 => Version::V4,
+            _ => Version::V6 {
+                head_size: Some(4),
+                lora_rank: 3,
+            },
+        };
         let mut config = RwkvConfig::new(8, version);
-        config.head_size = 4;
-        config.lora_rank = 3;
         config.ffn_expand = 2;
         let mut block = config.init(&mut Init::new(21, &device()));
         if let TimeMix::V6(tm) = &mut block.time_mix {
@@ -842,7 +972,7 @@ mod tests {
             let x = random([2, 11, 8], 1.0);
             let next = random([2, 3, 8], 1.0);
             let r = random([2, 11, 8], 1.0);
-            let (_, start) = m.forward_with(random([2, 5, 8], 1.0), None, WkvForm::Sequential);
+            let (_, start) = m.forward_with(random([2, 5, 8], 1.0), None, Scan::Sequential);
             let start = RwkvState {
                 shift_time: start.shift_time.detach(),
                 wkv: match start.wkv {
@@ -858,7 +988,7 @@ mod tests {
             let run = |form| {
                 let x = x.clone().detach().require_grad();
                 let (y, state) = m.forward_with(x.clone(), Some(start.clone()), form);
-                let (y_next, _) = m.forward_with(next.clone(), Some(state), WkvForm::Sequential);
+                let (y_next, _) = m.forward_with(next.clone(), Some(state), Scan::Sequential);
                 let grads = ((y.clone() * r.clone()).sum() + y_next.clone().sum()).backward();
                 let decay_grad = match &m.time_mix {
                     TimeMix::V4(tm) => tm.time_decay.grad(&grads).unwrap(),
@@ -866,9 +996,9 @@ mod tests {
                 };
                 (y, y_next, x.grad(&grads).unwrap(), decay_grad)
             };
-            let reference = run(WkvForm::Sequential);
+            let reference = run(Scan::Sequential);
             for chunk_len in [1, 4, 5, 16] {
-                let fast = run(WkvForm::Chunked { chunk_len });
+                let fast = run(Scan::Chunked { chunk_len });
                 let what = format!("RWKV-{version}, chunk_len {chunk_len}");
                 assert!(max_diff(fast.0, reference.0.clone()) < 1e-4, "y, {what}");
                 assert!(

@@ -42,7 +42,7 @@ fn tokens(shape: [usize; 2], vocab: usize, seed: u64) -> Tensor<2, Int> {
 
 fn model_config(mixer: MixerConfig, d_model: usize) -> ModelConfig {
     let layout = match mixer {
-        MixerConfig::Rwkv { .. } => Layout::Stacked,
+        MixerConfig::Rwkv(_) => Layout::Stacked,
         _ => Layout::Residual,
     };
     ModelConfig {

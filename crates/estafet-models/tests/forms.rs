@@ -18,7 +18,7 @@ use estafet_models::lstm::{Lstm, LstmConfig, LstmState};
 use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
 use estafet_models::mingru::{MinGru, MinGruConfig};
 use estafet_models::rnn::{Nonlinearity, Rnn, RnnConfig};
-use estafet_models::rwkv::{Rwkv, RwkvConfig, RwkvState, Wkv4State, WkvForm, WkvState};
+use estafet_models::rwkv::{Rwkv, RwkvConfig, RwkvState, Version, Wkv4State, WkvState};
 use estafet_models::scan::Scan;
 
 const LENGTHS: [usize; 4] = [1, 7, 64, 300];
@@ -193,7 +193,7 @@ fn mingru_forms_agree() {
 
 #[test]
 fn mamba_forms_agree() {
-    let mut config = MambaConfig::new(6, Scan::Sequential);
+    let mut config = MambaConfig::new(6);
     config.d_state = 4;
     let block: Mamba = config.init(&mut Init::new(2, &device()));
     let conv0 = normal([2, 3, 12], 1.0);
@@ -239,9 +239,14 @@ fn rwkv_state_parts(s: &RwkvState) -> Vec<Tensor<1>> {
 }
 
 fn check_rwkv(version: u8, fused: bool) {
-    let mut config = RwkvConfig::new(8, version);
-    config.head_size = 4;
-    config.lora_rank = 3;
+    let typed = match version {
+        4 => Version::V4,
+        _ => Version::V6 {
+            head_size: Some(4),
+            lora_rank: 3,
+        },
+    };
+    let mut config = RwkvConfig::new(8, typed);
     config.ffn_expand = 2;
     let block: Rwkv = config.init(&mut Init::new(3, &device()));
     let shift_time0 = normal([2, 8], 1.0);
@@ -294,9 +299,8 @@ fn check_rwkv(version: u8, fused: bool) {
                     // The fused kernel has no chunks: every "chunk" runs it.
                     Some(_) if fused => m.forward(x, Some(s)),
                     _ => {
-                        let form = chunk.map_or(WkvForm::Sequential, |chunk_len| {
-                            WkvForm::Chunked { chunk_len }
-                        });
+                        let form =
+                            chunk.map_or(Scan::Sequential, |chunk_len| Scan::Chunked { chunk_len });
                         m.forward_with(x, Some(s), form)
                     }
                 };
@@ -431,7 +435,7 @@ fn lstm_fused_agrees_with_sequential() {
 
 #[test]
 fn mamba_fused_agrees_with_sequential() {
-    let mut config = MambaConfig::new(6, Scan::Sequential);
+    let mut config = MambaConfig::new(6);
     config.d_state = 4;
     let block: Mamba = config.init(&mut Init::new(3, &device()));
     let conv0 = normal([2, 3, 12], 1.0);

@@ -24,8 +24,8 @@ use estafet_models::lstm::{LstmConfig, LstmState};
 use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
 use estafet_models::mixer::{Mixer, MixerState};
 use estafet_models::rnn::{Nonlinearity, RnnConfig};
-use estafet_models::rwkv::{RwkvConfig, TimeMix, Wkv4State, WkvForm};
-use estafet_models::scan::Scan;
+use estafet_models::rwkv::{RwkvConfig, TimeMix, Version, Wkv4State};
+use estafet_models::scan::{Form, Scan};
 use estafet_models::torch::{HostTensor, load_torch_layer};
 
 fn device() -> Device {
@@ -259,8 +259,8 @@ fn mamba_matches_selective_scan_ref() {
         Some(Scan::Chunked { chunk_len: 3 }),
         None,
     ] {
-        let scan = form.unwrap_or(Scan::Sequential);
-        let mut config = MambaConfig::new(d, scan);
+        let scan = form.map_or(Form::Fused, Form::Tensor);
+        let mut config = MambaConfig::new(d);
         config.d_state = n;
         config.d_conv = k;
         config.expand = di / d;
@@ -338,11 +338,11 @@ fn rwkv4_time_mix_matches_the_official_recurrence() {
     let [b, _, d] = [f.shape("x")[0], f.shape("x")[1], f.shape("x")[2]];
     // `None`: the fused kernel (`fused::wkv4`).
     for form in [
-        Some(WkvForm::Sequential),
-        Some(WkvForm::Chunked { chunk_len: 3 }),
+        Some(Scan::Sequential),
+        Some(Scan::Chunked { chunk_len: 3 }),
         None,
     ] {
-        let block = RwkvConfig::new(d, 4).init(&mut Init::new(0, &device()));
+        let block = RwkvConfig::new(d, Version::V4).init(&mut Init::new(0, &device()));
         let TimeMix::V4(mut tm) = block.time_mix else {
             unreachable!()
         };

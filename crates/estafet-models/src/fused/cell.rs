@@ -1,0 +1,559 @@
+//! The classic cells' layer (Elman tanh/relu, LSTM, GRU) as one kernel, input projection
+//! included, with backpropagation through time:
+//!
+//! ```text
+//! xp = x W_i + b_i                    one GEMM over all B·T rows
+//! hp_t = h_{t−1} W_h + b_h            one GEMM per step
+//! Elman  h_t = tanh | relu(xp_t + hp_t)
+//! LSTM   (i, f, g, o) = (σ, σ, tanh, σ)(xp_t + hp_t);  c_t = f c_{t−1} + i g;  h_t = o tanh(c_t)
+//! GRU    (r, z) = σ(xp_t + hp_t);  n = tanh(xp_n + r ⊙ hp_n);  h_t = n + z (h_{t−1} − n)
+//! ```
+//!
+//! The backward is one reverse loop of the elementwise derivatives and `dh_{t−1} = dhp W_hᵀ`,
+//! then `dW_h`, `dW_i` and `dx` as single GEMMs over all `B·T` rows. The definitions it is tested
+//! against are the cells' `forward_sequential` (here, and in `tests/forms.rs`).
+
+use burn::backend::Backend;
+use burn::backend::TensorMetadata;
+use burn::backend::tensor::FloatTensor;
+
+use super::host::{HostKernel, block_rows, blocks, dims3, matmul, read};
+use super::math::{sigmoid, tanh};
+
+/// Which cell the kernel runs; the gate order is PyTorch's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cell {
+    /// Elman, `h_t = tanh(xp_t + hp_t)`.
+    Tanh,
+    /// Elman, `h_t = relu(xp_t + hp_t)`.
+    Relu,
+    /// Gates `(i, f, g, o)`.
+    Lstm,
+    /// Gates `(r, z, n)`; `n = tanh(xp_n + r ⊙ hp_n)` keeps `b_hn` inside the reset.
+    Gru,
+}
+
+impl Cell {
+    /// Pre-activations per hidden unit: `xp` is `[B, T, G·H]`, `W_h` `[H, G·H]`.
+    pub fn gates(self) -> usize {
+        match self {
+            Cell::Tanh | Cell::Relu => 1,
+            Cell::Lstm => 4,
+            Cell::Gru => 3,
+        }
+    }
+
+    /// Tensors per step in the op's output: `h_t`, and `c_t` for the LSTM.
+    pub fn outputs(self) -> usize {
+        match self {
+            Cell::Lstm => 2,
+            _ => 1,
+        }
+    }
+
+    /// Activations per hidden unit the backward needs beyond the output: LSTM `(i, f, g, o)`,
+    /// GRU `(r, z, n, hp_n)`.
+    fn saved(self) -> usize {
+        match self {
+            Cell::Tanh | Cell::Relu => 0,
+            Cell::Lstm | Cell::Gru => 4,
+        }
+    }
+}
+
+/// A cell layer's inputs on the host, row-major, and after a forward that keeps them, its output
+/// and activations.
+#[derive(Debug)]
+pub(super) struct CellScan {
+    cell: Cell,
+    batch: usize,
+    len: usize,
+    d_input: usize,
+    hidden: usize,
+    x: Vec<f32>,
+    w_i: Vec<f32>,
+    w_h: Vec<f32>,
+    /// `b_i + b_h`, what the input share of the pre-activation carries (for the GRU's candidate,
+    /// `b_in` alone: `b_hn` sits behind the reset gate).
+    b_x: Vec<f32>,
+    /// `b_h` for the GRU's candidate, zero elsewhere: what the hidden share carries.
+    b_h: Vec<f32>,
+    h0: Vec<f32>,
+    c0: Vec<f32>,
+    /// `[B, T, S·H]`, kept for the backward.
+    out: Vec<f32>,
+    /// `[B, T, 4H]` (LSTM `(i, f, g, o)`, GRU `(r, z, n, hp_n)`), kept for the backward.
+    acts: Vec<f32>,
+}
+
+impl HostKernel<7> for CellScan {
+    type Args = Cell;
+
+    fn read<B: Backend>([x, w_i, b_i, w_h, b_h, h0, c0]: [&FloatTensor<B>; 7], cell: Cell) -> Self {
+        let [batch, len, d_input] = dims3::<B>(x);
+        let hidden = h0.shape().as_slice()[1];
+        let gh = cell.gates() * hidden;
+        assert!(len >= 1, "cell_scan needs T ≥ 1");
+        let (b_i, b_h_all) = (read::<B>(b_i.clone()), read::<B>(b_h.clone()));
+        let split = if cell == Cell::Gru { 2 * hidden } else { gh };
+        let mut b_x = b_i;
+        let mut b_h = vec![0.0f32; gh];
+        for j in 0..gh {
+            if j < split {
+                b_x[j] += b_h_all[j];
+            } else {
+                b_h[j] = b_h_all[j];
+            }
+        }
+        Self {
+            cell,
+            batch,
+            len,
+            d_input,
+            hidden,
+            x: read::<B>(x.clone()),
+            w_i: read::<B>(w_i.clone()),
+            w_h: read::<B>(w_h.clone()),
+            b_x,
+            b_h,
+            h0: read::<B>(h0.clone()),
+            c0: read::<B>(c0.clone()),
+            out: Vec::new(),
+            acts: Vec::new(),
+        }
+    }
+
+    fn out_shape(&self) -> Vec<usize> {
+        vec![self.batch, self.len, self.cell.outputs() * self.hidden]
+    }
+
+    fn input_shapes(&self) -> [Vec<usize>; 7] {
+        let (b, t, d, h) = (self.batch, self.len, self.d_input, self.hidden);
+        let gh = self.cell.gates() * h;
+        [
+            vec![b, t, d],
+            vec![d, gh],
+            vec![gh],
+            vec![h, gh],
+            vec![gh],
+            vec![b, h],
+            vec![b, h],
+        ]
+    }
+
+    fn forward(&mut self, keep: bool) -> Vec<f32> {
+        let (out, acts) = scan_forward(self, keep);
+        if keep {
+            (self.out, self.acts) = (out.clone(), acts);
+        }
+        out
+    }
+
+    fn backward(&self, d_out: &[f32]) -> [Vec<f32>; 7] {
+        scan_backward(self, d_out)
+    }
+}
+
+/// The forward loop: returns `out [B, T, S·H]` and, when `save`, the activations
+/// `[B, T, 4H]` the backward needs.
+fn scan_forward(i: &CellScan, save: bool) -> (Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
+    let (bsz, t_len, h) = (i.batch, i.len, i.hidden);
+    let sw = i.cell.outputs() * h;
+    let aw = i.cell.saved() * h;
+    let mut out = vec![0.0f32; bsz * t_len * sw];
+    let mut acts = vec![0.0f32; if save { bsz * t_len * aw } else { 0 }];
+    let rows = block_rows(bsz);
+    let out_blocks = blocks(&mut out, bsz, rows, t_len * sw);
+    let act_blocks = blocks(&mut acts, bsz, rows, t_len * aw);
+    out_blocks
+        .into_par_iter()
+        .zip(act_blocks)
+        .enumerate()
+        .for_each(|(k, (out, acts))| forward_block(i, k * rows, out, acts));
+    (out, acts)
+}
+
+/// [`scan_forward`] for the sequences `first..` that `out` holds; `acts` empty when not saving.
+fn forward_block(i: &CellScan, first: usize, out: &mut [f32], acts: &mut [f32]) {
+    let (cell, t_len, h) = (i.cell, i.len, i.hidden);
+    let gh = cell.gates() * h;
+    let sw = cell.outputs() * h;
+    let aw = cell.saved() * h;
+    let (bsz, d) = (out.len() / (t_len * sw), i.d_input);
+    let save = !acts.is_empty();
+    // xp = x W_i + b_i (+ b_h) for every step of the block: one GEMM.
+    let mut xp = vec![0.0f32; bsz * t_len * gh];
+    for row in xp.chunks_exact_mut(gh) {
+        row.copy_from_slice(&i.b_x);
+    }
+    // SAFETY: `x` rows of the block [B·T, D]; `w_i` [D, G·H]; `xp` [B·T, G·H].
+    unsafe {
+        matmul(
+            [bsz * t_len, gh, d],
+            xp.as_mut_ptr(),
+            gh,
+            true,
+            (i.x.as_ptr().add(first * t_len * d), d, 1),
+            (i.w_i.as_ptr(), gh, 1),
+            gemm::Parallelism::None,
+        )
+    };
+    let h0 = &i.h0[first * h..][..bsz * h];
+    let c0 = &i.c0[first * h..][..bsz * h];
+    let mut hp = vec![0.0f32; bsz * gh];
+    // Where the activations go when the backward will not need them.
+    let mut scratch = vec![0.0f32; aw];
+    for t in 0..t_len {
+        // hp = h_{t-1} W_h
+        let (h_prev, h_prev_rs) = if t == 0 {
+            (h0.as_ptr(), h)
+        } else {
+            // SAFETY: row (b, t − 1) of `out` starts at ((b·T + t − 1)·S·H).
+            (unsafe { out.as_ptr().add((t - 1) * sw) }, t_len * sw)
+        };
+        // SAFETY: `hp` is [B, G·H]; `h_prev` B rows of H at stride `h_prev_rs`; `w` [H, G·H].
+        unsafe {
+            matmul(
+                [bsz, gh, h],
+                hp.as_mut_ptr(),
+                gh,
+                false,
+                (h_prev, h_prev_rs, 1),
+                (i.w_h.as_ptr(), gh, 1),
+                gemm::Parallelism::None,
+            )
+        };
+        for b in 0..bsz {
+            let row = b * t_len + t;
+            let x = &xp[row * gh..][..gh];
+            let hpb = &mut hp[b * gh..][..gh];
+            // hp_b ← xp + hp (+ b_hn) for every gate (the GRU's candidate keeps hp_n apart).
+            let split = if cell == Cell::Gru { 2 * h } else { gh };
+            let (joint, apart) = hpb.split_at_mut(split);
+            joint.iter_mut().zip(&x[..split]).for_each(|(p, x)| *p += x);
+            apart
+                .iter_mut()
+                .zip(&i.b_h[split..])
+                .for_each(|(p, b)| *p += b);
+            let pre = &hp[b * gh..][..gh];
+            let (before, now) = out.split_at_mut(row * sw);
+            let now = &mut now[..sw];
+            match cell {
+                Cell::Tanh => {
+                    for j in 0..h {
+                        now[j] = tanh(pre[j]);
+                    }
+                }
+                Cell::Relu => {
+                    for j in 0..h {
+                        now[j] = pre[j].max(0.0);
+                    }
+                }
+                Cell::Lstm => {
+                    let c_prev = if t == 0 {
+                        &c0[b * h..][..h]
+                    } else {
+                        &before[(row - 1) * sw + h..][..h]
+                    };
+                    let (h_now, c_now) = now.split_at_mut(h);
+                    let a = if save {
+                        &mut acts[row * aw..][..aw]
+                    } else {
+                        &mut scratch[..]
+                    };
+                    let (ai, rest) = a.split_at_mut(h);
+                    let (af, rest) = rest.split_at_mut(h);
+                    let (ag, ao) = rest.split_at_mut(h);
+                    let (pi, pf, pg, po) = (
+                        &pre[..h],
+                        &pre[h..][..h],
+                        &pre[2 * h..][..h],
+                        &pre[3 * h..][..h],
+                    );
+                    let (c_now, h_now, c_prev) = (&mut c_now[..h], &mut h_now[..h], &c_prev[..h]);
+                    for j in 0..h {
+                        let (ig, fg, gg, og) =
+                            (sigmoid(pi[j]), sigmoid(pf[j]), tanh(pg[j]), sigmoid(po[j]));
+                        let c = fg * c_prev[j] + ig * gg;
+                        c_now[j] = c;
+                        h_now[j] = og * tanh(c);
+                        (ai[j], af[j], ag[j], ao[j]) = (ig, fg, gg, og);
+                    }
+                }
+                Cell::Gru => {
+                    let h_prev = if t == 0 {
+                        &h0[b * h..][..h]
+                    } else {
+                        &before[(row - 1) * sw..][..h]
+                    };
+                    let a = if save {
+                        &mut acts[row * aw..][..aw]
+                    } else {
+                        &mut scratch[..]
+                    };
+                    let (ar, rest) = a.split_at_mut(h);
+                    let (az, rest) = rest.split_at_mut(h);
+                    let (an, ahn) = rest.split_at_mut(h);
+                    let (pr, pz, phn) = (&pre[..h], &pre[h..][..h], &pre[2 * h..][..h]);
+                    let (xn, now) = (&x[2 * h..][..h], &mut now[..h]);
+                    for j in 0..h {
+                        let r = sigmoid(pr[j]);
+                        let z = sigmoid(pz[j]);
+                        let n = tanh(xn[j] + r * phn[j]);
+                        now[j] = n + z * (h_prev[j] - n);
+                        (ar[j], az[j], an[j], ahn[j]) = (r, z, n, phn[j]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Backpropagation through time given `d_out`, the gradient of `out`: the gradients of
+/// `(x, W_i, b_i, W_h, b_h, h_0, c_0)`.
+fn scan_backward(i: &CellScan, d_out: &[f32]) -> [Vec<f32>; 7] {
+    use rayon::prelude::*;
+    let (cell, bsz, t_len, h) = (i.cell, i.batch, i.len, i.hidden);
+    let gh = cell.gates() * h;
+    // d pre-activations of the input share, and of the hidden share `hp` (equal but for the
+    // GRU's candidate, where `hp_n` sits behind the reset gate).
+    let mut d_xp = vec![0.0f32; bsz * t_len * gh];
+    let mut d_hp_gru = vec![
+        0.0f32;
+        if cell == Cell::Gru {
+            bsz * t_len * gh
+        } else {
+            0
+        }
+    ];
+    // h_{t-1} of every step, the left factor of dW_h.
+    let mut h_prev = vec![0.0f32; bsz * t_len * h];
+    let mut d_h0 = vec![0.0f32; bsz * h];
+    let mut d_c0 = vec![0.0f32; bsz * h];
+    let rows = block_rows(bsz);
+    let parts = blocks(&mut d_xp, bsz, rows, t_len * gh)
+        .into_iter()
+        .zip(blocks(&mut d_hp_gru, bsz, rows, t_len * gh))
+        .zip(blocks(&mut h_prev, bsz, rows, t_len * h))
+        .zip(blocks(&mut d_h0, bsz, rows, h))
+        .zip(blocks(&mut d_c0, bsz, rows, h))
+        .map(|((((a, b), c), d), e)| [a, b, c, d, e])
+        .collect::<Vec<_>>();
+    parts
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(k, part)| backward_block(i, k * rows, d_out, part));
+    let d_hp = if cell == Cell::Gru { &d_hp_gru } else { &d_xp };
+    let (rows_all, d) = (bsz * t_len, i.d_input);
+    // dW_h = Σ_{b,t} h_{t-1}ᵀ dhp_t, dW_i = Σ_{b,t} x_tᵀ dxp_t, dx = dxp W_iᵀ: one GEMM each
+    // over all B·T rows.
+    let mut d_w_h = vec![0.0f32; h * gh];
+    let mut d_w_i = vec![0.0f32; d * gh];
+    let mut d_x = vec![0.0f32; rows_all * d];
+    // SAFETY: `h_prev` [B·T, H] and `x` [B·T, D] read transposed; `d_hp`, `d_xp` [B·T, G·H];
+    // `w_i` [D, G·H] read transposed; every destination sized by its shape.
+    unsafe {
+        matmul(
+            [h, gh, rows_all],
+            d_w_h.as_mut_ptr(),
+            gh,
+            false,
+            (h_prev.as_ptr(), 1, h),
+            (d_hp.as_ptr(), gh, 1),
+            gemm::Parallelism::Rayon(0),
+        );
+        matmul(
+            [d, gh, rows_all],
+            d_w_i.as_mut_ptr(),
+            gh,
+            false,
+            (i.x.as_ptr(), 1, d),
+            (d_xp.as_ptr(), gh, 1),
+            gemm::Parallelism::Rayon(0),
+        );
+        matmul(
+            [rows_all, d, gh],
+            d_x.as_mut_ptr(),
+            d,
+            false,
+            (d_xp.as_ptr(), gh, 1),
+            (i.w_i.as_ptr(), 1, gh),
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+    let column_sums = |m: &[f32]| {
+        let mut sums = vec![0.0f32; gh];
+        for row in m.chunks_exact(gh) {
+            sums.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+        }
+        sums
+    };
+    let (d_b_i, d_b_h) = (column_sums(&d_xp), column_sums(d_hp));
+    [d_x, d_w_i, d_b_i, d_w_h, d_b_h, d_h0, d_c0]
+}
+
+/// [`scan_backward`] for the block of sequences starting at `first`; `part` holds its slices of
+/// `d_xp`, `d_hp` (GRU only, else empty), `h_prev`, `d_h0` and `d_c0`.
+fn backward_block(
+    i: &CellScan,
+    first: usize,
+    d_out: &[f32],
+    [d_xp, d_hp_gru, h_prev, dh_next, dc_next]: [&mut [f32]; 5],
+) {
+    let (cell, t_len, h) = (i.cell, i.len, i.hidden);
+    let gh = cell.gates() * h;
+    let sw = cell.outputs() * h;
+    let aw = cell.saved() * h;
+    let bsz = dh_next.len() / h;
+    let out = &i.out[first * t_len * sw..][..bsz * t_len * sw];
+    let d_out = &d_out[first * t_len * sw..][..bsz * t_len * sw];
+    let acts = &i.acts[first * t_len * aw..][..bsz * t_len * aw];
+    let h0 = &i.h0[first * h..][..bsz * h];
+    let c0 = &i.c0[first * h..][..bsz * h];
+    for b in 0..bsz {
+        for t in 0..t_len {
+            let src = if t == 0 {
+                &h0[b * h..][..h]
+            } else {
+                &out[(b * t_len + t - 1) * sw..][..h]
+            };
+            h_prev[(b * t_len + t) * h..][..h].copy_from_slice(src);
+        }
+    }
+    // dL/dh_t and dL/dc_t arriving from step t + 1 live in `dh_next`, `dc_next`.
+    for t in (0..t_len).rev() {
+        for b in 0..bsz {
+            let row = b * t_len + t;
+            let o = &out[row * sw..][..sw];
+            let dout = &d_out[row * sw..][..sw];
+            let dx = &mut d_xp[row * gh..][..gh];
+            let dh_in = &mut dh_next[b * h..][..h];
+            match cell {
+                Cell::Tanh => {
+                    for j in 0..h {
+                        let dh = dout[j] + dh_in[j];
+                        dx[j] = dh * (1.0 - o[j] * o[j]);
+                    }
+                }
+                Cell::Relu => {
+                    for j in 0..h {
+                        let dh = dout[j] + dh_in[j];
+                        dx[j] = if o[j] > 0.0 { dh } else { 0.0 };
+                    }
+                }
+                Cell::Lstm => {
+                    let a = &acts[row * aw..][..aw];
+                    let (ai, af, ag, ao) =
+                        (&a[..h], &a[h..][..h], &a[2 * h..][..h], &a[3 * h..][..h]);
+                    let c_prev = if t == 0 {
+                        &c0[b * h..][..h]
+                    } else {
+                        &out[(row - 1) * sw + h..][..h]
+                    };
+                    let (o_c, do_h, do_c) = (&o[h..][..h], &dout[..h], &dout[h..][..h]);
+                    let dc_in = &mut dc_next[b * h..][..h];
+                    let (dxi, rest) = dx.split_at_mut(h);
+                    let (dxf, rest) = rest.split_at_mut(h);
+                    let (dxg, dxo) = rest.split_at_mut(h);
+                    let (dxg, dxo, dh_in) = (&mut dxg[..h], &mut dxo[..h], &mut dh_in[..h]);
+                    for j in 0..h {
+                        let (ig, fg, gg, og) = (ai[j], af[j], ag[j], ao[j]);
+                        let tc = tanh(o_c[j]);
+                        let dh = do_h[j] + dh_in[j];
+                        let dc = do_c[j] + dc_in[j] + dh * og * (1.0 - tc * tc);
+                        dxi[j] = dc * gg * ig * (1.0 - ig);
+                        dxf[j] = dc * c_prev[j] * fg * (1.0 - fg);
+                        dxg[j] = dc * ig * (1.0 - gg * gg);
+                        dxo[j] = dh * tc * og * (1.0 - og);
+                        dc_in[j] = dc * fg;
+                    }
+                }
+                Cell::Gru => {
+                    let a = &acts[row * aw..][..aw];
+                    let dhp = &mut d_hp_gru[row * gh..][..gh];
+                    let hp = &h_prev[row * h..][..h];
+                    for j in 0..h {
+                        let (r, z, n, hn) = (a[j], a[h + j], a[2 * h + j], a[3 * h + j]);
+                        let dh = dout[j] + dh_in[j];
+                        let dn = dh * (1.0 - z) * (1.0 - n * n);
+                        let dz = dh * (hp[j] - n) * z * (1.0 - z);
+                        let dr = dn * hn * r * (1.0 - r);
+                        (dx[j], dx[h + j], dx[2 * h + j]) = (dr, dz, dn);
+                        (dhp[j], dhp[h + j], dhp[2 * h + j]) = (dr, dz, dn * r);
+                        // The direct path h_t = … + z ⊙ h_{t-1}; the GEMM below adds the rest.
+                        dh_in[j] = dh * z;
+                    }
+                }
+            }
+        }
+        // dh_{t-1} (+)= dhp_t W_hᵀ
+        let d_hp: &[f32] = if cell == Cell::Gru { d_hp_gru } else { d_xp };
+        // SAFETY: rows (b, t) of `d_hp` at stride T·G·H; `w` [H, G·H] read as its transpose.
+        unsafe {
+            matmul(
+                [bsz, h, gh],
+                dh_next.as_mut_ptr(),
+                h,
+                cell == Cell::Gru,
+                (d_hp.as_ptr().add(t * gh), t_len * gh, 1),
+                (i.w_h.as_ptr(), 1, gh),
+                gemm::Parallelism::None,
+            )
+        };
+    }
+    if cell != Cell::Lstm {
+        dc_next.fill(0.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Init;
+    use crate::gru::GruConfig;
+    use crate::lstm::LstmConfig;
+    use crate::test_support::{device, max_diff};
+    use burn::tensor::{Distribution, Tensor};
+
+    /// Batches that do not split evenly into per-thread blocks (B = 3, 5 on any pool of two or
+    /// more threads) give what the sequential form gives, gradients included.
+    #[test]
+    fn uneven_batch_blocks_agree_with_sequential() {
+        let dev = device();
+        let lstm = LstmConfig {
+            d_input: 3,
+            d_hidden: 4,
+            forget_bias: 1.0,
+        }
+        .init(&mut Init::new(1, &dev));
+        let gru = GruConfig {
+            d_input: 3,
+            d_hidden: 4,
+        }
+        .init(&mut Init::new(2, &dev));
+        for batch in [3, 5] {
+            let x = Tensor::<3>::random([batch, 6, 3], Distribution::Normal(0.0, 1.0), &dev);
+            let r = Tensor::<3>::random([batch, 6, 4], Distribution::Normal(0.0, 1.0), &dev);
+            let run = |fused: bool, lstm_cell: bool| {
+                let x = x.clone().detach().require_grad();
+                let y = match (lstm_cell, fused) {
+                    (true, true) => lstm.forward(x.clone(), None).0,
+                    (true, false) => lstm.forward_sequential(x.clone(), None).0,
+                    (false, true) => gru.forward(x.clone(), None).0,
+                    (false, false) => gru.forward_sequential(x.clone(), None).0,
+                };
+                let grads = (y.clone() * r.clone()).sum().backward();
+                (y, x.grad(&grads).unwrap())
+            };
+            for lstm_cell in [true, false] {
+                let (y, dx) = run(true, lstm_cell);
+                let (y_ref, dx_ref) = run(false, lstm_cell);
+                assert!(max_diff(y, y_ref) < 1e-5, "B {batch}, lstm {lstm_cell}: y");
+                assert!(
+                    max_diff(dx, dx_ref) < 1e-5,
+                    "B {batch}, lstm {lstm_cell}: dx"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! What every host kernel shares: the [`HostKernel`] trait, which [`run_plain`] and
+//! [`run_tracked`] turn into a backend op (under autodiff, one backward node whose state is the
+//! kernel itself), tensor I/O between a CPU backend and `Vec<f32>`, a strided GEMM, and the
+//! cutting of a batch into per-thread blocks.
+
+use std::sync::Arc;
+
+use burn::backend::Backend;
+use burn::backend::TensorMetadata;
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::tensor::{Device, FloatTensor};
+use burn::tensor::TensorData;
+
+/// A host kernel with `N` input tensors and one output, and its backward: what
+/// [`run_plain`] and [`run_tracked`] turn into a backend op.
+pub(super) trait HostKernel<const N: usize>:
+    Sized + Send + Sync + std::fmt::Debug + 'static
+{
+    /// The op's arguments that are not tensors.
+    type Args;
+    /// Reads the inputs to the host (checking their shapes).
+    fn read<B: Backend>(inputs: [&FloatTensor<B>; N], args: Self::Args) -> Self;
+    fn out_shape(&self) -> Vec<usize>;
+    fn input_shapes(&self) -> [Vec<usize>; N];
+    /// The output; with `keep`, the kernel also keeps what its backward needs beyond the inputs.
+    fn forward(&mut self, keep: bool) -> Vec<f32>;
+    /// The gradients of the inputs given the output's.
+    fn backward(&self, d_out: &[f32]) -> [Vec<f32>; N];
+}
+
+/// `K` on a CPU backend without autodiff.
+pub(super) fn run_plain<B: Backend, K: HostKernel<N>, const N: usize>(
+    inputs: [FloatTensor<B>; N],
+    args: K::Args,
+) -> FloatTensor<B> {
+    let device = inputs[0].device();
+    let mut kernel = K::read::<B>(inputs.each_ref(), args);
+    write::<B>(kernel.forward(false), kernel.out_shape(), &device)
+}
+
+/// `K` under autodiff: when any input is tracked, the kernel (its host-side inputs and what
+/// its forward kept) is the state of one backward node that runs `K::backward`.
+pub(super) fn run_tracked<B: Backend, C: CheckpointStrategy, K: HostKernel<N>, const N: usize>(
+    inputs: [FloatTensor<Autodiff<B, C>>; N],
+    args: K::Args,
+) -> FloatTensor<Autodiff<B, C>> {
+    let prep = HostBackward::<K>(std::marker::PhantomData)
+        .prepare::<C>(inputs.each_ref().map(|t| t.node()))
+        .compute_bound()
+        .stateful();
+    let device = inputs[0].primitive().device();
+    let mut kernel = K::read::<B>(inputs.each_ref().map(|t| t.primitive()), args);
+    match prep {
+        OpsKind::Tracked(prep) => {
+            let out = write::<B>(kernel.forward(true), kernel.out_shape(), &device);
+            prep.finish((Arc::new(kernel), device), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(write::<B>(
+            kernel.forward(false),
+            kernel.out_shape(),
+            &device,
+        )),
+    }
+}
+
+#[derive(Debug)]
+struct HostBackward<K>(std::marker::PhantomData<K>);
+
+impl<B: Backend, K: HostKernel<N>, const N: usize> Backward<B, N> for HostBackward<K> {
+    type State = (Arc<K>, Device<B>);
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let d_out = read::<B>(grads.consume::<B>(&ops.node));
+        let (kernel, device) = &ops.state;
+        let results = kernel
+            .backward(&d_out)
+            .into_iter()
+            .zip(kernel.input_shapes());
+        for (parent, (values, shape)) in ops.parents.into_iter().zip(results) {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, write::<B>(values, shape, device));
+            }
+        }
+    }
+}
+
+pub(super) fn dims3<B: Backend>(t: &FloatTensor<B>) -> [usize; 3] {
+    let shape = t.shape();
+    let dims: &[usize] = shape.as_slice();
+    dims.try_into().expect("a [B, T, ·] tensor")
+}
+
+/// A CPU backend's tensor as host `f32`s. Their reads complete immediately.
+pub(super) fn read<B: Backend>(t: FloatTensor<B>) -> Vec<f32> {
+    let future = B::float_into_data(t);
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(data) => data
+            .expect("reading a CPU tensor")
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("f32 data"),
+        std::task::Poll::Pending => panic!("the fused host kernels run on CPU backends only"),
+    }
+}
+
+pub(super) fn write<B: Backend>(
+    values: Vec<f32>,
+    shape: Vec<usize>,
+    device: &Device<B>,
+) -> FloatTensor<B> {
+    B::float_from_data(TensorData::new(values, shape), device)
+}
+
+/// `dst [m, n] (= dst +) lhs [m, k] · rhs [k, n]`; each operand given by its pointer and its row
+/// and column strides in elements, so transposes and rows inside `[B, T, ·]` need no copy.
+///
+/// # Safety
+/// Every pointer must cover its operand under its strides; `dst` must not overlap the others.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn matmul(
+    [m, n, k]: [usize; 3],
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: the caller's contract; gemm reads and writes only inside the strided operands.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// Sequences per block: the batch is cut into one contiguous block of sequences per rayon
+/// thread. Sequences are independent, so each block runs the whole time loop alone with
+/// single-threaded GEMMs, with no synchronisation per step.
+pub(super) fn block_rows(batch: usize) -> usize {
+    batch.div_ceil(rayon::current_num_threads().max(1)).max(1)
+}
+
+/// `data` cut into blocks of `rows` sequences of `width` floats (an empty `data` gives empty
+/// blocks, one per block of the batch).
+pub(super) fn blocks(data: &mut [f32], batch: usize, rows: usize, width: usize) -> Vec<&mut [f32]> {
+    if data.is_empty() {
+        return (0..batch.div_ceil(rows))
+            .map(|_| Default::default())
+            .collect();
+    }
+    data.chunks_mut(rows * width).collect()
+}
+
+/// One section (`offset..offset + len`) of every sequence's `per`-float block of per-sequence
+/// gradients, which the kernels' backwards write in parallel.
+pub(super) struct Sections<'a> {
+    pub(super) parts: &'a [f32],
+    pub(super) per: usize,
+    pub(super) offset: usize,
+    pub(super) len: usize,
+}
+
+impl Sections<'_> {
+    /// The section of every sequence, in batch order: a per-sequence input's gradient.
+    pub(super) fn gather(&self) -> Vec<f32> {
+        self.parts
+            .chunks_exact(self.per)
+            .flat_map(|part| part[self.offset..][..self.len].iter().copied())
+            .collect()
+    }
+
+    /// The section summed over sequences: a shared parameter's gradient.
+    pub(super) fn sum(&self) -> Vec<f32> {
+        let mut total = vec![0.0f32; self.len];
+        for part in self.parts.chunks_exact(self.per) {
+            let part = &part[self.offset..][..self.len];
+            total.iter_mut().zip(part).for_each(|(s, v)| *s += v);
+        }
+        total
+    }
+}
+
+/// Calls `f(i, row)` for each `width`-long row of `data`, rows in parallel on rayon's pool.
+pub(super) fn par_rows(data: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    use rayon::prelude::*;
+    data.par_chunks_mut(width)
+        .enumerate()
+        .for_each(|(i, row)| f(i, row));
+}

@@ -1,0 +1,277 @@
+//! Whole recurrences as **one** autodiff op each, with hand-written backwards, computed by host
+//! kernels on the CPU backends (burn's backend extension routes [`FusedOps`]):
+//!
+//! - [`cell_scan`]: an Elman, LSTM or GRU layer over the whole sequence (BPTT backward);
+//! - [`selective_scan`]: Mamba's S6 scan with its `C` contraction;
+//! - [`wkv4`]: RWKV-4's WKV in the official kernel's running-max form.
+//!
+//! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
+//! autodiff graph and the backward walks them again: at `B = 32, H = 256` op dispatch and
+//! allocation, not arithmetic, set the pace. For the cells, the input projection of every step
+//! `xp = x W_i + b_i` is one GEMM, then a loop of `hp = h_{t-1} W_h + b_h` (one GEMM per step)
+//! and the cell's elementwise update. The backward is one reverse loop of the elementwise
+//! derivatives and `dh_{t-1} = dhp W_hᵀ` (one GEMM per step), then `dW_h`, `dW_i` and `dx` as
+//! single GEMMs over all `B·T` rows. Sequences are independent, so the batch is cut into one
+//! block per thread (the scans: one sequence per task) and each runs its time loop alone.
+//!
+//! ```text
+//! cell_scan out [B, T, S·H]    S = 2 for the LSTM (h_t then c_t on the last axis), 1 otherwise
+//! ```
+//!
+//! Each model's tensor-op forms (`forward_sequential`, `forward_with`) are the definition;
+//! `tests/forms.rs` compares every op here with them in values, final states and every gradient,
+//! and each kernel's file tests it against the definition at uneven shapes. Backends without the
+//! kernels ([`has_kernel`] false: wgpu) run those forms. This file and
+//! `estafet-experiments/src/backend.rs` are the only places that name backends: the latter picks
+//! one, this one says which run the host kernels.
+//!
+//! Code map: this file holds the public ops and the backend extension that routes them;
+//! [`host`] the plumbing every kernel shares (the [`host::HostKernel`] trait, its plain and
+//! autodiff runners, tensor I/O, strided GEMM, batch blocks); [`math`] the vectorisable
+//! transcendentals; [`cell`], [`selective`] and [`wkv4`] one kernel each, with its equations.
+
+// NdArray is deprecated in burn 0.22 but still estafet's reference backend; the extension
+// macro's generated code names it, so the allowance covers the module.
+#![allow(deprecated)]
+
+mod cell;
+mod host;
+mod math;
+mod selective;
+mod wkv4;
+
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, backend_extension};
+use burn::tensor::Tensor;
+
+pub use cell::Cell;
+use cell::CellScan;
+use host::{run_plain, run_tracked};
+use selective::Selective;
+use wkv4::Wkv4;
+
+/// Whether `device`'s backend runs the host kernels (then models use the ops of this module).
+pub fn has_kernel(device: &burn::tensor::Device) -> bool {
+    use burn::backend::DispatchDevice;
+    #[allow(unreachable_patterns)]
+    match device.as_dispatch().clone().inner() {
+        #[cfg(feature = "ndarray")]
+        DispatchDevice::NdArray(_) => true,
+        #[cfg(feature = "flex")]
+        DispatchDevice::Flex(_) => true,
+        _ => false,
+    }
+}
+
+/// Runs `cell` over the sequence; see the module docs.
+///
+/// - `x`: `[B, T, D]`, `T ≥ 1`; `w_i`: `[D, G·H]`; `w_h`: `[H, G·H]`; `b_i`, `b_h`: `[G·H]`
+/// - `h0`, `c0`: `[B, H]` (`c0` is read by the LSTM only)
+/// - returns `[B, T, S·H]`
+#[allow(clippy::too_many_arguments)]
+pub fn cell_scan(
+    cell: Cell,
+    x: Tensor<3>,
+    w_i: Tensor<2>,
+    b_i: Tensor<1>,
+    w_h: Tensor<2>,
+    b_h: Tensor<1>,
+    h0: Tensor<2>,
+    c0: Tensor<2>,
+) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::cell_scan(
+        x.into_dispatch(),
+        w_i.into_dispatch(),
+        b_i.into_dispatch(),
+        w_h.into_dispatch(),
+        b_h.into_dispatch(),
+        h0.into_dispatch(),
+        c0.into_dispatch(),
+        cell,
+    ))
+}
+
+/// [`cell_scan`] with the projections of a cell's `input` (`[D, G·H]`) and `hidden`
+/// (`[H, G·H]`) linear layers, from `h0` and (LSTM) `c0`: returns the op's output
+/// `[B, T, S·H]` and its last step `[B, S·H]`, the final state.
+pub fn cell_layer(
+    cell: Cell,
+    x: Tensor<3>,
+    input: &burn::nn::Linear,
+    hidden: &burn::nn::Linear,
+    h0: Tensor<2>,
+    c0: Option<Tensor<2>>,
+) -> (Tensor<3>, Tensor<2>) {
+    let len = x.dims()[1];
+    let c0 = c0.unwrap_or_else(|| h0.zeros_like());
+    let (w_i, w_h) = (input.weight.val(), hidden.weight.val());
+    let out = cell_scan(cell, x, w_i, bias(input), w_h, bias(hidden), h0, c0);
+    let last = out.clone().narrow(1, len - 1, 1).squeeze_dim(1);
+    (out, last)
+}
+
+/// A linear layer's bias (zeros when it has none).
+fn bias(linear: &burn::nn::Linear) -> Tensor<1> {
+    linear.bias.as_ref().map_or_else(
+        || {
+            let [_, n] = linear.weight.dims();
+            Tensor::zeros([n], &linear.weight.device())
+        },
+        |b| b.val(),
+    )
+}
+
+/// Mamba's selective scan (S6) with its output contraction, one op:
+///
+/// ```text
+/// h_t = exp(Δ_t A) ⊙ h_{t−1} + (Δ_t ⊙ x_t) ⊗ B_t        h [B, M, N]
+/// y_t = h_t C_t                                          (contract N)
+/// ```
+///
+/// - `delta`, `x`: `[B, T, M]`; `a`: `[M, N]` (`A`, negative); `b`, `c`: `[B, T, N]`;
+///   `h0`: `[B, M, N]`
+/// - returns `[B, T·M + M·N]`: `y` flattened, then `h_T` flattened
+///
+/// Unlike the tensor-op forms it never materialises the `[B, T, M, N]` decays, drives and
+/// states: the forward keeps one `[M, N]` state per sequence, the backward recomputes the
+/// states of one sequence at a time, and sequences run in parallel.
+pub fn selective_scan(
+    delta: Tensor<3>,
+    x: Tensor<3>,
+    a: Tensor<2>,
+    b: Tensor<3>,
+    c: Tensor<3>,
+    h0: Tensor<3>,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::selective_scan(
+        delta.into_dispatch(),
+        x.into_dispatch(),
+        a.into_dispatch(),
+        b.into_dispatch(),
+        c.into_dispatch(),
+        h0.into_dispatch(),
+    ))
+}
+
+/// RWKV-4's WKV in the official kernel's running-max form, one op:
+///
+/// ```text
+/// q = max(p, u + k_t)            y_t = (e^{p−q} a + e^{u+k_t−q} v_t) / (e^{p−q} b + e^{u+k_t−q})
+/// q' = max(p − w, k_t)           a ← e^{p−w−q'} a + e^{k_t−q'} v_t,  b ← e^{p−w−q'} b + e^{k_t−q'},  p ← q'
+/// ```
+///
+/// - `w`, `u`: `[D]`; `k`, `v`: `[B, T, D]`; `a`, `b`, `p`: `[B, D]`
+/// - returns `[B, T·D + 3·D]`: `y` flattened, then the final `a`, `b`, `p`
+///
+/// The backward differentiates exactly these operations (the maxima route their gradient to the
+/// larger argument, as the tensor-op form's `max_pair` does), recomputing each sequence's states.
+#[allow(clippy::too_many_arguments)]
+pub fn wkv4(
+    w: Tensor<1>,
+    u: Tensor<1>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    a: Tensor<2>,
+    b: Tensor<2>,
+    p: Tensor<2>,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::wkv4(
+        w.into_dispatch(),
+        u.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        a.into_dispatch(),
+        b.into_dispatch(),
+        p.into_dispatch(),
+    ))
+}
+
+#[backend_extension(
+    Autodiff,
+    NdArray: cfg(feature = "ndarray"),
+    Flex: cfg(feature = "flex")
+)]
+pub trait FusedOps: Backend {
+    #[allow(clippy::too_many_arguments)]
+    fn cell_scan(
+        x: FloatTensor<Self>,
+        w_i: FloatTensor<Self>,
+        b_i: FloatTensor<Self>,
+        w_h: FloatTensor<Self>,
+        b_h: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+        c0: FloatTensor<Self>,
+        cell: Cell,
+    ) -> FloatTensor<Self> {
+        run_plain::<Self, CellScan, 7>([x, w_i, b_i, w_h, b_h, h0, c0], cell)
+    }
+
+    fn selective_scan(
+        delta: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        c: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_plain::<Self, Selective, 6>([delta, x, a, b, c, h0], ())
+    }
+
+    fn wkv4(
+        w: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        p: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_plain::<Self, Wkv4, 7>([w, u, k, v, a, b, p], ())
+    }
+}
+
+#[cfg(feature = "ndarray")]
+impl FusedOps for burn::backend::NdArray {}
+
+#[cfg(feature = "flex")]
+impl FusedOps for burn::backend::Flex {}
+
+impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn cell_scan(
+        x: FloatTensor<Self>,
+        w_i: FloatTensor<Self>,
+        b_i: FloatTensor<Self>,
+        w_h: FloatTensor<Self>,
+        b_h: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+        c0: FloatTensor<Self>,
+        cell: Cell,
+    ) -> FloatTensor<Self> {
+        run_tracked::<B, C, CellScan, 7>([x, w_i, b_i, w_h, b_h, h0, c0], cell)
+    }
+
+    fn selective_scan(
+        delta: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        c: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_tracked::<B, C, Selective, 6>([delta, x, a, b, c, h0], ())
+    }
+
+    fn wkv4(
+        w: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        p: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_tracked::<B, C, Wkv4, 7>([w, u, k, v, a, b, p], ())
+    }
+}

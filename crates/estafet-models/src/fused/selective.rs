@@ -1,0 +1,278 @@
+//! Mamba's selective scan (S6) with its output contraction, as one kernel:
+//!
+//! ```text
+//! h_t = exp(Δ_t A) ⊙ h_{t−1} + (Δ_t ⊙ x_t) ⊗ B_t        h [B, M, N]
+//! y_t = h_t C_t                                          (contract N)
+//! ```
+//!
+//! The forward keeps one `[M, N]` state per sequence; the backward recomputes the states of one
+//! sequence at a time; sequences run in parallel. The definition is
+//! [`crate::scan::linear_scan`] over the materialised decays and drives (Mamba's
+//! `forward_with`).
+
+use burn::backend::Backend;
+use burn::backend::TensorMetadata;
+use burn::backend::tensor::FloatTensor;
+
+use super::host::{HostKernel, Sections, dims3, par_rows, read};
+use super::math::{dot, exp};
+
+/// The selective scan's inputs on the host.
+#[derive(Debug)]
+pub(super) struct Selective {
+    batch: usize,
+    len: usize,
+    m: usize,
+    n: usize,
+    delta: Vec<f32>,
+    x: Vec<f32>,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+    h0: Vec<f32>,
+}
+
+impl Selective {
+    /// One sequence's slices: `(delta, x, b, c, h0)`.
+    fn sequence(&self, i: usize) -> [&[f32]; 5] {
+        let (t, m, n) = (self.len, self.m, self.n);
+        [
+            &self.delta[i * t * m..][..t * m],
+            &self.x[i * t * m..][..t * m],
+            &self.b[i * t * n..][..t * n],
+            &self.c[i * t * n..][..t * n],
+            &self.h0[i * m * n..][..m * n],
+        ]
+    }
+
+    /// Runs one sequence, handing `h_t` (`[M, N]`) to `visit` after each step; returns `h_T`.
+    #[inline(always)]
+    fn run(&self, i: usize, mut visit: impl FnMut(usize, &[f32])) -> Vec<f32> {
+        let (t_len, m, n) = (self.len, self.m, self.n);
+        let [delta, x, b, _, h0] = self.sequence(i);
+        let mut h = h0.to_vec();
+        for t in 0..t_len {
+            let b_t = &b[t * n..][..n];
+            for d in 0..m {
+                let (dt, dx) = (delta[t * m + d], delta[t * m + d] * x[t * m + d]);
+                let a_d = &self.a[d * n..][..n];
+                let h_d = &mut h[d * n..][..n];
+                for k in 0..n {
+                    h_d[k] = exp(dt * a_d[k]) * h_d[k] + dx * b_t[k];
+                }
+            }
+            visit(t, &h);
+        }
+        h
+    }
+}
+
+impl HostKernel<6> for Selective {
+    type Args = ();
+
+    fn read<B: Backend>([delta, x, a, b, c, h0]: [&FloatTensor<B>; 6], (): ()) -> Self {
+        let [batch, len, m] = dims3::<B>(delta);
+        let n = a.shape().as_slice()[1];
+        assert!(len >= 1, "selective_scan needs T ≥ 1");
+        Self {
+            batch,
+            len,
+            m,
+            n,
+            delta: read::<B>(delta.clone()),
+            x: read::<B>(x.clone()),
+            a: read::<B>(a.clone()),
+            b: read::<B>(b.clone()),
+            c: read::<B>(c.clone()),
+            h0: read::<B>(h0.clone()),
+        }
+    }
+
+    fn out_shape(&self) -> Vec<usize> {
+        vec![self.batch, self.len * self.m + self.m * self.n]
+    }
+
+    fn input_shapes(&self) -> [Vec<usize>; 6] {
+        let (b, t, m, n) = (self.batch, self.len, self.m, self.n);
+        [
+            vec![b, t, m],
+            vec![b, t, m],
+            vec![m, n],
+            vec![b, t, n],
+            vec![b, t, n],
+            vec![b, m, n],
+        ]
+    }
+
+    fn forward(&mut self, _keep: bool) -> Vec<f32> {
+        let (t_len, m, n) = (self.len, self.m, self.n);
+        let width = t_len * m + m * n;
+        let mut out = vec![0.0f32; self.batch * width];
+        par_rows(&mut out, width, |i, row| {
+            let c = self.sequence(i)[3];
+            let (y, last) = row.split_at_mut(t_len * m);
+            let h = self.run(i, |t, h| {
+                let c_t = &c[t * n..][..n];
+                for (d, y) in y[t * m..][..m].iter_mut().enumerate() {
+                    *y = dot(&h[d * n..][..n], c_t);
+                }
+            });
+            last.copy_from_slice(&h);
+        });
+        out
+    }
+
+    /// Gradients of `(delta, x, a, b, c, h0)` given the output's.
+    fn backward(&self, d_out: &[f32]) -> [Vec<f32>; 6] {
+        let (bsz, t_len, m, n) = (self.batch, self.len, self.m, self.n);
+        let width = t_len * m + m * n;
+        // Per sequence: [dΔ (T·M) | dx (T·M) | dB (T·N) | dC (T·N) | dh0 (M·N) | dA (M·N)].
+        let per = 2 * t_len * m + 2 * t_len * n + 2 * m * n;
+        let mut parts = vec![0.0f32; bsz * per];
+        par_rows(&mut parts, per, |i, part| {
+            let [delta, x, b, c, _] = self.sequence(i);
+            let d_y = &d_out[i * width..][..t_len * m];
+            let mut hs = vec![0.0f32; (t_len + 1) * m * n];
+            hs[..m * n].copy_from_slice(self.sequence(i)[4]);
+            self.run(i, |t, h| hs[(t + 1) * m * n..][..m * n].copy_from_slice(h));
+            let (d_delta, rest) = part.split_at_mut(t_len * m);
+            let (d_x, rest) = rest.split_at_mut(t_len * m);
+            let (d_b, rest) = rest.split_at_mut(t_len * n);
+            let (d_c, rest) = rest.split_at_mut(t_len * n);
+            let (d_h, d_a) = rest.split_at_mut(m * n);
+            d_h.copy_from_slice(&d_out[i * width + t_len * m..][..m * n]);
+            let (mut g_dt, mut g_drive) = (vec![0.0f32; n], vec![0.0f32; n]);
+            for t in (0..t_len).rev() {
+                let (h_prev, h_t) = hs[t * m * n..][..2 * m * n].split_at(m * n);
+                let (b_t, c_t) = (&b[t * n..][..n], &c[t * n..][..n]);
+                let d_b_t = &mut d_b[t * n..][..n];
+                let d_c_t = &mut d_c[t * n..][..n];
+                for d in 0..m {
+                    let (dt, xv, dy) = (delta[t * m + d], x[t * m + d], d_y[t * m + d]);
+                    let a_d = &self.a[d * n..][..n];
+                    let d_a_d = &mut d_a[d * n..][..n];
+                    let dh = &mut d_h[d * n..][..n];
+                    let (hp, ht) = (&h_prev[d * n..][..n], &h_t[d * n..][..n]);
+                    // Per-k terms of dL/dΔ through the decay and of dL/d(Δ x), summed after the
+                    // loop so that it vectorises.
+                    let (g_dt, g_drive) = (&mut g_dt[..n], &mut g_drive[..n]);
+                    for k in 0..n {
+                        d_c_t[k] += dy * ht[k];
+                        let g = dh[k] + dy * c_t[k]; // dL/dh_t
+                        let decay = exp(dt * a_d[k]);
+                        let g_log = g * hp[k] * decay; // dL/d(Δ A)
+                        g_dt[k] = g_log * a_d[k];
+                        d_a_d[k] += g_log * dt;
+                        g_drive[k] = g * b_t[k];
+                        d_b_t[k] += g * dt * xv;
+                        dh[k] = g * decay;
+                    }
+                    let (g_dt, g_drive) = (g_dt.iter().sum::<f32>(), g_drive.iter().sum::<f32>());
+                    d_delta[t * m + d] = g_dt + g_drive * xv;
+                    d_x[t * m + d] = g_drive * dt;
+                }
+            }
+        });
+        let (tm, tn) = (t_len * m, t_len * n);
+        let section = |offset, len| Sections {
+            parts: &parts,
+            per,
+            offset,
+            len,
+        };
+        [
+            section(0, tm).gather(),
+            section(tm, tm).gather(),
+            section(per - m * n, m * n).sum(),
+            section(2 * tm, tn).gather(),
+            section(2 * tm + tn, tn).gather(),
+            section(2 * tm + 2 * tn, m * n).gather(),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Distribution, Tensor};
+
+    use crate::scan::{Scan, linear_scan};
+    use crate::test_support::{device, max_diff};
+
+    /// The kernel against the definition (the diagonal scan over the materialised decays and
+    /// drives, contracted with `C`) at an uneven batch (B = 3) and odd sizes: `y`, `h_T` and the
+    /// gradient of every input.
+    #[test]
+    fn kernel_matches_definition() {
+        let dev = device();
+        let (bsz, t, m, n) = (3, 7, 5, 3);
+        let uniform = |shape: [usize; 3], lo, hi| {
+            Tensor::<3>::random(shape, Distribution::Uniform(lo, hi), &dev)
+        };
+        let delta = uniform([bsz, t, m], 0.01, 0.5);
+        let x = uniform([bsz, t, m], -1.0, 1.0);
+        let a = -Tensor::<2>::random([m, n], Distribution::Uniform(0.1, 2.0), &dev);
+        let b = uniform([bsz, t, n], -1.0, 1.0);
+        let c = uniform([bsz, t, n], -1.0, 1.0);
+        let h0 = uniform([bsz, m, n], -1.0, 1.0);
+        let (r_y, r_h) = (
+            uniform([bsz, t, m], -1.0, 1.0),
+            uniform([bsz, m, n], -1.0, 1.0),
+        );
+        let run = |fused: bool| {
+            let track = |t: &Tensor<3>| t.clone().detach().require_grad();
+            let (delta, x, b, c, h0) = (track(&delta), track(&x), track(&b), track(&c), track(&h0));
+            let a = a.clone().detach().require_grad();
+            let (y, h) = if fused {
+                let out = super::super::selective_scan(
+                    delta.clone(),
+                    x.clone(),
+                    a.clone(),
+                    b.clone(),
+                    c.clone(),
+                    h0.clone(),
+                );
+                (
+                    out.clone().narrow(1, 0, t * m).reshape([bsz, t, m]),
+                    out.narrow(1, t * m, m * n).reshape([bsz, m, n]),
+                )
+            } else {
+                let log_decay = delta.clone().unsqueeze_dim::<4>(3)
+                    * a.clone().unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0);
+                let drive = (delta.clone() * x.clone()).unsqueeze_dim::<4>(3)
+                    * b.clone().unsqueeze_dim::<4>(2);
+                let (h, h_last) = linear_scan(
+                    log_decay.reshape([bsz, t, m * n]),
+                    drive.reshape([bsz, t, m * n]),
+                    h0.clone().reshape([bsz, m * n]),
+                    Scan::Sequential,
+                );
+                let y = (h.reshape([bsz, t, m, n]) * c.clone().unsqueeze_dim::<4>(2))
+                    .sum_dim(3)
+                    .squeeze_dim::<3>(3);
+                (y, h_last.reshape([bsz, m, n]))
+            };
+            let grads =
+                ((y.clone() * r_y.clone()).sum() + (h.clone() * r_h.clone()).sum()).backward();
+            let g3 = |t: &Tensor<3>| t.grad(&grads).unwrap().flatten::<1>(0, 2);
+            let inputs = [
+                g3(&delta),
+                g3(&x),
+                a.grad(&grads).unwrap().flatten::<1>(0, 1),
+                g3(&b),
+                g3(&c),
+                g3(&h0),
+            ];
+            (y, h, inputs)
+        };
+        let (y, h, grads) = run(true);
+        let (y_ref, h_ref, grads_ref) = run(false);
+        assert!(max_diff(y, y_ref) < 1e-5, "y");
+        assert!(max_diff(h, h_ref) < 1e-5, "h_T");
+        for (name, (g, g_ref)) in ["Δ", "x", "A", "B", "C", "h0"]
+            .iter()
+            .zip(grads.into_iter().zip(grads_ref))
+        {
+            assert!(max_diff(g, g_ref) < 1e-4, "d{name}");
+        }
+    }
+}
