@@ -4,13 +4,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use estafet_experiments::bench::{self, BenchOptions};
+use estafet_experiments::bench::{self, BenchLine, BenchOptions};
 use estafet_experiments::config::{self, ConfigSource};
 use estafet_experiments::infer::{self, Sampling};
-use estafet_experiments::run_dir::RunDir;
+use estafet_experiments::run_dir::{self, RunDir};
 use estafet_experiments::saved::SavedRun;
 use estafet_experiments::train::{self, RunOptions};
-use estafet_experiments::{Backend, Error, catalog};
+use estafet_experiments::{Backend, Error, catalog, evaluate, interrupt};
 use estafet_experiments::{gradflow, report, sweep};
 
 const CODE_VERSION: &str = env!("ESTAFET_CODE_VERSION");
@@ -277,55 +277,43 @@ fn execute(cli: Cli) -> Result<(), Error> {
             resume,
         } => {
             estafet_experiments::interrupt::install()?;
+            let backend = Backend::resolve(common.backend)?;
             let Some(path) = &config else {
-                return quickstart(common, out);
+                if !common.overrides.is_empty() {
+                    return Err(Error::Config(
+                        "--set needs a CONFIG; the quickstart (`estafet run` alone) takes none"
+                            .into(),
+                    ));
+                }
+                let out = out.unwrap_or_else(|| run_dir::default_path(sweep::QUICKSTART.0));
+                print!("{}", sweep::quickstart(backend, &out)?);
+                println!("\nreport, plots and every run in {}", out.display());
+                return Ok(());
             };
             let source = ConfigSource::read(path)?;
             let experiment = config::load(&source, &common.overrides)?;
-            let backend = resolve_backend(common.backend)?;
-            let out = out.unwrap_or_else(|| default_run_dir(source.stem()));
+            let out = out.unwrap_or_else(|| run_dir::default_path(source.stem()));
             if resume && train::is_complete_as(&out, &experiment)? {
                 println!(
-                    "{} is complete (summary.json); nothing to resume",
-                    out.display()
+                    "{} is complete ({}); nothing to resume",
+                    out.display(),
+                    RunDir::SUMMARY
                 );
                 return Ok(());
             }
-            let resume_command = continue_command(&out, true);
             let summary = train::run(
                 &experiment,
                 &RunOptions {
                     backend,
+                    resume_command: interrupt::continue_command(&out, true),
                     out,
                     config_source: source.name.clone(),
                     code_version: CODE_VERSION.to_string(),
                     progress: !quiet,
                     resume,
-                    resume_command,
                 },
             )?;
-            let e = &summary.final_eval;
-            println!(
-                "{} on {}: eval loss {:.4} (baseline {:.4}), {} {:.4} (baseline {:.4}, solved at {:.4}){}{}",
-                summary.model,
-                summary.task,
-                e.loss,
-                e.baseline_loss,
-                summary.metric.name(),
-                e.metric,
-                e.baseline_metric,
-                e.solved_metric,
-                e.scaled_accuracy
-                    .map_or(String::new(), |s| format!(", scaled accuracy {s:.3}")),
-                if e.solved { ": solved" } else { "" }
-            );
-            println!(
-                "{} steps in {:.1} s ({:.0} tokens/s); run directory: {}",
-                summary.steps,
-                summary.train_seconds,
-                summary.train_tokens_per_second,
-                summary.run_dir.display()
-            );
+            println!("{}", summary.describe());
             Ok(())
         }
         Command::Bench {
@@ -354,7 +342,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 seq_len,
                 d_model,
                 threads,
-                backend: resolve_backend(backend)?,
+                backend: Backend::resolve(backend)?,
                 warmup,
                 steps,
                 max_seconds,
@@ -363,53 +351,17 @@ fn execute(cli: Cli) -> Result<(), Error> {
             };
             if let Some(model) = worker {
                 let result = bench::measure(&model, &options, CODE_VERSION)?;
-                println!("{result}");
+                println!("{}", BenchLine::Measured(Box::new(result)).json());
                 return Ok(());
             }
             let child_args: Vec<String> = std::env::args().skip(1).collect();
             if !json {
-                println!(
-                    "{:<10} {:>12} {:>12} {:>12} {:>9} {:>9} {:>11} {:>9} {:>12}  config",
-                    "model",
-                    "train tok/s",
-                    "infer tok/s",
-                    "step tok/s",
-                    "train ms",
-                    "infer ms",
-                    "peak RSS MB",
-                    "params",
-                    "state floats"
-                );
+                println!("{}", BenchLine::header());
             }
             let mut failed = false;
-            bench::orchestrate(&options, &child_args, |r| {
-                if json {
-                    println!("{r}");
-                } else if let Some(e) = r.get("error") {
-                    println!("{:<10} ERROR: {}", r["model"].as_str().unwrap_or("?"), e);
-                } else {
-                    let f = |k: &str| r[k].as_f64().map_or("-".into(), |v| format!("{v:.0}"));
-                    let g = |k: &str| r[k].as_f64().map_or("-".into(), |v| format!("{v:.1}"));
-                    let c = &r["config"];
-                    println!(
-                        "{:<10} {:>12} {:>12} {:>12} {:>9} {:>9} {:>11} {:>9} {:>12}  B={} L={} d={} threads={} {}",
-                        r["model"].as_str().unwrap_or("?"),
-                        f("train_tok_s"),
-                        f("infer_tok_s"),
-                        f("step_tok_s"),
-                        g("train_step_ms_median"),
-                        g("infer_step_ms_median"),
-                        f("peak_rss_mb"),
-                        r["params"],
-                        r["state_floats"],
-                        c["batch"],
-                        c["seq_len"],
-                        c["d_model"],
-                        r["threads"],
-                        r["backend"].as_str().unwrap_or("?"),
-                    );
-                }
-                failed |= r.get("error").is_some();
+            bench::orchestrate(&options, &child_args, |line| {
+                println!("{}", if json { line.json() } else { line.row() });
+                failed |= matches!(line, BenchLine::Failed { .. });
                 std::io::Write::flush(&mut std::io::stdout()).ok();
             })?;
             if failed {
@@ -423,7 +375,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
             samples,
             backend,
         } => {
-            let backend = resolve_backend(backend)?;
+            let backend = Backend::resolve(backend)?;
             let device = backend.device()?;
             let run = SavedRun::load(&run_dir, &device)?;
             let samples = samples.unwrap_or(run.config.eval.samples);
@@ -449,29 +401,18 @@ fn execute(cli: Cli) -> Result<(), Error> {
             );
             let mut lengths = vec![info.seq_len];
             lengths.extend(seq_lens);
-            for length in lengths {
-                let task = run
-                    .config
-                    .task
-                    .with_seq_len(length)
-                    .and_then(|c| c.build())
-                    .map_err(|e| Error::Config(format!("--seq-len {length}: {e}")))?;
-                if let Some(max) = run.config.model.max_seq_len().filter(|&m| m < length) {
-                    return Err(Error::Config(format!(
-                        "--seq-len {length}: the model's {max} learned positions cannot read it"
-                    )));
-                }
-                let info = task.info();
-                let e = train::evaluate(
-                    &run.model,
-                    &task.eval_set(run.config.run.seed, samples),
-                    &info,
-                    run.config.eval.batch_size,
-                    &device,
-                );
+            let results = evaluate::at_lengths(
+                &run.model,
+                &run.config,
+                &lengths,
+                samples,
+                "--seq-len",
+                &device,
+            )?;
+            for e in results {
                 println!(
                     "{:>8} {:>10.4} {:>10.4} {:>14.4} {:>7}",
-                    length,
+                    e.seq_len,
                     e.loss,
                     e.metric,
                     e.baseline_metric,
@@ -489,7 +430,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
             seed,
             backend,
         } => {
-            let backend = resolve_backend(backend)?;
+            let backend = Backend::resolve(backend)?;
             let device = backend.device()?;
             let run = SavedRun::load(&run_dir, &device)?;
             let mut stdout = std::io::stdout();
@@ -525,13 +466,13 @@ fn execute(cli: Cli) -> Result<(), Error> {
             output,
             backend,
         } => {
-            let backend = resolve_backend(backend)?;
+            let backend = Backend::resolve(backend)?;
             let device = backend.device()?;
             let run = SavedRun::load(&run_dir, &device)?;
             let csv = infer::predict(&run, &input, &column, &device)?;
             match output {
                 Some(path) => {
-                    estafet_experiments::run_dir::write_atomic(&path, csv.as_bytes())?;
+                    run_dir::write_atomic(&path, csv.as_bytes())?;
                     eprintln!("forecasts written to {}", path.display());
                 }
                 None => print!("{csv}"),
@@ -550,54 +491,26 @@ fn execute(cli: Cli) -> Result<(), Error> {
                     "--batch and --seq-len must be positive".into(),
                 ));
             }
-            let backend = resolve_backend(backend)?;
-            let device = backend.device()?.autodiff();
-            let out = out.unwrap_or_else(|| default_run_dir("gradflow"));
+            let device = Backend::resolve(backend)?.device()?.autodiff();
+            let out = out.unwrap_or_else(|| run_dir::default_path("gradflow"));
             let mut flows = Vec::new();
-            for source in &sources {
-                let (label, config, model, when, own_len) = if source.is_dir() {
-                    let run = SavedRun::load(source, &device)?;
-                    let label = source
-                        .file_name()
-                        .map_or("run".into(), |n| n.to_string_lossy().into_owned());
-                    let own_len = run.task.info().seq_len;
-                    let when = format!("trained, step {}", run.step);
-                    (label, run.config, run.model, when, own_len)
-                } else {
-                    let config = config::load(&ConfigSource::read(source)?, &[])?;
-                    let info = config
-                        .task
-                        .build()
-                        .map_err(|e| Error::Config(e.to_string()))?
-                        .info();
-                    let model = config.model.init(
-                        train::model_io(&info),
-                        &mut estafet_models::Init::new(config.run.seed, &device),
-                    );
-                    let stem = source
-                        .file_stem()
-                        .map_or("config".into(), |n| n.to_string_lossy().into_owned());
-                    (
-                        stem,
-                        config,
-                        model,
-                        "at initialisation".to_string(),
-                        info.seq_len,
-                    )
-                };
-                let t = seq_len.unwrap_or(own_len);
+            for path in &sources {
+                let source = gradflow::Source::load(path, &device)?;
+                let t = seq_len.unwrap_or(source.seq_len);
                 let flow = gradflow::measure(
-                    &label,
-                    &model,
-                    &config.task,
+                    &source.label,
+                    &source.model,
+                    &source.config.task,
                     t,
                     batch,
-                    config.run.seed,
+                    source.config.run.seed,
                     &device,
                 )?;
                 eprintln!(
-                    "{label} ({} {when}), T = {t}: ‖∂L/∂x‖ slope {:.4} per step, ‖∂L/∂h‖ slope {:.4} per step",
-                    config.model.mixer.kind(),
+                    "{} ({} {}), T = {t}: ‖∂L/∂x‖ slope {:.4} per step, ‖∂L/∂h‖ slope {:.4} per step",
+                    source.label,
+                    source.config.model.mixer.kind(),
+                    source.when,
                     flow.input_slope,
                     flow.state_slope
                 );
@@ -647,8 +560,8 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 }
                 return Ok(());
             }
-            let backend = resolve_backend(backend)?;
-            estafet_experiments::interrupt::install()?;
+            let backend = Backend::resolve(backend)?;
+            interrupt::install()?;
             let progress = sweep::run(&runs, &out, shard, jobs, backend)?;
             eprintln!(
                 "sweep: {} run, {} already complete, {} failed, {} diverged",
@@ -657,17 +570,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 progress.failed.len(),
                 progress.diverged.len()
             );
-            stopped_by_signal(&progress, &out)?;
-            if !progress.failed.is_empty() {
-                return Err(Error::Runtime(anyhow::anyhow!(
-                    "{} runs failed (logs in {}/.configs/): {}",
-                    progress.failed.len(),
-                    out.display(),
-                    progress.failed.join(", ")
-                )));
-            }
-            let complete = runs.iter().all(|r| RunDir::is_complete(&out.join(&r.name)));
-            if complete {
+            if sweep::conclude(&progress, &runs, &out)? {
                 print!("{}", report::write(&out)?);
             } else {
                 eprintln!(
@@ -686,7 +589,10 @@ fn execute(cli: Cli) -> Result<(), Error> {
             let source = ConfigSource::read(&config)?;
             let experiment = config::load(&source, &common.overrides)?;
             if let Some(b) = common.backend {
-                b.device()?;
+                experiment
+                    .model
+                    .check_device(&b.device()?)
+                    .map_err(|e| Error::Config(format!("{}: {b}: {e}", source.name)))?;
             }
             print!("{}", experiment.to_toml());
             eprintln!("{}: ok", source.name);
@@ -723,7 +629,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
                     }
                 }
                 Listing::Models => {
-                    let backend = resolve_backend(None)?;
+                    let backend = Backend::resolve(None)?;
                     println!(
                         "one layer between an embedding and a head, vocabulary 64, d_model {d_model}; \
                          state in floats per sequence at {seq_len} tokens"
@@ -756,100 +662,4 @@ fn execute(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
     }
-}
-
-/// `estafet run` with no config: the embedded comparison of every architecture, two runs at a
-/// time, ending with the report.
-fn quickstart(common: Common, out: Option<PathBuf>) -> Result<(), Error> {
-    if !common.overrides.is_empty() {
-        return Err(Error::Config(
-            "--set needs a CONFIG; the quickstart (`estafet run` alone) takes none".into(),
-        ));
-    }
-    let backend = resolve_backend(common.backend)?;
-    let (name, text) = sweep::QUICKSTART;
-    let runs = sweep::expand_text(&format!("embedded:{name}"), text, std::path::Path::new("."))?;
-    let out = out.unwrap_or_else(|| default_run_dir(name));
-    eprintln!(
-        "quickstart: {} architectures on copy memory (lag 20) → {}",
-        runs.len(),
-        out.display()
-    );
-    let progress = sweep::run(&runs, &out, (0, 1), 2, backend)?;
-    stopped_by_signal(&progress, &out)?;
-    if !progress.failed.is_empty() {
-        return Err(Error::Runtime(anyhow::anyhow!(
-            "quickstart runs failed (logs in {}/.configs/): {}",
-            out.display(),
-            progress.failed.join(", ")
-        )));
-    }
-    print!("{}", report::write(&out)?);
-    println!("\nreport, plots and every run in {}", out.display());
-    Ok(())
-}
-
-/// A sweep stopped by a signal: its runs checkpointed; the same command continues it.
-fn stopped_by_signal(progress: &sweep::Progress, out: &std::path::Path) -> Result<(), Error> {
-    match progress.interrupted {
-        Some(signal) => Err(Error::Interrupted {
-            signal,
-            message: format!(
-                "{}: the runs under way stopped after a checkpoint; continue with: {}",
-                signal.name(),
-                continue_command(out, false)
-            ),
-        }),
-        None => Ok(()),
-    }
-}
-
-/// This process's command line, made to continue its work: with `--out` (when it was not
-/// given, the directory chosen now) and, for `run`, `--resume`; quoted for a POSIX shell.
-fn continue_command(out: &std::path::Path, resume: bool) -> String {
-    let mut args: Vec<String> = std::env::args().collect();
-    let has = |flag: &str, args: &[String]| {
-        args.iter()
-            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
-    };
-    if !has("--out", &args) {
-        args.push("--out".into());
-        args.push(out.display().to_string());
-    }
-    if resume && !has("--resume", &args) {
-        args.push("--resume".into());
-    }
-    args.iter()
-        .map(|a| {
-            let plain = !a.is_empty()
-                && a.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
-            if plain {
-                a.clone()
-            } else {
-                format!("'{}'", a.replace('\'', "'\\''"))
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn resolve_backend(asked: Option<Backend>) -> Result<Backend, Error> {
-    let backend = match asked {
-        Some(b) => b,
-        None => Backend::default_compiled()
-            .ok_or_else(|| Error::Config("this binary was built with no backend feature".into()))?,
-    };
-    backend.device()?;
-    Ok(backend)
-}
-
-fn default_run_dir(stem: &str) -> PathBuf {
-    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-        .to_string()
-        .replace(['-', ':'], "")
-        .replace('T', "-")
-        .trim_end_matches('Z')
-        .to_string();
-    PathBuf::from("runs").join(format!("{stem}-{stamp}"))
 }

@@ -20,6 +20,8 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use estafet_experiments::Backend;
 use estafet_experiments::config::{self, ConfigSource};
+use estafet_experiments::evaluate::evaluate;
+use estafet_experiments::results::Summary;
 use estafet_experiments::saved::SavedRun;
 use estafet_experiments::train::{self, RunOptions};
 use estafet_models::{
@@ -44,18 +46,23 @@ fn backends_under_test() -> Vec<Backend> {
 
 /// Every mixer kind at its defaults, plus the forms and versions a default leaves out.
 fn mixers() -> Vec<(String, MixerConfig)> {
-    let mut all: Vec<(String, MixerConfig)> = MixerConfig::KINDS
-        .iter()
-        .map(|k| {
-            let m = serde_json::from_value(serde_json::json!({ "kind": k })).unwrap();
-            (k.to_string(), m)
-        })
+    let mut all: Vec<(String, MixerConfig)> = MixerConfig::all()
+        .into_iter()
+        .map(|m| (m.kind().to_string(), m))
         .collect();
     for (name, json) in [
         ("rwkv6", serde_json::json!({ "kind": "rwkv", "version": 6 })),
         (
             "mamba-chunked",
             serde_json::json!({ "kind": "mamba", "scan": { "kind": "chunked", "chunk_len": 4 } }),
+        ),
+        (
+            "mamba-sequential",
+            serde_json::json!({ "kind": "mamba", "scan": { "kind": "sequential" } }),
+        ),
+        (
+            "rwkv-chunked",
+            serde_json::json!({ "kind": "rwkv", "wkv": { "kind": "chunked", "chunk_len": 3 } }),
         ),
     ] {
         all.push((name.to_string(), serde_json::from_value(json).unwrap()));
@@ -242,7 +249,7 @@ fn training_curves_and_checkpoints_cross_backends() {
                 let device = on.device().unwrap();
                 let run = SavedRun::load(dir, &device).unwrap();
                 let info = run.task.info();
-                let eval = train::evaluate(
+                let eval = evaluate(
                     &run.model,
                     &run.task
                         .eval_set(run.config.run.seed, run.config.eval.samples),
@@ -250,11 +257,7 @@ fn training_curves_and_checkpoints_cross_backends() {
                     run.config.eval.batch_size,
                     &device,
                 );
-                let summary: serde_json::Value = serde_json::from_str(
-                    &std::fs::read_to_string(dir.join("summary.json")).unwrap(),
-                )
-                .unwrap();
-                let written = summary["final_eval"]["loss"].as_f64().unwrap() as f32;
+                let written = Summary::read(dir).unwrap().final_eval.loss as f32;
                 assert_close(
                     &format!("{mixer}: checkpoint of {} evaluated on {on}", dir.display()),
                     &[written],
@@ -265,4 +268,35 @@ fn training_curves_and_checkpoints_cross_backends() {
         }
     }
     std::fs::remove_dir_all(scratch).ok();
+}
+
+/// A config that names the fused form runs where the kernels do (flex) and is refused, in one
+/// line naming the field, where they do not (wgpu); `auto` runs everywhere.
+#[test]
+fn a_fused_form_is_refused_where_no_kernel_runs() {
+    for backend in backends_under_test() {
+        let device = backend.device().unwrap();
+        for (field, json) in [
+            (
+                "scan",
+                serde_json::json!({ "kind": "mamba", "scan": { "kind": "fused" } }),
+            ),
+            (
+                "wkv",
+                serde_json::json!({ "kind": "rwkv", "wkv": { "kind": "fused" } }),
+            ),
+        ] {
+            let fused = model_config(serde_json::from_value(json).unwrap());
+            match backend {
+                Backend::Wgpu => {
+                    let e = fused.check_device(&device).unwrap_err();
+                    assert!(e.contains(&format!("model.mixer.{field} = fused")), "{e}");
+                }
+                _ => fused.check_device(&device).unwrap(),
+            }
+        }
+        for mixer in MixerConfig::all() {
+            model_config(mixer).check_device(&device).unwrap();
+        }
+    }
 }

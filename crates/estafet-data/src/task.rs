@@ -33,24 +33,58 @@ pub mod rng {
     }
 }
 
-/// `[task]` in a config, selected by `kind`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum TaskConfig {
-    CopyMemory(CopyMemoryConfig),
-    Adding(AddingConfig),
-    SelectiveCopying(SelectiveCopyingConfig),
-    Mqar(MqarConfig),
-    InductionHeads(InductionHeadsConfig),
-    Parity(ParityConfig),
-    WordProblem(WordProblemConfig),
-    ModularArithmetic(ModularArithmeticConfig),
-    FuzzyInContextRecall(FuzzyRecallConfig),
-    NoisyInContextRecall(NoisyRecallConfig),
-    Memorization(MemorizationConfig),
-    Compression(CompressionConfig),
-    CharLm(CharLmConfig),
-    TimeSeries(TimeSeriesConfig),
+macro_rules! tasks {
+    ($($variant:ident($config:ty) = $kind:literal,)*) => {
+        /// `[task]` in a config, selected by `kind`; each task's file owns its config and
+        /// defaults. The list below names each task once: this enum, [`TaskConfig::KINDS`],
+        /// [`TaskConfig::defaults`] (what the tests iterate), `kind` and `build` are generated
+        /// from it, so a new task cannot be left out of them.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "kind", deny_unknown_fields)]
+        pub enum TaskConfig {
+            $(#[serde(rename = $kind)] $variant($config),)*
+        }
+
+        impl TaskConfig {
+            /// Every task kind, as written in configs.
+            pub const KINDS: &[&str] = &[$($kind),*];
+
+            /// Every task with its default parameters, in the order `estafet list tasks`
+            /// prints them.
+            pub fn defaults() -> Vec<TaskConfig> {
+                vec![$(TaskConfig::$variant(<$config>::default()),)*]
+            }
+
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(TaskConfig::$variant(_) => $kind,)*
+                }
+            }
+
+            pub fn build(&self) -> Result<Task, TaskError> {
+                match self {
+                    $(TaskConfig::$variant(c) => c.build().map(Task::$variant),)*
+                }
+            }
+        }
+    };
+}
+
+tasks! {
+    CopyMemory(CopyMemoryConfig) = "copy_memory",
+    Adding(AddingConfig) = "adding",
+    SelectiveCopying(SelectiveCopyingConfig) = "selective_copying",
+    Mqar(MqarConfig) = "mqar",
+    InductionHeads(InductionHeadsConfig) = "induction_heads",
+    Parity(ParityConfig) = "parity",
+    WordProblem(WordProblemConfig) = "word_problem",
+    ModularArithmetic(ModularArithmeticConfig) = "modular_arithmetic",
+    FuzzyInContextRecall(FuzzyRecallConfig) = "fuzzy_in_context_recall",
+    NoisyInContextRecall(NoisyRecallConfig) = "noisy_in_context_recall",
+    Memorization(MemorizationConfig) = "memorization",
+    Compression(CompressionConfig) = "compression",
+    CharLm(CharLmConfig) = "char_lm",
+    TimeSeries(TimeSeriesConfig) = "time_series",
 }
 
 /// A setting no generator can honour; names the field.
@@ -81,64 +115,6 @@ pub(crate) fn invalid<T>(field: &'static str, message: impl Into<String>) -> Res
 }
 
 impl TaskConfig {
-    /// Every task with its default parameters, in the order `estafet list tasks` prints them.
-    pub fn defaults() -> Vec<TaskConfig> {
-        vec![
-            TaskConfig::CopyMemory(CopyMemoryConfig::default()),
-            TaskConfig::Adding(AddingConfig::default()),
-            TaskConfig::SelectiveCopying(SelectiveCopyingConfig::default()),
-            TaskConfig::Mqar(MqarConfig::default()),
-            TaskConfig::InductionHeads(InductionHeadsConfig::default()),
-            TaskConfig::Parity(ParityConfig::default()),
-            TaskConfig::WordProblem(WordProblemConfig::default()),
-            TaskConfig::ModularArithmetic(ModularArithmeticConfig::default()),
-            TaskConfig::FuzzyInContextRecall(FuzzyRecallConfig::default()),
-            TaskConfig::NoisyInContextRecall(NoisyRecallConfig::default()),
-            TaskConfig::Memorization(MemorizationConfig::default()),
-            TaskConfig::Compression(CompressionConfig::default()),
-            TaskConfig::CharLm(CharLmConfig::default()),
-            TaskConfig::TimeSeries(TimeSeriesConfig::default()),
-        ]
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            TaskConfig::CopyMemory(_) => "copy_memory",
-            TaskConfig::Adding(_) => "adding",
-            TaskConfig::SelectiveCopying(_) => "selective_copying",
-            TaskConfig::Mqar(_) => "mqar",
-            TaskConfig::InductionHeads(_) => "induction_heads",
-            TaskConfig::Parity(_) => "parity",
-            TaskConfig::WordProblem(_) => "word_problem",
-            TaskConfig::ModularArithmetic(_) => "modular_arithmetic",
-            TaskConfig::FuzzyInContextRecall(_) => "fuzzy_in_context_recall",
-            TaskConfig::NoisyInContextRecall(_) => "noisy_in_context_recall",
-            TaskConfig::Memorization(_) => "memorization",
-            TaskConfig::Compression(_) => "compression",
-            TaskConfig::CharLm(_) => "char_lm",
-            TaskConfig::TimeSeries(_) => "time_series",
-        }
-    }
-
-    pub fn build(&self) -> Result<Task, TaskError> {
-        match self {
-            TaskConfig::CopyMemory(c) => c.build().map(Task::CopyMemory),
-            TaskConfig::Adding(c) => c.build().map(Task::Adding),
-            TaskConfig::SelectiveCopying(c) => c.build().map(Task::SelectiveCopying),
-            TaskConfig::Mqar(c) => c.build().map(Task::Mqar),
-            TaskConfig::InductionHeads(c) => c.build().map(Task::InductionHeads),
-            TaskConfig::Parity(c) => c.build().map(Task::Parity),
-            TaskConfig::WordProblem(c) => c.build().map(Task::WordProblem),
-            TaskConfig::ModularArithmetic(c) => c.build().map(Task::ModularArithmetic),
-            TaskConfig::FuzzyInContextRecall(c) => c.build().map(Task::FuzzyInContextRecall),
-            TaskConfig::NoisyInContextRecall(c) => c.build().map(Task::NoisyInContextRecall),
-            TaskConfig::Memorization(c) => c.build().map(Task::Memorization),
-            TaskConfig::Compression(c) => c.build().map(Task::Compression),
-            TaskConfig::CharLm(c) => c.build().map(Task::CharLm),
-            TaskConfig::TimeSeries(c) => c.build().map(Task::TimeSeries),
-        }
-    }
-
     /// The same task with samples of `seq_len` positions, for length generalisation: the
     /// parameter that sets the length changes (copy memory: the lag), every other one stays.
     pub fn with_seq_len(&self, seq_len: usize) -> Result<TaskConfig, TaskError> {
@@ -185,7 +161,7 @@ impl TaskConfig {
 }
 
 /// How a task scores a prediction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
     /// Fraction of scored positions whose arg-max prediction is the target.
@@ -644,5 +620,26 @@ mod tests {
         }
         let copy = TaskConfig::CopyMemory(Default::default());
         assert_eq!(copy.with_seq_len(20).unwrap_err().field, "lag");
+    }
+
+    /// `defaults` lists every kind once, in `KINDS` order, and each default survives a round
+    /// trip through TOML as a config file would hold it.
+    #[test]
+    fn defaults_cover_every_kind_and_round_trip() {
+        let defaults = TaskConfig::defaults();
+        let kinds: Vec<&str> = defaults.iter().map(TaskConfig::kind).collect();
+        assert_eq!(kinds, TaskConfig::KINDS);
+        for config in defaults {
+            #[derive(Serialize, Deserialize)]
+            struct Doc {
+                task: TaskConfig,
+            }
+            let text = toml::to_string(&Doc {
+                task: config.clone(),
+            })
+            .unwrap();
+            let back: Doc = toml::from_str(&text).unwrap();
+            assert_eq!(back.task, config, "{text}");
+        }
     }
 }

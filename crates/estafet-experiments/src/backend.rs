@@ -56,6 +56,18 @@ impl Backend {
     }
 
     /// The plain (non-autodiff) device of this backend.
+    /// The backend asked for, or the build's default; checked by opening its device.
+    pub fn resolve(asked: Option<Backend>) -> Result<Backend, Error> {
+        let backend = match asked {
+            Some(b) => b,
+            None => Backend::default_compiled().ok_or_else(|| {
+                Error::Config("this binary was built with no backend feature".into())
+            })?,
+        };
+        backend.device()?;
+        Ok(backend)
+    }
+
     pub fn device(self) -> Result<Device, Error> {
         match self {
             #[cfg(feature = "ndarray")]

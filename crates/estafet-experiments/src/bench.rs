@@ -54,7 +54,7 @@ pub fn default_d_model(model: &str) -> usize {
 pub fn orchestrate(
     options: &BenchOptions,
     child_args: &[String],
-    mut on_result: impl FnMut(&serde_json::Value),
+    mut on_result: impl FnMut(&BenchLine),
 ) -> Result<(), Error> {
     for m in &options.models {
         if !MixerConfig::KINDS.contains(&m.as_str()) {
@@ -78,12 +78,18 @@ pub fn orchestrate(
         let parsed = stdout
             .lines()
             .last()
-            .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .and_then(|l| serde_json::from_str::<BenchResult>(l).ok())
             .filter(|_| out.status.success());
-        on_result(&parsed.unwrap_or_else(|| {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            serde_json::json!({ "model": m, "error": stderr.trim().lines().last().unwrap_or("no output") })
-        }));
+        on_result(&match parsed {
+            Some(result) => BenchLine::Measured(Box::new(result)),
+            None => {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                BenchLine::Failed {
+                    model: m.clone(),
+                    error: stderr.trim().lines().last().unwrap_or("no output").into(),
+                }
+            }
+        });
     }
     Ok(())
 }
@@ -133,12 +139,12 @@ fn ms(seconds: f64) -> f64 {
     (seconds * 1e5).round() / 100.0
 }
 
-/// Measures one model in this process; the JSON object `orchestrate` collects.
+/// Measures one model in this process; the line `orchestrate` collects.
 pub fn measure(
     model: &str,
     options: &BenchOptions,
     code_version: &str,
-) -> Result<serde_json::Value, Error> {
+) -> Result<BenchResult, Error> {
     let device = options.backend.device()?;
     let d_model = options.d_model.unwrap_or_else(|| default_d_model(model));
     let config = crate::catalog::one_layer(model, d_model)?;
@@ -221,42 +227,157 @@ pub fn measure(
     );
     let tokens = (b * t) as f64;
     let round = |v: f64| (v * 10.0).round() / 10.0;
-    let mut config_json = serde_json::json!({
-        "batch": b, "seq_len": t, "d_model": d_model, "vocab": VOCAB,
-        "optimizer": "Adam lr=1e-3", "dtype": "float32", "warmup": options.warmup,
-        "steps": options.steps, "max_seconds": options.max_seconds,
-        "train_steps_timed": train.len(), "infer_steps_timed": infer.len(),
-        "step_sequences_timed": step_times.len(), "seed": options.seed,
-    });
-    if let serde_json::Value::Object(mixer_fields) =
-        serde_json::to_value(&mixer).expect("a mixer config serialises")
-    {
-        config_json
-            .as_object_mut()
-            .expect("an object")
-            .extend(mixer_fields.into_iter().filter(|(k, _)| k != "kind"));
+    let mixer = match serde_json::to_value(&mixer).expect("a mixer config serialises") {
+        serde_json::Value::Object(fields) => {
+            fields.into_iter().filter(|(k, _)| k != "kind").collect()
+        }
+        _ => serde_json::Map::new(),
+    };
+    let timed_ms = |v: &[f64]| (!v.is_empty()).then(|| ms(median(v)));
+    Ok(BenchResult {
+        model: model.to_string(),
+        train_tok_s: round(tokens / median(&train)),
+        infer_tok_s: round(tokens / median(&infer)),
+        step_tok_s: (!step_times.is_empty()).then(|| round(tokens / median(&step_times))),
+        train_step_ms_median: ms(median(&train)),
+        train_step_ms_min: ms(train.iter().copied().fold(f64::INFINITY, f64::min)),
+        train_step_ms_max: ms(train.iter().copied().fold(0.0, f64::max)),
+        infer_step_ms_median: ms(median(&infer)),
+        step_seq_ms_median: timed_ms(&step_times),
+        peak_rss_mb: peak_rss_mb().map(round),
+        peak_rss_infer_mb: rss_infer.map(round),
+        peak_rss_step_mb: rss_step.map(round),
+        rss_setup_mb: rss_setup.map(round),
+        params,
+        state_floats,
+        loss_first: losses.first().map(|l| (l * 1e4).round() / 1e4),
+        loss_last: losses.last().map(|l| (l * 1e4).round() / 1e4),
+        config: BenchShape {
+            batch: b,
+            seq_len: t,
+            d_model,
+            vocab: VOCAB,
+            optimizer: "Adam lr=1e-3".into(),
+            dtype: "float32".into(),
+            warmup: options.warmup,
+            steps: options.steps,
+            max_seconds: options.max_seconds,
+            train_steps_timed: train.len(),
+            infer_steps_timed: infer.len(),
+            step_sequences_timed: step_times.len(),
+            seed: options.seed,
+            mixer,
+        },
+        threads: options.threads,
+        backend: options.backend,
+        estafet: code_version.to_string(),
+    })
+}
+
+/// One model's figures, as one JSON line with the reference's field names.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchResult {
+    pub model: String,
+    pub train_tok_s: f64,
+    pub infer_tok_s: f64,
+    /// Token-by-token inference (`None` with `--no-step`).
+    pub step_tok_s: Option<f64>,
+    pub train_step_ms_median: f64,
+    pub train_step_ms_min: f64,
+    pub train_step_ms_max: f64,
+    pub infer_step_ms_median: f64,
+    pub step_seq_ms_median: Option<f64>,
+    /// Peak resident memory after each phase, MB (Linux).
+    pub peak_rss_mb: Option<f64>,
+    pub peak_rss_infer_mb: Option<f64>,
+    pub peak_rss_step_mb: Option<f64>,
+    pub rss_setup_mb: Option<f64>,
+    pub params: usize,
+    pub state_floats: usize,
+    pub loss_first: Option<f64>,
+    pub loss_last: Option<f64>,
+    pub config: BenchShape,
+    pub threads: usize,
+    pub backend: Backend,
+    /// estafet's code version.
+    pub estafet: String,
+}
+
+/// The workload a [`BenchResult`] measured.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchShape {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub d_model: usize,
+    pub vocab: usize,
+    pub optimizer: String,
+    pub dtype: String,
+    pub warmup: usize,
+    pub steps: usize,
+    pub max_seconds: f64,
+    pub train_steps_timed: usize,
+    pub infer_steps_timed: usize,
+    pub step_sequences_timed: usize,
+    pub seed: u64,
+    /// The mixer's own options, as its config names them.
+    #[serde(flatten)]
+    pub mixer: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What a worker reports: a model's figures, or why it could not measure them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BenchLine {
+    Measured(Box<BenchResult>),
+    Failed { model: String, error: String },
+}
+
+impl BenchLine {
+    /// The header of [`BenchLine::row`]'s table.
+    pub fn header() -> String {
+        format!(
+            "{:<10} {:>12} {:>12} {:>12} {:>9} {:>9} {:>11} {:>9} {:>12}  config",
+            "model",
+            "train tok/s",
+            "infer tok/s",
+            "step tok/s",
+            "train ms",
+            "infer ms",
+            "peak RSS MB",
+            "params",
+            "state floats"
+        )
     }
-    Ok(serde_json::json!({
-        "model": model,
-        "train_tok_s": round(tokens / median(&train)),
-        "infer_tok_s": round(tokens / median(&infer)),
-        "step_tok_s": (!step_times.is_empty()).then(|| round(tokens / median(&step_times))),
-        "train_step_ms_median": ms(median(&train)),
-        "train_step_ms_min": ms(train.iter().copied().fold(f64::INFINITY, f64::min)),
-        "train_step_ms_max": ms(train.iter().copied().fold(0.0, f64::max)),
-        "infer_step_ms_median": ms(median(&infer)),
-        "step_seq_ms_median": (!step_times.is_empty()).then(|| ms(median(&step_times))),
-        "peak_rss_mb": peak_rss_mb().map(round),
-        "peak_rss_infer_mb": rss_infer.map(round),
-        "peak_rss_step_mb": rss_step.map(round),
-        "rss_setup_mb": rss_setup.map(round),
-        "params": params,
-        "state_floats": state_floats,
-        "loss_first": losses.first().map(|l| (l * 1e4).round() / 1e4),
-        "loss_last": losses.last().map(|l| (l * 1e4).round() / 1e4),
-        "config": config_json,
-        "threads": options.threads,
-        "backend": options.backend,
-        "estafet": code_version,
-    }))
+
+    /// One JSON line, with the reference's field names.
+    pub fn json(&self) -> String {
+        serde_json::to_string(self).expect("a bench line serialises")
+    }
+
+    /// One line of the table `estafet bench` prints.
+    pub fn row(&self) -> String {
+        let r = match self {
+            BenchLine::Failed { model, error } => return format!("{model:<10} ERROR: {error}"),
+            BenchLine::Measured(r) => r,
+        };
+        let whole = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+        let c = &r.config;
+        format!(
+            "{:<10} {:>12} {:>12} {:>12} {:>9.1} {:>9.1} {:>11} {:>9} {:>12}  B={} L={} d={} threads={} {}",
+            r.model,
+            whole(Some(r.train_tok_s)),
+            whole(Some(r.infer_tok_s)),
+            whole(r.step_tok_s),
+            r.train_step_ms_median,
+            r.infer_step_ms_median,
+            whole(r.peak_rss_mb),
+            r.params,
+            r.state_floats,
+            c.batch,
+            c.seq_len,
+            c.d_model,
+            r.threads,
+            r.backend,
+        )
+    }
 }

@@ -222,9 +222,7 @@ impl ConfigSource {
 pub fn load(source: &ConfigSource, overrides: &[String]) -> Result<ExperimentConfig, Error> {
     let mut config = parse(source, overrides)?;
     let name = &source.name;
-    config
-        .match_budget()
-        .map_err(|e| Error::Config(format!("{name}: {e}")))?;
+    crate::sizing::resolve(&mut config).map_err(|e| Error::Config(format!("{name}: {e}")))?;
     config
         .validate()
         .map_err(|e| Error::Config(format!("{name}: {e}")))?;
@@ -272,68 +270,6 @@ pub fn parse(source: &ConfigSource, overrides: &[String]) -> Result<ExperimentCo
 }
 
 impl ExperimentConfig {
-    /// With `model.match_params` or `model.match_state` set, sets `model.d_model` to the valid
-    /// width (1..=4096) whose model lands nearest the budget; both grow with the width, so a
-    /// binary search finds it. The config keeps the budget, so resolving it again gives the
-    /// same width.
-    pub fn match_budget(&mut self) -> Result<(), String> {
-        let (field, budget) = match (self.model.match_params, self.model.match_state) {
-            (None, None) => return Ok(()),
-            (Some(_), Some(_)) => {
-                return Err("model.match_params and model.match_state: set at most one".into());
-            }
-            (Some(n), None) => ("model.match_params", n),
-            (None, Some(n)) => ("model.match_state", n),
-        };
-        let info = self.task.build().map_err(|e| e.to_string())?.info();
-        let io = crate::train::model_io(&info);
-        let device = crate::Backend::default_compiled()
-            .ok_or("this binary was built with no backend feature")?
-            .device()
-            .map_err(|e| e.to_string())?;
-        let widths: Vec<usize> = (1..=4096)
-            .filter(|&d| {
-                let mut m = self.model.clone();
-                m.d_model = d;
-                m.validate().is_ok()
-            })
-            .collect();
-        let size = |d: usize| -> usize {
-            let mut m = self.model.clone();
-            m.d_model = d;
-            if field == "model.match_state" {
-                // State does not depend on the weights: a model of width d is built only to ask.
-                m.init(io, &mut estafet_models::Init::new(0, &device))
-                    .state_size(info.seq_len)
-            } else {
-                burn::module::Module::num_params(
-                    &m.init(io, &mut estafet_models::Init::new(0, &device)),
-                )
-            }
-        };
-        if widths.is_empty() {
-            return Err(format!(
-                "{field}: no width in 1..=4096 is valid for this model"
-            ));
-        }
-        let (mut lo, mut hi) = (0, widths.len() - 1);
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            if size(widths[mid]) < budget {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        let best = [lo.checked_sub(1), Some(lo)]
-            .into_iter()
-            .flatten()
-            .min_by_key(|&i| size(widths[i]).abs_diff(budget))
-            .expect("at least one candidate");
-        self.model.d_model = widths[best];
-        Ok(())
-    }
-
     /// Checks the constraints serde cannot express; the message starts with the field.
     pub fn validate(&self) -> Result<(), String> {
         self.model.validate()?;
@@ -542,7 +478,7 @@ mod tests {
     fn a_parameter_budget_picks_the_nearest_width() {
         let source = copy_lstm();
         let config = load(&source, &["model.match_params=50000".into()]).unwrap();
-        let io = crate::train::model_io(&config.task.build().unwrap().info());
+        let io = crate::evaluate::model_io(&config.task.build().unwrap().info());
         let device = crate::Backend::default_compiled()
             .unwrap()
             .device()

@@ -30,6 +30,54 @@ pub struct Flow {
     pub state_slope: f64,
 }
 
+/// A model to measure: a config's at initialisation, or a run directory's trained one.
+pub struct Source {
+    /// The file stem of the config, or the run directory's name.
+    pub label: String,
+    pub config: crate::ExperimentConfig,
+    pub model: SequenceModel,
+    /// "at initialisation" or "trained, step N".
+    pub when: String,
+    /// The task's own length.
+    pub seq_len: usize,
+}
+
+impl Source {
+    /// Reads `path`, a run directory or a config, onto `device` (an autodiff device).
+    pub fn load(path: &std::path::Path, device: &Device) -> Result<Self, Error> {
+        let name = |n: Option<&std::ffi::OsStr>, or: &str| {
+            n.map_or(or.into(), |n| n.to_string_lossy().into_owned())
+        };
+        if path.is_dir() {
+            let run = crate::saved::SavedRun::load(path, device)?;
+            return Ok(Self {
+                label: name(path.file_name(), "run"),
+                seq_len: run.task.info().seq_len,
+                when: format!("trained, step {}", run.step),
+                config: run.config,
+                model: run.model,
+            });
+        }
+        let config = crate::config::load(&crate::ConfigSource::read(path)?, &[])?;
+        let info = config
+            .task
+            .build()
+            .map_err(|e| Error::Config(e.to_string()))?
+            .info();
+        let model = config.model.init(
+            crate::evaluate::model_io(&info),
+            &mut estafet_models::Init::new(config.run.seed, device),
+        );
+        Ok(Self {
+            label: name(path.file_stem(), "config"),
+            config,
+            model,
+            when: "at initialisation".into(),
+            seq_len: info.seq_len,
+        })
+    }
+}
+
 /// Measures `model` (on an autodiff device) on `batch` held-out sequences of `task` at length
 /// `seq_len`.
 pub fn measure(
@@ -242,7 +290,7 @@ mod tests {
             "mixer": { "kind": "gru" }, "d_model": 3, "n_layers": 2
         }))
         .unwrap();
-        let io = crate::train::model_io(&task.build().unwrap().info());
+        let io = crate::evaluate::model_io(&task.build().unwrap().info());
         let model = config.init(io, &mut Init::new(5, &ad));
         let flow = measure("gru", &model, &task, 6, 1, 0, &ad).unwrap();
         assert!(flow.state[0].is_nan() && flow.state[1..].iter().all(|v| *v > 0.0));

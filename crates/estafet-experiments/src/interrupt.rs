@@ -103,3 +103,33 @@ pub fn terminate(pid: u32) {
     #[cfg(not(unix))]
     let _ = pid;
 }
+
+/// This process's command line, made to continue its work: with `--out` (when it was not
+/// given, the directory chosen now) and, for `run`, `--resume`; quoted for a POSIX shell.
+pub fn continue_command(out: &std::path::Path, resume: bool) -> String {
+    let mut args: Vec<String> = std::env::args().collect();
+    let has = |flag: &str, args: &[String]| {
+        args.iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+    };
+    if !has("--out", &args) {
+        args.push("--out".into());
+        args.push(out.display().to_string());
+    }
+    if resume && !has("--resume", &args) {
+        args.push("--resume".into());
+    }
+    args.iter()
+        .map(|a| {
+            let plain = !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+            if plain {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -14,7 +14,9 @@ use statrs::distribution::{ContinuousCDF, StudentsT};
 
 use crate::Error;
 use crate::plot::{Curve, Figure, Reference};
+use crate::results::{RunHeader, StopReason, Summary};
 use crate::run_dir::RunDir;
+use estafet_data::Metric;
 
 /// One finished run, as its files tell it.
 struct RunRecord {
@@ -88,15 +90,14 @@ fn load(dir: &Path) -> Result<Vec<RunRecord>, Error> {
     });
     let mut records = Vec::new();
     for path in paths {
-        let summary = read_json(&path.join("summary.json"))?;
-        let run = read_json(&path.join("run.json"))?;
-        let task = &run["task"];
+        let summary = Summary::read(&path)?;
+        let run = RunHeader::read(&path)?;
+        let task = &run.task;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let seq_len = task["seq_len"].as_u64().unwrap_or(0);
-        let metric_name = task["metric"].as_str().unwrap_or("metric").to_string();
+        let seq_len = task.seq_len as u64;
         let lines: Vec<Value> = std::fs::read_to_string(path.join("metrics.jsonl"))
             .unwrap_or_default()
             .lines()
@@ -111,43 +112,46 @@ fn load(dir: &Path) -> Result<Vec<RunRecord>, Error> {
         };
         let curve = points(&|l| l["split"] == "eval" && l["seq_len"].as_u64() == Some(seq_len));
         let train_curve = points(&|l| l["split"] == "train");
-        let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
         records.push(RunRecord {
-            task: task["kind"].as_str().unwrap_or("?").to_string(),
+            task: task.kind.clone(),
             model: labels
                 .get(&name)
                 .map(|l| l.0.clone())
-                .unwrap_or_else(|| summary["model"].as_str().unwrap_or("?").to_string()),
+                .unwrap_or_else(|| summary.model.clone()),
             seq_len,
-            higher_is_better: metric_name == "token_accuracy",
-            metric_name,
-            baseline: f(&task["baseline_metric"]),
-            solved_at: f(&task["solved_metric"]),
-            params: run["params"].as_u64().unwrap_or(0),
-            state_size: run["state_size"].as_u64().unwrap_or(0),
-            metric: f(&summary["final_eval"]["metric"]),
-            solved: summary["final_eval"]["solved"].as_bool().unwrap_or(false),
-            tokens_per_second: f(&summary["train_tokens_per_second"]),
-            peak_rss_mb: summary["peak_rss_mb"].as_f64(),
-            lengths: summary["length_eval"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|e| Some((e["seq_len"].as_u64()?, e["metric"].as_f64()?)))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            higher_is_better: task.metric.higher_is_better(),
+            metric_name: metric_label(task.metric),
+            baseline: task.baseline_metric,
+            solved_at: task.solved_metric,
+            params: run.params as u64,
+            state_size: run.state_size as u64,
+            metric: summary.final_eval.metric,
+            solved: summary.final_eval.solved,
+            tokens_per_second: summary.train_tokens_per_second,
+            peak_rss_mb: summary.peak_rss_mb,
+            lengths: summary
+                .length_eval
+                .iter()
+                .map(|e| (e.seq_len as u64, e.metric))
+                .collect(),
             curve,
             train_curve,
-            diverged: (summary["stopped"] == "diverged").then(|| {
-                (
-                    name.clone(),
-                    summary["diverged"]["step"].as_u64().unwrap_or(0),
-                )
-            }),
+            diverged: summary
+                .diverged
+                .as_ref()
+                .filter(|_| summary.stopped == StopReason::Diverged)
+                .map(|d| (name.clone(), d.step as u64)),
         });
     }
     Ok(records)
+}
+
+/// A metric as `run.json` names it (`token_accuracy`, `mse`, `bits_per_char`).
+fn metric_label(metric: Metric) -> String {
+    serde_json::to_value(metric)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
 }
 
 /// Mean and half-width of the 95% confidence interval (Student's t; 0 for one value).

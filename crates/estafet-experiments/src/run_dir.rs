@@ -7,7 +7,7 @@
 //!   config.toml      the resolved config, every default written out
 //!   run.json         seed, backend, code version, config source, parameters, state size
 //!   metrics.jsonl    one JSON object per logged step and per evaluation
-//!   checkpoint/      model.bpk, optimizer.bpk, state.json (the step): the latest checkpoint
+//!   checkpoint/      the latest checkpoint (its format: `checkpoint.rs`)
 //!   interrupted.json where a run stopped by SIGINT/SIGTERM stands, and the command to resume
 //!   summary.json     final figures, written last: its presence means the run completed
 //! ```
@@ -64,18 +64,6 @@ impl RunDir {
         Ok(dir)
     }
 
-    /// The directory of the latest complete checkpoint, if any. A crash between the two renames
-    /// of [`write_checkpoint`](Self::write_checkpoint) leaves the previous checkpoint in
-    /// `.checkpoint.old`; it is put back.
-    pub fn recover_checkpoint(&self) -> Result<Option<PathBuf>> {
-        let target = self.root.join("checkpoint");
-        let old = self.root.join(".checkpoint.old");
-        if !target.exists() && old.exists() {
-            fs::rename(&old, &target).context("cannot restore the previous checkpoint")?;
-        }
-        Ok(target.join("state.json").is_file().then_some(target))
-    }
-
     /// Keeps the complete lines of `name` whose `step` is at most `step` (what a resumed run
     /// has not yet redone), rewriting the file atomically.
     pub fn truncate_jsonl(&self, name: &str, step: usize) -> Result<()> {
@@ -98,9 +86,12 @@ impl RunDir {
         &self.root
     }
 
-    /// Whether the run in `root` completed (its `summary.json` is written last).
+    /// The file a run writes last: its presence means the run completed.
+    pub const SUMMARY: &str = "summary.json";
+
+    /// Whether the run in `root` completed (its [`RunDir::SUMMARY`] is written last).
     pub fn is_complete(root: &Path) -> bool {
-        root.join("summary.json").is_file()
+        root.join(Self::SUMMARY).is_file()
     }
 
     /// Removes `name` if it exists.
@@ -138,34 +129,6 @@ impl RunDir {
             .and_then(|()| file.sync_data())
             .with_context(|| format!("cannot write {}", path.display()))
     }
-
-    /// Replaces the checkpoint directory with `files` as one atomic step: the files go into a
-    /// fresh sibling directory, which is then renamed over the old one.
-    pub fn write_checkpoint(&self, files: &[(&str, &[u8])]) -> Result<()> {
-        let staging = self.root.join(".checkpoint.tmp");
-        let old = self.root.join(".checkpoint.old");
-        let target = self.root.join("checkpoint");
-        for stale in [&staging, &old] {
-            if stale.exists() {
-                fs::remove_dir_all(stale)
-                    .with_context(|| format!("cannot remove {}", stale.display()))?;
-            }
-        }
-        fs::create_dir(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
-        for (name, bytes) in files {
-            write_atomic(&staging.join(name), bytes)?;
-        }
-        // rename(2) cannot replace a non-empty directory: move the old one aside first. If we
-        // die between the two renames, `.checkpoint.old` still holds the previous checkpoint.
-        if target.exists() {
-            fs::rename(&target, &old).context("cannot move the previous checkpoint aside")?;
-        }
-        fs::rename(&staging, &target).context("cannot install the new checkpoint")?;
-        if old.exists() {
-            fs::remove_dir_all(&old).ok();
-        }
-        Ok(())
-    }
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
@@ -181,6 +144,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         fs::remove_file(&tmp).ok();
     }
     result.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `runs/STEM-YYYYMMDD-HHMMSS`: where a command writes when it is given no `--out`.
+pub fn default_path(stem: &str) -> PathBuf {
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .replace(['-', ':'], "")
+        .replace('T', "-")
+        .trim_end_matches('Z')
+        .to_string();
+    PathBuf::from("runs").join(format!("{stem}-{stamp}"))
 }
 
 #[cfg(test)]
@@ -205,22 +179,6 @@ mod tests {
             fs::read_to_string(root.join("summary.json")).unwrap(),
             "[\n  1,\n  2\n]\n"
         );
-        fs::remove_dir_all(root).ok();
-    }
-
-    #[test]
-    fn checkpoints_replace_each_other_whole() {
-        let root = scratch("ckpt");
-        let dir = RunDir::create(&root).unwrap();
-        dir.write_checkpoint(&[("a", b"1"), ("b", b"1")]).unwrap();
-        dir.write_checkpoint(&[("a", b"2")]).unwrap();
-        let names: Vec<_> = fs::read_dir(root.join("checkpoint"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert_eq!(names, ["a"]);
-        assert_eq!(fs::read(root.join("checkpoint/a")).unwrap(), b"2");
-        assert!(!root.join(".checkpoint.tmp").exists() && !root.join(".checkpoint.old").exists());
         fs::remove_dir_all(root).ok();
     }
 }

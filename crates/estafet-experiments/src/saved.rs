@@ -4,13 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::module::Module;
 use burn::tensor::Device;
 use estafet_data::Task;
 use estafet_models::{Init, SequenceModel};
 
 use crate::config::{self, ConfigSource, ExperimentConfig};
-use crate::{Error, train};
+use crate::evaluate::model_io;
+use crate::{Error, checkpoint};
 
 /// A run as its directory holds it.
 pub struct SavedRun {
@@ -33,26 +33,29 @@ impl SavedRun {
                 dir.display()
             )));
         }
-        let config = config::load(&ConfigSource::read(&config_path)?, &[])?;
+        // The run's own config.toml: estafet resolved and wrote it, so its width is recorded
+        // and it is only read and checked, never sized again.
+        let config = config::parse(&ConfigSource::read(&config_path)?, &[])?;
+        config
+            .validate()
+            .map_err(|e| Error::Config(format!("{}: {e}", config_path.display())))?;
+        config
+            .model
+            .check_device(device)
+            .map_err(|e| Error::Config(format!("{}: {e}", config_path.display())))?;
         let task = config
             .task
             .build()
             .map_err(|e| Error::Config(format!("{}: {e}", config_path.display())))?;
-        let checkpoint = dir.join("checkpoint");
-        let step = train::read_checkpoint_state(&checkpoint)?.step;
-        let model_path = checkpoint.join("model.bpk");
-        let io = train::model_io(&task.info());
-        let model = config
-            .model
-            .init(io, &mut Init::new(config.run.seed, device))
-            .try_load_file(&model_path)
-            .map_err(|e| {
-                Error::Config(format!(
-                    "{}: cannot load the checkpointed model: {}",
-                    model_path.display(),
-                    e.to_string().replace('\n', " ")
-                ))
-            })?;
+        let saved = dir.join("checkpoint");
+        let step = checkpoint::read_state(&saved)?.step;
+        let io = model_io(&task.info());
+        let model = checkpoint::load_model(
+            &saved,
+            config
+                .model
+                .init(io, &mut Init::new(config.run.seed, device)),
+        )?;
         Ok(Self {
             dir: dir.to_path_buf(),
             config,

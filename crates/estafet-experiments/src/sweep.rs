@@ -316,6 +316,48 @@ pub fn run(
     Ok(progress)
 }
 
+/// What became of a sweep's runs, as the command reports it: an error if a signal stopped it
+/// (with the command that continues) or a run failed; otherwise whether every run of the grid
+/// is complete (other shards may still be running).
+pub fn conclude(progress: &Progress, runs: &[SweepRun], out: &Path) -> Result<bool, Error> {
+    if let Some(signal) = progress.interrupted {
+        return Err(Error::Interrupted {
+            signal,
+            message: format!(
+                "{}: the runs under way stopped after a checkpoint; continue with: {}",
+                signal.name(),
+                crate::interrupt::continue_command(out, false)
+            ),
+        });
+    }
+    if !progress.failed.is_empty() {
+        return Err(Error::Runtime(anyhow::anyhow!(
+            "{} runs failed (logs in {}/.configs/): {}",
+            progress.failed.len(),
+            out.display(),
+            progress.failed.join(", ")
+        )));
+    }
+    Ok(runs
+        .iter()
+        .all(|r| crate::run_dir::RunDir::is_complete(&out.join(&r.name))))
+}
+
+/// `estafet run` with no config: the embedded comparison of every architecture
+/// ([`QUICKSTART`]), two runs at a time, into `out`; returns the report.
+pub fn quickstart(backend: Backend, out: &Path) -> Result<String, Error> {
+    let (name, text) = QUICKSTART;
+    let runs = expand_text(&format!("embedded:{name}"), text, Path::new("."))?;
+    eprintln!(
+        "quickstart: {} architectures on copy memory (lag 20) → {}",
+        runs.len(),
+        out.display()
+    );
+    let progress = run(&runs, out, (0, 1), 2, backend)?;
+    conclude(&progress, &runs, out)?;
+    crate::report::write(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
