@@ -21,6 +21,7 @@ use estafet_models::{Init, Input, InputSpec, MixerConfig, ModelIo};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::memory::peak_rss_mb;
 use crate::{Backend, Error};
 
 pub const VOCAB: usize = 64;
@@ -92,14 +93,6 @@ pub fn orchestrate(
         });
     }
     Ok(())
-}
-
-/// Peak resident set of this process so far, in MB (Linux `VmHWM`; `None` elsewhere).
-pub fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }
 
 /// Calls `f` up to `warmup` times untimed, then times it up to `steps` times: the reference's

@@ -101,7 +101,7 @@ pub fn generate(
     Ok(GenerateStats {
         tokens,
         seconds: started.elapsed().as_secs_f64(),
-        peak_rss_mb: crate::bench::peak_rss_mb(),
+        peak_rss_mb: crate::memory::peak_rss_mb(),
     })
 }
 

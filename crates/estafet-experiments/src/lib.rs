@@ -17,6 +17,7 @@ pub mod evaluate;
 pub mod gradflow;
 pub mod infer;
 pub mod interrupt;
+pub mod memory;
 pub mod plot;
 pub mod report;
 pub mod results;

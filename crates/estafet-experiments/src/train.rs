@@ -526,7 +526,7 @@ impl<'a> Run<'a> {
             code_version: self.options.code_version.clone(),
             train_seconds,
             train_tokens_per_second: tokens_per_step * last_step as f64 / train_seconds,
-            peak_rss_mb: crate::bench::peak_rss_mb(),
+            peak_rss_mb: crate::memory::peak_rss_mb(),
             metric: self.info.metric,
             final_eval,
             length_eval,

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fused;
 use crate::init::Init;
-use crate::scan::{Form, Scan, linear_scan};
+use crate::scan::{Compute, Form, Scan, linear_scan};
 
 /// `[model.mixer]` with `kind = "mamba"`: the paper's symbols, with its defaults (N = 16,
 /// E = 2, d_conv = 4, R = ⌈D/16⌉) and the scan's form. Its width is the model's.
@@ -223,15 +223,15 @@ impl Mamba {
         state: Option<MambaState>,
         scan: Scan,
     ) -> (Tensor<3>, MambaState) {
-        self.run(u, state, Some(scan))
+        self.run(u, state, Compute::Tensor(scan))
     }
 
-    /// The block with the scan in tensor ops (`Some(form)`) or fused (`None`).
+    /// The block with the scan computed as `compute` says.
     fn run(
         &self,
         u: Tensor<3>,
         state: Option<MambaState>,
-        scan: Option<Scan>,
+        compute: Compute,
     ) -> (Tensor<3>, MambaState) {
         let [batch, t, _] = u.dims();
         let (inner, n, k) = (self.inner(), self.d_state(), self.d_conv());
@@ -256,8 +256,8 @@ impl Mamba {
         let a = -self.a_log.val().exp(); // [E·D, N]
 
         let m = inner * n;
-        let (y, h_last) = match scan {
-            Some(scan) => {
+        let (y, h_last) = match compute {
+            Compute::Tensor(scan) => {
                 let log_decay = delta.clone().unsqueeze_dim::<4>(3)
                     * a.unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0);
                 let drive = (delta * x.clone()).unsqueeze_dim::<4>(3) * b.unsqueeze_dim::<4>(2); // [B, T, E·D, N]
@@ -272,7 +272,7 @@ impl Mamba {
                     .squeeze_dim::<3>(3);
                 (y, h_last)
             }
-            None => {
+            Compute::Fused => {
                 let out = fused::selective_scan(delta, x.clone(), a, b, c, state.ssm);
                 let y = out
                     .clone()

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use crate::fused;
 use crate::init::Init;
 use crate::mask::{self, Visible};
-use crate::scan::{Form, Scan};
+use crate::scan::{Compute, Form, Scan};
 use crate::time::unbind;
 
 /// Which RWKV, each version with the fields it alone has.
@@ -445,7 +445,7 @@ impl TimeMix4 {
         x: Tensor<3>,
         shift: Tensor<2>,
         state: Wkv4State,
-        form: Option<Scan>,
+        compute: Compute,
     ) -> (Tensor<3>, Tensor<2>, Wkv4State) {
         let next = last(&x);
         let shifted = token_shift(x.clone(), shift);
@@ -458,10 +458,12 @@ impl TimeMix4 {
         let r = sigmoid(self.receptance.forward(lerp(x, shifted, self.mix_r.val())));
         let w = self.time_decay.val().exp();
         let u = self.time_first.val();
-        let (wkv, state) = match form {
-            Some(Scan::Sequential) => wkv4_sequential(w, u, k, v, state),
-            Some(Scan::Chunked { chunk_len }) => wkv4_chunked(w, u, k, v, state, chunk_len),
-            None => {
+        let (wkv, state) = match compute {
+            Compute::Tensor(Scan::Sequential) => wkv4_sequential(w, u, k, v, state),
+            Compute::Tensor(Scan::Chunked { chunk_len }) => {
+                wkv4_chunked(w, u, k, v, state, chunk_len)
+            }
+            Compute::Fused => {
                 let [batch, t, d] = k.dims();
                 let Wkv4State { a, b, p } = state;
                 let out = fused::wkv4(w, u, k, v, a, b, p);
@@ -811,26 +813,28 @@ impl Rwkv {
         state: Option<RwkvState>,
         form: Scan,
     ) -> (Tensor<3>, RwkvState) {
-        self.run(x, state, Some(form))
+        self.run(x, state, Compute::Tensor(form))
     }
 
-    /// The block with the WKV in tensor ops (`Some(form)`) or fused (`None`, RWKV-4 only).
+    /// The block with the WKV computed as `compute` says (fused: RWKV-4 only).
     fn run(
         &self,
         x: Tensor<3>,
         state: Option<RwkvState>,
-        form: Option<Scan>,
+        compute: Compute,
     ) -> (Tensor<3>, RwkvState) {
         let [batch, _, _] = x.dims();
         let state = state.unwrap_or_else(|| self.zero_state(batch, &x.device()));
         let normed = self.ln1.forward(x.clone());
         let (mixed, shift_time, wkv) = match (&self.time_mix, state.wkv) {
             (TimeMix::V4(tm), WkvState::V4(s)) => {
-                let (y, shift, s) = tm.forward(normed, state.shift_time, s, form);
+                let (y, shift, s) = tm.forward(normed, state.shift_time, s, compute);
                 (y, shift, WkvState::V4(s))
             }
             (TimeMix::V6(tm), WkvState::V6(s)) => {
-                let form = form.expect("RWKV-6 has no fused WKV (refused by validate)");
+                let Compute::Tensor(form) = compute else {
+                    unreachable!("RWKV-6 has no fused WKV: validate refuses it, forward never asks")
+                };
                 let (y, shift, s) = tm.forward(normed, state.shift_time, s, form);
                 (y, shift, WkvState::V6(s))
             }

@@ -67,20 +67,19 @@ pub enum Form {
 }
 
 impl Form {
-    /// The tensor form to run, or `None` for the fused kernel, on a backend that has the kernel
-    /// (`kernel`) or not.
-    pub fn resolve(self, kernel: bool) -> Option<Scan> {
+    /// What runs on a backend that has the kernel (`kernel`) or not.
+    pub fn resolve(self, kernel: bool) -> Compute {
         match self {
-            Form::Auto if kernel => None,
-            Form::Auto => Some(Scan::Sequential),
+            Form::Auto if kernel => Compute::Fused,
+            Form::Auto => Compute::Tensor(Scan::Sequential),
             Form::Fused => {
                 assert!(
                     kernel,
                     "a fused form on a backend without the kernel (unchecked config)"
                 );
-                None
+                Compute::Fused
             }
-            Form::Tensor(scan) => Some(scan),
+            Form::Tensor(scan) => Compute::Tensor(scan),
         }
     }
 
@@ -90,6 +89,15 @@ impl Form {
             Form::Auto | Form::Fused => Ok(()),
         }
     }
+}
+
+/// A [`Form`] resolved for a backend: what actually computes the recurrence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compute {
+    /// The fused kernel (`crate::fused`).
+    Fused,
+    /// The tensor-op form.
+    Tensor(Scan),
 }
 
 /// [`Form`] as written in TOML: one flat table tagged by `kind`.

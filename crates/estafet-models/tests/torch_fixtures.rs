@@ -25,7 +25,7 @@ use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
 use estafet_models::mixer::{Mixer, MixerState};
 use estafet_models::rnn::{Nonlinearity, RnnConfig};
 use estafet_models::rwkv::{RwkvConfig, TimeMix, Version, Wkv4State};
-use estafet_models::scan::{Form, Scan};
+use estafet_models::scan::{Compute, Form, Scan};
 use estafet_models::torch::{HostTensor, load_torch_layer};
 
 fn device() -> Device {
@@ -336,11 +336,10 @@ fn mamba_matches_selective_scan_ref() {
 fn rwkv4_time_mix_matches_the_official_recurrence() {
     let f = Fixture::load("rwkv4_time_mix");
     let [b, _, d] = [f.shape("x")[0], f.shape("x")[1], f.shape("x")[2]];
-    // `None`: the fused kernel (`fused::wkv4`).
     for form in [
-        Some(Scan::Sequential),
-        Some(Scan::Chunked { chunk_len: 3 }),
-        None,
+        Compute::Tensor(Scan::Sequential),
+        Compute::Tensor(Scan::Chunked { chunk_len: 3 }),
+        Compute::Fused,
     ] {
         let block = RwkvConfig::new(d, Version::V4).init(&mut Init::new(0, &device()));
         let TimeMix::V4(mut tm) = block.time_mix else {
