@@ -12,6 +12,7 @@ use estafet_experiments::saved::SavedRun;
 use estafet_experiments::train::{self, RunOptions};
 use estafet_experiments::{Backend, Error, catalog, evaluate, interrupt};
 use estafet_experiments::{gradflow, report, sweep};
+use estafet_models::Layout;
 
 const CODE_VERSION: &str = env!("ESTAFET_CODE_VERSION");
 
@@ -168,6 +169,20 @@ enum Command {
         /// Threads for the CPU backends (RAYON_NUM_THREADS of each worker).
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// Mixer layers between the embedding and the head.
+        #[arg(long, default_value_t = 1)]
+        layers: usize,
+        /// How the layers are wired: `stacked` (PyTorch's multi-layer RNNs) or `residual`
+        /// (pre-norm residual blocks and a final norm).
+        #[arg(long, default_value = "stacked", value_parser = parse_layout)]
+        layout: Layout,
+        /// Residual layout: an MLP of this many times d_model after each layer (0: none).
+        #[arg(long, default_value_t = 0)]
+        mlp_expand: usize,
+        /// A named set of shapes instead of one: `research` (every model at d 32, 64, 128, two
+        /// residual layers, T 256 and 1024, batch 32).
+        #[arg(long)]
+        suite: Option<String>,
         #[arg(long, value_parser = parse_backend)]
         backend: Option<Backend>,
         /// Untimed calls before timing each phase.
@@ -189,6 +204,8 @@ enum Command {
         json: bool,
         #[arg(long, hide = true)]
         worker: Option<String>,
+        #[arg(long, hide = true, requires = "worker")]
+        worker_options: Option<String>,
     },
     /// List what this build offers.
     List {
@@ -221,6 +238,14 @@ enum Listing {
 
 fn parse_backend(s: &str) -> Result<Backend, String> {
     s.parse()
+}
+
+fn parse_layout(s: &str) -> Result<Layout, String> {
+    match s {
+        "stacked" => Ok(Layout::Stacked),
+        "residual" => Ok(Layout::Residual),
+        _ => Err(format!("{s:?}: choose stacked or residual")),
+    }
 }
 
 fn parse_shard(s: &str) -> Result<(usize, usize), String> {
@@ -322,6 +347,10 @@ fn execute(cli: Cli) -> Result<(), Error> {
             seq_len,
             d_model,
             threads,
+            layers,
+            layout,
+            mlp_expand,
+            suite,
             backend,
             warmup,
             steps,
@@ -330,10 +359,18 @@ fn execute(cli: Cli) -> Result<(), Error> {
             no_step,
             json,
             worker,
+            worker_options,
         } => {
-            if batch == 0 || seq_len == 0 || threads == 0 || steps == 0 || d_model == Some(0) {
+            if let (Some(model), Some(options)) = (&worker, &worker_options) {
+                let options = BenchOptions::from_json(options)?;
+                let result = bench::measure(model, &options, CODE_VERSION)?;
+                println!("{}", BenchLine::Measured(Box::new(result)).json());
+                return Ok(());
+            }
+            if [batch, seq_len, threads, steps, layers].contains(&0) || d_model == Some(0) {
                 return Err(Error::Config(
-                    "--batch, --seq-len, --d-model, --threads and --steps must be positive".into(),
+                    "--batch, --seq-len, --d-model, --threads, --steps and --layers must be positive"
+                        .into(),
                 ));
             }
             let options = BenchOptions {
@@ -343,27 +380,30 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 d_model,
                 threads,
                 backend: Backend::resolve(backend)?,
+                layers,
+                layout,
+                mlp_expand,
                 warmup,
                 steps,
                 max_seconds,
                 seed,
                 step_mode: !no_step,
             };
-            if let Some(model) = worker {
-                let result = bench::measure(&model, &options, CODE_VERSION)?;
-                println!("{}", BenchLine::Measured(Box::new(result)).json());
-                return Ok(());
-            }
-            let child_args: Vec<String> = std::env::args().skip(1).collect();
+            let shapes = match &suite {
+                Some(name) => bench::suite(name, &options)?,
+                None => vec![options],
+            };
             if !json {
                 println!("{}", BenchLine::header());
             }
             let mut failed = false;
-            bench::orchestrate(&options, &child_args, |line| {
-                println!("{}", if json { line.json() } else { line.row() });
-                failed |= matches!(line, BenchLine::Failed { .. });
-                std::io::Write::flush(&mut std::io::stdout()).ok();
-            })?;
+            for shape in &shapes {
+                bench::orchestrate(shape, |line| {
+                    println!("{}", if json { line.json() } else { line.row() });
+                    failed |= matches!(line, BenchLine::Failed { .. });
+                    std::io::Write::flush(&mut std::io::stdout()).ok();
+                })?;
+            }
             if failed {
                 return Err(Error::Runtime(anyhow::anyhow!("a benchmark worker failed")));
             }

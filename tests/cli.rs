@@ -501,7 +501,50 @@ fn bench_reports_the_reference_fields() {
         }
         assert_eq!(line["config"]["seq_len"], 8);
         assert!(line["loss_first"].as_f64().unwrap().is_finite());
+        for field in ["train_gflops", "gemm_gflops", "efficiency"] {
+            assert!(line[field].as_f64().unwrap() > 0.0, "{field}: {line}");
+        }
     }
+    // A research shape: two pre-norm residual layers with an MLP, built as a config builds it.
+    let out = estafet(&[
+        "bench",
+        "--models",
+        "lstm",
+        "--batch",
+        "2",
+        "--seq-len",
+        "8",
+        "--d-model",
+        "16",
+        "--layers",
+        "2",
+        "--layout",
+        "residual",
+        "--mlp-expand",
+        "2",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--max-seconds",
+        "5",
+        "--no-step",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    // Per layer: LSTM 2·(16·64 + 64), two LayerNorms 2·32, MLP 16·32 + 32 + 32·16 + 16; then the
+    // embedding 64·16, the final norm 32 and the head 16·64 + 64.
+    let layer = 2 * (16 * 64 + 64) + 2 * 32 + (16 * 32 + 32 + 32 * 16 + 16);
+    let non_embedding = 2 * layer + 32 + 16 * 64 + 64;
+    assert_eq!(line["params"], non_embedding + 64 * 16, "{line}");
+    assert_eq!(line["train_flops_per_token"], 6.0 * non_embedding as f64);
+    assert_eq!(line["config"]["layers"], 2);
+    assert_eq!(line["config"]["layout"], "residual");
+    let out = estafet(&["bench", "--suite", "tiny"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("unknown suite"), "{}", stderr(&out));
     let out = estafet(&["bench", "--models", "transformer"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(

@@ -17,7 +17,7 @@ use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
-use estafet_models::{Init, Input, InputSpec, MixerConfig, ModelIo};
+use estafet_models::{Init, Input, InputSpec, Layout, MixerConfig, ModelIo};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +25,9 @@ use crate::memory::peak_rss_mb;
 use crate::{Backend, Error};
 
 pub const VOCAB: usize = 64;
+
+/// The side of the GEMM the efficiency is measured against.
+pub const GEMM_N: usize = 1024;
 
 /// What to measure; the flags of `estafet bench`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -36,6 +39,11 @@ pub struct BenchOptions {
     pub d_model: Option<usize>,
     pub threads: usize,
     pub backend: Backend,
+    /// Mixer layers, how they are wired, and the MLP after each (residual only), built as an
+    /// experiment config builds them.
+    pub layers: usize,
+    pub layout: Layout,
+    pub mlp_expand: usize,
     pub warmup: usize,
     pub steps: usize,
     pub max_seconds: f64,
@@ -44,17 +52,47 @@ pub struct BenchOptions {
     pub step_mode: bool,
 }
 
+impl BenchOptions {
+    /// The options a worker is handed by [`orchestrate`].
+    pub fn from_json(json: &str) -> Result<Self, Error> {
+        serde_json::from_str(json).map_err(|e| Error::Config(format!("--worker-options: {e}")))
+    }
+}
+
 /// The reference's default width for a model.
 pub fn default_d_model(model: &str) -> usize {
     if model == "mamba" { 128 } else { 256 }
 }
 
-/// Runs every model in a child process (this executable, `bench --worker MODEL`) with the
-/// thread count in its environment; hands each model's JSON object to `on_result` as soon as
-/// it is measured, so that an interrupted benchmark keeps what it measured.
+/// The shapes of a named suite, each `base` with its width, length and layers set:
+/// `research` is the small multi-layer models of long-context studies, every model at d 32,
+/// 64 and 128 with 2 pre-norm residual layers, at T 256 and 1024, batch 32.
+pub fn suite(name: &str, base: &BenchOptions) -> Result<Vec<BenchOptions>, Error> {
+    match name {
+        "research" => Ok([32, 64, 128]
+            .into_iter()
+            .flat_map(|d| [256, 1024].map(|t| (d, t)))
+            .map(|(d, t)| BenchOptions {
+                d_model: Some(d),
+                seq_len: t,
+                batch: 32,
+                layers: 2,
+                layout: Layout::Residual,
+                ..base.clone()
+            })
+            .collect()),
+        other => Err(Error::Config(format!(
+            "--suite: unknown suite {other:?}; the one suite is \"research\""
+        ))),
+    }
+}
+
+/// Runs every model in a child process (this executable, `bench --worker MODEL
+/// --worker-options JSON`) with the thread count in its environment; hands each model's line
+/// to `on_result` as soon as it is measured, so that an interrupted benchmark keeps what it
+/// measured.
 pub fn orchestrate(
     options: &BenchOptions,
-    child_args: &[String],
     mut on_result: impl FnMut(&BenchLine),
 ) -> Result<(), Error> {
     for m in &options.models {
@@ -67,10 +105,10 @@ pub fn orchestrate(
     }
     let exe = std::env::current_exe().context("cannot find the estafet executable")?;
     let threads = options.threads.to_string();
+    let json = serde_json::to_string(options).context("cannot serialise the bench options")?;
     for m in &options.models {
         let out = Command::new(&exe)
-            .args(child_args)
-            .args(["--worker", m])
+            .args(["bench", "--worker", m, "--worker-options", &json])
             .env("RAYON_NUM_THREADS", &threads)
             .env("OMP_NUM_THREADS", &threads)
             .output()
@@ -140,7 +178,13 @@ pub fn measure(
 ) -> Result<BenchResult, Error> {
     let device = options.backend.device()?;
     let d_model = options.d_model.unwrap_or_else(|| default_d_model(model));
-    let config = crate::catalog::one_layer(model, d_model)?;
+    let mut config = crate::catalog::one_layer(model, d_model)?;
+    config.n_layers = options.layers;
+    config.layout = options.layout;
+    config.mlp_expand = options.mlp_expand;
+    config
+        .validate()
+        .map_err(|e| Error::Config(format!("{model} at d {d_model}: {e}")))?;
     let mixer = config.mixer.clone();
     let (b, t) = (options.batch, options.seq_len);
     let io = ModelIo {
@@ -152,6 +196,7 @@ pub fn measure(
     let mut net = config.init(io, &mut Init::new(options.seed, &ad_device));
     let params = net.num_params();
     let state_floats = net.state_size(options.seq_len);
+    let flops_per_token = net.train_flops_per_token(options.seq_len);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(options.seed);
     let tokens: Vec<i64> = (0..b * (t + 1))
         .map(|_| rng.random_range(0..VOCAB as i64))
@@ -220,6 +265,8 @@ pub fn measure(
     );
     let tokens = (b * t) as f64;
     let round = |v: f64| (v * 10.0).round() / 10.0;
+    let train_gflops = tokens / median(&train) * flops_per_token / 1e9;
+    let gemm_gflops = estafet_models::fused::gemm_gflops(GEMM_N, 3);
     let mixer = match serde_json::to_value(&mixer).expect("a mixer config serialises") {
         serde_json::Value::Object(fields) => {
             fields.into_iter().filter(|(k, _)| k != "kind").collect()
@@ -245,10 +292,17 @@ pub fn measure(
         state_floats,
         loss_first: losses.first().map(|l| (l * 1e4).round() / 1e4),
         loss_last: losses.last().map(|l| (l * 1e4).round() / 1e4),
+        train_flops_per_token: flops_per_token,
+        train_gflops: round(train_gflops),
+        gemm_gflops: round(gemm_gflops),
+        efficiency: (train_gflops / gemm_gflops * 1e4).round() / 1e4,
         config: BenchShape {
             batch: b,
             seq_len: t,
             d_model,
+            layers: options.layers,
+            layout: options.layout,
+            mlp_expand: options.mlp_expand,
             vocab: VOCAB,
             optimizer: "Adam lr=1e-3".into(),
             dtype: "float32".into(),
@@ -289,6 +343,13 @@ pub struct BenchResult {
     pub state_floats: usize,
     pub loss_first: Option<f64>,
     pub loss_last: Option<f64>,
+    /// Analytic training FLOPs per token (`SequenceModel::train_flops_per_token`), the rate
+    /// they are done at, the rate of one `GEMM_N³` f32 GEMM in the same process on the same
+    /// threads, and the ratio of the two: how far the model trains from the machine's limit.
+    pub train_flops_per_token: f64,
+    pub train_gflops: f64,
+    pub gemm_gflops: f64,
+    pub efficiency: f64,
     pub config: BenchShape,
     pub threads: usize,
     pub backend: Backend,
@@ -302,6 +363,9 @@ pub struct BenchShape {
     pub batch: usize,
     pub seq_len: usize,
     pub d_model: usize,
+    pub layers: usize,
+    pub layout: Layout,
+    pub mlp_expand: usize,
     pub vocab: usize,
     pub optimizer: String,
     pub dtype: String,
@@ -329,7 +393,7 @@ impl BenchLine {
     /// The header of [`BenchLine::row`]'s table.
     pub fn header() -> String {
         format!(
-            "{:<10} {:>12} {:>12} {:>12} {:>9} {:>9} {:>11} {:>9} {:>12}  config",
+            "{:<10} {:>12} {:>12} {:>12} {:>9} {:>9} {:>11} {:>9} {:>12} {:>8} {:>6}  config",
             "model",
             "train tok/s",
             "infer tok/s",
@@ -338,7 +402,9 @@ impl BenchLine {
             "infer ms",
             "peak RSS MB",
             "params",
-            "state floats"
+            "state floats",
+            "GFLOP/s",
+            "eff"
         )
     }
 
@@ -356,7 +422,7 @@ impl BenchLine {
         let whole = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
         let c = &r.config;
         format!(
-            "{:<10} {:>12} {:>12} {:>12} {:>9.1} {:>9.1} {:>11} {:>9} {:>12}  B={} L={} d={} threads={} {}",
+            "{:<10} {:>12} {:>12} {:>12} {:>9.1} {:>9.1} {:>11} {:>9} {:>12} {:>8.1} {:>6.3}  B={} L={} d={} layers={} {} threads={} {}",
             r.model,
             whole(Some(r.train_tok_s)),
             whole(Some(r.infer_tok_s)),
@@ -366,9 +432,16 @@ impl BenchLine {
             whole(r.peak_rss_mb),
             r.params,
             r.state_floats,
+            r.train_gflops,
+            r.efficiency,
             c.batch,
             c.seq_len,
             c.d_model,
+            c.layers,
+            serde_json::to_value(c.layout)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
             r.threads,
             r.backend,
         )

@@ -150,6 +150,13 @@ impl Attention {
         2 * seq_len * self.d_model()
     }
 
+    /// FLOPs per token of the scores and the weighted sum at length `T`: a query meets
+    /// `(T + 1) / 2` keys on average under the causal mask, with `2 D` for `q·k` and `2 D` for
+    /// the sum over `v`.
+    pub fn score_flops_per_token(&self, seq_len: usize) -> f64 {
+        2.0 * self.d_model() as f64 * (seq_len + 1) as f64
+    }
+
     /// `x [B, T, D]` (`T ≥ 1`) after the tokens in `cache` → `[B, T, D]` and the cache with
     /// these `T` tokens appended.
     pub fn forward(&self, x: Tensor<3>, cache: Option<KvCache>) -> (Tensor<3>, KvCache) {

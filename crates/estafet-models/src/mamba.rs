@@ -198,6 +198,12 @@ impl Mamba {
         (self.d_conv() - 1) * self.inner() + self.inner() * self.d_state()
     }
 
+    /// FLOPs per token of the scan beyond the weights: per state element `exp(Δ A)` (a product
+    /// and an exp), the decay and the drive (three) and the `C` contraction (two).
+    pub fn scan_flops_per_token(&self) -> f64 {
+        (7 * self.inner() * self.d_state()) as f64
+    }
+
     pub fn zero_state(&self, batch: usize, device: &Device) -> MambaState {
         MambaState {
             conv: Tensor::zeros([batch, self.d_conv() - 1, self.inner()], device),

@@ -93,6 +93,12 @@ impl MinGru {
         self.d_hidden()
     }
 
+    /// FLOPs per token of the log-space scan beyond the weights: the gate's and candidate's
+    /// logs, the decay and the drive, about five per hidden unit.
+    pub fn scan_flops_per_token(&self) -> f64 {
+        (5 * self.d_hidden()) as f64
+    }
+
     /// `x [B, T, D]` (`T ≥ 1`), `h_0 [B, H]` (zeros if `None`) → `h_1..h_T [B, T, H]`, `h_T`,
     /// in the form [`MinGru::scan`] names.
     pub fn forward(&self, x: Tensor<3>, state: Option<Tensor<2>>) -> (Tensor<3>, Tensor<2>) {

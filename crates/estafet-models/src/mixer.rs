@@ -194,6 +194,20 @@ impl Mixer {
 }
 
 impl Mixer {
+    /// Forward FLOPs per token beyond the weights (which [`crate::SequenceModel`] counts): the
+    /// scans' state updates and attention's scores at length `seq_len`. The classic cells'
+    /// elementwise gate math (a few FLOPs per unit against `2·G·H` per unit in their GEMMs) is
+    /// not counted.
+    pub fn extra_flops_per_token(&self, seq_len: usize) -> f64 {
+        match self {
+            Mixer::Rnn(_) | Mixer::Lstm(_) | Mixer::Gru(_) => 0.0,
+            Mixer::MinGru(cell) => cell.scan_flops_per_token(),
+            Mixer::Mamba(block) => block.scan_flops_per_token(),
+            Mixer::Rwkv(block) => block.wkv_flops_per_token(),
+            Mixer::Attention(attn) => attn.score_flops_per_token(seq_len),
+        }
+    }
+
     /// The sigmoid gate activations one `step` from `state` would use (LSTM `i, f, o`; GRU
     /// `r, z`; minGRU `z`), `[B, G]`, for the saturation diagnostic; `None` for mixers whose
     /// memory is not gated that way.

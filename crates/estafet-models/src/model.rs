@@ -372,6 +372,24 @@ impl SequenceModel {
             .sum()
     }
 
+    /// Training FLOPs per token at length `seq_len`, counted analytically: the forward pass
+    /// costs 2 FLOPs per parameter (every weight but the embedding's, a table lookup, multiplies
+    /// and adds once per token) plus each mixer's [`Mixer::extra_flops_per_token`]; the backward
+    /// twice the forward (the gradients of the inputs and of the weights), so training is 3×.
+    pub fn train_flops_per_token(&self, seq_len: usize) -> f64 {
+        let embedding = match &self.encoder {
+            Encoder::Embedding(e) => e.num_params(),
+            Encoder::Projection(_) => 0,
+        };
+        let weights = 2.0 * (self.num_params() - embedding) as f64;
+        let extra: f64 = self
+            .blocks
+            .iter()
+            .map(|b| b.mixer.extra_flops_per_token(seq_len))
+            .sum();
+        3.0 * (weights + extra)
+    }
+
     /// The encoder alone: `input` → `[B, T, D]`.
     pub fn encode(&self, input: Input) -> Tensor<3> {
         match (&self.encoder, input) {
@@ -533,5 +551,37 @@ mod tests {
         assert!(
             burn::module::Module::num_params(&model) > burn::module::Module::num_params(&plain)
         );
+    }
+
+    /// Training FLOPs: 6 per weight but the embedding's, plus the mixers' own terms.
+    #[test]
+    fn training_flops_count_weights_and_scores() {
+        let io = ModelIo {
+            input: InputSpec::Tokens { vocab: 7 },
+            d_output: 5,
+            readout: Readout::PerPosition,
+        };
+        let model = |mixer: serde_json::Value| {
+            ModelConfig {
+                mixer: serde_json::from_value(mixer).unwrap(),
+                d_model: 8,
+                n_layers: 1,
+                layout: Layout::Stacked,
+                mlp_expand: 0,
+                match_params: None,
+                match_state: None,
+            }
+            .init(io, &mut Init::new(0, &device()))
+        };
+        // LSTM: W_i, W_h [8, 32] and their biases, the head [8, 5] and its bias.
+        let lstm = model(serde_json::json!({ "kind": "lstm" }));
+        assert_eq!(
+            lstm.train_flops_per_token(100),
+            6.0 * (2.0 * (256.0 + 32.0) + 45.0)
+        );
+        // Attention adds its scores, 2·D·(T + 1) per token forward, which grow with T.
+        let attention = model(serde_json::json!({ "kind": "attention", "n_heads": 2 }));
+        let grows = attention.train_flops_per_token(100) - attention.train_flops_per_token(50);
+        assert_eq!(grows, 3.0 * 2.0 * 8.0 * 50.0);
     }
 }

@@ -765,6 +765,16 @@ impl Rwkv {
         self.channel_mix.receptance.weight.dims()[0]
     }
 
+    /// FLOPs per token of the WKV beyond the weights: RWKV-4's running-max update, about 12 per
+    /// channel; RWKV-6's matrix state, `diag(w) S + kᵀ v` and `r S` (five per state element).
+    pub fn wkv_flops_per_token(&self) -> f64 {
+        let d = self.d_model() as f64;
+        match &self.time_mix {
+            TimeMix::V4(_) => 12.0 * d,
+            TimeMix::V6(tm) => 5.0 * d * tm.head_size as f64,
+        }
+    }
+
     /// Floats of state per sequence: two token shifts and the WKV state.
     pub fn state_size(&self) -> usize {
         let d = self.d_model();

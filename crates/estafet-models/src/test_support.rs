@@ -13,3 +13,12 @@ pub fn device() -> Device {
 pub fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
     (a - b).abs().max().into_scalar()
 }
+
+/// `U(lo, hi)` draws of `shape` from `seed`: unit tests compare the same numbers every run (the
+/// backend's own generator is not seeded).
+pub fn uniform<const D: usize>(shape: [usize; D], lo: f64, hi: f64, seed: u64) -> Tensor<D> {
+    let centred = crate::Init::new(seed, &device())
+        .uniform(shape, (hi - lo) / 2.0)
+        .val();
+    (centred + (hi + lo) / 2.0).detach()
+}

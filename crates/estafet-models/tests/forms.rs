@@ -11,7 +11,7 @@
 #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{Device, Distribution, Gradients, Tensor};
+use burn::tensor::{Device, Gradients, Tensor};
 use estafet_models::Init;
 use estafet_models::gru::{Gru, GruConfig};
 use estafet_models::lstm::{Lstm, LstmConfig, LstmState};
@@ -28,8 +28,16 @@ fn device() -> Device {
     Device::ndarray().autodiff()
 }
 
+/// Seeded draws (the `k`-th draw of a test uses seed `k`; each test runs on its own thread), so
+/// that every run compares the same numbers and a failure reproduces: the backend's own
+/// generator is not seeded.
 fn normal<const D: usize>(shape: [usize; D], std: f64) -> Tensor<D> {
-    Tensor::random(shape, Distribution::Normal(0.0, std), &device())
+    thread_local!(static DRAWS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) });
+    let seed = DRAWS.with(|d| d.replace(d.get() + 1));
+    Init::new(1_000 + seed, &device())
+        .normal(shape, std)
+        .val()
+        .detach()
 }
 
 /// A tracked copy: a fresh leaf that gradients flow into.

@@ -512,8 +512,7 @@ mod tests {
     use crate::Init;
     use crate::gru::GruConfig;
     use crate::lstm::LstmConfig;
-    use crate::test_support::{device, max_diff};
-    use burn::tensor::{Distribution, Tensor};
+    use crate::test_support::{device, max_diff, uniform};
 
     /// Batches that do not split evenly into per-thread blocks (B = 3, 5 on any pool of two or
     /// more threads) give what the sequential form gives, gradients included.
@@ -532,8 +531,8 @@ mod tests {
         }
         .init(&mut Init::new(2, &dev));
         for batch in [3, 5] {
-            let x = Tensor::<3>::random([batch, 6, 3], Distribution::Normal(0.0, 1.0), &dev);
-            let r = Tensor::<3>::random([batch, 6, 4], Distribution::Normal(0.0, 1.0), &dev);
+            let x = uniform([batch, 6, 3], -2.0, 2.0, batch as u64);
+            let r = uniform([batch, 6, 4], -2.0, 2.0, 10 + batch as u64);
             let run = |fused: bool, lstm_cell: bool| {
                 let x = x.clone().detach().require_grad();
                 let y = match (lstm_cell, fused) {

@@ -157,6 +157,35 @@ pub(super) unsafe fn matmul(
     }
 }
 
+/// The rate of one `n × n × n` f32 GEMM through [`matmul`] on rayon's pool, GFLOP/s: the best
+/// of `repeats` timed calls after one untimed call. What "the machine's limit" means for the
+/// benchmark's efficiency figure.
+pub(super) fn gemm_gflops(n: usize, repeats: usize) -> f64 {
+    let (a, b) = (vec![1.0f32; n * n], vec![0.5f32; n * n]);
+    let mut c = vec![0.0f32; n * n];
+    let mut best = f64::INFINITY;
+    for i in 0..=repeats {
+        let started = std::time::Instant::now();
+        // SAFETY: `a`, `b` and `c` are `n × n` row-major and `c` is distinct from both.
+        unsafe {
+            matmul(
+                [n, n, n],
+                c.as_mut_ptr(),
+                n,
+                false,
+                (a.as_ptr(), n, 1),
+                (b.as_ptr(), n, 1),
+                gemm::Parallelism::Rayon(0),
+            )
+        };
+        if i > 0 {
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+    }
+    assert_eq!(c[0], 0.5 * n as f32, "the GEMM computed what it was given");
+    2.0 * (n * n * n) as f64 / best / 1e9
+}
+
 /// Sequences per block: the batch is cut into one contiguous block of sequences per rayon
 /// thread. Sequences are independent, so each block runs the whole time loop alone with
 /// single-threaded GEMMs, with no synchronisation per step.

@@ -52,6 +52,13 @@ use host::{run_plain, run_tracked};
 use selective::Selective;
 use wkv4::Wkv4;
 
+/// The rate of one `n × n × n` f32 GEMM with the kernels' GEMM on rayon's pool (its threads
+/// are the process's `RAYON_NUM_THREADS`), GFLOP/s, the best of `repeats`: the yardstick of the
+/// benchmark's efficiency.
+pub fn gemm_gflops(n: usize, repeats: usize) -> f64 {
+    host::gemm_gflops(n, repeats)
+}
+
 /// Whether `device`'s backend runs the host kernels (then models use the ops of this module).
 pub fn has_kernel(device: &burn::tensor::Device) -> bool {
     use burn::backend::DispatchDevice;

@@ -193,24 +193,25 @@ impl HostKernel<6> for Selective {
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::{Distribution, Tensor};
+    use burn::tensor::Tensor;
 
     use crate::scan::{Scan, linear_scan};
-    use crate::test_support::{device, max_diff};
+    use crate::test_support::{max_diff, uniform};
 
     /// The kernel against the definition (the diagonal scan over the materialised decays and
     /// drives, contracted with `C`) at an uneven batch (B = 3) and odd sizes: `y`, `h_T` and the
     /// gradient of every input.
     #[test]
     fn kernel_matches_definition() {
-        let dev = device();
         let (bsz, t, m, n) = (3, 7, 5, 3);
-        let uniform = |shape: [usize; 3], lo, hi| {
-            Tensor::<3>::random(shape, Distribution::Uniform(lo, hi), &dev)
+        let mut seed = 0;
+        let mut uniform = |shape: [usize; 3], lo, hi| {
+            seed += 1;
+            uniform(shape, lo, hi, seed)
         };
         let delta = uniform([bsz, t, m], 0.01, 0.5);
         let x = uniform([bsz, t, m], -1.0, 1.0);
-        let a = -Tensor::<2>::random([m, n], Distribution::Uniform(0.1, 2.0), &dev);
+        let a = -crate::test_support::uniform([m, n], 0.1, 2.0, 99);
         let b = uniform([bsz, t, n], -1.0, 1.0);
         let c = uniform([bsz, t, n], -1.0, 1.0);
         let h0 = uniform([bsz, m, n], -1.0, 1.0);

@@ -247,29 +247,31 @@ impl HostKernel<7> for Wkv4 {
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::{Distribution, Tensor};
+    use burn::tensor::Tensor;
 
     use crate::rwkv::{Wkv4State, wkv4_sequential};
-    use crate::test_support::{device, max_diff};
+    use crate::test_support::{max_diff, uniform};
 
     /// The kernel against the definition (the sequential running-max WKV) at an uneven batch
     /// (B = 3) and odd sizes, from a non-zero state: `y`, the final `(a, b, p)` and the gradient
     /// of every input.
     #[test]
     fn kernel_matches_definition() {
-        let dev = device();
         let (bsz, t, d) = (3, 7, 5);
-        let uniform3 =
-            |lo, hi| Tensor::<3>::random([bsz, t, d], Distribution::Uniform(lo, hi), &dev);
-        let uniform2 = |lo, hi| Tensor::<2>::random([bsz, d], Distribution::Uniform(lo, hi), &dev);
-        let w = Tensor::<1>::random([d], Distribution::Uniform(0.05, 2.0), &dev);
-        let u = Tensor::<1>::random([d], Distribution::Uniform(-1.0, 1.0), &dev);
-        let (k, v) = (uniform3(-2.0, 2.0), uniform3(-1.0, 1.0));
-        let (a, b, p) = (uniform2(-1.0, 1.0), uniform2(0.5, 2.0), uniform2(-1.0, 1.0));
+        let uniform3 = |lo, hi, seed| uniform([bsz, t, d], lo, hi, seed);
+        let uniform2 = |lo, hi, seed| uniform([bsz, d], lo, hi, seed);
+        let w = uniform([d], 0.05, 2.0, 1);
+        let u = uniform([d], -1.0, 1.0, 2);
+        let (k, v) = (uniform3(-2.0, 2.0, 3), uniform3(-1.0, 1.0, 4));
+        let (a, b, p) = (
+            uniform2(-1.0, 1.0, 5),
+            uniform2(0.5, 2.0, 6),
+            uniform2(-1.0, 1.0, 7),
+        );
         let (r_y, r_a, r_b) = (
-            uniform3(-1.0, 1.0),
-            uniform2(-1.0, 1.0),
-            uniform2(-1.0, 1.0),
+            uniform3(-1.0, 1.0, 8),
+            uniform2(-1.0, 1.0, 9),
+            uniform2(-1.0, 1.0, 10),
         );
         let run = |fused: bool| {
             let (w, u) = (w.clone().require_grad(), u.clone().require_grad());
