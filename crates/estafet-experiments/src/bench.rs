@@ -317,6 +317,7 @@ pub fn measure(
         },
         threads: options.threads,
         backend: options.backend,
+        isa: format!("{:?}", estafet_models::fused::Isa::current()),
         estafet: code_version.to_string(),
     })
 }
@@ -353,6 +354,8 @@ pub struct BenchResult {
     pub config: BenchShape,
     pub threads: usize,
     pub backend: Backend,
+    /// The instruction set the fused kernels' loops ran with (`ESTAFET_ISA` to choose).
+    pub isa: String,
     /// estafet's code version.
     pub estafet: String,
 }

@@ -18,7 +18,7 @@ use burn::backend::TensorMetadata;
 use burn::backend::tensor::FloatTensor;
 
 use super::host::{HostKernel, block_rows, blocks, dims3, matmul, read};
-use super::math::{sigmoid, tanh};
+use super::math::{sigmoid, tanh, vectorised};
 
 /// Which cell the kernel runs; the gate order is PyTorch's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,11 +170,13 @@ fn scan_forward(i: &CellScan, save: bool) -> (Vec<f32>, Vec<f32>) {
         .into_par_iter()
         .zip(act_blocks)
         .enumerate()
-        .for_each(|(k, (out, acts))| forward_block(i, k * rows, out, acts));
+        .for_each(|(k, (out, acts))| vectorised(|| forward_block(i, k * rows, out, acts)));
     (out, acts)
 }
 
 /// [`scan_forward`] for the sequences `first..` that `out` holds; `acts` empty when not saving.
+/// Inlined into each instruction-set copy of [`vectorised`].
+#[inline(always)]
 fn forward_block(i: &CellScan, first: usize, out: &mut [f32], acts: &mut [f32]) {
     let (cell, t_len, h) = (i.cell, i.len, i.hidden);
     let gh = cell.gates() * h;
@@ -343,7 +345,7 @@ fn scan_backward(i: &CellScan, d_out: &[f32]) -> [Vec<f32>; 7] {
     parts
         .into_par_iter()
         .enumerate()
-        .for_each(|(k, part)| backward_block(i, k * rows, d_out, part));
+        .for_each(|(k, part)| vectorised(|| backward_block(i, k * rows, d_out, part)));
     let d_hp = if cell == Cell::Gru { &d_hp_gru } else { &d_xp };
     let (rows_all, d) = (bsz * t_len, i.d_input);
     // dW_h = Σ_{b,t} h_{t-1}ᵀ dhp_t, dW_i = Σ_{b,t} x_tᵀ dxp_t, dx = dxp W_iᵀ: one GEMM each
@@ -395,6 +397,7 @@ fn scan_backward(i: &CellScan, d_out: &[f32]) -> [Vec<f32>; 7] {
 
 /// [`scan_backward`] for the block of sequences starting at `first`; `part` holds its slices of
 /// `d_xp`, `d_hp` (GRU only, else empty), `h_prev`, `d_h0` and `d_c0`.
+#[inline(always)]
 fn backward_block(
     i: &CellScan,
     first: usize,
@@ -518,40 +521,44 @@ mod tests {
     /// more threads) give what the sequential form gives, gradients included.
     #[test]
     fn uneven_batch_blocks_agree_with_sequential() {
-        let dev = device();
-        let lstm = LstmConfig {
-            d_input: 3,
-            d_hidden: 4,
-            forget_bias: 1.0,
-        }
-        .init(&mut Init::new(1, &dev));
-        let gru = GruConfig {
-            d_input: 3,
-            d_hidden: 4,
-        }
-        .init(&mut Init::new(2, &dev));
-        for batch in [3, 5] {
-            let x = uniform([batch, 6, 3], -2.0, 2.0, batch as u64);
-            let r = uniform([batch, 6, 4], -2.0, 2.0, 10 + batch as u64);
-            let run = |fused: bool, lstm_cell: bool| {
-                let x = x.clone().detach().require_grad();
-                let y = match (lstm_cell, fused) {
-                    (true, true) => lstm.forward(x.clone(), None).0,
-                    (true, false) => lstm.forward_sequential(x.clone(), None).0,
-                    (false, true) => gru.forward(x.clone(), None).0,
-                    (false, false) => gru.forward_sequential(x.clone(), None).0,
+        // Every instruction-set copy of the kernel the CPU runs.
+        for isa in crate::fused::Isa::available() {
+            crate::fused::Isa::select(isa);
+            let dev = device();
+            let lstm = LstmConfig {
+                d_input: 3,
+                d_hidden: 4,
+                forget_bias: 1.0,
+            }
+            .init(&mut Init::new(1, &dev));
+            let gru = GruConfig {
+                d_input: 3,
+                d_hidden: 4,
+            }
+            .init(&mut Init::new(2, &dev));
+            for batch in [3, 5] {
+                let x = uniform([batch, 6, 3], -2.0, 2.0, batch as u64);
+                let r = uniform([batch, 6, 4], -2.0, 2.0, 10 + batch as u64);
+                let run = |fused: bool, lstm_cell: bool| {
+                    let x = x.clone().detach().require_grad();
+                    let y = match (lstm_cell, fused) {
+                        (true, true) => lstm.forward(x.clone(), None).0,
+                        (true, false) => lstm.forward_sequential(x.clone(), None).0,
+                        (false, true) => gru.forward(x.clone(), None).0,
+                        (false, false) => gru.forward_sequential(x.clone(), None).0,
+                    };
+                    let grads = (y.clone() * r.clone()).sum().backward();
+                    (y, x.grad(&grads).unwrap())
                 };
-                let grads = (y.clone() * r.clone()).sum().backward();
-                (y, x.grad(&grads).unwrap())
-            };
-            for lstm_cell in [true, false] {
-                let (y, dx) = run(true, lstm_cell);
-                let (y_ref, dx_ref) = run(false, lstm_cell);
-                assert!(max_diff(y, y_ref) < 1e-5, "B {batch}, lstm {lstm_cell}: y");
-                assert!(
-                    max_diff(dx, dx_ref) < 1e-5,
-                    "B {batch}, lstm {lstm_cell}: dx"
-                );
+                for lstm_cell in [true, false] {
+                    let (y, dx) = run(true, lstm_cell);
+                    let (y_ref, dx_ref) = run(false, lstm_cell);
+                    assert!(max_diff(y, y_ref) < 1e-5, "B {batch}, lstm {lstm_cell}: y");
+                    assert!(
+                        max_diff(dx, dx_ref) < 1e-5,
+                        "B {batch}, lstm {lstm_cell}: dx"
+                    );
+                }
             }
         }
     }

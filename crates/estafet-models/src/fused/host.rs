@@ -238,5 +238,5 @@ pub(super) fn par_rows(data: &mut [f32], width: usize, f: impl Fn(usize, &mut [f
     use rayon::prelude::*;
     data.par_chunks_mut(width)
         .enumerate()
-        .for_each(|(i, row)| f(i, row));
+        .for_each(|(i, row)| super::math::vectorised(|| f(i, row)));
 }

@@ -1,6 +1,105 @@
-//! Transcendentals written so that the kernels' loops over them vectorise with baseline x86-64
-//! (std's `exp` and `tanh` are a libm call per element, which dominated the scans), and a dot
-//! product in independent lanes.
+//! Transcendentals written so that the kernels' loops over them vectorise (std's `exp` and
+//! `tanh` are a libm call per element, which dominated the scans), a dot product in independent
+//! lanes, and the choice of instruction set the kernels' loops run with.
+//!
+//! A build for baseline x86-64 vectorises four lanes with SSE2. [`vectorised`] runs a kernel's
+//! block through a copy compiled for AVX2 and FMA (eight lanes), or AVX-512 (sixteen), when the
+//! CPU has them, chosen at run time; every copy computes the same floats (Rust never contracts
+//! `a * b + c` into an FMA by itself, and the code fixes the order of every sum).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// The instruction sets the kernels' loops can be compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// The build's own target (SSE2 on baseline x86-64).
+    Baseline = 1,
+    Avx2Fma = 2,
+    Avx512 = 3,
+}
+
+/// 0: not chosen yet; else the [`Isa`] in use.
+static CHOSEN: AtomicU8 = AtomicU8::new(0);
+
+impl Isa {
+    /// Every tier this CPU runs, the best last.
+    pub fn available() -> Vec<Isa> {
+        let mut tiers = vec![Isa::Baseline];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                tiers.push(Isa::Avx2Fma);
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512dq")
+                {
+                    tiers.push(Isa::Avx512);
+                }
+            }
+        }
+        tiers
+    }
+
+    /// The tier the kernels use: the best this CPU runs, or `ESTAFET_ISA` (`baseline`, `avx2`,
+    /// `avx512`) capped at what the CPU runs, read once per process.
+    pub fn current() -> Isa {
+        match CHOSEN.load(Ordering::Relaxed) {
+            1 => Isa::Baseline,
+            2 => Isa::Avx2Fma,
+            3 => Isa::Avx512,
+            _ => {
+                let available = Isa::available();
+                let best = *available.last().expect("baseline is always available");
+                let asked = match std::env::var("ESTAFET_ISA").as_deref() {
+                    Ok("baseline") => Isa::Baseline,
+                    Ok("avx2") => Isa::Avx2Fma,
+                    Ok("avx512") => Isa::Avx512,
+                    _ => best,
+                };
+                let isa = if available.contains(&asked) {
+                    asked
+                } else {
+                    best
+                };
+                CHOSEN.store(isa as u8, Ordering::Relaxed);
+                isa
+            }
+        }
+    }
+
+    /// Makes the kernels use `isa` from now on (tests run each tier the CPU has).
+    pub fn select(isa: Isa) {
+        assert!(Isa::available().contains(&isa), "{isa:?} is not available");
+        CHOSEN.store(isa as u8, Ordering::Relaxed);
+    }
+}
+
+/// Runs `f` with its loops compiled for [`Isa::current`]: `f`'s body and what it inlines (the
+/// kernels mark their block functions and the transcendentals `#[inline(always)]`).
+#[inline(always)]
+pub(super) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
+    match Isa::current() {
+        // SAFETY: `current` picks only tiers whose features the CPU has.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { avx2_fma(f) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512(f) },
+        _ => f(),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_fma<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
 
 /// `eˣ` for `x ≤ 0` to a relative 3e-7 (2–3 ulp), written so that loops over it vectorise
 /// with baseline SSE2 (std's `exp` is a libm call per element, which dominated the scans).
@@ -74,6 +173,31 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every instruction-set copy computes the same floats as the baseline build.
+    #[test]
+    fn every_tier_computes_the_same_floats() {
+        let xs: Vec<f32> = (0..4099).map(|i| -60.0 + i as f32 * 0.0301).collect();
+        let run = || {
+            let mut out: Vec<f32> = xs
+                .iter()
+                .map(|&x| exp(x.min(0.0)) + sigmoid(x) + tanh(x))
+                .collect();
+            out.push(dot(&xs, &xs[1..]));
+            out
+        };
+        let baseline = run();
+        for isa in Isa::available() {
+            Isa::select(isa);
+            let got = vectorised(run);
+            assert!(
+                got.iter()
+                    .zip(&baseline)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{isa:?}"
+            );
+        }
+    }
 
     /// The vectorisable `exp`, `σ` and `tanh` against std's, over the range the kernels use.
     #[test]

@@ -49,6 +49,7 @@ use burn::tensor::Tensor;
 pub use cell::Cell;
 use cell::CellScan;
 use host::{run_plain, run_tracked};
+pub use math::Isa;
 use selective::Selective;
 use wkv4::Wkv4;
 

@@ -203,77 +203,82 @@ mod tests {
     /// gradient of every input.
     #[test]
     fn kernel_matches_definition() {
-        let (bsz, t, m, n) = (3, 7, 5, 3);
-        let mut seed = 0;
-        let mut uniform = |shape: [usize; 3], lo, hi| {
-            seed += 1;
-            uniform(shape, lo, hi, seed)
-        };
-        let delta = uniform([bsz, t, m], 0.01, 0.5);
-        let x = uniform([bsz, t, m], -1.0, 1.0);
-        let a = -crate::test_support::uniform([m, n], 0.1, 2.0, 99);
-        let b = uniform([bsz, t, n], -1.0, 1.0);
-        let c = uniform([bsz, t, n], -1.0, 1.0);
-        let h0 = uniform([bsz, m, n], -1.0, 1.0);
-        let (r_y, r_h) = (
-            uniform([bsz, t, m], -1.0, 1.0),
-            uniform([bsz, m, n], -1.0, 1.0),
-        );
-        let run = |fused: bool| {
-            let track = |t: &Tensor<3>| t.clone().detach().require_grad();
-            let (delta, x, b, c, h0) = (track(&delta), track(&x), track(&b), track(&c), track(&h0));
-            let a = a.clone().detach().require_grad();
-            let (y, h) = if fused {
-                let out = super::super::selective_scan(
-                    delta.clone(),
-                    x.clone(),
-                    a.clone(),
-                    b.clone(),
-                    c.clone(),
-                    h0.clone(),
-                );
-                (
-                    out.clone().narrow(1, 0, t * m).reshape([bsz, t, m]),
-                    out.narrow(1, t * m, m * n).reshape([bsz, m, n]),
-                )
-            } else {
-                let log_decay = delta.clone().unsqueeze_dim::<4>(3)
-                    * a.clone().unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0);
-                let drive = (delta.clone() * x.clone()).unsqueeze_dim::<4>(3)
-                    * b.clone().unsqueeze_dim::<4>(2);
-                let (h, h_last) = linear_scan(
-                    log_decay.reshape([bsz, t, m * n]),
-                    drive.reshape([bsz, t, m * n]),
-                    h0.clone().reshape([bsz, m * n]),
-                    Scan::Sequential,
-                );
-                let y = (h.reshape([bsz, t, m, n]) * c.clone().unsqueeze_dim::<4>(2))
-                    .sum_dim(3)
-                    .squeeze_dim::<3>(3);
-                (y, h_last.reshape([bsz, m, n]))
+        // Every instruction-set copy of the kernel the CPU runs.
+        for isa in crate::fused::Isa::available() {
+            crate::fused::Isa::select(isa);
+            let (bsz, t, m, n) = (3, 7, 5, 3);
+            let mut seed = 0;
+            let mut uniform = |shape: [usize; 3], lo, hi| {
+                seed += 1;
+                uniform(shape, lo, hi, seed)
             };
-            let grads =
-                ((y.clone() * r_y.clone()).sum() + (h.clone() * r_h.clone()).sum()).backward();
-            let g3 = |t: &Tensor<3>| t.grad(&grads).unwrap().flatten::<1>(0, 2);
-            let inputs = [
-                g3(&delta),
-                g3(&x),
-                a.grad(&grads).unwrap().flatten::<1>(0, 1),
-                g3(&b),
-                g3(&c),
-                g3(&h0),
-            ];
-            (y, h, inputs)
-        };
-        let (y, h, grads) = run(true);
-        let (y_ref, h_ref, grads_ref) = run(false);
-        assert!(max_diff(y, y_ref) < 1e-5, "y");
-        assert!(max_diff(h, h_ref) < 1e-5, "h_T");
-        for (name, (g, g_ref)) in ["Δ", "x", "A", "B", "C", "h0"]
-            .iter()
-            .zip(grads.into_iter().zip(grads_ref))
-        {
-            assert!(max_diff(g, g_ref) < 1e-4, "d{name}");
+            let delta = uniform([bsz, t, m], 0.01, 0.5);
+            let x = uniform([bsz, t, m], -1.0, 1.0);
+            let a = -crate::test_support::uniform([m, n], 0.1, 2.0, 99);
+            let b = uniform([bsz, t, n], -1.0, 1.0);
+            let c = uniform([bsz, t, n], -1.0, 1.0);
+            let h0 = uniform([bsz, m, n], -1.0, 1.0);
+            let (r_y, r_h) = (
+                uniform([bsz, t, m], -1.0, 1.0),
+                uniform([bsz, m, n], -1.0, 1.0),
+            );
+            let run = |fused: bool| {
+                let track = |t: &Tensor<3>| t.clone().detach().require_grad();
+                let (delta, x, b, c, h0) =
+                    (track(&delta), track(&x), track(&b), track(&c), track(&h0));
+                let a = a.clone().detach().require_grad();
+                let (y, h) = if fused {
+                    let out = super::super::selective_scan(
+                        delta.clone(),
+                        x.clone(),
+                        a.clone(),
+                        b.clone(),
+                        c.clone(),
+                        h0.clone(),
+                    );
+                    (
+                        out.clone().narrow(1, 0, t * m).reshape([bsz, t, m]),
+                        out.narrow(1, t * m, m * n).reshape([bsz, m, n]),
+                    )
+                } else {
+                    let log_decay = delta.clone().unsqueeze_dim::<4>(3)
+                        * a.clone().unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0);
+                    let drive = (delta.clone() * x.clone()).unsqueeze_dim::<4>(3)
+                        * b.clone().unsqueeze_dim::<4>(2);
+                    let (h, h_last) = linear_scan(
+                        log_decay.reshape([bsz, t, m * n]),
+                        drive.reshape([bsz, t, m * n]),
+                        h0.clone().reshape([bsz, m * n]),
+                        Scan::Sequential,
+                    );
+                    let y = (h.reshape([bsz, t, m, n]) * c.clone().unsqueeze_dim::<4>(2))
+                        .sum_dim(3)
+                        .squeeze_dim::<3>(3);
+                    (y, h_last.reshape([bsz, m, n]))
+                };
+                let grads =
+                    ((y.clone() * r_y.clone()).sum() + (h.clone() * r_h.clone()).sum()).backward();
+                let g3 = |t: &Tensor<3>| t.grad(&grads).unwrap().flatten::<1>(0, 2);
+                let inputs = [
+                    g3(&delta),
+                    g3(&x),
+                    a.grad(&grads).unwrap().flatten::<1>(0, 1),
+                    g3(&b),
+                    g3(&c),
+                    g3(&h0),
+                ];
+                (y, h, inputs)
+            };
+            let (y, h, grads) = run(true);
+            let (y_ref, h_ref, grads_ref) = run(false);
+            assert!(max_diff(y, y_ref) < 1e-5, "y");
+            assert!(max_diff(h, h_ref) < 1e-5, "h_T");
+            for (name, (g, g_ref)) in ["Δ", "x", "A", "B", "C", "h0"]
+                .iter()
+                .zip(grads.into_iter().zip(grads_ref))
+            {
+                assert!(max_diff(g, g_ref) < 1e-4, "d{name}");
+            }
         }
     }
 }

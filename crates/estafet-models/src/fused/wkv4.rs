@@ -257,78 +257,82 @@ mod tests {
     /// of every input.
     #[test]
     fn kernel_matches_definition() {
-        let (bsz, t, d) = (3, 7, 5);
-        let uniform3 = |lo, hi, seed| uniform([bsz, t, d], lo, hi, seed);
-        let uniform2 = |lo, hi, seed| uniform([bsz, d], lo, hi, seed);
-        let w = uniform([d], 0.05, 2.0, 1);
-        let u = uniform([d], -1.0, 1.0, 2);
-        let (k, v) = (uniform3(-2.0, 2.0, 3), uniform3(-1.0, 1.0, 4));
-        let (a, b, p) = (
-            uniform2(-1.0, 1.0, 5),
-            uniform2(0.5, 2.0, 6),
-            uniform2(-1.0, 1.0, 7),
-        );
-        let (r_y, r_a, r_b) = (
-            uniform3(-1.0, 1.0, 8),
-            uniform2(-1.0, 1.0, 9),
-            uniform2(-1.0, 1.0, 10),
-        );
-        let run = |fused: bool| {
-            let (w, u) = (w.clone().require_grad(), u.clone().require_grad());
-            let (k, v) = (k.clone().require_grad(), v.clone().require_grad());
+        // Every instruction-set copy of the kernel the CPU runs.
+        for isa in crate::fused::Isa::available() {
+            crate::fused::Isa::select(isa);
+            let (bsz, t, d) = (3, 7, 5);
+            let uniform3 = |lo, hi, seed| uniform([bsz, t, d], lo, hi, seed);
+            let uniform2 = |lo, hi, seed| uniform([bsz, d], lo, hi, seed);
+            let w = uniform([d], 0.05, 2.0, 1);
+            let u = uniform([d], -1.0, 1.0, 2);
+            let (k, v) = (uniform3(-2.0, 2.0, 3), uniform3(-1.0, 1.0, 4));
             let (a, b, p) = (
-                a.clone().require_grad(),
-                b.clone().require_grad(),
-                p.clone().require_grad(),
+                uniform2(-1.0, 1.0, 5),
+                uniform2(0.5, 2.0, 6),
+                uniform2(-1.0, 1.0, 7),
             );
-            let (y, state) = if fused {
-                let out = super::super::wkv4(
-                    w.clone(),
-                    u.clone(),
-                    k.clone(),
-                    v.clone(),
-                    a.clone(),
-                    b.clone(),
-                    p.clone(),
+            let (r_y, r_a, r_b) = (
+                uniform3(-1.0, 1.0, 8),
+                uniform2(-1.0, 1.0, 9),
+                uniform2(-1.0, 1.0, 10),
+            );
+            let run = |fused: bool| {
+                let (w, u) = (w.clone().require_grad(), u.clone().require_grad());
+                let (k, v) = (k.clone().require_grad(), v.clone().require_grad());
+                let (a, b, p) = (
+                    a.clone().require_grad(),
+                    b.clone().require_grad(),
+                    p.clone().require_grad(),
                 );
-                let part = |i| out.clone().narrow(1, t * d + i * d, d);
-                let state = Wkv4State {
-                    a: part(0),
-                    b: part(1),
-                    p: part(2),
+                let (y, state) = if fused {
+                    let out = super::super::wkv4(
+                        w.clone(),
+                        u.clone(),
+                        k.clone(),
+                        v.clone(),
+                        a.clone(),
+                        b.clone(),
+                        p.clone(),
+                    );
+                    let part = |i| out.clone().narrow(1, t * d + i * d, d);
+                    let state = Wkv4State {
+                        a: part(0),
+                        b: part(1),
+                        p: part(2),
+                    };
+                    (out.narrow(1, 0, t * d).reshape([bsz, t, d]), state)
+                } else {
+                    let state = Wkv4State {
+                        a: a.clone(),
+                        b: b.clone(),
+                        p: p.clone(),
+                    };
+                    wkv4_sequential(w.clone(), u.clone(), k.clone(), v.clone(), state)
                 };
-                (out.narrow(1, 0, t * d).reshape([bsz, t, d]), state)
-            } else {
-                let state = Wkv4State {
-                    a: a.clone(),
-                    b: b.clone(),
-                    p: p.clone(),
-                };
-                wkv4_sequential(w.clone(), u.clone(), k.clone(), v.clone(), state)
+                let loss = (y.clone() * r_y.clone()).sum()
+                    + (state.a.clone() * r_a.clone()).sum()
+                    + (state.b.clone() * r_b.clone()).sum();
+                let grads = loss.backward();
+                let g1 = |t: &Tensor<1>| t.grad(&grads).unwrap();
+                let g2 = |t: &Tensor<2>| t.grad(&grads).unwrap().flatten::<1>(0, 1);
+                let g3 = |t: &Tensor<3>| t.grad(&grads).unwrap().flatten::<1>(0, 2);
+                let inputs = [g1(&w), g1(&u), g3(&k), g3(&v), g2(&a), g2(&b), g2(&p)];
+                (y, state, inputs)
             };
-            let loss = (y.clone() * r_y.clone()).sum()
-                + (state.a.clone() * r_a.clone()).sum()
-                + (state.b.clone() * r_b.clone()).sum();
-            let grads = loss.backward();
-            let g1 = |t: &Tensor<1>| t.grad(&grads).unwrap();
-            let g2 = |t: &Tensor<2>| t.grad(&grads).unwrap().flatten::<1>(0, 1);
-            let g3 = |t: &Tensor<3>| t.grad(&grads).unwrap().flatten::<1>(0, 2);
-            let inputs = [g1(&w), g1(&u), g3(&k), g3(&v), g2(&a), g2(&b), g2(&p)];
-            (y, state, inputs)
-        };
-        let (y, s, grads) = run(true);
-        let (y_ref, s_ref, grads_ref) = run(false);
-        assert!(max_diff(y, y_ref) < 1e-5, "y");
-        for (name, got, want) in [
-            ("a", s.a, s_ref.a),
-            ("b", s.b, s_ref.b),
-            ("p", s.p, s_ref.p),
-        ] {
-            assert!(max_diff(got, want) < 1e-5, "final {name}");
-        }
-        let names = ["w", "u", "k", "v", "a", "b", "p"];
-        for (name, (g, g_ref)) in names.iter().zip(grads.into_iter().zip(grads_ref)) {
-            assert!(max_diff(g, g_ref) < 1e-4, "d{name}");
+            let (y, s, grads) = run(true);
+            let (y_ref, s_ref, grads_ref) = run(false);
+            assert!(max_diff(y, y_ref) < 1e-5, "y");
+            for (name, got, want) in [
+                ("a", s.a, s_ref.a),
+                ("b", s.b, s_ref.b),
+                ("p", s.p, s_ref.p),
+            ] {
+                assert!(max_diff(got, want) < 1e-5, "final {name}");
+            }
+            let names = ["w", "u", "k", "v", "a", "b", "p"];
+            for (name, (g, g_ref)) in names.iter().zip(grads.into_iter().zip(grads_ref)) {
+                assert!(max_diff(g, g_ref) < 1e-4, "d{name}");
+            }
         }
     }
 }
