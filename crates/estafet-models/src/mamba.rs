@@ -251,7 +251,12 @@ impl Mamba {
 
         // Causal depthwise convolution over [carried window, x].
         let window = Tensor::cat(vec![state.conv, x], 1); // [B, k − 1 + T, E·D]
-        let x = silu(self.causal_conv(window.clone(), t)); // [B, T, E·D]
+        let x = match compute {
+            Compute::Fused => {
+                fused::conv_silu(window.clone(), self.conv_weight.val(), self.conv_bias.val())
+            }
+            Compute::Tensor(_) => silu(self.causal_conv(window.clone(), t)),
+        }; // [B, T, E·D]
         let conv_state = window.narrow(1, t, k - 1);
 
         let r = self.dt_proj.weight.dims()[0];

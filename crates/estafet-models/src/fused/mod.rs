@@ -28,13 +28,15 @@
 //! Code map: this file holds the public ops and the backend extension that routes them;
 //! [`host`] the plumbing every kernel shares (the [`host::HostKernel`] trait, its plain and
 //! autodiff runners, tensor I/O, strided GEMM, batch blocks); [`math`] the vectorisable
-//! transcendentals; [`cell`], [`selective`] and [`wkv4`] one kernel each, with its equations.
+//! transcendentals and the instruction-set copies; [`cell`], [`conv`], [`selective`] and [`wkv4`]
+//! one kernel each, with its equations.
 
 // NdArray is deprecated in burn 0.22 but still estafet's reference backend; the extension
 // macro's generated code names it, so the allowance covers the module.
 #![allow(deprecated)]
 
 mod cell;
+mod conv;
 mod host;
 mod math;
 mod selective;
@@ -48,6 +50,7 @@ use burn::tensor::Tensor;
 
 pub use cell::Cell;
 use cell::CellScan;
+use conv::ConvSilu;
 use host::{run_plain, run_tracked};
 pub use math::Isa;
 use selective::Selective;
@@ -163,6 +166,20 @@ pub fn selective_scan(
     ))
 }
 
+/// Mamba's causal depthwise convolution and its SiLU, one op (see `conv.rs`):
+/// `y_t = SiLU(bias + Σ_j w_j ⊙ window_{t+j})`.
+///
+/// - `window`: `[B, K−1+T, C]` (the carried `K − 1` inputs, then this call's `T`); `weight`:
+///   `[K, C]` (tap `j` multiplies the input `K − 1 − j` steps back); `bias`: `[C]`
+/// - returns `[B, T, C]`
+pub fn conv_silu(window: Tensor<3>, weight: Tensor<2>, bias: Tensor<1>) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::conv_silu(
+        window.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+    ))
+}
+
 /// RWKV-4's WKV in the official kernel's running-max form, one op:
 ///
 /// ```text
@@ -227,6 +244,14 @@ pub trait FusedOps: Backend {
         run_plain::<Self, Selective, 6>([delta, x, a, b, c, h0], ())
     }
 
+    fn conv_silu(
+        window: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_plain::<Self, ConvSilu, 3>([window, weight, bias], ())
+    }
+
     fn wkv4(
         w: FloatTensor<Self>,
         u: FloatTensor<Self>,
@@ -269,6 +294,14 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         h0: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         run_tracked::<B, C, Selective, 6>([delta, x, a, b, c, h0], ())
+    }
+
+    fn conv_silu(
+        window: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_tracked::<B, C, ConvSilu, 3>([window, weight, bias], ())
     }
 
     fn wkv4(
