@@ -22,3 +22,11 @@ pub fn uniform<const D: usize>(shape: [usize; D], lo: f64, hi: f64, seed: u64) -
         .val();
     (centred + (hi + lo) / 2.0).detach()
 }
+
+/// Runs `f` once on each instruction-set copy of the fused kernels this CPU runs.
+pub fn on_every_isa(mut f: impl FnMut(crate::fused::Isa)) {
+    for isa in crate::fused::Isa::available() {
+        crate::fused::Isa::select(isa);
+        f(isa);
+    }
+}

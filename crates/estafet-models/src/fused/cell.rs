@@ -515,15 +515,14 @@ mod tests {
     use crate::Init;
     use crate::gru::GruConfig;
     use crate::lstm::LstmConfig;
-    use crate::test_support::{device, max_diff, uniform};
+    use crate::test_support::{device, max_diff, on_every_isa, uniform};
 
     /// Batches that do not split evenly into per-thread blocks (B = 3, 5 on any pool of two or
     /// more threads) give what the sequential form gives, gradients included.
     #[test]
     fn uneven_batch_blocks_agree_with_sequential() {
         // Every instruction-set copy of the kernel the CPU runs.
-        for isa in crate::fused::Isa::available() {
-            crate::fused::Isa::select(isa);
+        on_every_isa(|_| {
             let dev = device();
             let lstm = LstmConfig {
                 d_input: 3,
@@ -560,6 +559,6 @@ mod tests {
                     );
                 }
             }
-        }
+        });
     }
 }

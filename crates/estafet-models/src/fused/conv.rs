@@ -147,14 +147,14 @@ mod tests {
     use burn::tensor::Tensor;
     use burn::tensor::activation::silu;
 
-    use crate::test_support::{max_diff, uniform};
+    use crate::test_support::{max_diff, on_every_isa, uniform};
 
     /// The kernel against the definition (taps as tensor slices, then SiLU) at an uneven batch
     /// (B = 3), T 1 and 7, every instruction-set copy: `y` and the gradient of every input.
     #[test]
     fn kernel_matches_definition() {
-        for isa in crate::fused::Isa::available() {
-            crate::fused::Isa::select(isa);
+        // Every instruction-set copy of the kernel the CPU runs.
+        on_every_isa(|isa| {
             for t in [1, 7] {
                 let (bsz, k, c) = (3, 4, 5);
                 let window = uniform([bsz, k - 1 + t, c], -2.0, 2.0, 1);
@@ -193,6 +193,6 @@ mod tests {
                     assert!(max_diff(g, g_ref) < 1e-4, "{isa:?} T {t}: d{name}");
                 }
             }
-        }
+        });
     }
 }

@@ -196,7 +196,7 @@ mod tests {
     use burn::tensor::Tensor;
 
     use crate::scan::{Scan, linear_scan};
-    use crate::test_support::{max_diff, uniform};
+    use crate::test_support::{max_diff, on_every_isa, uniform};
 
     /// The kernel against the definition (the diagonal scan over the materialised decays and
     /// drives, contracted with `C`) at an uneven batch (B = 3) and odd sizes: `y`, `h_T` and the
@@ -204,8 +204,7 @@ mod tests {
     #[test]
     fn kernel_matches_definition() {
         // Every instruction-set copy of the kernel the CPU runs.
-        for isa in crate::fused::Isa::available() {
-            crate::fused::Isa::select(isa);
+        on_every_isa(|_| {
             let (bsz, t, m, n) = (3, 7, 5, 3);
             let mut seed = 0;
             let mut uniform = |shape: [usize; 3], lo, hi| {
@@ -279,6 +278,6 @@ mod tests {
             {
                 assert!(max_diff(g, g_ref) < 1e-4, "d{name}");
             }
-        }
+        });
     }
 }

@@ -250,7 +250,7 @@ mod tests {
     use burn::tensor::Tensor;
 
     use crate::rwkv::{Wkv4State, wkv4_sequential};
-    use crate::test_support::{max_diff, uniform};
+    use crate::test_support::{max_diff, on_every_isa, uniform};
 
     /// The kernel against the definition (the sequential running-max WKV) at an uneven batch
     /// (B = 3) and odd sizes, from a non-zero state: `y`, the final `(a, b, p)` and the gradient
@@ -258,8 +258,7 @@ mod tests {
     #[test]
     fn kernel_matches_definition() {
         // Every instruction-set copy of the kernel the CPU runs.
-        for isa in crate::fused::Isa::available() {
-            crate::fused::Isa::select(isa);
+        on_every_isa(|_| {
             let (bsz, t, d) = (3, 7, 5);
             let uniform3 = |lo, hi, seed| uniform([bsz, t, d], lo, hi, seed);
             let uniform2 = |lo, hi, seed| uniform([bsz, d], lo, hi, seed);
@@ -333,6 +332,6 @@ mod tests {
             for (name, (g, g_ref)) in names.iter().zip(grads.into_iter().zip(grads_ref)) {
                 assert!(max_diff(g, g_ref) < 1e-4, "d{name}");
             }
-        }
+        });
     }
 }
