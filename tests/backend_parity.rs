@@ -61,6 +61,10 @@ fn mixers() -> Vec<(String, MixerConfig)> {
             serde_json::json!({ "kind": "mamba", "scan": { "kind": "sequential" } }),
         ),
         (
+            "mamba-signed",
+            serde_json::json!({ "kind": "mamba", "eigenvalues": "signed" }),
+        ),
+        (
             "rwkv-chunked",
             serde_json::json!({ "kind": "rwkv", "wkv": { "kind": "chunked", "chunk_len": 3 } }),
         ),

@@ -7,13 +7,16 @@
 //! Δ       = softplus(dt_proj(δ))                     [B,T,E·D]
 //! A       = −exp(A_log)                              [E·D, N], S4D-real init A_log = log(1..N)
 //! h_t     = exp(Δ_t A) ⊙ h_{t−1} + (Δ_t ⊙ x_t) ⊗ B_t    zero-order hold for A, Euler for B
+//!           (eigenvalues = "signed": 2·exp(Δ_t A) − 1 in place of exp(Δ_t A), Grazzi et al. 2024)
 //! y_t     = h_t C_t + D ⊙ x_t                        (contract N)
 //! out     = out_proj(y ⊙ SiLU(z))                    [B,T,D]
 //! ```
 //!
 //! Field names follow the paper's symbols: `d_state` N, `expand` E, `d_conv`, `dt_rank` R.
 //! `scan` picks how `h` is computed (see [`crate::scan`]): the `[E·D, N]` state is flattened to
-//! `M = E·D·N` channels of one diagonal recurrence with `log a = Δ A`. `step` carries the last
+//! `M = E·D·N` channels of one diagonal recurrence with `log a = Δ A`; with signed eigenvalues
+//! the transition has no log, so the chunked form (which works in log space) is refused and the
+//! sequential form runs [`crate::scan::recurrence`] over `a` itself. `step` carries the last
 //! `d_conv − 1` inputs of the convolution and `h`: O(1) memory per token.
 
 use burn::module::{Module, Param};
@@ -25,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fused;
 use crate::init::Init;
-use crate::scan::{Compute, Form, Scan, linear_scan};
+use crate::scan::{Compute, Eigenvalues, Form, Scan, linear_scan, recurrence};
 
 /// `[model.mixer]` with `kind = "mamba"`: the paper's symbols, with its defaults (N = 16,
 /// E = 2, d_conv = 4, R = ⌈D/16⌉) and the scan's form. Its width is the model's.
@@ -39,6 +42,8 @@ pub struct MambaSpec {
     pub d_conv: usize,
     /// R; `⌈D / 16⌉` when absent.
     pub dt_rank: Option<usize>,
+    /// The transition's range: `exp(Δ A) ∈ [0, 1]` as published, or `2·exp(Δ A) − 1`.
+    pub eigenvalues: Eigenvalues,
     pub scan: Form,
 }
 
@@ -49,6 +54,7 @@ impl Default for MambaSpec {
             expand: 2,
             d_conv: 4,
             dt_rank: None,
+            eigenvalues: Eigenvalues::Positive,
             scan: Form::Auto,
         }
     }
@@ -65,6 +71,7 @@ impl MambaSpec {
             dt_rank: self.dt_rank.unwrap_or(d_model.div_ceil(16)),
             dt_min: 0.001,
             dt_max: 0.1,
+            eigenvalues: self.eigenvalues,
             scan: self.scan,
         }
     }
@@ -82,6 +89,13 @@ impl MambaSpec {
             return Err(
                 "model.mixer.d_conv must be at least 2 (a causal kernel spans the past)".into(),
             );
+        }
+        if self.eigenvalues == Eigenvalues::Signed
+            && matches!(self.scan, Form::Tensor(Scan::Chunked { .. }))
+        {
+            return Err("model.mixer.scan = chunked works in log space and needs \
+                 eigenvalues = \"positive\"; signed eigenvalues run as auto, fused or sequential"
+                .into());
         }
         self.scan
             .validate()
@@ -105,6 +119,7 @@ pub struct MambaConfig {
     /// Range of the initial step sizes Δ (log-uniform), as in the reference implementation.
     pub dt_min: f64,
     pub dt_max: f64,
+    pub eigenvalues: Eigenvalues,
     pub scan: Form,
 }
 
@@ -144,6 +159,7 @@ impl MambaConfig {
             a_log: init.param(a_log, [inner, n]),
             d: init.constant([inner], 1.0),
             out_proj: init.linear(inner, d, false),
+            eigenvalues: self.eigenvalues,
             scan: self.scan,
         }
     }
@@ -167,6 +183,8 @@ pub struct Mamba {
     pub d: Param<Tensor<1>>,
     /// `[E·D, D]`.
     pub out_proj: Linear,
+    #[module(skip)]
+    pub eigenvalues: Eigenvalues,
     #[module(skip)]
     pub scan: Form,
 }
@@ -272,19 +290,30 @@ impl Mamba {
                 let log_decay = delta.clone().unsqueeze_dim::<4>(3)
                     * a.unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0);
                 let drive = (delta * x.clone()).unsqueeze_dim::<4>(3) * b.unsqueeze_dim::<4>(2); // [B, T, E·D, N]
-                let (h, h_last) = linear_scan(
+                let (log_decay, drive, h0) = (
                     log_decay.reshape([batch, t, m]),
                     drive.reshape([batch, t, m]),
                     state.ssm.reshape([batch, m]),
-                    scan,
                 );
+                let (h, h_last) = match self.eigenvalues {
+                    Eigenvalues::Positive => linear_scan(log_decay, drive, h0, scan),
+                    Eigenvalues::Signed => {
+                        assert_eq!(
+                            scan,
+                            Scan::Sequential,
+                            "signed eigenvalues have no chunked form (unchecked config)"
+                        );
+                        recurrence(log_decay.exp() * 2.0 - 1.0, drive, h0)
+                    }
+                };
                 let y = (h.reshape([batch, t, inner, n]) * c.unsqueeze_dim::<4>(2))
                     .sum_dim(3)
                     .squeeze_dim::<3>(3);
                 (y, h_last)
             }
             Compute::Fused => {
-                let out = fused::selective_scan(delta, x.clone(), a, b, c, state.ssm);
+                let out =
+                    fused::selective_scan(delta, x.clone(), a, b, c, state.ssm, self.eigenvalues);
                 let y = out
                     .clone()
                     .narrow(1, 0, t * inner)
@@ -428,6 +457,23 @@ mod tests {
             "step"
         );
         assert!(max_diff(s.unwrap().ssm, reference.1.ssm) < 1e-5, "step h_T");
+    }
+
+    /// Signed eigenvalues have no log, so the chunked form is refused; every other form is not.
+    #[test]
+    fn signed_eigenvalues_refuse_the_chunked_form() {
+        let spec = |scan| MambaSpec {
+            eigenvalues: Eigenvalues::Signed,
+            scan,
+            ..MambaSpec::default()
+        };
+        let e = spec(Form::Tensor(Scan::Chunked { chunk_len: 8 }))
+            .validate(8)
+            .unwrap_err();
+        assert!(e.contains("eigenvalues"), "{e}");
+        for scan in [Form::Auto, Form::Fused, Form::Tensor(Scan::Sequential)] {
+            assert_eq!(spec(scan).validate(8), Ok(()));
+        }
     }
 
     /// The convolution is causal and per channel: an impulse at t = 2 in one inner channel moves

@@ -14,7 +14,8 @@
 //!   `T / C` sequential steps instead of `T`.
 //!
 //! Both take `log a` rather than `a`: minGRU computes `log(1 − z) = −softplus(k)` exactly and
-//! Mamba's `Δ·A` is already a log.
+//! Mamba's `Δ·A` is already a log. [`recurrence`] is the same loop over `a` itself, for
+//! transitions that may be negative ([`Eigenvalues::Signed`]), which have no log.
 
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
@@ -132,6 +133,34 @@ impl From<Form> for FormTable {
     }
 }
 
+/// The range of a diagonal linear recurrence's transition `a_t` (its eigenvalues).
+///
+/// Grazzi et al. 2024 ("Unlocking State-Tracking in Linear RNNs Through Negative Eigenvalues")
+/// show that a recurrence whose transitions lie in `[0, 1]` cannot track parity at any length,
+/// while the same model with transitions in `[−1, 1]` can: `a = −1` flips the state. `Signed`
+/// maps a transition `e ∈ [0, 1]` to `2e − 1`. In TOML: `eigenvalues = "positive"` (the
+/// default) or `"signed"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Eigenvalues {
+    /// `a ∈ [0, 1]`: the model as published.
+    #[default]
+    Positive,
+    /// `a = 2e − 1 ∈ [−1, 1]`.
+    Signed,
+}
+
+impl Eigenvalues {
+    /// `(s, o)` with `a = s·e + o`: the transition from its `[0, 1]` value `e`, and `da/de = s`.
+    /// Exact for `Positive` (`1·e + 0 = e` in floating point too).
+    pub fn affine(self) -> (f32, f32) {
+        match self {
+            Eigenvalues::Positive => (1.0, 0.0),
+            Eigenvalues::Signed => (2.0, -1.0),
+        }
+    }
+}
+
 /// Runs `h_t = exp(log_a_t) ⊙ h_{t-1} + b_t`.
 ///
 /// - `log_a`, `b`: `[B, T, M]`, `T ≥ 1`, `log_a ≤ 0`
@@ -150,7 +179,15 @@ pub fn linear_scan(
 }
 
 fn sequential(log_a: Tensor<3>, b: Tensor<3>, h0: Tensor<2>) -> (Tensor<3>, Tensor<2>) {
-    let a = log_a.exp();
+    recurrence(log_a.exp(), b, h0)
+}
+
+/// The definition, `h_t = a_t ⊙ h_{t-1} + b_t`, one step per time step, for transitions of
+/// either sign.
+///
+/// - `a`, `b`: `[B, T, M]`, `T ≥ 1`; `h0`: `[B, M]`
+/// - returns `h_1..h_T` as `[B, T, M]` and `h_T` as `[B, M]`
+pub fn recurrence(a: Tensor<3>, b: Tensor<3>, h0: Tensor<2>) -> (Tensor<3>, Tensor<2>) {
     let mut h = h0;
     let mut hs = Vec::with_capacity(a.dims()[1]);
     for (a_t, b_t) in unbind::<3, 2>(a, 1).into_iter().zip(unbind(b, 1)) {

@@ -13,12 +13,15 @@ fn device() -> Device {
     Device::ndarray().autodiff()
 }
 
-/// Every kind with its defaults, plus RWKV-6.
+/// Every kind with its defaults, plus RWKV-6 and Mamba with signed eigenvalues.
 fn every_mixer() -> Vec<(String, MixerConfig)> {
     MixerConfig::KINDS
         .iter()
         .map(|kind| serde_json::json!({ "kind": kind }))
-        .chain([serde_json::json!({ "kind": "rwkv", "version": 6, "head_size": 4 })])
+        .chain([
+            serde_json::json!({ "kind": "rwkv", "version": 6, "head_size": 4 }),
+            serde_json::json!({ "kind": "mamba", "eigenvalues": "signed" }),
+        ])
         .map(|v| {
             let config: MixerConfig = serde_json::from_value(v.clone()).unwrap();
             (v.to_string(), config)

@@ -19,7 +19,7 @@ use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
 use estafet_models::mingru::{MinGru, MinGruConfig};
 use estafet_models::rnn::{Nonlinearity, Rnn, RnnConfig};
 use estafet_models::rwkv::{Rwkv, RwkvConfig, RwkvState, Version, Wkv4State, WkvState};
-use estafet_models::scan::Scan;
+use estafet_models::scan::{Eigenvalues, Scan};
 
 const LENGTHS: [usize; 4] = [1, 7, 64, 300];
 const CHUNKS: [usize; 2] = [5, 48];
@@ -437,6 +437,46 @@ fn lstm_fused_agrees_with_sequential() {
             },
             |m, x_t, s| m.step(x_t, Some(s)),
             |s| vec![flat(s.h.clone()), flat(s.c.clone())],
+        );
+    }
+}
+
+/// Signed eigenvalues (transitions `2·exp(ΔA) − 1`): the fused kernel and `step` against the
+/// sequential definition. Δ's bias is drawn around 1 so that transitions of both signs occur.
+#[test]
+fn mamba_signed_fused_agrees_with_sequential() {
+    let mut config = MambaConfig::new(6);
+    config.d_state = 4;
+    config.eigenvalues = Eigenvalues::Signed;
+    let mut block: Mamba = config.init(&mut Init::new(4, &device()));
+    block.dt_proj.bias = Some(Param::from_tensor((normal([12], 1.0) + 0.5).detach()));
+    let conv0 = normal([2, 3, 12], 1.0);
+    let ssm0 = normal([2, 12, 4], 1.0);
+    for t in LENGTHS {
+        check_forms(
+            "mamba signed, fused",
+            &block,
+            t,
+            6,
+            || {
+                let (conv, ssm) = (leaf(&flat(conv0.clone())), leaf(&flat(ssm0.clone())));
+                (
+                    MambaState {
+                        conv: conv.clone().reshape([2, 3, 12]),
+                        ssm: ssm.clone().reshape([2, 12, 4]),
+                    },
+                    vec![conv, ssm],
+                )
+            },
+            |m, x, s, form| {
+                let (y, s) = match form {
+                    None => m.forward_with(x, Some(s), Scan::Sequential),
+                    Some(_) => m.forward(x, Some(s)),
+                };
+                (y, vec![flat(s.conv), flat(s.ssm)])
+            },
+            |m, x_t, s| m.step(x_t, Some(s)),
+            |s| vec![flat(s.conv.clone()), flat(s.ssm.clone())],
         );
     }
 }

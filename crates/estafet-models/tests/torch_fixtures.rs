@@ -25,7 +25,7 @@ use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
 use estafet_models::mixer::{Mixer, MixerState};
 use estafet_models::rnn::{Nonlinearity, RnnConfig};
 use estafet_models::rwkv::{RwkvConfig, TimeMix, Version, Wkv4State};
-use estafet_models::scan::{Compute, Form, Scan};
+use estafet_models::scan::{Compute, Eigenvalues, Form, Scan};
 use estafet_models::torch::{HostTensor, load_torch_layer};
 
 fn device() -> Device {
@@ -249,16 +249,26 @@ fn param<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
 
 #[test]
 fn mamba_matches_selective_scan_ref() {
-    let f = Fixture::load("mamba");
+    check_mamba("mamba", Eigenvalues::Positive);
+}
+
+/// Transitions `2·exp(ΔA) − 1`, some of them negative; no chunked form.
+#[test]
+fn mamba_with_signed_eigenvalues_matches_selective_scan_ref() {
+    check_mamba("mamba_signed", Eigenvalues::Signed);
+}
+
+fn check_mamba(name: &str, eigenvalues: Eigenvalues) {
+    let f = Fixture::load(name);
     let d = f.shape("x")[2];
     let [di, n] = [f.shape("A_log")[0], f.shape("A_log")[1]];
     let k = f.shape("conv1d.weight")[2];
     // `None`: the fused kernel (`fused::selective_scan`).
-    for form in [
-        Some(Scan::Sequential),
-        Some(Scan::Chunked { chunk_len: 3 }),
-        None,
-    ] {
+    let mut forms = vec![Some(Scan::Sequential), None];
+    if eigenvalues == Eigenvalues::Positive {
+        forms.push(Some(Scan::Chunked { chunk_len: 3 }));
+    }
+    for form in forms {
         let scan = form.map_or(Form::Fused, Form::Tensor);
         let mut config = MambaConfig::new(d);
         config.d_state = n;
@@ -286,6 +296,7 @@ fn mamba_matches_selective_scan_ref() {
                 weight: param(f.get::<2>("out_proj.weight").transpose()),
                 bias: None,
             },
+            eigenvalues,
             scan,
         };
         assert_eq!(m.state_size(), template.state_size());
@@ -328,7 +339,7 @@ fn mamba_matches_selective_scan_ref() {
             "grad.out_proj.weight",
             m.out_proj.weight.grad(&grads).unwrap().transpose(),
         ));
-        println!("mamba ({form:?}): largest |estafet − reference| = {worst:.2e}");
+        println!("{name} ({form:?}): largest |estafet − reference| = {worst:.2e}");
     }
 }
 

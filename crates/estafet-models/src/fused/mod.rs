@@ -48,6 +48,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::Tensor;
 
+use crate::scan::Eigenvalues;
+
 pub use cell::Cell;
 use cell::CellScan;
 use conv::ConvSilu;
@@ -137,7 +139,8 @@ fn bias(linear: &burn::nn::Linear) -> Tensor<1> {
 /// Mamba's selective scan (S6) with its output contraction, one op:
 ///
 /// ```text
-/// h_t = exp(Δ_t A) ⊙ h_{t−1} + (Δ_t ⊙ x_t) ⊗ B_t        h [B, M, N]
+/// h_t = a_t ⊙ h_{t−1} + (Δ_t ⊙ x_t) ⊗ B_t              h [B, M, N]
+/// a_t = exp(Δ_t A), or 2·exp(Δ_t A) − 1 with signed eigenvalues
 /// y_t = h_t C_t                                          (contract N)
 /// ```
 ///
@@ -155,6 +158,7 @@ pub fn selective_scan(
     b: Tensor<3>,
     c: Tensor<3>,
     h0: Tensor<3>,
+    eigenvalues: Eigenvalues,
 ) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::selective_scan(
         delta.into_dispatch(),
@@ -163,6 +167,7 @@ pub fn selective_scan(
         b.into_dispatch(),
         c.into_dispatch(),
         h0.into_dispatch(),
+        eigenvalues,
     ))
 }
 
@@ -240,8 +245,9 @@ pub trait FusedOps: Backend {
         b: FloatTensor<Self>,
         c: FloatTensor<Self>,
         h0: FloatTensor<Self>,
+        eigenvalues: Eigenvalues,
     ) -> FloatTensor<Self> {
-        run_plain::<Self, Selective, 6>([delta, x, a, b, c, h0], ())
+        run_plain::<Self, Selective, 6>([delta, x, a, b, c, h0], eigenvalues)
     }
 
     fn conv_silu(
@@ -292,8 +298,9 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         b: FloatTensor<Self>,
         c: FloatTensor<Self>,
         h0: FloatTensor<Self>,
+        eigenvalues: Eigenvalues,
     ) -> FloatTensor<Self> {
-        run_tracked::<B, C, Selective, 6>([delta, x, a, b, c, h0], ())
+        run_tracked::<B, C, Selective, 6>([delta, x, a, b, c, h0], eigenvalues)
     }
 
     fn conv_silu(

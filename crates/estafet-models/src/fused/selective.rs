@@ -1,13 +1,14 @@
 //! Mamba's selective scan (S6) with its output contraction, as one kernel:
 //!
 //! ```text
-//! h_t = exp(Δ_t A) ⊙ h_{t−1} + (Δ_t ⊙ x_t) ⊗ B_t        h [B, M, N]
+//! h_t = a_t ⊙ h_{t−1} + (Δ_t ⊙ x_t) ⊗ B_t              h [B, M, N]
+//! a_t = s·exp(Δ_t A) + o                                 (s, o) = (1, 0), or (2, −1) signed
 //! y_t = h_t C_t                                          (contract N)
 //! ```
 //!
 //! The forward keeps one `[M, N]` state per sequence; the backward recomputes the states of one
 //! sequence at a time; sequences run in parallel. The definition is
-//! [`crate::scan::linear_scan`] over the materialised decays and drives (Mamba's
+//! [`crate::scan::recurrence`] over the materialised transitions and drives (Mamba's
 //! `forward_with`).
 
 use burn::backend::Backend;
@@ -16,6 +17,7 @@ use burn::backend::tensor::FloatTensor;
 
 use super::host::{HostKernel, Sections, dims3, par_rows, read};
 use super::math::{dot, exp};
+use crate::scan::Eigenvalues;
 
 /// The selective scan's inputs on the host.
 #[derive(Debug)]
@@ -30,6 +32,8 @@ pub(super) struct Selective {
     b: Vec<f32>,
     c: Vec<f32>,
     h0: Vec<f32>,
+    /// `(s, o)` of [`Eigenvalues::affine`].
+    affine: (f32, f32),
 }
 
 impl Selective {
@@ -50,6 +54,7 @@ impl Selective {
     fn run(&self, i: usize, mut visit: impl FnMut(usize, &[f32])) -> Vec<f32> {
         let (t_len, m, n) = (self.len, self.m, self.n);
         let [delta, x, b, _, h0] = self.sequence(i);
+        let (s, o) = self.affine;
         let mut h = h0.to_vec();
         for t in 0..t_len {
             let b_t = &b[t * n..][..n];
@@ -58,7 +63,7 @@ impl Selective {
                 let a_d = &self.a[d * n..][..n];
                 let h_d = &mut h[d * n..][..n];
                 for k in 0..n {
-                    h_d[k] = exp(dt * a_d[k]) * h_d[k] + dx * b_t[k];
+                    h_d[k] = (s * exp(dt * a_d[k]) + o) * h_d[k] + dx * b_t[k];
                 }
             }
             visit(t, &h);
@@ -68,9 +73,12 @@ impl Selective {
 }
 
 impl HostKernel<6> for Selective {
-    type Args = ();
+    type Args = Eigenvalues;
 
-    fn read<B: Backend>([delta, x, a, b, c, h0]: [&FloatTensor<B>; 6], (): ()) -> Self {
+    fn read<B: Backend>(
+        [delta, x, a, b, c, h0]: [&FloatTensor<B>; 6],
+        eigenvalues: Eigenvalues,
+    ) -> Self {
         let [batch, len, m] = dims3::<B>(delta);
         let n = a.shape().as_slice()[1];
         assert!(len >= 1, "selective_scan needs T ≥ 1");
@@ -85,6 +93,7 @@ impl HostKernel<6> for Selective {
             b: read::<B>(b.clone()),
             c: read::<B>(c.clone()),
             h0: read::<B>(h0.clone()),
+            affine: eigenvalues.affine(),
         }
     }
 
@@ -141,6 +150,7 @@ impl HostKernel<6> for Selective {
             let (d_c, rest) = rest.split_at_mut(t_len * n);
             let (d_h, d_a) = rest.split_at_mut(m * n);
             d_h.copy_from_slice(&d_out[i * width + t_len * m..][..m * n]);
+            let (s, o) = self.affine;
             let (mut g_dt, mut g_drive) = (vec![0.0f32; n], vec![0.0f32; n]);
             for t in (0..t_len).rev() {
                 let (h_prev, h_t) = hs[t * m * n..][..2 * m * n].split_at(m * n);
@@ -159,8 +169,9 @@ impl HostKernel<6> for Selective {
                     for k in 0..n {
                         d_c_t[k] += dy * ht[k];
                         let g = dh[k] + dy * c_t[k]; // dL/dh_t
-                        let decay = exp(dt * a_d[k]);
-                        let g_log = g * hp[k] * decay; // dL/d(Δ A)
+                        let e = exp(dt * a_d[k]);
+                        let decay = s * e + o;
+                        let g_log = g * hp[k] * (s * e); // dL/d(Δ A)
                         g_dt[k] = g_log * a_d[k];
                         d_a_d[k] += g_log * dt;
                         g_drive[k] = g * b_t[k];
@@ -195,89 +206,100 @@ impl HostKernel<6> for Selective {
 mod tests {
     use burn::tensor::Tensor;
 
-    use crate::scan::{Scan, linear_scan};
+    use crate::scan::{Eigenvalues, recurrence};
     use crate::test_support::{max_diff, on_every_isa, uniform};
 
-    /// The kernel against the definition (the diagonal scan over the materialised decays and
-    /// drives, contracted with `C`) at an uneven batch (B = 3) and odd sizes: `y`, `h_T` and the
-    /// gradient of every input.
+    /// The kernel against the definition (the diagonal recurrence over the materialised
+    /// transitions and drives, contracted with `C`) at an uneven batch (B = 3) and odd sizes,
+    /// with either eigenvalue range: `y`, `h_T` and the gradient of every input.
     #[test]
     fn kernel_matches_definition() {
         // Every instruction-set copy of the kernel the CPU runs.
         on_every_isa(|_| {
-            let (bsz, t, m, n) = (3, 7, 5, 3);
-            let mut seed = 0;
-            let mut uniform = |shape: [usize; 3], lo, hi| {
-                seed += 1;
-                uniform(shape, lo, hi, seed)
-            };
-            let delta = uniform([bsz, t, m], 0.01, 0.5);
-            let x = uniform([bsz, t, m], -1.0, 1.0);
-            let a = -crate::test_support::uniform([m, n], 0.1, 2.0, 99);
-            let b = uniform([bsz, t, n], -1.0, 1.0);
-            let c = uniform([bsz, t, n], -1.0, 1.0);
-            let h0 = uniform([bsz, m, n], -1.0, 1.0);
-            let (r_y, r_h) = (
-                uniform([bsz, t, m], -1.0, 1.0),
-                uniform([bsz, m, n], -1.0, 1.0),
-            );
-            let run = |fused: bool| {
-                let track = |t: &Tensor<3>| t.clone().detach().require_grad();
-                let (delta, x, b, c, h0) =
-                    (track(&delta), track(&x), track(&b), track(&c), track(&h0));
-                let a = a.clone().detach().require_grad();
-                let (y, h) = if fused {
-                    let out = super::super::selective_scan(
-                        delta.clone(),
-                        x.clone(),
-                        a.clone(),
-                        b.clone(),
-                        c.clone(),
-                        h0.clone(),
-                    );
-                    (
-                        out.clone().narrow(1, 0, t * m).reshape([bsz, t, m]),
-                        out.narrow(1, t * m, m * n).reshape([bsz, m, n]),
-                    )
-                } else {
-                    let log_decay = delta.clone().unsqueeze_dim::<4>(3)
-                        * a.clone().unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0);
-                    let drive = (delta.clone() * x.clone()).unsqueeze_dim::<4>(3)
-                        * b.clone().unsqueeze_dim::<4>(2);
-                    let (h, h_last) = linear_scan(
-                        log_decay.reshape([bsz, t, m * n]),
-                        drive.reshape([bsz, t, m * n]),
-                        h0.clone().reshape([bsz, m * n]),
-                        Scan::Sequential,
-                    );
-                    let y = (h.reshape([bsz, t, m, n]) * c.clone().unsqueeze_dim::<4>(2))
-                        .sum_dim(3)
-                        .squeeze_dim::<3>(3);
-                    (y, h_last.reshape([bsz, m, n]))
-                };
-                let grads =
-                    ((y.clone() * r_y.clone()).sum() + (h.clone() * r_h.clone()).sum()).backward();
-                let g3 = |t: &Tensor<3>| t.grad(&grads).unwrap().flatten::<1>(0, 2);
-                let inputs = [
-                    g3(&delta),
-                    g3(&x),
-                    a.grad(&grads).unwrap().flatten::<1>(0, 1),
-                    g3(&b),
-                    g3(&c),
-                    g3(&h0),
-                ];
-                (y, h, inputs)
-            };
-            let (y, h, grads) = run(true);
-            let (y_ref, h_ref, grads_ref) = run(false);
-            assert!(max_diff(y, y_ref) < 1e-5, "y");
-            assert!(max_diff(h, h_ref) < 1e-5, "h_T");
-            for (name, (g, g_ref)) in ["Δ", "x", "A", "B", "C", "h0"]
-                .iter()
-                .zip(grads.into_iter().zip(grads_ref))
-            {
-                assert!(max_diff(g, g_ref) < 1e-4, "d{name}");
+            for eigenvalues in [Eigenvalues::Positive, Eigenvalues::Signed] {
+                matches_definition(eigenvalues);
             }
         });
+    }
+
+    fn matches_definition(eigenvalues: Eigenvalues) {
+        let (bsz, t, m, n) = (3, 7, 5, 3);
+        let mut seed = 0;
+        let mut uniform = |shape: [usize; 3], lo, hi| {
+            seed += 1;
+            uniform(shape, lo, hi, seed)
+        };
+        // Δ up to 1.5 with A down to −2 puts signed transitions on both sides of zero.
+        let delta = uniform([bsz, t, m], 0.01, 1.5);
+        let x = uniform([bsz, t, m], -1.0, 1.0);
+        let a = -crate::test_support::uniform([m, n], 0.1, 2.0, 99);
+        let b = uniform([bsz, t, n], -1.0, 1.0);
+        let c = uniform([bsz, t, n], -1.0, 1.0);
+        let h0 = uniform([bsz, m, n], -1.0, 1.0);
+        let (r_y, r_h) = (
+            uniform([bsz, t, m], -1.0, 1.0),
+            uniform([bsz, m, n], -1.0, 1.0),
+        );
+        let (scale, offset) = eigenvalues.affine();
+        let run = |fused: bool| {
+            let track = |t: &Tensor<3>| t.clone().detach().require_grad();
+            let (delta, x, b, c, h0) = (track(&delta), track(&x), track(&b), track(&c), track(&h0));
+            let a = a.clone().detach().require_grad();
+            let (y, h) = if fused {
+                let out = super::super::selective_scan(
+                    delta.clone(),
+                    x.clone(),
+                    a.clone(),
+                    b.clone(),
+                    c.clone(),
+                    h0.clone(),
+                    eigenvalues,
+                );
+                (
+                    out.clone().narrow(1, 0, t * m).reshape([bsz, t, m]),
+                    out.narrow(1, t * m, m * n).reshape([bsz, m, n]),
+                )
+            } else {
+                let transition = (delta.clone().unsqueeze_dim::<4>(3)
+                    * a.clone().unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0))
+                .exp()
+                    * scale
+                    + offset;
+                let drive = (delta.clone() * x.clone()).unsqueeze_dim::<4>(3)
+                    * b.clone().unsqueeze_dim::<4>(2);
+                let (h, h_last) = recurrence(
+                    transition.reshape([bsz, t, m * n]),
+                    drive.reshape([bsz, t, m * n]),
+                    h0.clone().reshape([bsz, m * n]),
+                );
+                let y = (h.reshape([bsz, t, m, n]) * c.clone().unsqueeze_dim::<4>(2))
+                    .sum_dim(3)
+                    .squeeze_dim::<3>(3);
+                (y, h_last.reshape([bsz, m, n]))
+            };
+            let grads =
+                ((y.clone() * r_y.clone()).sum() + (h.clone() * r_h.clone()).sum()).backward();
+            let g3 = |t: &Tensor<3>| t.grad(&grads).unwrap().flatten::<1>(0, 2);
+            let inputs = [
+                g3(&delta),
+                g3(&x),
+                a.grad(&grads).unwrap().flatten::<1>(0, 1),
+                g3(&b),
+                g3(&c),
+                g3(&h0),
+            ];
+            (y, h, inputs)
+        };
+        let (y, h, grads) = run(true);
+        let (y_ref, h_ref, grads_ref) = run(false);
+        let what = format!("{eigenvalues:?}");
+        assert!(max_diff(y, y_ref) < 1e-5, "y, {what}");
+        assert!(max_diff(h, h_ref) < 1e-5, "h_T, {what}");
+        for (name, (g, g_ref)) in ["Δ", "x", "A", "B", "C", "h0"]
+            .iter()
+            .zip(grads.into_iter().zip(grads_ref))
+        {
+            assert!(max_diff(g, g_ref) < 1e-4, "d{name}, {what}");
+        }
     }
 }
