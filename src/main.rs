@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train and evaluate one experiment; without CONFIG, the quickstart: every architecture
-    /// on copy memory, then the report.
+    /// on running parity (trained at T 64, evaluated at T 256), then the report.
     Run {
         /// A TOML experiment config (see configs/).
         config: Option<PathBuf>,

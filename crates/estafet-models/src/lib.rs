@@ -30,6 +30,7 @@ pub mod lstm;
 pub mod mamba;
 pub mod mask;
 pub mod mingru;
+pub mod minlstm;
 pub mod mixer;
 pub mod model;
 pub mod rnn;

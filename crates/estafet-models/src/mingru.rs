@@ -78,7 +78,7 @@ impl MinGruConfig {
 }
 
 /// `g(v) = v + ½ for v ≥ 0, σ(v) otherwise`: continuous, positive, linear for large `v`.
-fn g(v: Tensor<3>) -> Tensor<3> {
+pub(crate) fn g(v: Tensor<3>) -> Tensor<3> {
     let non_negative = v.clone().greater_equal_scalar(0.0);
     sigmoid(v.clone()).mask_where(non_negative, v + 0.5)
 }

@@ -17,6 +17,7 @@ use crate::init::Init;
 use crate::lstm::{Lstm, LstmSpec, LstmState};
 use crate::mamba::{Mamba, MambaSpec, MambaState};
 use crate::mingru::{MinGru, MinGruSpec};
+use crate::minlstm::{MinLstm, MinLstmSpec};
 use crate::rnn::{Rnn, RnnSpec};
 use crate::rwkv::{Rwkv, RwkvSpec, RwkvState};
 use crate::scan::Form;
@@ -77,6 +78,8 @@ mixers! {
     Gru(GruSpec) -> Gru = "gru",
     /// [`MinGru`] (Feng et al. 2024).
     MinGru(MinGruSpec) -> MinGru = "mingru",
+    /// [`MinLstm`] (Feng et al. 2024).
+    MinLstm(MinLstmSpec) -> MinLstm = "minlstm",
     /// [`Mamba`], the selective SSM block of Mamba-1.
     Mamba(MambaSpec) -> Mamba = "mamba",
     /// [`Rwkv`], a complete RWKV block (time mix and channel mix with their own pre-norms and
@@ -100,7 +103,7 @@ impl MixerConfig {
 /// The recurrent state a mixer carries from one call to the next.
 #[derive(Clone, Debug)]
 pub enum MixerState {
-    /// `h [B, H]` of an RNN, GRU or minGRU.
+    /// `h [B, H]` of an RNN, GRU, minGRU or minLSTM.
     Hidden(Tensor<2>),
     Lstm(LstmState),
     Mamba(MambaState),
@@ -126,6 +129,10 @@ impl Mixer {
                 (y, MixerState::Hidden(h))
             }
             Mixer::MinGru(cell) => {
+                let (y, h) = cell.forward(x, state.map(MixerState::into_hidden));
+                (y, MixerState::Hidden(h))
+            }
+            Mixer::MinLstm(cell) => {
                 let (y, h) = cell.forward(x, state.map(MixerState::into_hidden));
                 (y, MixerState::Hidden(h))
             }
@@ -163,6 +170,10 @@ impl Mixer {
                 let (y, h) = cell.step(x_t, state.map(MixerState::into_hidden));
                 (y, MixerState::Hidden(h))
             }
+            Mixer::MinLstm(cell) => {
+                let (y, h) = cell.step(x_t, state.map(MixerState::into_hidden));
+                (y, MixerState::Hidden(h))
+            }
             Mixer::Mamba(block) => {
                 let (y, s) = block.step(x_t, state.map(MixerState::into_mamba));
                 (y, MixerState::Mamba(s))
@@ -187,6 +198,7 @@ impl Mixer {
             Mixer::Lstm(lstm) => lstm.state_size(),
             Mixer::Gru(gru) => gru.state_size(),
             Mixer::MinGru(cell) => cell.state_size(),
+            Mixer::MinLstm(cell) => cell.state_size(),
             Mixer::Mamba(block) => block.state_size(),
             Mixer::Rwkv(block) => block.state_size(),
         }
@@ -202,6 +214,7 @@ impl Mixer {
         match self {
             Mixer::Rnn(_) | Mixer::Lstm(_) | Mixer::Gru(_) => 0.0,
             Mixer::MinGru(cell) => cell.scan_flops_per_token(),
+            Mixer::MinLstm(cell) => cell.scan_flops_per_token(),
             Mixer::Mamba(block) => block.scan_flops_per_token(),
             Mixer::Rwkv(block) => block.wkv_flops_per_token(),
             Mixer::Attention(attn) => attn.score_flops_per_token(seq_len),
@@ -209,7 +222,7 @@ impl Mixer {
     }
 
     /// The sigmoid gate activations one `step` from `state` would use (LSTM `i, f, o`; GRU
-    /// `r, z`; minGRU `z`), `[B, G]`, for the saturation diagnostic; `None` for mixers whose
+    /// `r, z`; minGRU `z`; minLSTM the normalised forget gate), `[B, G]`, for the saturation diagnostic; `None` for mixers whose
     /// memory is not gated that way.
     pub fn gates(&self, x_t: Tensor<2>, state: Option<&MixerState>) -> Option<Tensor<2>> {
         let hidden = match state {
@@ -226,6 +239,7 @@ impl Mixer {
             )),
             Mixer::Gru(cell) => Some(cell.gates(x_t, hidden)),
             Mixer::MinGru(cell) => Some(cell.gates(x_t)),
+            Mixer::MinLstm(cell) => Some(cell.gates(x_t)),
             _ => None,
         }
     }
@@ -351,7 +365,7 @@ impl MixerState {
     fn into_hidden(self) -> Tensor<2> {
         match self {
             MixerState::Hidden(h) => h,
-            other => panic!("an RNN, GRU or minGRU was handed {other:?}"),
+            other => panic!("an RNN, GRU, minGRU or minLSTM was handed {other:?}"),
         }
     }
 }

@@ -80,6 +80,7 @@ fn kind(mixer: &Mixer) -> &'static str {
         Mixer::Lstm(_) => "lstm",
         Mixer::Gru(_) => "gru",
         Mixer::MinGru(_) => "mingru",
+        Mixer::MinLstm(_) => "minlstm",
         Mixer::Mamba(_) => "mamba",
         Mixer::Rwkv(_) => "rwkv",
         Mixer::Attention(_) => "attention",

@@ -17,6 +17,7 @@ use estafet_models::gru::{Gru, GruConfig};
 use estafet_models::lstm::{Lstm, LstmConfig, LstmState};
 use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
 use estafet_models::mingru::{MinGru, MinGruConfig};
+use estafet_models::minlstm::{MinLstm, MinLstmConfig};
 use estafet_models::rnn::{Nonlinearity, Rnn, RnnConfig};
 use estafet_models::rwkv::{Rwkv, RwkvConfig, RwkvState, Version, Wkv4State, WkvState};
 use estafet_models::scan::{Eigenvalues, Scan};
@@ -181,6 +182,36 @@ fn mingru_forms_agree() {
     for t in LENGTHS {
         check_forms(
             "mingru",
+            &cell,
+            t,
+            6,
+            || {
+                let h = leaf(&flat(h0.clone()));
+                (h.clone().reshape([2, 6]), vec![h])
+            },
+            |m, x, h, chunk| {
+                let scan = chunk.map_or(Scan::Sequential, |chunk_len| Scan::Chunked { chunk_len });
+                let (y, h) = m.forward_with(x, Some(h), scan);
+                (y, vec![flat(h)])
+            },
+            |m, x_t, h| m.step(x_t, Some(h)),
+            |h| vec![flat(h.clone())],
+        );
+    }
+}
+
+#[test]
+fn minlstm_forms_agree() {
+    let cell: MinLstm = MinLstmConfig {
+        d_input: 6,
+        d_hidden: 6,
+        scan: Scan::Sequential,
+    }
+    .init(&mut Init::new(6, &device()));
+    let h0 = normal([2, 6], 1.0);
+    for t in LENGTHS {
+        check_forms(
+            "minlstm",
             &cell,
             t,
             6,

@@ -22,6 +22,7 @@ use estafet_models::Init;
 use estafet_models::gru::GruConfig;
 use estafet_models::lstm::{LstmConfig, LstmState};
 use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
+use estafet_models::minlstm::MinLstm;
 use estafet_models::mixer::{Mixer, MixerState};
 use estafet_models::rnn::{Nonlinearity, RnnConfig};
 use estafet_models::rwkv::{RwkvConfig, TimeMix, Version, Wkv4State};
@@ -340,6 +341,32 @@ fn check_mamba(name: &str, eigenvalues: Eigenvalues) {
             m.out_proj.weight.grad(&grads).unwrap().transpose(),
         ));
         println!("{name} ({form:?}): largest |estafet − reference| = {worst:.2e}");
+    }
+}
+
+/// minLSTM against the paper's log-space recurrence, in both forms: outputs, final state and
+/// the gradients of the input and both parameters.
+#[test]
+fn minlstm_matches_the_papers_log_space_recurrence() {
+    let f = Fixture::load("minlstm");
+    for scan in [Scan::Sequential, Scan::Chunked { chunk_len: 3 }] {
+        let cell = MinLstm {
+            input: Linear {
+                weight: param(f.get::<2>("input.weight").transpose()),
+                bias: Some(param(f.get::<1>("input.bias"))),
+            },
+            scan,
+        };
+        let x = f.get::<3>("x").require_grad();
+        let (y, h) = cell.forward(x.clone(), Some(f.get::<2>("h0")));
+        let mut worst = f.check("y", y.clone()).max(f.check("hn", h.clone()));
+        let grads = ((y * f.get::<3>("r")).sum() + h.sum()).backward();
+        worst = worst.max(f.check("grad.x", x.grad(&grads).unwrap()));
+        let (dw, db) = linear_grad(&cell.input, &grads);
+        worst = worst
+            .max(f.check("grad.input.weight", dw))
+            .max(f.check("grad.input.bias", db));
+        println!("minlstm ({scan:?}): largest |estafet − reference| = {worst:.2e}");
     }
 }
 
