@@ -18,11 +18,13 @@ use crate::time_series::{TimeSeries, TimeSeriesConfig};
 use crate::word_problem::{WordProblem, WordProblemConfig};
 
 /// The generator behind every task: ChaCha8 from `seed`, on its own `stream` so that training
-/// batches (`stream = step`) and the evaluation set ([`rng::EVAL_STREAM`]) never overlap.
+/// batches (`stream = step`), the evaluation set ([`rng::EVAL_STREAM`]) and the test set
+/// ([`rng::TEST_STREAM`]) never overlap.
 pub mod rng {
     use super::*;
 
     pub const EVAL_STREAM: u64 = u64::MAX;
+    pub const TEST_STREAM: u64 = u64::MAX - 1;
     /// Streams from here on hold the fixed training sets (a run takes fewer steps than this).
     pub const POOL_STREAM: u64 = 1 << 62;
 
@@ -416,7 +418,20 @@ impl Task {
     /// The fixed held-out set of `seed`: the same `n` samples every time. Tasks read from data
     /// draw it from their validation split; generated tasks from a stream training never uses.
     pub fn eval_set(&self, seed: u64, n: usize) -> Vec<Sample> {
-        let mut rng = rng::stream(seed, rng::EVAL_STREAM);
+        self.held_out(rng::stream(seed, rng::EVAL_STREAM), n)
+    }
+
+    /// A second fixed held-out set of `seed`, from the same distribution as [`Task::eval_set`]
+    /// but disjoint from it: what a search that picked its setting on the evaluation set
+    /// reports. `None` for tasks read from a data file, whose held-out part is one split.
+    pub fn test_set(&self, seed: u64, n: usize) -> Option<Vec<Sample>> {
+        match self {
+            Task::CharLm(_) | Task::TimeSeries(_) => None,
+            _ => Some(self.held_out(rng::stream(seed, rng::TEST_STREAM), n)),
+        }
+    }
+
+    fn held_out(&self, mut rng: ChaCha8Rng, n: usize) -> Vec<Sample> {
         (0..n)
             .map(|_| match self {
                 Task::CharLm(t) => t.sample(&mut rng, Split::Valid),
@@ -599,6 +614,34 @@ mod tests {
             TaskConfig::defaults()[0].build().unwrap().train_examples(),
             None
         );
+    }
+
+    /// The test set is fixed by the seed, differs from the evaluation set and from training
+    /// (every generated task), and tasks read from a data file have none.
+    #[test]
+    fn the_test_set_is_a_second_disjoint_held_out_set() {
+        let tokens = |set: &[Sample]| -> Vec<Vec<u32>> {
+            set.iter().map(|s| s.input.tokens().to_vec()).collect()
+        };
+        for config in TaskConfig::defaults() {
+            let Ok(task) = config.build() else { continue };
+            let kind = task.info().kind;
+            let Some(test) = task.test_set(0, 16) else {
+                assert!(
+                    matches!(task, Task::CharLm(_) | Task::TimeSeries(_)),
+                    "{kind}"
+                );
+                continue;
+            };
+            assert_eq!(test.len(), 16);
+            if matches!(task.info().input, Channel::Reals { .. }) {
+                continue;
+            }
+            let test = tokens(&test);
+            assert_eq!(test, tokens(&task.test_set(0, 16).unwrap()), "{kind}");
+            assert_ne!(test, tokens(&task.eval_set(0, 16)), "{kind}");
+            assert_ne!(test, tokens(&task.train_batch(0, 0, 16)), "{kind}");
+        }
     }
 
     #[test]

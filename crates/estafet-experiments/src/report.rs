@@ -4,6 +4,12 @@
 //! (the sweep's label for its `model` axis when `DIR/sweep.json` exists, else the mixer kind) and
 //! trained length; figures are the mean over seeds with a 95% confidence interval (Student's t),
 //! and the fraction of seeds that reached the task's solved level.
+//!
+//! A sweep with axes under `optim.` (learning rate, weight decay, ...) is a search: for each
+//! task, model and length the report keeps the setting with the best mean final metric on the
+//! evaluation split and quotes that setting's figures on the test split, a second held-out set
+//! that neither training nor the choice saw ([`Summary::test_eval`]), so that no architecture
+//! loses to a bad learning rate and none wins by the choice itself.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -42,6 +48,19 @@ struct RunRecord {
     /// The run's directory name and the step it diverged at (its figures are its last good
     /// checkpoint's).
     diverged: Option<(String, u64)>,
+    /// The labels of the sweep's search axes (`optim.*`) in this run, e.g. `lr0.001-wd0.1`;
+    /// empty outside a search.
+    cell: String,
+    /// The final metric on the test split, and whether it reaches the solved level.
+    test: Option<(f64, bool)>,
+}
+
+/// What a sweep's `sweep.json` says of one run.
+struct SweepLabels {
+    model: Option<String>,
+    /// The labels of the search axes (`optim.*`), joined.
+    cell: String,
+    index: u64,
 }
 
 fn read_json(path: &Path) -> Result<Value, Error> {
@@ -51,8 +70,8 @@ fn read_json(path: &Path) -> Result<Value, Error> {
         .map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", path.display())))
 }
 
-/// Each sweep run's model label and grid index, from `DIR/sweep.json`.
-fn model_labels(dir: &Path) -> BTreeMap<String, (String, u64)> {
+/// Each sweep run's model label, search cell and grid index, from `DIR/sweep.json`.
+fn sweep_labels(dir: &Path) -> BTreeMap<String, SweepLabels> {
     let Ok(Value::Array(runs)) = read_json(&dir.join("sweep.json")) else {
         return BTreeMap::new();
     };
@@ -60,18 +79,34 @@ fn model_labels(dir: &Path) -> BTreeMap<String, (String, u64)> {
         .filter_map(|r| {
             let name = r["name"].as_str()?.to_string();
             let index = r["index"].as_u64()?;
-            let label = r["labels"].as_array()?.iter().find_map(|pair| {
-                let key = pair[0].as_str()?;
-                (key == "model" || key.starts_with("model."))
-                    .then(|| pair[1].as_str().map(String::from))?
-            })?;
-            Some((name, (label, index)))
+            let pairs: Vec<(&str, &str)> = r["labels"]
+                .as_array()?
+                .iter()
+                .filter_map(|pair| Some((pair[0].as_str()?, pair[1].as_str()?)))
+                .collect();
+            let model = pairs
+                .iter()
+                .find(|(axis, _)| *axis == "model" || axis.starts_with("model."))
+                .map(|(_, label)| label.to_string());
+            let cell: Vec<&str> = pairs
+                .iter()
+                .filter(|(axis, _)| axis.starts_with("optim."))
+                .map(|(_, label)| *label)
+                .collect();
+            Some((
+                name,
+                SweepLabels {
+                    model,
+                    cell: cell.join("-"),
+                    index,
+                },
+            ))
         })
         .collect()
 }
 
 fn load(dir: &Path) -> Result<Vec<RunRecord>, Error> {
-    let labels = model_labels(dir);
+    let labels = sweep_labels(dir);
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::Config(format!("{}: cannot read: {e}", dir.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -86,7 +121,7 @@ fn load(dir: &Path) -> Result<Vec<RunRecord>, Error> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        (labels.get(&name).map_or(u64::MAX, |l| l.1), name)
+        (labels.get(&name).map_or(u64::MAX, |l| l.index), name)
     });
     let mut records = Vec::new();
     for path in paths {
@@ -116,8 +151,13 @@ fn load(dir: &Path) -> Result<Vec<RunRecord>, Error> {
             task: task.kind.clone(),
             model: labels
                 .get(&name)
-                .map(|l| l.0.clone())
+                .and_then(|l| l.model.clone())
                 .unwrap_or_else(|| summary.model.clone()),
+            cell: labels
+                .get(&name)
+                .map(|l| l.cell.clone())
+                .unwrap_or_default(),
+            test: summary.test_eval.as_ref().map(|e| (e.metric, e.solved)),
             seq_len,
             higher_is_better: task.metric.higher_is_better(),
             metric_name: metric_label(task.metric),
@@ -144,6 +184,88 @@ fn load(dir: &Path) -> Result<Vec<RunRecord>, Error> {
         });
     }
     Ok(records)
+}
+
+/// A search's choice: for each task, model and length, the runs of the search cell whose mean
+/// final metric on the evaluation split is best (the first in sweep order on a tie), their
+/// figures replaced by the test split's where the runs have one; and the markdown that says
+/// what was searched and chosen. Records outside a search pass through, with no markdown.
+fn choose(records: Vec<RunRecord>) -> (Vec<RunRecord>, String) {
+    if records.iter().all(|r| r.cell.is_empty()) {
+        return (records, String::new());
+    }
+    // (task, model, T) → cell → validation metrics, in sweep order.
+    type Group = (String, String, u64);
+    type Cells = Vec<(String, Vec<f64>)>;
+    let mut groups: Vec<(Group, Cells)> = Vec::new();
+    for r in &records {
+        let key = (r.task.clone(), r.model.clone(), r.seq_len);
+        let cells = match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, cells)) => cells,
+            None => {
+                groups.push((key, Vec::new()));
+                &mut groups.last_mut().expect("just pushed").1
+            }
+        };
+        match cells.iter_mut().find(|(c, _)| *c == r.cell) {
+            Some((_, values)) => values.push(r.metric),
+            None => cells.push((r.cell.clone(), vec![r.metric])),
+        }
+    }
+    let higher = |task: &str| {
+        records
+            .iter()
+            .find(|r| r.task == task)
+            .is_some_and(|r| r.higher_is_better)
+    };
+    let mut md = String::from(
+        "\n## Search\n\nEach row below is the model's best setting, chosen per task and length by the \
+         mean final metric over seeds on the evaluation split; the tables after this one quote \
+         that setting on the test split, a second held-out set that neither training nor the \
+         choice saw (tasks read from a data file have none: their figures are the evaluation \
+         split's, and optimistic). Learning curves and other lengths are the evaluation split's.\n\n\
+         | task | model | T | chosen | evaluation-split metric per setting |\n|---|---|---|---|---|\n",
+    );
+    let mut chosen = Vec::new();
+    for ((task, model, t), cells) in &groups {
+        let mean = |v: &[f64]| mean_ci(v).0;
+        let best = cells
+            .iter()
+            .reduce(|a, b| {
+                let better = if higher(task) {
+                    mean(&b.1) > mean(&a.1)
+                } else {
+                    mean(&b.1) < mean(&a.1)
+                };
+                if better { b } else { a }
+            })
+            .expect("a group has a cell");
+        let all: Vec<String> = cells
+            .iter()
+            .map(|(c, v)| format!("{c}: {:.3}", mean(v)))
+            .collect();
+        md.push_str(&format!(
+            "| {task} | {model} | {t} | {} | {} |\n",
+            best.0,
+            all.join(", ")
+        ));
+        chosen.push(((task.clone(), model.clone(), *t), best.0.clone()));
+    }
+    let kept = records
+        .into_iter()
+        .filter(|r| {
+            chosen.iter().any(|((task, model, t), c)| {
+                (task, model, t, c) == (&r.task, &r.model, &r.seq_len, &r.cell)
+            })
+        })
+        .map(|mut r| {
+            if let Some((metric, solved)) = r.test {
+                (r.metric, r.solved) = (metric, solved);
+            }
+            r
+        })
+        .collect();
+    (kept, md)
 }
 
 /// A metric as `run.json` names it (`token_accuracy`, `mse`, `bits_per_char`).
@@ -181,7 +303,9 @@ fn cell(values: &[f64], solved: usize) -> String {
 
 /// Writes `DIR/report.md` and `DIR/plots/`; returns the markdown.
 pub fn write(dir: &Path) -> Result<String, Error> {
-    let records = load(dir)?;
+    let all = load(dir)?;
+    let total = all.len();
+    let (records, search) = choose(all);
     if records.is_empty() {
         return Err(Error::Config(format!(
             "{}: no finished runs (no */summary.json)",
@@ -192,10 +316,14 @@ pub fn write(dir: &Path) -> Result<String, Error> {
     std::fs::create_dir_all(&plots)
         .with_context(|| format!("cannot create {}", plots.display()))?;
     let mut md = format!(
-        "# Report: {}\n\n{} runs. Cells: final held-out metric, mean ± 95% CI over seeds, and how many \
-         seeds reached the task's solved level.\n",
+        "# Report: {}\n\n{total} runs{}. Cells: final held-out metric, mean ± 95% CI over seeds, and \
+         how many seeds reached the task's solved level.\n{search}",
         dir.display(),
-        records.len()
+        if search.is_empty() {
+            String::new()
+        } else {
+            format!(", {} of them in the chosen settings", records.len())
+        }
     );
     let tasks: BTreeSet<&str> = records.iter().map(|r| r.task.as_str()).collect();
     for task in tasks {
@@ -429,6 +557,61 @@ pub fn write(dir: &Path) -> Result<String, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(model: &str, cell: &str, metric: f64, test: f64) -> RunRecord {
+        RunRecord {
+            task: "parity".into(),
+            model: model.into(),
+            seq_len: 64,
+            metric_name: "token_accuracy".into(),
+            baseline: 0.5,
+            solved_at: 0.99,
+            higher_is_better: true,
+            params: 1,
+            state_size: 1,
+            metric,
+            solved: metric >= 0.99,
+            tokens_per_second: 1.0,
+            peak_rss_mb: None,
+            lengths: Vec::new(),
+            curve: Vec::new(),
+            train_curve: Vec::new(),
+            diverged: None,
+            cell: cell.into(),
+            test: Some((test, test >= 0.99)),
+        }
+    }
+
+    /// Per model, the cell with the best mean evaluation-split metric over seeds is kept (not
+    /// the best single run), and its figures become the test split's.
+    #[test]
+    fn a_search_keeps_each_models_best_setting_and_quotes_its_test_figures() {
+        let records = vec![
+            record("lstm", "lr0.01", 0.9, 0.80),
+            record("lstm", "lr0.01", 0.5, 0.40),
+            record("lstm", "lr0.001", 0.7, 0.65),
+            record("lstm", "lr0.001", 0.8, 0.75),
+            record("mamba", "lr0.01", 1.0, 0.99),
+            record("mamba", "lr0.001", 0.6, 0.60),
+        ];
+        let (kept, md) = choose(records);
+        let kept: Vec<(&str, &str, f64, bool)> = kept
+            .iter()
+            .map(|r| (r.model.as_str(), r.cell.as_str(), r.metric, r.solved))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("lstm", "lr0.001", 0.65, false),
+                ("lstm", "lr0.001", 0.75, false),
+                ("mamba", "lr0.01", 0.99, true),
+            ]
+        );
+        assert!(md.contains("| parity | lstm | 64 | lr0.001 | lr0.01: 0.700, lr0.001: 0.750 |"));
+        // Outside a search nothing is chosen or replaced.
+        let (kept, md) = choose(vec![record("lstm", "", 0.9, 0.1)]);
+        assert_eq!((kept[0].metric, md.as_str()), (0.9, ""));
+    }
 
     #[test]
     fn confidence_interval_uses_students_t() {

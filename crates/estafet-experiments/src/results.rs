@@ -36,6 +36,11 @@ pub struct Summary {
     pub final_eval: EvalResult,
     /// The final model at `eval.lengths`.
     pub length_eval: Vec<EvalResult>,
+    /// The final model on the task's test set, a second held-out set that neither training nor
+    /// early stopping saw ([`estafet_data::Task::test_set`]): what a report that picks a
+    /// setting by `final_eval` quotes. Absent for tasks read from a data file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_eval: Option<EvalResult>,
     pub run_dir: PathBuf,
 }
 

@@ -510,6 +510,18 @@ impl<'a> Run<'a> {
         for (&length, result) in config.eval.lengths.iter().zip(&length_eval) {
             self.log_eval(&format!("length {length:>6}"), last_step, result)?;
         }
+        let test_eval = self
+            .task
+            .test_set(config.run.seed, config.eval.samples)
+            .map(|set| {
+                evaluate(
+                    &model.valid(),
+                    &set,
+                    &self.info,
+                    config.eval.batch_size,
+                    &self.device,
+                )
+            });
         self.bar.finish_and_clear();
 
         let tokens_per_step = (config.train.batch_size * self.info.seq_len) as f64;
@@ -530,6 +542,7 @@ impl<'a> Run<'a> {
             metric: self.info.metric,
             final_eval,
             length_eval,
+            test_eval,
             run_dir: self.options.out.clone(),
         };
         self.dir.write_json(RunDir::SUMMARY, &summary)?;
