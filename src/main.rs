@@ -675,11 +675,11 @@ fn execute(cli: Cli) -> Result<(), Error> {
                          state in floats per sequence at {seq_len} tokens"
                     );
                     println!(
-                        "{:<10} {:>12} {:>14}",
+                        "{:<16} {:>12} {:>14}",
                         "model", "parameters", "state floats"
                     );
                     for m in catalog::models(d_model, seq_len, backend)? {
-                        println!("{:<10} {:>12} {:>14}", m.kind, m.params, m.state_size);
+                        println!("{:<16} {:>12} {:>14}", m.kind, m.params, m.state_size);
                     }
                 }
                 Listing::Tasks => {

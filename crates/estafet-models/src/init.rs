@@ -62,6 +62,23 @@ impl Init {
         self.param(vec![value as f32; shape.iter().product()], shape)
     }
 
+    /// `n` step-size biases `softplus⁻¹(Δ₀)`, `Δ₀` log-uniform in `[dt_min, dt_max]` and floored
+    /// at 1e-4: Mamba's `dt_proj.bias` and Gated DeltaNet's `dt_bias`, as their references draw
+    /// them.
+    pub fn dt_bias(&mut self, n: usize, dt_min: f64, dt_max: f64) -> Param<Tensor<1>> {
+        let values = (0..n)
+            .map(|_| {
+                let u: f64 = self.rng().random();
+                let dt = (u * (dt_max.ln() - dt_min.ln()) + dt_min.ln())
+                    .exp()
+                    .max(1e-4);
+                // softplus⁻¹(dt) = dt + log(1 − e^{−dt})
+                (dt + (-(-dt).exp_m1()).ln()) as f32
+            })
+            .collect();
+        self.param(values, [n])
+    }
+
     /// A parameter with exactly these values (row-major).
     pub fn param<const D: usize>(&self, values: Vec<f32>, shape: [usize; D]) -> Param<Tensor<D>> {
         Param::from_tensor(Tensor::from_data(

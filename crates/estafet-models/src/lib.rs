@@ -23,7 +23,9 @@
 #![allow(clippy::large_enum_variant)]
 
 pub mod attention;
+pub mod conv;
 pub mod fused;
+pub mod gated_deltanet;
 pub mod gru;
 pub mod init;
 pub mod lstm;

@@ -23,9 +23,9 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::activation::{silu, softplus};
 use burn::tensor::{Device, Tensor};
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::conv::causal_depthwise;
 use crate::fused;
 use crate::init::Init;
 use crate::scan::{Compute, Eigenvalues, Form, Scan, linear_scan, recurrence};
@@ -136,16 +136,7 @@ impl MambaConfig {
         let (d, n, r) = (self.d_model, self.d_state, self.dt_rank);
         let inner = self.expand * d;
         let conv_bound = 1.0 / (self.d_conv as f64).sqrt();
-        let dt_bias: Vec<f32> = (0..inner)
-            .map(|_| {
-                let u: f64 = init.rng().random();
-                let dt = (u * (self.dt_max.ln() - self.dt_min.ln()) + self.dt_min.ln())
-                    .exp()
-                    .max(1e-4);
-                // softplus⁻¹(dt) = dt + log(1 − e^{−dt})
-                (dt + (-(-dt).exp_m1()).ln()) as f32
-            })
-            .collect();
+        let dt_bias = init.dt_bias(inner, self.dt_min, self.dt_max);
         let a_log = (0..inner * n).map(|i| ((i % n + 1) as f32).ln()).collect();
         Mamba {
             in_proj: init.linear(d, 2 * inner, false),
@@ -154,7 +145,7 @@ impl MambaConfig {
             x_proj: init.linear(inner, r + 2 * n, false),
             dt_proj: Linear {
                 weight: init.uniform([r, inner], (r as f64).powf(-0.5)),
-                bias: Some(init.param(dt_bias, [inner])),
+                bias: Some(dt_bias),
             },
             a_log: init.param(a_log, [inner, n]),
             d: init.constant([inner], 1.0),
@@ -273,7 +264,12 @@ impl Mamba {
             Compute::Fused => {
                 fused::conv_silu(window.clone(), self.conv_weight.val(), self.conv_bias.val())
             }
-            Compute::Tensor(_) => silu(self.causal_conv(window.clone(), t)),
+            Compute::Tensor(_) => silu(causal_depthwise(
+                window.clone(),
+                self.conv_weight.val(),
+                Some(self.conv_bias.val()),
+                t,
+            )),
         }; // [B, T, E·D]
         let conv_state = window.narrow(1, t, k - 1);
 
@@ -330,22 +326,6 @@ impl Mamba {
                 ssm: h_last.reshape([batch, inner, n]),
             },
         )
-    }
-
-    /// Causal depthwise convolution of `window [B, k − 1 + T, E·D]` (the carried inputs, then
-    /// this call's) → `[B, T, E·D]`.
-    fn causal_conv(&self, window: Tensor<3>, t: usize) -> Tensor<3> {
-        let weight = self.conv_weight.val();
-        let mut out = self
-            .conv_bias
-            .val()
-            .unsqueeze_dim::<2>(0)
-            .unsqueeze_dim::<3>(0);
-        for j in 0..self.d_conv() {
-            let tap = weight.clone().narrow(0, j, 1).unsqueeze_dim::<3>(0); // [1, 1, E·D]
-            out = out + window.clone().narrow(1, j, t) * tap;
-        }
-        out
     }
 
     /// One token: `u_t [B, D]` → `[B, D]` and the next state.
@@ -486,8 +466,9 @@ mod tests {
         impulse[2 * 12 + 5] = 1.0;
         let x = Tensor::<3>::from_data(burn::tensor::TensorData::new(impulse, [1, 8, 12]), &dev);
         let window = Tensor::cat(vec![Tensor::zeros([1, 3, 12], &dev), x], 1);
-        let out =
-            m.causal_conv(window.clone(), 8) - m.causal_conv(Tensor::zeros([1, 11, 12], &dev), 8);
+        let conv =
+            |window| causal_depthwise(window, m.conv_weight.val(), Some(m.conv_bias.val()), 8);
+        let out = conv(window.clone()) - conv(Tensor::zeros([1, 11, 12], &dev));
         let out: Vec<f32> = out.to_data().try_to_vec::<f32>().unwrap();
         for t in 0..8 {
             for ch in 0..12 {

@@ -12,6 +12,7 @@ use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::attention::{Attention, AttentionSpec, KvCache};
+use crate::gated_deltanet::{GatedDeltaNet, GatedDeltaNetSpec, GatedDeltaNetState};
 use crate::gru::{Gru, GruSpec};
 use crate::init::Init;
 use crate::lstm::{Lstm, LstmSpec, LstmState};
@@ -85,6 +86,8 @@ mixers! {
     /// [`Rwkv`], a complete RWKV block (time mix and channel mix with their own pre-norms and
     /// residuals; use it with `layout = "stacked"` to get RWKV's own architecture).
     Rwkv(RwkvSpec) -> Rwkv = "rwkv",
+    /// [`GatedDeltaNet`] (Yang et al. 2024); plain DeltaNet with `gate = false`.
+    GatedDeltaNet(GatedDeltaNetSpec) -> GatedDeltaNet = "gated_deltanet",
     /// [`Attention`], causal softmax attention with a KV cache: the non-recurrent baseline.
     Attention(AttentionSpec) -> Attention = "attention",
 }
@@ -108,6 +111,7 @@ pub enum MixerState {
     Lstm(LstmState),
     Mamba(MambaState),
     Rwkv(RwkvState),
+    GatedDeltaNet(GatedDeltaNetState),
     /// Attention's KV cache, which grows with every token.
     Attention(KvCache),
 }
@@ -143,6 +147,10 @@ impl Mixer {
             Mixer::Rwkv(block) => {
                 let (y, s) = block.forward(x, state.map(MixerState::into_rwkv));
                 (y, MixerState::Rwkv(s))
+            }
+            Mixer::GatedDeltaNet(layer) => {
+                let (y, s) = layer.forward(x, state.map(MixerState::into_delta));
+                (y, MixerState::GatedDeltaNet(s))
             }
             Mixer::Attention(attn) => {
                 let (y, cache) = attn.forward(x, state.map(MixerState::into_cache));
@@ -182,6 +190,10 @@ impl Mixer {
                 let (y, s) = block.step(x_t, state.map(MixerState::into_rwkv));
                 (y, MixerState::Rwkv(s))
             }
+            Mixer::GatedDeltaNet(layer) => {
+                let (y, s) = layer.step(x_t, state.map(MixerState::into_delta));
+                (y, MixerState::GatedDeltaNet(s))
+            }
             Mixer::Attention(attn) => {
                 let (y, cache) = attn.step(x_t, state.map(MixerState::into_cache));
                 (y, MixerState::Attention(cache))
@@ -201,6 +213,7 @@ impl Mixer {
             Mixer::MinLstm(cell) => cell.state_size(),
             Mixer::Mamba(block) => block.state_size(),
             Mixer::Rwkv(block) => block.state_size(),
+            Mixer::GatedDeltaNet(layer) => layer.state_size(),
         }
     }
 }
@@ -217,6 +230,7 @@ impl Mixer {
             Mixer::MinLstm(cell) => cell.scan_flops_per_token(),
             Mixer::Mamba(block) => block.scan_flops_per_token(),
             Mixer::Rwkv(block) => block.wkv_flops_per_token(),
+            Mixer::GatedDeltaNet(layer) => layer.scan_flops_per_token(),
             Mixer::Attention(attn) => attn.score_flops_per_token(seq_len),
         }
     }
@@ -278,6 +292,7 @@ impl MixerState {
                 }
                 parts
             }
+            MixerState::GatedDeltaNet(s) => vec![flat(&s.conv), flat(&s.s)],
             MixerState::Attention(c) => vec![flat(&c.k), flat(&c.v)],
         };
         Tensor::cat(parts, 1).flatten(0, 1)
@@ -322,6 +337,10 @@ impl MixerState {
                 },
                 shift_channel: add(s.shift_channel, &mut leaves),
             }),
+            MixerState::GatedDeltaNet(s) => MixerState::GatedDeltaNet(GatedDeltaNetState {
+                conv: add(s.conv, &mut leaves),
+                s: add(s.s, &mut leaves),
+            }),
             MixerState::Attention(c) => MixerState::Attention(KvCache {
                 k: add(c.k, &mut leaves),
                 v: add(c.v, &mut leaves),
@@ -352,6 +371,13 @@ impl MixerState {
         match self {
             MixerState::Rwkv(s) => s,
             other => panic!("an RWKV block was handed {other:?}"),
+        }
+    }
+
+    fn into_delta(self) -> GatedDeltaNetState {
+        match self {
+            MixerState::GatedDeltaNet(s) => s,
+            other => panic!("a Gated DeltaNet layer was handed {other:?}"),
         }
     }
 

@@ -83,6 +83,7 @@ fn kind(mixer: &Mixer) -> &'static str {
         Mixer::MinLstm(_) => "minlstm",
         Mixer::Mamba(_) => "mamba",
         Mixer::Rwkv(_) => "rwkv",
+        Mixer::GatedDeltaNet(_) => "gated_deltanet",
         Mixer::Attention(_) => "attention",
     }
 }

@@ -13,6 +13,7 @@
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Gradients, Tensor};
 use estafet_models::Init;
+use estafet_models::gated_deltanet::{GatedDeltaNet, GatedDeltaNetSpec, GatedDeltaNetState};
 use estafet_models::gru::{Gru, GruConfig};
 use estafet_models::lstm::{Lstm, LstmConfig, LstmState};
 use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
@@ -170,19 +171,18 @@ fn check_forms<M, S>(
     println!("{name:>8} T={t:>3}: largest relative form-vs-form difference {worst:.2e}");
 }
 
-#[test]
-fn mingru_forms_agree() {
-    let cell: MinGru = MinGruConfig {
-        d_input: 6,
-        d_hidden: 6,
-        scan: Scan::Sequential,
-    }
-    .init(&mut Init::new(1, &device()));
+/// A cell whose state is one `h [2, 6]` (minGRU, minLSTM), width 6, from a non-zero state.
+fn hidden_state_forms<M: Module>(
+    name: &str,
+    cell: &M,
+    forward: impl Fn(&M, Tensor<3>, Tensor<2>, Scan) -> (Tensor<3>, Tensor<2>),
+    step: impl Fn(&M, Tensor<2>, Tensor<2>) -> (Tensor<2>, Tensor<2>),
+) {
     let h0 = normal([2, 6], 1.0);
     for t in LENGTHS {
         check_forms(
-            "mingru",
-            &cell,
+            name,
+            cell,
             t,
             6,
             || {
@@ -191,13 +191,29 @@ fn mingru_forms_agree() {
             },
             |m, x, h, chunk| {
                 let scan = chunk.map_or(Scan::Sequential, |chunk_len| Scan::Chunked { chunk_len });
-                let (y, h) = m.forward_with(x, Some(h), scan);
+                let (y, h) = forward(m, x, h, scan);
                 (y, vec![flat(h)])
             },
-            |m, x_t, h| m.step(x_t, Some(h)),
+            &step,
             |h| vec![flat(h.clone())],
         );
     }
+}
+
+#[test]
+fn mingru_forms_agree() {
+    let cell: MinGru = MinGruConfig {
+        d_input: 6,
+        d_hidden: 6,
+        scan: Scan::Sequential,
+    }
+    .init(&mut Init::new(1, &device()));
+    hidden_state_forms(
+        "mingru",
+        &cell,
+        |m, x, h, scan| m.forward_with(x, Some(h), scan),
+        |m, x_t, h| m.step(x_t, Some(h)),
+    );
 }
 
 #[test]
@@ -208,25 +224,57 @@ fn minlstm_forms_agree() {
         scan: Scan::Sequential,
     }
     .init(&mut Init::new(6, &device()));
-    let h0 = normal([2, 6], 1.0);
-    for t in LENGTHS {
-        check_forms(
-            "minlstm",
-            &cell,
-            t,
-            6,
-            || {
-                let h = leaf(&flat(h0.clone()));
-                (h.clone().reshape([2, 6]), vec![h])
-            },
-            |m, x, h, chunk| {
-                let scan = chunk.map_or(Scan::Sequential, |chunk_len| Scan::Chunked { chunk_len });
-                let (y, h) = m.forward_with(x, Some(h), scan);
-                (y, vec![flat(h)])
-            },
-            |m, x_t, h| m.step(x_t, Some(h)),
-            |h| vec![flat(h.clone())],
-        );
+    hidden_state_forms(
+        "minlstm",
+        &cell,
+        |m, x, h, scan| m.forward_with(x, Some(h), scan),
+        |m, x_t, h| m.step(x_t, Some(h)),
+    );
+}
+
+/// Gated DeltaNet as published, and plain DeltaNet (no decay gate) with signed eigenvalues.
+#[test]
+fn gated_deltanet_forms_agree() {
+    for (name, gate, eigenvalues) in [
+        ("gated deltanet", true, Eigenvalues::Positive),
+        ("deltanet, signed", false, Eigenvalues::Signed),
+    ] {
+        let spec = GatedDeltaNetSpec {
+            n_heads: 2,
+            gate,
+            eigenvalues,
+            ..GatedDeltaNetSpec::default()
+        };
+        let layer: GatedDeltaNet = spec.config(6).init(&mut Init::new(7, &device()));
+        // 3 carried inputs of 2·(2·3) + 2·3 = 18 channels; S [2, 2, 3, 3].
+        let conv0 = normal([2, 3, 18], 1.0);
+        let s0 = normal([2, 2, 3, 3], 1.0);
+        for t in LENGTHS {
+            check_forms(
+                name,
+                &layer,
+                t,
+                6,
+                || {
+                    let (conv, s) = (leaf(&flat(conv0.clone())), leaf(&flat(s0.clone())));
+                    (
+                        GatedDeltaNetState {
+                            conv: conv.clone().reshape([2, 3, 18]),
+                            s: s.clone().reshape([2, 2, 3, 3]),
+                        },
+                        vec![conv, s],
+                    )
+                },
+                |m, x, s, chunk| {
+                    let scan =
+                        chunk.map_or(Scan::Sequential, |chunk_len| Scan::Chunked { chunk_len });
+                    let (y, s) = m.forward_with(x, Some(s), scan);
+                    (y, vec![flat(s.conv), flat(s.s)])
+                },
+                |m, x_t, s| m.step(x_t, Some(s)),
+                |s| vec![flat(s.conv.clone()), flat(s.s.clone())],
+            );
+        }
     }
 }
 

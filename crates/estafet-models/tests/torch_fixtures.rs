@@ -19,6 +19,7 @@ use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use estafet_models::Init;
+use estafet_models::gated_deltanet::{Decay, GatedDeltaNet, GatedDeltaNetState};
 use estafet_models::gru::GruConfig;
 use estafet_models::lstm::{LstmConfig, LstmState};
 use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
@@ -367,6 +368,104 @@ fn minlstm_matches_the_papers_log_space_recurrence() {
             .max(f.check("grad.input.weight", dw))
             .max(f.check("grad.input.bias", db));
         println!("minlstm ({scan:?}): largest |estafet − reference| = {worst:.2e}");
+    }
+}
+
+/// Gated DeltaNet against fla's layer around `naive_recurrent_gated_delta_rule`, in both
+/// forms: outputs, final state and the gradients of the input, the initial state and every
+/// parameter.
+#[test]
+fn gated_deltanet_matches_fla() {
+    let f = Fixture::load("gated_deltanet");
+    let [b, _, d] = [f.shape("x")[0], f.shape("x")[1], f.shape("x")[2]];
+    let [_, h, dk, dv] = [
+        f.shape("s0")[0],
+        f.shape("s0")[1],
+        f.shape("s0")[2],
+        f.shape("s0")[3],
+    ];
+    let linear = |name: &str| Linear {
+        weight: param(f.get::<2>(&format!("{name}.weight")).transpose()),
+        bias: None,
+    };
+    let conv = |name: &str| {
+        let w = f.get::<3>(&format!("{name}.weight"));
+        let [c, _, k] = w.dims();
+        w.reshape([c, k]).transpose() // [K, C]
+    };
+    for scan in [Scan::Sequential, Scan::Chunked { chunk_len: 3 }] {
+        let layer = GatedDeltaNet {
+            q_proj: linear("q_proj"),
+            k_proj: linear("k_proj"),
+            v_proj: linear("v_proj"),
+            conv_weight: param(Tensor::cat(
+                vec![conv("q_conv1d"), conv("k_conv1d"), conv("v_conv1d")],
+                1,
+            )),
+            b_proj: linear("b_proj"),
+            decay: Some(Decay {
+                a_proj: linear("a_proj"),
+                a_log: param(f.get::<1>("A_log")),
+                dt_bias: param(f.get::<1>("dt_bias")),
+            }),
+            g_proj: linear("g_proj"),
+            norm_weight: param(f.get::<1>("o_norm.weight")),
+            o_proj: linear("o_proj"),
+            n_heads: h,
+            eigenvalues: Eigenvalues::Positive,
+            scan,
+        };
+        let x = f.get::<3>("x").require_grad();
+        let s0 = f.get::<4>("s0").require_grad();
+        let state = GatedDeltaNetState {
+            conv: Tensor::zeros([b, 3, 2 * h * dk + h * dv], &device()),
+            s: s0.clone(),
+        };
+        assert_eq!(d, layer.o_proj.weight.dims()[1]);
+        let (y, state) = layer.forward(x.clone(), Some(state));
+        let mut worst = f.check("y", y.clone()).max(f.check("hn", state.s.clone()));
+        let grads = ((y * f.get::<3>("r")).sum() + state.s.sum()).backward();
+        worst = worst
+            .max(f.check("grad.x", x.grad(&grads).unwrap()))
+            .max(f.check("grad.s0", s0.grad(&grads).unwrap()));
+        for (name, l) in [
+            ("q_proj", &layer.q_proj),
+            ("k_proj", &layer.k_proj),
+            ("v_proj", &layer.v_proj),
+            ("b_proj", &layer.b_proj),
+            ("g_proj", &layer.g_proj),
+            ("o_proj", &layer.o_proj),
+        ] {
+            let g = l.weight.grad(&grads).unwrap().transpose();
+            worst = worst.max(f.check(&format!("grad.{name}.weight"), g));
+        }
+        let decay = layer.decay.as_ref().unwrap();
+        worst = worst
+            .max(f.check(
+                "grad.a_proj.weight",
+                decay.a_proj.weight.grad(&grads).unwrap().transpose(),
+            ))
+            .max(f.check("grad.A_log", decay.a_log.grad(&grads).unwrap()))
+            .max(f.check("grad.dt_bias", decay.dt_bias.grad(&grads).unwrap()))
+            .max(f.check(
+                "grad.o_norm.weight",
+                layer.norm_weight.grad(&grads).unwrap(),
+            ));
+        let dconv = layer.conv_weight.grad(&grads).unwrap(); // [K, 2·H·d_k + H·d_v]
+        let k = dconv.dims()[0];
+        for (name, from, width) in [
+            ("q_conv1d", 0, h * dk),
+            ("k_conv1d", h * dk, h * dk),
+            ("v_conv1d", 2 * h * dk, h * dv),
+        ] {
+            let g = dconv
+                .clone()
+                .narrow(1, from, width)
+                .transpose()
+                .reshape([width, 1, k]);
+            worst = worst.max(f.check(&format!("grad.{name}.weight"), g));
+        }
+        println!("gated_deltanet ({scan:?}): largest |estafet − reference| = {worst:.2e}");
     }
 }
 

@@ -10,7 +10,7 @@
 //! ops around the scan took more of Mamba's step than the scan. The backward recomputes `pre`
 //! (`dpre = dy ⊙ σ(pre) (1 + pre (1 − σ(pre)))`), then `dwindow_{t+j} += w_j dpre_t`,
 //! `dw_j = Σ dpre_t window_{t+j}`, `dbias = Σ dpre_t`, one sequence per task. The definition is
-//! Mamba's `causal_conv` followed by `silu` (`forward_with`).
+//! `crate::conv::causal_depthwise` followed by `silu` (`forward_with`).
 
 use burn::backend::Backend;
 use burn::backend::TensorMetadata;
