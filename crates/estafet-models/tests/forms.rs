@@ -520,21 +520,14 @@ fn lstm_fused_agrees_with_sequential() {
     }
 }
 
-/// Signed eigenvalues (transitions `2·exp(ΔA) − 1`): the fused kernel and `step` against the
-/// sequential definition. Δ's bias is drawn around 1 so that transitions of both signs occur.
-#[test]
-fn mamba_signed_fused_agrees_with_sequential() {
-    let mut config = MambaConfig::new(6);
-    config.d_state = 4;
-    config.eigenvalues = Eigenvalues::Signed;
-    let mut block: Mamba = config.init(&mut Init::new(4, &device()));
-    block.dt_proj.bias = Some(Param::from_tensor((normal([12], 1.0) + 0.5).detach()));
+/// The fused kernel (`forward` on ndarray) and `step` against the sequential definition.
+fn mamba_fused_agrees(name: &str, block: &Mamba) {
     let conv0 = normal([2, 3, 12], 1.0);
     let ssm0 = normal([2, 12, 4], 1.0);
     for t in LENGTHS {
         check_forms(
-            "mamba signed, fused",
-            &block,
+            name,
+            block,
             t,
             6,
             || {
@@ -564,34 +557,17 @@ fn mamba_signed_fused_agrees_with_sequential() {
 fn mamba_fused_agrees_with_sequential() {
     let mut config = MambaConfig::new(6);
     config.d_state = 4;
-    let block: Mamba = config.init(&mut Init::new(3, &device()));
-    let conv0 = normal([2, 3, 12], 1.0);
-    let ssm0 = normal([2, 12, 4], 1.0);
-    for t in LENGTHS {
-        check_forms(
-            "mamba fused",
-            &block,
-            t,
-            6,
-            || {
-                let (conv, ssm) = (leaf(&flat(conv0.clone())), leaf(&flat(ssm0.clone())));
-                (
-                    MambaState {
-                        conv: conv.clone().reshape([2, 3, 12]),
-                        ssm: ssm.clone().reshape([2, 12, 4]),
-                    },
-                    vec![conv, ssm],
-                )
-            },
-            |m, x, s, form| {
-                let (y, s) = match form {
-                    None => m.forward_with(x, Some(s), Scan::Sequential),
-                    Some(_) => m.forward(x, Some(s)),
-                };
-                (y, vec![flat(s.conv), flat(s.ssm)])
-            },
-            |m, x_t, s| m.step(x_t, Some(s)),
-            |s| vec![flat(s.conv.clone()), flat(s.ssm.clone())],
-        );
-    }
+    mamba_fused_agrees("mamba fused", &config.init(&mut Init::new(3, &device())));
+}
+
+/// Signed eigenvalues (transitions `2·exp(ΔA) − 1`). Δ's bias is drawn around 1 so that
+/// transitions of both signs occur.
+#[test]
+fn mamba_signed_fused_agrees_with_sequential() {
+    let mut config = MambaConfig::new(6);
+    config.d_state = 4;
+    config.eigenvalues = Eigenvalues::Signed;
+    let mut block: Mamba = config.init(&mut Init::new(4, &device()));
+    block.dt_proj.bias = Some(Param::from_tensor((normal([12], 1.0) + 0.5).detach()));
+    mamba_fused_agrees("mamba signed, fused", &block);
 }
