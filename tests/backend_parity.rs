@@ -65,6 +65,14 @@ fn mixers() -> Vec<(String, MixerConfig)> {
             serde_json::json!({ "kind": "mamba", "eigenvalues": "signed" }),
         ),
         (
+            "mamba2-chunked",
+            serde_json::json!({ "kind": "mamba2", "head_dim": 4, "scan": { "kind": "chunked", "chunk_len": 4 } }),
+        ),
+        (
+            "gated_deltanet-chunked",
+            serde_json::json!({ "kind": "gated_deltanet", "scan": { "kind": "chunked", "chunk_len": 4 } }),
+        ),
+        (
             "rwkv-chunked",
             serde_json::json!({ "kind": "rwkv", "wkv": { "kind": "chunked", "chunk_len": 3 } }),
         ),

@@ -30,6 +30,7 @@ pub mod gru;
 pub mod init;
 pub mod lstm;
 pub mod mamba;
+pub mod mamba2;
 pub mod mask;
 pub mod mingru;
 pub mod minlstm;

@@ -17,6 +17,7 @@ use crate::gru::{Gru, GruSpec};
 use crate::init::Init;
 use crate::lstm::{Lstm, LstmSpec, LstmState};
 use crate::mamba::{Mamba, MambaSpec, MambaState};
+use crate::mamba2::{Mamba2, Mamba2Spec, Mamba2State};
 use crate::mingru::{MinGru, MinGruSpec};
 use crate::minlstm::{MinLstm, MinLstmSpec};
 use crate::rnn::{Rnn, RnnSpec};
@@ -83,6 +84,8 @@ mixers! {
     MinLstm(MinLstmSpec) -> MinLstm = "minlstm",
     /// [`Mamba`], the selective SSM block of Mamba-1.
     Mamba(MambaSpec) -> Mamba = "mamba",
+    /// [`Mamba2`], the SSD block of Mamba-2.
+    Mamba2(Mamba2Spec) -> Mamba2 = "mamba2",
     /// [`Rwkv`], a complete RWKV block (time mix and channel mix with their own pre-norms and
     /// residuals; use it with `layout = "stacked"` to get RWKV's own architecture).
     Rwkv(RwkvSpec) -> Rwkv = "rwkv",
@@ -110,6 +113,7 @@ pub enum MixerState {
     Hidden(Tensor<2>),
     Lstm(LstmState),
     Mamba(MambaState),
+    Mamba2(Mamba2State),
     Rwkv(RwkvState),
     GatedDeltaNet(GatedDeltaNetState),
     /// Attention's KV cache, which grows with every token.
@@ -143,6 +147,10 @@ impl Mixer {
             Mixer::Mamba(block) => {
                 let (y, s) = block.forward(x, state.map(MixerState::into_mamba));
                 (y, MixerState::Mamba(s))
+            }
+            Mixer::Mamba2(block) => {
+                let (y, s) = block.forward(x, state.map(MixerState::into_mamba2));
+                (y, MixerState::Mamba2(s))
             }
             Mixer::Rwkv(block) => {
                 let (y, s) = block.forward(x, state.map(MixerState::into_rwkv));
@@ -186,6 +194,10 @@ impl Mixer {
                 let (y, s) = block.step(x_t, state.map(MixerState::into_mamba));
                 (y, MixerState::Mamba(s))
             }
+            Mixer::Mamba2(block) => {
+                let (y, s) = block.step(x_t, state.map(MixerState::into_mamba2));
+                (y, MixerState::Mamba2(s))
+            }
             Mixer::Rwkv(block) => {
                 let (y, s) = block.step(x_t, state.map(MixerState::into_rwkv));
                 (y, MixerState::Rwkv(s))
@@ -212,6 +224,7 @@ impl Mixer {
             Mixer::MinGru(cell) => cell.state_size(),
             Mixer::MinLstm(cell) => cell.state_size(),
             Mixer::Mamba(block) => block.state_size(),
+            Mixer::Mamba2(block) => block.state_size(),
             Mixer::Rwkv(block) => block.state_size(),
             Mixer::GatedDeltaNet(layer) => layer.state_size(),
         }
@@ -229,6 +242,7 @@ impl Mixer {
             Mixer::MinGru(cell) => cell.scan_flops_per_token(),
             Mixer::MinLstm(cell) => cell.scan_flops_per_token(),
             Mixer::Mamba(block) => block.scan_flops_per_token(),
+            Mixer::Mamba2(block) => block.scan_flops_per_token(),
             Mixer::Rwkv(block) => block.wkv_flops_per_token(),
             Mixer::GatedDeltaNet(layer) => layer.scan_flops_per_token(),
             Mixer::Attention(attn) => attn.score_flops_per_token(seq_len),
@@ -282,6 +296,7 @@ impl MixerState {
             MixerState::Hidden(h) => vec![flat(h)],
             MixerState::Lstm(s) => vec![flat(&s.h), flat(&s.c)],
             MixerState::Mamba(s) => vec![flat(&s.conv), flat(&s.ssm)],
+            MixerState::Mamba2(s) => vec![flat(&s.conv), flat(&s.ssm)],
             MixerState::Rwkv(s) => {
                 let mut parts = vec![flat(&s.shift_time), flat(&s.shift_channel)];
                 match &s.wkv {
@@ -319,6 +334,10 @@ impl MixerState {
                 c: add(s.c, &mut leaves),
             }),
             MixerState::Mamba(s) => MixerState::Mamba(MambaState {
+                conv: add(s.conv, &mut leaves),
+                ssm: add(s.ssm, &mut leaves),
+            }),
+            MixerState::Mamba2(s) => MixerState::Mamba2(Mamba2State {
                 conv: add(s.conv, &mut leaves),
                 ssm: add(s.ssm, &mut leaves),
             }),
@@ -364,6 +383,13 @@ impl MixerState {
         match self {
             MixerState::Mamba(s) => s,
             other => panic!("a Mamba block was handed {other:?}"),
+        }
+    }
+
+    fn into_mamba2(self) -> Mamba2State {
+        match self {
+            MixerState::Mamba2(s) => s,
+            other => panic!("a Mamba-2 block was handed {other:?}"),
         }
     }
 

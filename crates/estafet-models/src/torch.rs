@@ -82,6 +82,7 @@ fn kind(mixer: &Mixer) -> &'static str {
         Mixer::MinGru(_) => "mingru",
         Mixer::MinLstm(_) => "minlstm",
         Mixer::Mamba(_) => "mamba",
+        Mixer::Mamba2(_) => "mamba2",
         Mixer::Rwkv(_) => "rwkv",
         Mixer::GatedDeltaNet(_) => "gated_deltanet",
         Mixer::Attention(_) => "attention",

@@ -13,7 +13,8 @@ fn device() -> Device {
     Device::ndarray().autodiff()
 }
 
-/// Every kind with its defaults, plus RWKV-6 and Mamba with signed eigenvalues.
+/// Every kind with its defaults, plus RWKV-6, Mamba with signed eigenvalues and Mamba-2 signed
+/// and chunked.
 fn every_mixer() -> Vec<(String, MixerConfig)> {
     MixerConfig::KINDS
         .iter()
@@ -21,6 +22,8 @@ fn every_mixer() -> Vec<(String, MixerConfig)> {
         .chain([
             serde_json::json!({ "kind": "rwkv", "version": 6, "head_size": 4 }),
             serde_json::json!({ "kind": "mamba", "eigenvalues": "signed" }),
+            serde_json::json!({ "kind": "mamba2", "head_dim": 4, "eigenvalues": "signed" }),
+            serde_json::json!({ "kind": "mamba2", "head_dim": 4, "scan": { "kind": "chunked", "chunk_len": 2 } }),
         ])
         .map(|v| {
             let config: MixerConfig = serde_json::from_value(v.clone()).unwrap();

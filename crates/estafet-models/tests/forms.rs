@@ -17,6 +17,7 @@ use estafet_models::gated_deltanet::{GatedDeltaNet, GatedDeltaNetSpec, GatedDelt
 use estafet_models::gru::{Gru, GruConfig};
 use estafet_models::lstm::{Lstm, LstmConfig, LstmState};
 use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
+use estafet_models::mamba2::{Mamba2, Mamba2Spec, Mamba2State};
 use estafet_models::mingru::{MinGru, MinGruConfig};
 use estafet_models::minlstm::{MinLstm, MinLstmConfig};
 use estafet_models::rnn::{Nonlinearity, Rnn, RnnConfig};
@@ -230,6 +231,44 @@ fn minlstm_forms_agree() {
         |m, x, h, scan| m.forward_with(x, Some(h), scan),
         |m, x_t, h| m.step(x_t, Some(h)),
     );
+}
+
+#[test]
+fn mamba2_forms_agree() {
+    // d 8, E 2, P 4: 4 heads; N 3; the conv spans 16 + 6 = 22 channels.
+    let spec = Mamba2Spec {
+        d_state: 3,
+        head_dim: 4,
+        ..Mamba2Spec::default()
+    };
+    let block: Mamba2 = spec.config(8).init(&mut Init::new(8, &device()));
+    let conv0 = normal([2, 3, 22], 1.0);
+    let ssm0 = normal([2, 4, 4, 3], 1.0);
+    for t in LENGTHS {
+        check_forms(
+            "mamba2",
+            &block,
+            t,
+            8,
+            || {
+                let (conv, ssm) = (leaf(&flat(conv0.clone())), leaf(&flat(ssm0.clone())));
+                (
+                    Mamba2State {
+                        conv: conv.clone().reshape([2, 3, 22]),
+                        ssm: ssm.clone().reshape([2, 4, 4, 3]),
+                    },
+                    vec![conv, ssm],
+                )
+            },
+            |m, x, s, chunk| {
+                let scan = chunk.map_or(Scan::Sequential, |chunk_len| Scan::Chunked { chunk_len });
+                let (y, s) = m.forward_with(x, Some(s), scan);
+                (y, vec![flat(s.conv), flat(s.ssm)])
+            },
+            |m, x_t, s| m.step(x_t, Some(s)),
+            |s| vec![flat(s.conv.clone()), flat(s.ssm.clone())],
+        );
+    }
 }
 
 /// Gated DeltaNet as published, and plain DeltaNet (no decay gate) with signed eigenvalues.

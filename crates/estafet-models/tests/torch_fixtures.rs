@@ -23,6 +23,7 @@ use estafet_models::gated_deltanet::{Decay, GatedDeltaNet, GatedDeltaNetState};
 use estafet_models::gru::GruConfig;
 use estafet_models::lstm::{LstmConfig, LstmState};
 use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
+use estafet_models::mamba2::{Mamba2, Mamba2State};
 use estafet_models::minlstm::MinLstm;
 use estafet_models::mixer::{Mixer, MixerState};
 use estafet_models::rnn::{Nonlinearity, RnnConfig};
@@ -368,6 +369,89 @@ fn minlstm_matches_the_papers_log_space_recurrence() {
             .max(f.check("grad.input.weight", dw))
             .max(f.check("grad.input.bias", db));
         println!("minlstm ({scan:?}): largest |estafet − reference| = {worst:.2e}");
+    }
+}
+
+/// Mamba-2 against `Mamba2Simple`'s block with `ssd_minimal_discrete` (and, signed, the
+/// recurrence step by step), in every form the eigenvalue range allows: outputs, final state
+/// and the gradients of the input, the initial state and every parameter.
+#[test]
+fn mamba2_matches_ssd_minimal() {
+    for (name, eigenvalues) in [
+        ("mamba2", Eigenvalues::Positive),
+        ("mamba2_signed", Eigenvalues::Signed),
+    ] {
+        let f = Fixture::load(name);
+        let [b, _, _] = [f.shape("x")[0], f.shape("x")[1], f.shape("x")[2]];
+        let [c, _, k] = [
+            f.shape("conv1d.weight")[0],
+            f.shape("conv1d.weight")[1],
+            f.shape("conv1d.weight")[2],
+        ];
+        let mut forms = vec![Scan::Sequential];
+        if eigenvalues == Eigenvalues::Positive {
+            forms.push(Scan::Chunked { chunk_len: 3 });
+        }
+        for scan in forms {
+            let block = Mamba2 {
+                in_proj: Linear {
+                    weight: param(f.get::<2>("in_proj.weight").transpose()),
+                    bias: None,
+                },
+                conv_weight: param(f.get::<3>("conv1d.weight").reshape([c, k]).transpose()),
+                conv_bias: param(f.get::<1>("conv1d.bias")),
+                dt_bias: param(f.get::<1>("dt_bias")),
+                a_log: param(f.get::<1>("A_log")),
+                d: param(f.get::<1>("D")),
+                norm_weight: param(f.get::<1>("norm.weight")),
+                out_proj: Linear {
+                    weight: param(f.get::<2>("out_proj.weight").transpose()),
+                    bias: None,
+                },
+                d_state: f.shape("h0")[3],
+                eigenvalues,
+                scan,
+            };
+            let x = f.get::<3>("x").require_grad();
+            let h0 = f.get::<4>("h0").require_grad();
+            let state = Mamba2State {
+                conv: Tensor::zeros([b, k - 1, c], &device()),
+                ssm: h0.clone(),
+            };
+            let (y, state) = block.forward(x.clone(), Some(state));
+            let mut worst = f
+                .check("y", y.clone())
+                .max(f.check("hn", state.ssm.clone()));
+            let grads = ((y * f.get::<3>("r")).sum() + state.ssm.sum()).backward();
+            worst = worst
+                .max(f.check("grad.x", x.grad(&grads).unwrap()))
+                .max(f.check("grad.h0", h0.grad(&grads).unwrap()))
+                .max(f.check(
+                    "grad.in_proj.weight",
+                    block.in_proj.weight.grad(&grads).unwrap().transpose(),
+                ))
+                .max(
+                    f.check(
+                        "grad.conv1d.weight",
+                        block
+                            .conv_weight
+                            .grad(&grads)
+                            .unwrap()
+                            .transpose()
+                            .reshape([c, 1, k]),
+                    ),
+                )
+                .max(f.check("grad.conv1d.bias", block.conv_bias.grad(&grads).unwrap()))
+                .max(f.check("grad.dt_bias", block.dt_bias.grad(&grads).unwrap()))
+                .max(f.check("grad.A_log", block.a_log.grad(&grads).unwrap()))
+                .max(f.check("grad.D", block.d.grad(&grads).unwrap()))
+                .max(f.check("grad.norm.weight", block.norm_weight.grad(&grads).unwrap()))
+                .max(f.check(
+                    "grad.out_proj.weight",
+                    block.out_proj.weight.grad(&grads).unwrap().transpose(),
+                ));
+            println!("{name} ({scan:?}): largest |estafet − reference| = {worst:.2e}");
+        }
     }
 }
 
