@@ -90,13 +90,8 @@ impl MambaSpec {
                 "model.mixer.d_conv must be at least 2 (a causal kernel spans the past)".into(),
             );
         }
-        if self.eigenvalues == Eigenvalues::Signed
-            && matches!(self.scan, Form::Tensor(Scan::Chunked { .. }))
-        {
-            return Err("model.mixer.scan = chunked works in log space and needs \
-                 eigenvalues = \"positive\"; signed eigenvalues run as auto, fused or sequential"
-                .into());
-        }
+        self.eigenvalues
+            .check_chunked(matches!(self.scan, Form::Tensor(Scan::Chunked { .. })))?;
         self.scan
             .validate()
             .map_err(|e| format!("model.mixer.scan.{e}"))
@@ -299,7 +294,7 @@ impl Mamba {
                             Scan::Sequential,
                             "signed eigenvalues have no chunked form (unchecked config)"
                         );
-                        recurrence(log_decay.exp() * 2.0 - 1.0, drive, h0)
+                        recurrence(self.eigenvalues.transition(log_decay), drive, h0)
                     }
                 };
                 let y = (h.reshape([batch, t, inner, n]) * c.unsqueeze_dim::<4>(2))

@@ -95,11 +95,8 @@ impl Mamba2Spec {
                 "model.mixer.d_conv must be at least 2 (a causal kernel spans the past)".into(),
             );
         }
-        if self.eigenvalues == Eigenvalues::Signed && matches!(self.scan, Scan::Chunked { .. }) {
-            return Err("model.mixer.scan = chunked works in log space and needs \
-                 eigenvalues = \"positive\"; signed eigenvalues run sequential"
-                .into());
-        }
+        self.eigenvalues
+            .check_chunked(matches!(self.scan, Scan::Chunked { .. }))?;
         self.scan
             .validate()
             .map_err(|e| format!("model.mixer.scan.{e}"))
@@ -313,8 +310,7 @@ impl Mamba2 {
 
 /// The definition, one step at a time: `h ← a_t h + Δx_t ⊗ B_t`, `y_t = h C_t`.
 fn recurrent(s: Ssd, h0: Tensor<4>, eigenvalues: Eigenvalues) -> (Tensor<4>, Tensor<4>) {
-    let (scale, offset) = eigenvalues.affine();
-    let a = s.log_a.exp() * scale + offset; // [B, H, T]
+    let a = eigenvalues.transition(s.log_a); // [B, H, T]
     let mut h = h0; // [B, H, P, N]
     let mut ys = Vec::with_capacity(a.dims()[2]);
     let steps = unbind::<4, 3>(s.x, 2)

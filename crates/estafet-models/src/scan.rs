@@ -159,6 +159,24 @@ impl Eigenvalues {
             Eigenvalues::Signed => (2.0, -1.0),
         }
     }
+
+    /// The transitions `a = s·exp(log_e) + o` from their `[0, 1]` logs (tensor ops; the fused
+    /// kernel applies [`Eigenvalues::affine`] itself).
+    pub fn transition<const D: usize>(self, log_e: Tensor<D>) -> Tensor<D> {
+        let (scale, offset) = self.affine();
+        log_e.exp() * scale + offset
+    }
+
+    /// Whether a recurrence with this range may run chunked: the chunked forms work in log
+    /// space, and a signed transition has no log. The error names the config fields.
+    pub fn check_chunked(self, chunked: bool) -> Result<(), String> {
+        if self == Eigenvalues::Signed && chunked {
+            return Err("model.mixer.scan = chunked works in log space and needs \
+                 eigenvalues = \"positive\"; signed eigenvalues run step by step"
+                .into());
+        }
+        Ok(())
+    }
 }
 
 /// Runs `h_t = exp(log_a_t) ⊙ h_{t-1} + b_t`.

@@ -240,7 +240,6 @@ mod tests {
             uniform([bsz, t, m], -1.0, 1.0),
             uniform([bsz, m, n], -1.0, 1.0),
         );
-        let (scale, offset) = eigenvalues.affine();
         let run = |fused: bool| {
             let track = |t: &Tensor<3>| t.clone().detach().require_grad();
             let (delta, x, b, c, h0) = (track(&delta), track(&x), track(&b), track(&c), track(&h0));
@@ -260,11 +259,10 @@ mod tests {
                     out.narrow(1, t * m, m * n).reshape([bsz, m, n]),
                 )
             } else {
-                let transition = (delta.clone().unsqueeze_dim::<4>(3)
-                    * a.clone().unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0))
-                .exp()
-                    * scale
-                    + offset;
+                let transition = eigenvalues.transition(
+                    delta.clone().unsqueeze_dim::<4>(3)
+                        * a.clone().unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0),
+                );
                 let drive = (delta.clone() * x.clone()).unsqueeze_dim::<4>(3)
                     * b.clone().unsqueeze_dim::<4>(2);
                 let (h, h_last) = recurrence(
