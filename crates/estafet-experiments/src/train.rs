@@ -282,10 +282,10 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    fn evaluate(&self, model: &SequenceModel) -> EvalResult {
+    fn evaluate(&self, model: &SequenceModel, samples: &[Sample]) -> EvalResult {
         evaluate(
             &model.valid(),
-            &self.eval_set,
+            samples,
             &self.info,
             self.config.eval.batch_size,
             &self.device,
@@ -378,7 +378,7 @@ impl<'a> Run<'a> {
             let eval_now = train.eval_every > 0 && step % train.eval_every == 0;
             let mut solved = false;
             if eval_now || last {
-                let result = self.evaluate(&model);
+                let result = self.evaluate(&model, &self.eval_set);
                 self.log_eval(&format!("step {step:>6}"), step, &result)?;
                 solved = result.solved;
                 outcome.last_eval = Some(result);
@@ -497,7 +497,7 @@ impl<'a> Run<'a> {
         }
         // Resumed from the final checkpoint of a run killed before its summary, or diverged:
         // evaluate the model at hand.
-        let final_eval = last_eval.unwrap_or_else(|| self.evaluate(&model));
+        let final_eval = last_eval.unwrap_or_else(|| self.evaluate(&model, &self.eval_set));
         let config = self.config;
         let length_eval = crate::evaluate::at_lengths(
             &model.valid(),
@@ -513,15 +513,7 @@ impl<'a> Run<'a> {
         let test_eval = self
             .task
             .test_set(config.run.seed, config.eval.samples)
-            .map(|set| {
-                evaluate(
-                    &model.valid(),
-                    &set,
-                    &self.info,
-                    config.eval.batch_size,
-                    &self.device,
-                )
-            });
+            .map(|set| self.evaluate(&model, &set));
         self.bar.finish_and_clear();
 
         let tokens_per_step = (config.train.batch_size * self.info.seq_len) as f64;
