@@ -65,6 +65,10 @@ fn mixers() -> Vec<(String, MixerConfig)> {
             serde_json::json!({ "kind": "mamba", "eigenvalues": "signed" }),
         ),
         (
+            "mamba-lti",
+            serde_json::json!({ "kind": "mamba", "selective": false }),
+        ),
+        (
             "mamba2-chunked",
             serde_json::json!({ "kind": "mamba2", "head_dim": 4, "scan": { "kind": "chunked", "chunk_len": 4 } }),
         ),

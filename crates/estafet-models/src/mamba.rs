@@ -5,6 +5,7 @@
 //! x       = SiLU(causal depthwise conv1d_k(x))       kernel d_conv, per channel
 //! (δ, B, C) = x_proj(x)                              δ [B,T,R], B, C [B,T,N]
 //! Δ       = softplus(dt_proj(δ))                     [B,T,E·D]
+//!           (selective = false: Δ [E·D], B, C [E·D, N] fixed per channel, the LTI control)
 //! A       = −exp(A_log)                              [E·D, N], S4D-real init A_log = log(1..N)
 //! h_t     = exp(Δ_t A) ⊙ h_{t−1} + (Δ_t ⊙ x_t) ⊗ B_t    zero-order hold for A, Euler for B
 //!           (eigenvalues = "signed": 2·exp(Δ_t A) − 1 in place of exp(Δ_t A), Grazzi et al. 2024)
@@ -16,12 +17,15 @@
 //! `scan` picks how `h` is computed (see [`crate::scan`]): the `[E·D, N]` state is flattened to
 //! `M = E·D·N` channels of one diagonal recurrence with `log a = Δ A`; with signed eigenvalues
 //! the transition has no log, so the chunked form (which works in log space) is refused and the
-//! sequential form runs [`crate::scan::recurrence`] over `a` itself. `step` carries the last
-//! `d_conv − 1` inputs of the convolution and `h`: O(1) memory per token.
+//! sequential form runs [`crate::scan::recurrence`] over `a` itself. The fused kernel takes the
+//! selective maps only, so the LTI control ([`selection`]) runs a tensor form. `step` carries the
+//! last `d_conv − 1` inputs of the convolution and `h`: O(1) memory per token.
+
+pub mod selection;
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::activation::{silu, softplus};
+use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +33,7 @@ use crate::conv::causal_depthwise;
 use crate::fused;
 use crate::init::Init;
 use crate::scan::{Compute, Eigenvalues, Form, Scan, linear_scan, recurrence};
+use selection::{Dbc, Selection};
 
 /// `[model.mixer]` with `kind = "mamba"`: the paper's symbols, with its defaults (N = 16,
 /// E = 2, d_conv = 4, R = ⌈D/16⌉) and the scan's form. Its width is the model's.
@@ -44,6 +49,9 @@ pub struct MambaSpec {
     pub dt_rank: Option<usize>,
     /// The transition's range: `exp(Δ A) ∈ [0, 1]` as published, or `2·exp(Δ A) − 1`.
     pub eigenvalues: Eigenvalues,
+    /// `true`: Δ, B and C depend on the token (S6); `false`: they are fixed per channel, the
+    /// LTI (S4D-style) control of the Mamba paper's selective-copying table.
+    pub selective: bool,
     pub scan: Form,
 }
 
@@ -55,6 +63,7 @@ impl Default for MambaSpec {
             d_conv: 4,
             dt_rank: None,
             eigenvalues: Eigenvalues::Positive,
+            selective: true,
             scan: Form::Auto,
         }
     }
@@ -72,6 +81,7 @@ impl MambaSpec {
             dt_min: 0.001,
             dt_max: 0.1,
             eigenvalues: self.eigenvalues,
+            selective: self.selective,
             scan: self.scan,
         }
     }
@@ -88,6 +98,13 @@ impl MambaSpec {
         if self.d_conv < 2 {
             return Err(
                 "model.mixer.d_conv must be at least 2 (a causal kernel spans the past)".into(),
+            );
+        }
+        if !self.selective && self.scan == Form::Fused {
+            return Err(
+                "model.mixer.scan = fused: the fused kernel is the selective scan; with \
+                        selective = false use auto, sequential or chunked"
+                    .into(),
             );
         }
         self.eigenvalues
@@ -115,6 +132,8 @@ pub struct MambaConfig {
     pub dt_min: f64,
     pub dt_max: f64,
     pub eigenvalues: Eigenvalues,
+    /// Input-dependent Δ, B, C (S6) or fixed per channel (LTI); see [`selection`].
+    pub selective: bool,
     pub scan: Form,
 }
 
@@ -126,22 +145,24 @@ impl MambaConfig {
 
     /// The reference implementation's initialisation (`mamba_simple.py`): PyTorch defaults for
     /// the projections and the convolution, `dt_proj.bias = softplus⁻¹(Δ₀)` with `Δ₀` log-uniform
-    /// in `[dt_min, dt_max]` (floored at 1e-4), `A_log = log(1..N)`, `D = 1`.
+    /// in `[dt_min, dt_max]` (floored at 1e-4), `A_log = log(1..N)`, `D = 1`; the LTI control as
+    /// [`Selection::fixed`] says.
     pub fn init(&self, init: &mut Init) -> Mamba {
         let (d, n, r) = (self.d_model, self.d_state, self.dt_rank);
         let inner = self.expand * d;
         let conv_bound = 1.0 / (self.d_conv as f64).sqrt();
-        let dt_bias = init.dt_bias(inner, self.dt_min, self.dt_max);
+        let dt = (self.dt_min, self.dt_max);
+        let selection = if self.selective {
+            Selection::selective(init, inner, n, r, dt)
+        } else {
+            Selection::fixed(init, inner, n, dt)
+        };
         let a_log = (0..inner * n).map(|i| ((i % n + 1) as f32).ln()).collect();
         Mamba {
             in_proj: init.linear(d, 2 * inner, false),
             conv_weight: init.uniform([self.d_conv, inner], conv_bound),
             conv_bias: init.uniform([inner], conv_bound),
-            x_proj: init.linear(inner, r + 2 * n, false),
-            dt_proj: Linear {
-                weight: init.uniform([r, inner], (r as f64).powf(-0.5)),
-                bias: Some(dt_bias),
-            },
+            selection,
             a_log: init.param(a_log, [inner, n]),
             d: init.constant([inner], 1.0),
             out_proj: init.linear(inner, d, false),
@@ -159,10 +180,8 @@ pub struct Mamba {
     /// `[d_conv, E·D]`: tap `j` multiplies the input `d_conv − 1 − j` steps back.
     pub conv_weight: Param<Tensor<2>>,
     pub conv_bias: Param<Tensor<1>>,
-    /// `[E·D, R + 2N]`: `δ`, `B`, `C`.
-    pub x_proj: Linear,
-    /// `[R, E·D]` with bias.
-    pub dt_proj: Linear,
+    /// Δ, B and C: from the token or fixed.
+    pub selection: Selection,
     /// `[E·D, N]`.
     pub a_log: Param<Tensor<2>>,
     /// `[E·D]`.
@@ -173,6 +192,14 @@ pub struct Mamba {
     pub eigenvalues: Eigenvalues,
     #[module(skip)]
     pub scan: Form,
+}
+
+/// What computes `h` in one call: what the scan's [`Form`] resolves to, or, for the LTI
+/// control, its convolution.
+#[derive(Clone, Copy, Debug)]
+enum Path {
+    Scan(Compute),
+    Convolution,
 }
 
 /// The state of a Mamba block between calls.
@@ -220,9 +247,18 @@ impl Mamba {
     /// On a backend with the fused kernel the scan is one op ([`fused::selective_scan`]), which
     /// never holds `[B, T, E·D, N]` tensors, unless [`Mamba::scan`] names a tensor form;
     /// elsewhere the scan runs in that form (the sequential one for `auto`).
+    ///
+    /// The LTI control with `auto` and transitions in [0, 1] runs its convolution form
+    /// ([`selection::Fixed::convolve`]) on every backend.
     pub fn forward(&self, u: Tensor<3>, state: Option<MambaState>) -> (Tensor<3>, MambaState) {
-        let scan = self.scan.resolve(fused::has_kernel(&u.device()));
-        self.run(u, state, scan)
+        let path = match (&self.selection, self.scan, self.eigenvalues) {
+            (Selection::Fixed(_), Form::Auto, Eigenvalues::Positive) => Path::Convolution,
+            (Selection::Fixed(_), form, _) => Path::Scan(form.resolve(false)),
+            (Selection::Selective(_), form, _) => {
+                Path::Scan(form.resolve(fused::has_kernel(&u.device())))
+            }
+        };
+        self.run(u, state, path)
     }
 
     /// As [`Mamba::forward`] with the scan built from tensor ops in the given form (the
@@ -233,16 +269,11 @@ impl Mamba {
         state: Option<MambaState>,
         scan: Scan,
     ) -> (Tensor<3>, MambaState) {
-        self.run(u, state, Compute::Tensor(scan))
+        self.run(u, state, Path::Scan(Compute::Tensor(scan)))
     }
 
-    /// The block with the scan computed as `compute` says.
-    fn run(
-        &self,
-        u: Tensor<3>,
-        state: Option<MambaState>,
-        compute: Compute,
-    ) -> (Tensor<3>, MambaState) {
+    /// The block with `h` computed along `path`.
+    fn run(&self, u: Tensor<3>, state: Option<MambaState>, path: Path) -> (Tensor<3>, MambaState) {
         let [batch, t, _] = u.dims();
         let (inner, n, k) = (self.inner(), self.d_state(), self.d_conv());
         let state = state.unwrap_or_else(|| self.zero_state(batch, &u.device()));
@@ -255,11 +286,11 @@ impl Mamba {
 
         // Causal depthwise convolution over [carried window, x].
         let window = Tensor::cat(vec![state.conv, x], 1); // [B, k − 1 + T, E·D]
-        let x = match compute {
-            Compute::Fused => {
+        let x = match path {
+            Path::Scan(Compute::Fused) => {
                 fused::conv_silu(window.clone(), self.conv_weight.val(), self.conv_bias.val())
             }
-            Compute::Tensor(_) => silu(causal_depthwise(
+            Path::Scan(Compute::Tensor(_)) | Path::Convolution => silu(causal_depthwise(
                 window.clone(),
                 self.conv_weight.val(),
                 Some(self.conv_bias.val()),
@@ -268,19 +299,22 @@ impl Mamba {
         }; // [B, T, E·D]
         let conv_state = window.narrow(1, t, k - 1);
 
-        let r = self.dt_proj.weight.dims()[0];
-        let dbc = self.x_proj.forward(x.clone());
-        let delta = softplus(self.dt_proj.forward(dbc.clone().narrow(2, 0, r)), 1.0); // [B, T, E·D]
-        let b = dbc.clone().narrow(2, r, n); // [B, T, N]
-        let c = dbc.narrow(2, r + n, n); // [B, T, N]
         let a = -self.a_log.val().exp(); // [E·D, N]
 
         let m = inner * n;
-        let (y, h_last) = match compute {
-            Compute::Tensor(scan) => {
-                let log_decay = delta.clone().unsqueeze_dim::<4>(3)
-                    * a.unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0);
-                let drive = (delta * x.clone()).unsqueeze_dim::<4>(3) * b.unsqueeze_dim::<4>(2); // [B, T, E·D, N]
+        let (y, h_last) = match path {
+            Path::Convolution => {
+                let Selection::Fixed(fixed) = &self.selection else {
+                    unreachable!("the convolution form is the fixed maps' (resolved in forward)")
+                };
+                let (y, h_last) = fixed.convolve(x.clone(), a, state.ssm);
+                (y, h_last.reshape([batch, m]))
+            }
+            Path::Scan(Compute::Tensor(scan)) => {
+                let Dbc { delta, b, c } = self.selection.broadcast(x.clone());
+                let log_decay = (delta.clone() * a.unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0))
+                    .expand([batch, t, inner, n]);
+                let drive = delta * x.clone().unsqueeze_dim::<4>(3) * b; // [B, T, E·D, N]
                 let (log_decay, drive, h0) = (
                     log_decay.reshape([batch, t, m]),
                     drive.reshape([batch, t, m]),
@@ -297,12 +331,16 @@ impl Mamba {
                         recurrence(self.eigenvalues.transition(log_decay), drive, h0)
                     }
                 };
-                let y = (h.reshape([batch, t, inner, n]) * c.unsqueeze_dim::<4>(2))
+                let y = (h.reshape([batch, t, inner, n]) * c)
                     .sum_dim(3)
                     .squeeze_dim::<3>(3);
                 (y, h_last)
             }
-            Compute::Fused => {
+            Path::Scan(Compute::Fused) => {
+                let (delta, b, c) = self
+                    .selection
+                    .project(x.clone())
+                    .expect("the fused kernel runs only the selective maps (resolved in forward)");
                 let out =
                     fused::selective_scan(delta, x.clone(), a, b, c, state.ssm, self.eigenvalues);
                 let y = out
@@ -335,6 +373,7 @@ mod tests {
     use super::*;
     use crate::test_support::{device, max_diff};
     use burn::tensor::Distribution;
+    use burn::tensor::activation::softplus;
 
     fn block() -> Mamba {
         let mut config = MambaConfig::new(6);
@@ -347,13 +386,16 @@ mod tests {
     fn reference_initialisation() {
         let m = block();
         assert_eq!(m.in_proj.weight.dims(), [6, 24]);
-        assert_eq!(m.x_proj.weight.dims(), [12, 2 + 8]);
+        let Selection::Selective(s) = &m.selection else {
+            panic!("selective by default")
+        };
+        assert_eq!(s.x_proj.weight.dims(), [12, 2 + 8]);
         let a: Vec<f32> = (-m.a_log.val().exp())
             .to_data()
             .try_to_vec::<f32>()
             .unwrap();
         assert_eq!(&a[..4], &[-1.0, -2.0, -3.0, -4.0], "S4D-real: A = −(1..N)");
-        let dt: Vec<f32> = softplus(m.dt_proj.bias.as_ref().unwrap().val(), 1.0)
+        let dt: Vec<f32> = softplus(s.dt_proj.bias.as_ref().unwrap().val(), 1.0)
             .to_data()
             .try_to_vec::<f32>()
             .unwrap();
@@ -364,6 +406,58 @@ mod tests {
         );
         // 3·12 conv window + 12·4 state
         assert_eq!(m.state_size(), 84);
+    }
+
+    /// The LTI control is initialised as S4D (B = 1, Δ₀ in Mamba's range), has the same state,
+    /// and its Δ, B and C do not move with the input, while the selective block's do.
+    #[test]
+    fn the_lti_control_is_time_invariant() {
+        let mut config = MambaConfig::new(6);
+        config.d_state = 4;
+        config.selective = false;
+        let m = config.init(&mut Init::new(11, &device()));
+        let Selection::Fixed(f) = &m.selection else {
+            panic!("selective = false gives fixed maps")
+        };
+        assert_eq!(f.b.dims(), [12, 4]);
+        assert_eq!(f.b.val().min().into_scalar::<f32>(), 1.0);
+        assert_eq!(f.b.val().max().into_scalar::<f32>(), 1.0);
+        let dt = softplus(f.dt_bias.val(), 1.0);
+        assert!(dt.clone().min().into_scalar::<f32>() >= 0.001 * 0.999);
+        assert!(dt.max().into_scalar::<f32>() <= 0.1 * 1.001);
+        assert_eq!(m.state_size(), block().state_size());
+
+        let dev = device();
+        let x = |seed| {
+            <Tensor<3>>::random([1, 5, 12], Distribution::Normal(0.0, 1.0), &dev) + seed as f32
+        };
+        let moved = |m: &Mamba| {
+            let (a, b) = (m.selection.broadcast(x(0)), m.selection.broadcast(x(1)));
+            max_diff(a.delta, b.delta) + max_diff(a.b, b.b) + max_diff(a.c, b.c)
+        };
+        assert_eq!(moved(&m), 0.0, "fixed Δ, B, C");
+        assert!(moved(&block()) > 1e-3, "selective Δ, B, C");
+        assert!(m.selection.project(x(0)).is_none());
+    }
+
+    /// The fused kernel takes the selective maps only: `fused` with `selective = false` is
+    /// refused, with a message naming both fields; the tensor forms are not.
+    #[test]
+    fn the_lti_control_refuses_the_fused_form() {
+        let spec = |scan| MambaSpec {
+            selective: false,
+            scan,
+            ..MambaSpec::default()
+        };
+        let e = spec(Form::Fused).validate(8).unwrap_err();
+        assert!(e.contains("fused") && e.contains("selective"), "{e}");
+        for scan in [
+            Form::Auto,
+            Form::Tensor(Scan::Sequential),
+            Form::Tensor(Scan::Chunked { chunk_len: 8 }),
+        ] {
+            assert_eq!(spec(scan).validate(8), Ok(()));
+        }
     }
 
     /// Every form against the sequential definition at odd T and chunk sizes that do not
@@ -388,7 +482,10 @@ mod tests {
                 s,
                 u.grad(&grads).unwrap(),
                 m.a_log.grad(&grads).unwrap(),
-                m.dt_proj.weight.grad(&grads).unwrap(),
+                match &m.selection {
+                    Selection::Selective(s) => s.dt_proj.weight.grad(&grads).unwrap(),
+                    Selection::Fixed(_) => unreachable!("a selective block"),
+                },
                 m.conv_weight.grad(&grads).unwrap(),
             )
         };

@@ -16,6 +16,7 @@ use estafet_models::Init;
 use estafet_models::gated_deltanet::{GatedDeltaNet, GatedDeltaNetSpec, GatedDeltaNetState};
 use estafet_models::gru::{Gru, GruConfig};
 use estafet_models::lstm::{Lstm, LstmConfig, LstmState};
+use estafet_models::mamba::selection::Selection;
 use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
 use estafet_models::mamba2::{Mamba2, Mamba2Spec, Mamba2State};
 use estafet_models::mingru::{MinGru, MinGruConfig};
@@ -319,14 +320,25 @@ fn gated_deltanet_forms_agree() {
 
 #[test]
 fn mamba_forms_agree() {
+    mamba_forms("mamba", true);
+}
+
+/// The LTI control: Δ, B and C fixed per channel (their gradients are among the parameters').
+#[test]
+fn mamba_lti_forms_agree() {
+    mamba_forms("mamba lti", false);
+}
+
+fn mamba_forms(name: &str, selective: bool) {
     let mut config = MambaConfig::new(6);
     config.d_state = 4;
+    config.selective = selective;
     let block: Mamba = config.init(&mut Init::new(2, &device()));
     let conv0 = normal([2, 3, 12], 1.0);
     let ssm0 = normal([2, 12, 4], 1.0);
     for t in LENGTHS {
         check_forms(
-            "mamba",
+            name,
             &block,
             t,
             6,
@@ -559,8 +571,9 @@ fn lstm_fused_agrees_with_sequential() {
     }
 }
 
-/// The fused kernel (`forward` on ndarray) and `step` against the sequential definition.
-fn mamba_fused_agrees(name: &str, block: &Mamba) {
+/// The fast form `forward` picks (on ndarray the fused kernel; for the LTI control its
+/// convolution, blockwise beyond 256 tokens) and `step` against the sequential definition.
+fn mamba_fast_agrees(name: &str, block: &Mamba) {
     let conv0 = normal([2, 3, 12], 1.0);
     let ssm0 = normal([2, 12, 4], 1.0);
     for t in LENGTHS {
@@ -592,11 +605,22 @@ fn mamba_fused_agrees(name: &str, block: &Mamba) {
     }
 }
 
+/// The LTI control's convolution form (`auto`), from a non-zero state, over one block and
+/// over several (T 300).
+#[test]
+fn mamba_lti_convolution_agrees_with_sequential() {
+    let mut config = MambaConfig::new(6);
+    config.d_state = 4;
+    config.selective = false;
+    let block = config.init(&mut Init::new(5, &device()));
+    mamba_fast_agrees("mamba lti, convolution", &block);
+}
+
 #[test]
 fn mamba_fused_agrees_with_sequential() {
     let mut config = MambaConfig::new(6);
     config.d_state = 4;
-    mamba_fused_agrees("mamba fused", &config.init(&mut Init::new(3, &device())));
+    mamba_fast_agrees("mamba fused", &config.init(&mut Init::new(3, &device())));
 }
 
 /// Signed eigenvalues (transitions `2·exp(ΔA) − 1`). Δ's bias is drawn around 1 so that
@@ -607,6 +631,9 @@ fn mamba_signed_fused_agrees_with_sequential() {
     config.d_state = 4;
     config.eigenvalues = Eigenvalues::Signed;
     let mut block: Mamba = config.init(&mut Init::new(4, &device()));
-    block.dt_proj.bias = Some(Param::from_tensor((normal([12], 1.0) + 0.5).detach()));
-    mamba_fused_agrees("mamba signed, fused", &block);
+    let Selection::Selective(selective) = &mut block.selection else {
+        unreachable!("a selective block")
+    };
+    selective.dt_proj.bias = Some(Param::from_tensor((normal([12], 1.0) + 0.5).detach()));
+    mamba_fast_agrees("mamba signed, fused", &block);
 }

@@ -22,6 +22,7 @@ use estafet_models::Init;
 use estafet_models::gated_deltanet::{Decay, GatedDeltaNet, GatedDeltaNetState};
 use estafet_models::gru::GruConfig;
 use estafet_models::lstm::{LstmConfig, LstmState};
+use estafet_models::mamba::selection::{Fixed, Selection, Selective};
 use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
 use estafet_models::mamba2::{Mamba2, Mamba2State};
 use estafet_models::minlstm::MinLstm;
@@ -261,23 +262,52 @@ fn mamba_with_signed_eigenvalues_matches_selective_scan_ref() {
     check_mamba("mamba_signed", Eigenvalues::Signed);
 }
 
+/// The LTI control (`selective = false`): the reference's branch with B and C fixed per
+/// channel, and Δ one parameter per channel; sequential, chunked and convolution forms.
+#[test]
+fn mamba_lti_matches_selective_scan_ref() {
+    check_mamba("mamba_lti", Eigenvalues::Positive);
+}
+
 fn check_mamba(name: &str, eigenvalues: Eigenvalues) {
     let f = Fixture::load(name);
     let d = f.shape("x")[2];
     let [di, n] = [f.shape("A_log")[0], f.shape("A_log")[1]];
     let k = f.shape("conv1d.weight")[2];
-    // `None`: the fused kernel (`fused::selective_scan`).
+    let selective = f.tensors.contains_key("x_proj.weight");
+    // `None`: the fast form, the fused kernel (`fused::selective_scan`) for the selective maps,
+    // the convolution for the fixed ones.
     let mut forms = vec![Some(Scan::Sequential), None];
     if eigenvalues == Eigenvalues::Positive {
         forms.push(Some(Scan::Chunked { chunk_len: 3 }));
     }
     for form in forms {
-        let scan = form.map_or(Form::Fused, Form::Tensor);
+        let fast = if selective { Form::Fused } else { Form::Auto };
+        let scan = form.map_or(fast, Form::Tensor);
         let mut config = MambaConfig::new(d);
         config.d_state = n;
         config.d_conv = k;
         config.expand = di / d;
+        config.selective = selective;
         let template = config.init(&mut Init::new(0, &device()));
+        let selection = if selective {
+            Selection::Selective(Selective {
+                x_proj: Linear {
+                    weight: param(f.get::<2>("x_proj.weight").transpose()),
+                    bias: None,
+                },
+                dt_proj: Linear {
+                    weight: param(f.get::<2>("dt_proj.weight").transpose()),
+                    bias: Some(param(f.get::<1>("dt_proj.bias"))),
+                },
+            })
+        } else {
+            Selection::Fixed(Fixed {
+                dt_bias: param(f.get::<1>("dt_bias")),
+                b: param(f.get::<2>("B")),
+                c: param(f.get::<2>("C")),
+            })
+        };
         let m = Mamba {
             in_proj: Linear {
                 weight: param(f.get::<2>("in_proj.weight").transpose()),
@@ -285,14 +315,7 @@ fn check_mamba(name: &str, eigenvalues: Eigenvalues) {
             },
             conv_weight: param(f.get::<3>("conv1d.weight").reshape([di, k]).transpose()),
             conv_bias: param(f.get::<1>("conv1d.bias")),
-            x_proj: Linear {
-                weight: param(f.get::<2>("x_proj.weight").transpose()),
-                bias: None,
-            },
-            dt_proj: Linear {
-                weight: param(f.get::<2>("dt_proj.weight").transpose()),
-                bias: Some(param(f.get::<1>("dt_proj.bias"))),
-            },
+            selection,
             a_log: param(f.get::<2>("A_log")),
             d: param(f.get::<1>("D")),
             out_proj: Linear {
@@ -328,14 +351,24 @@ fn check_mamba(name: &str, eigenvalues: Eigenvalues) {
             ),
         );
         worst = worst.max(f.check("grad.conv1d.bias", m.conv_bias.grad(&grads).unwrap()));
-        worst = worst.max(f.check(
-            "grad.x_proj.weight",
-            m.x_proj.weight.grad(&grads).unwrap().transpose(),
-        ));
-        let (dw, db) = linear_grad(&m.dt_proj, &grads);
-        worst = worst
-            .max(f.check("grad.dt_proj.weight", dw))
-            .max(f.check("grad.dt_proj.bias", db));
+        match &m.selection {
+            Selection::Selective(s) => {
+                worst = worst.max(f.check(
+                    "grad.x_proj.weight",
+                    s.x_proj.weight.grad(&grads).unwrap().transpose(),
+                ));
+                let (dw, db) = linear_grad(&s.dt_proj, &grads);
+                worst = worst
+                    .max(f.check("grad.dt_proj.weight", dw))
+                    .max(f.check("grad.dt_proj.bias", db));
+            }
+            Selection::Fixed(s) => {
+                worst = worst
+                    .max(f.check("grad.dt_bias", s.dt_bias.grad(&grads).unwrap()))
+                    .max(f.check("grad.B", s.b.grad(&grads).unwrap()))
+                    .max(f.check("grad.C", s.c.grad(&grads).unwrap()));
+            }
+        }
         worst = worst.max(f.check("grad.A_log", m.a_log.grad(&grads).unwrap()));
         worst = worst.max(f.check("grad.D", m.d.grad(&grads).unwrap()));
         worst = worst.max(f.check(
