@@ -39,6 +39,7 @@ pub mod model;
 pub mod rnn;
 pub mod rwkv;
 pub mod scan;
+pub mod slstm;
 #[cfg(test)]
 mod test_support;
 pub mod time;

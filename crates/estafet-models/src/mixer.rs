@@ -23,6 +23,7 @@ use crate::minlstm::{MinLstm, MinLstmSpec};
 use crate::rnn::{Rnn, RnnSpec};
 use crate::rwkv::{Rwkv, RwkvSpec, RwkvState};
 use crate::scan::Form;
+use crate::slstm::{Slstm, SlstmSpec, SlstmState};
 
 macro_rules! mixers {
     ($($(#[$doc:meta])* $variant:ident($spec:ty) -> $module:ty = $kind:literal,)*) => {
@@ -91,6 +92,8 @@ mixers! {
     Rwkv(RwkvSpec) -> Rwkv = "rwkv",
     /// [`GatedDeltaNet`] (Yang et al. 2024); plain DeltaNet with `gate = false`.
     GatedDeltaNet(GatedDeltaNetSpec) -> GatedDeltaNet = "gated_deltanet",
+    /// [`Slstm`], xLSTM's scalar-memory LSTM with exponential gating (Beck et al. 2024).
+    Slstm(SlstmSpec) -> Slstm = "slstm",
     /// [`Attention`], causal softmax attention with a KV cache: the non-recurrent baseline.
     Attention(AttentionSpec) -> Attention = "attention",
 }
@@ -116,6 +119,7 @@ pub enum MixerState {
     Mamba2(Mamba2State),
     Rwkv(RwkvState),
     GatedDeltaNet(GatedDeltaNetState),
+    Slstm(SlstmState),
     /// Attention's KV cache, which grows with every token.
     Attention(KvCache),
 }
@@ -159,6 +163,10 @@ impl Mixer {
             Mixer::GatedDeltaNet(layer) => {
                 let (y, s) = layer.forward(x, state.map(MixerState::into_delta));
                 (y, MixerState::GatedDeltaNet(s))
+            }
+            Mixer::Slstm(layer) => {
+                let (y, s) = layer.forward(x, state.map(MixerState::into_slstm));
+                (y, MixerState::Slstm(s))
             }
             Mixer::Attention(attn) => {
                 let (y, cache) = attn.forward(x, state.map(MixerState::into_cache));
@@ -206,6 +214,10 @@ impl Mixer {
                 let (y, s) = layer.step(x_t, state.map(MixerState::into_delta));
                 (y, MixerState::GatedDeltaNet(s))
             }
+            Mixer::Slstm(layer) => {
+                let (y, s) = layer.step(x_t, state.map(MixerState::into_slstm));
+                (y, MixerState::Slstm(s))
+            }
             Mixer::Attention(attn) => {
                 let (y, cache) = attn.step(x_t, state.map(MixerState::into_cache));
                 (y, MixerState::Attention(cache))
@@ -227,6 +239,7 @@ impl Mixer {
             Mixer::Mamba2(block) => block.state_size(),
             Mixer::Rwkv(block) => block.state_size(),
             Mixer::GatedDeltaNet(layer) => layer.state_size(),
+            Mixer::Slstm(layer) => layer.state_size(),
         }
     }
 }
@@ -245,6 +258,7 @@ impl Mixer {
             Mixer::Mamba2(block) => block.scan_flops_per_token(),
             Mixer::Rwkv(block) => block.wkv_flops_per_token(),
             Mixer::GatedDeltaNet(layer) => layer.scan_flops_per_token(),
+            Mixer::Slstm(layer) => layer.extra_flops_per_token(),
             Mixer::Attention(attn) => attn.score_flops_per_token(seq_len),
         }
     }
@@ -308,6 +322,7 @@ impl MixerState {
                 parts
             }
             MixerState::GatedDeltaNet(s) => vec![flat(&s.conv), flat(&s.s)],
+            MixerState::Slstm(s) => vec![flat(&s.h), flat(&s.c), flat(&s.n), flat(&s.m)],
             MixerState::Attention(c) => vec![flat(&c.k), flat(&c.v)],
         };
         Tensor::cat(parts, 1).flatten(0, 1)
@@ -360,6 +375,12 @@ impl MixerState {
                 conv: add(s.conv, &mut leaves),
                 s: add(s.s, &mut leaves),
             }),
+            MixerState::Slstm(s) => MixerState::Slstm(SlstmState {
+                h: add(s.h, &mut leaves),
+                c: add(s.c, &mut leaves),
+                n: add(s.n, &mut leaves),
+                m: add(s.m, &mut leaves),
+            }),
             MixerState::Attention(c) => MixerState::Attention(KvCache {
                 k: add(c.k, &mut leaves),
                 v: add(c.v, &mut leaves),
@@ -404,6 +425,13 @@ impl MixerState {
         match self {
             MixerState::GatedDeltaNet(s) => s,
             other => panic!("a Gated DeltaNet layer was handed {other:?}"),
+        }
+    }
+
+    fn into_slstm(self) -> SlstmState {
+        match self {
+            MixerState::Slstm(s) => s,
+            other => panic!("an sLSTM layer was handed {other:?}"),
         }
     }
 

@@ -85,6 +85,7 @@ fn kind(mixer: &Mixer) -> &'static str {
         Mixer::Mamba2(_) => "mamba2",
         Mixer::Rwkv(_) => "rwkv",
         Mixer::GatedDeltaNet(_) => "gated_deltanet",
+        Mixer::Slstm(_) => "slstm",
         Mixer::Attention(_) => "attention",
     }
 }

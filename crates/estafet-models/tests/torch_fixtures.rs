@@ -30,6 +30,7 @@ use estafet_models::mixer::{Mixer, MixerState};
 use estafet_models::rnn::{Nonlinearity, RnnConfig};
 use estafet_models::rwkv::{RwkvConfig, TimeMix, Version, Wkv4State};
 use estafet_models::scan::{Compute, Eigenvalues, Form, Scan};
+use estafet_models::slstm::{Slstm, SlstmState};
 use estafet_models::torch::{HostTensor, load_torch_layer};
 
 fn device() -> Device {
@@ -377,6 +378,51 @@ fn check_mamba(name: &str, eigenvalues: Eigenvalues) {
         ));
         println!("{name} ({form:?}): largest |estafet − reference| = {worst:.2e}");
     }
+}
+
+/// sLSTM against the xLSTM equations with the official kernel's stabiliser, from a non-zero
+/// state: outputs, all four final states, and the gradients of the input, of every part of
+/// the initial state (the stabiliser's included) and of every parameter.
+#[test]
+fn slstm_matches_the_xlstm_recurrence() {
+    let f = Fixture::load("slstm");
+    let layer = Slstm {
+        input: Linear {
+            weight: param(f.get::<2>("W.weight").transpose()),
+            bias: Some(param(f.get::<1>("W.bias"))),
+        },
+        recurrent: param(f.get::<3>("R")),
+        norm: param(f.get::<1>("norm.weight")),
+    };
+    let x = f.get::<3>("x").require_grad();
+    let leaves = ["h0", "c0", "n0", "m0"].map(|k| f.get::<2>(k).require_grad());
+    let [h0, c0, n0, m0] = leaves.clone();
+    let (y, s) = layer.forward(
+        x.clone(),
+        Some(SlstmState {
+            h: h0,
+            c: c0,
+            n: n0,
+            m: m0,
+        }),
+    );
+    let mut worst = f.check("y", y.clone());
+    for (key, part) in [("hn", &s.h), ("cn", &s.c), ("nn", &s.n), ("mn", &s.m)] {
+        worst = worst.max(f.check(key, part.clone()));
+    }
+    let loss = (y * f.get::<3>("r")).sum() + s.h.sum() + s.c.sum() + s.n.sum() + s.m.sum();
+    let grads = loss.backward();
+    worst = worst.max(f.check("grad.x", x.grad(&grads).unwrap()));
+    for (key, leaf) in ["h0", "c0", "n0", "m0"].iter().zip(&leaves) {
+        worst = worst.max(f.check(&format!("grad.{key}"), leaf.grad(&grads).unwrap()));
+    }
+    let (dw, db) = linear_grad(&layer.input, &grads);
+    worst = worst
+        .max(f.check("grad.W.weight", dw))
+        .max(f.check("grad.W.bias", db))
+        .max(f.check("grad.R", layer.recurrent.grad(&grads).unwrap()))
+        .max(f.check("grad.norm.weight", layer.norm.grad(&grads).unwrap()));
+    println!("slstm: largest |estafet − reference| = {worst:.2e}");
 }
 
 /// minLSTM against the paper's log-space recurrence, in both forms: outputs, final state and
