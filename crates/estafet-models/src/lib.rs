@@ -36,6 +36,7 @@ pub mod mingru;
 pub mod minlstm;
 pub mod mixer;
 pub mod model;
+pub mod norm;
 pub mod rnn;
 pub mod rwkv;
 pub mod scan;

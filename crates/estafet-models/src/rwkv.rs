@@ -661,11 +661,9 @@ impl TimeMix6 {
     /// GroupNorm with one group per head (eps as in RWKV-6: 1e-5 · 8²).
     fn group_norm(&self, o: Tensor<4>) -> Tensor<3> {
         let [b, h, t, k] = o.dims();
-        let mean = o.clone().mean_dim(3);
-        let centred = o - mean;
-        let var = centred.clone().powf_scalar(2.0).mean_dim(3);
-        let normed = centred / (var + 64e-5).sqrt();
-        let normed = normed.swap_dims(1, 2).reshape([b, t, h * k]);
+        let normed = crate::norm::standardise(o, 64e-5)
+            .swap_dims(1, 2)
+            .reshape([b, t, h * k]);
         normed
             * self
                 .ln_x_weight

@@ -25,6 +25,7 @@ use burn::tensor::activation::{sigmoid, softplus};
 use serde::{Deserialize, Serialize};
 
 use crate::init::Init;
+use crate::norm::standardise;
 use crate::time::recur;
 
 /// `[model.mixer]` with `kind = "slstm"`: the number of heads `H` of the block-diagonal
@@ -195,10 +196,8 @@ impl Slstm {
     fn group_norm(&self, h: Tensor<3>) -> Tensor<3> {
         let [batch, t, d] = h.dims();
         let heads = self.heads();
-        let h = h.reshape([batch, t, heads, d / heads]);
-        let centred = h.clone() - h.mean_dim(3);
-        let var = centred.clone().powi_scalar(2).mean_dim(3);
-        let normed = (centred / (var + 1e-5).sqrt()).reshape([batch, t, d]);
+        let normed =
+            standardise(h.reshape([batch, t, heads, d / heads]), 1e-5).reshape([batch, t, d]);
         normed * self.norm.val().unsqueeze_dim::<2>(0).unsqueeze_dim::<3>(0)
     }
 }

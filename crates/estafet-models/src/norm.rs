@@ -1,0 +1,13 @@
+//! Normalisation shared by the layers that normalise per head (RWKV-6's `ln_x`, sLSTM's group
+//! norm): each keeps its own scale, bias and epsilon.
+
+use burn::tensor::Tensor;
+
+/// `(x − mean) / √(var + eps)` over the last dimension (biased variance, as PyTorch's
+/// `layer_norm`), without scale or bias.
+pub fn standardise<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
+    let last = D - 1;
+    let centred = x.clone() - x.mean_dim(last);
+    let var = centred.clone().powf_scalar(2.0).mean_dim(last);
+    centred / (var + eps).sqrt()
+}
