@@ -35,6 +35,7 @@ pub mod mask;
 pub mod mingru;
 pub mod minlstm;
 pub mod mixer;
+pub mod mlstm;
 pub mod model;
 pub mod norm;
 pub mod rnn;

@@ -20,6 +20,7 @@ use crate::mamba::{Mamba, MambaSpec, MambaState};
 use crate::mamba2::{Mamba2, Mamba2Spec, Mamba2State};
 use crate::mingru::{MinGru, MinGruSpec};
 use crate::minlstm::{MinLstm, MinLstmSpec};
+use crate::mlstm::{Mlstm, MlstmSpec, MlstmState};
 use crate::rnn::{Rnn, RnnSpec};
 use crate::rwkv::{Rwkv, RwkvSpec, RwkvState};
 use crate::scan::Form;
@@ -94,6 +95,8 @@ mixers! {
     GatedDeltaNet(GatedDeltaNetSpec) -> GatedDeltaNet = "gated_deltanet",
     /// [`Slstm`], xLSTM's scalar-memory LSTM with exponential gating (Beck et al. 2024).
     Slstm(SlstmSpec) -> Slstm = "slstm",
+    /// [`Mlstm`], xLSTM's matrix-memory LSTM (Beck et al. 2024).
+    Mlstm(MlstmSpec) -> Mlstm = "mlstm",
     /// [`Attention`], causal softmax attention with a KV cache: the non-recurrent baseline.
     Attention(AttentionSpec) -> Attention = "attention",
 }
@@ -120,6 +123,7 @@ pub enum MixerState {
     Rwkv(RwkvState),
     GatedDeltaNet(GatedDeltaNetState),
     Slstm(SlstmState),
+    Mlstm(MlstmState),
     /// Attention's KV cache, which grows with every token.
     Attention(KvCache),
 }
@@ -167,6 +171,10 @@ impl Mixer {
             Mixer::Slstm(layer) => {
                 let (y, s) = layer.forward(x, state.map(MixerState::into_slstm));
                 (y, MixerState::Slstm(s))
+            }
+            Mixer::Mlstm(layer) => {
+                let (y, s) = layer.forward(x, state.map(MixerState::into_mlstm));
+                (y, MixerState::Mlstm(s))
             }
             Mixer::Attention(attn) => {
                 let (y, cache) = attn.forward(x, state.map(MixerState::into_cache));
@@ -218,6 +226,10 @@ impl Mixer {
                 let (y, s) = layer.step(x_t, state.map(MixerState::into_slstm));
                 (y, MixerState::Slstm(s))
             }
+            Mixer::Mlstm(layer) => {
+                let (y, s) = layer.step(x_t, state.map(MixerState::into_mlstm));
+                (y, MixerState::Mlstm(s))
+            }
             Mixer::Attention(attn) => {
                 let (y, cache) = attn.step(x_t, state.map(MixerState::into_cache));
                 (y, MixerState::Attention(cache))
@@ -240,6 +252,7 @@ impl Mixer {
             Mixer::Rwkv(block) => block.state_size(),
             Mixer::GatedDeltaNet(layer) => layer.state_size(),
             Mixer::Slstm(layer) => layer.state_size(),
+            Mixer::Mlstm(layer) => layer.state_size(),
         }
     }
 }
@@ -259,6 +272,7 @@ impl Mixer {
             Mixer::Rwkv(block) => block.wkv_flops_per_token(),
             Mixer::GatedDeltaNet(layer) => layer.scan_flops_per_token(),
             Mixer::Slstm(layer) => layer.extra_flops_per_token(),
+            Mixer::Mlstm(layer) => layer.cell_flops_per_token(),
             Mixer::Attention(attn) => attn.score_flops_per_token(seq_len),
         }
     }
@@ -323,6 +337,7 @@ impl MixerState {
             }
             MixerState::GatedDeltaNet(s) => vec![flat(&s.conv), flat(&s.s)],
             MixerState::Slstm(s) => vec![flat(&s.h), flat(&s.c), flat(&s.n), flat(&s.m)],
+            MixerState::Mlstm(s) => vec![flat(&s.c), flat(&s.n), flat(&s.m)],
             MixerState::Attention(c) => vec![flat(&c.k), flat(&c.v)],
         };
         Tensor::cat(parts, 1).flatten(0, 1)
@@ -381,6 +396,11 @@ impl MixerState {
                 n: add(s.n, &mut leaves),
                 m: add(s.m, &mut leaves),
             }),
+            MixerState::Mlstm(s) => MixerState::Mlstm(MlstmState {
+                c: add(s.c, &mut leaves),
+                n: add(s.n, &mut leaves),
+                m: add(s.m, &mut leaves),
+            }),
             MixerState::Attention(c) => MixerState::Attention(KvCache {
                 k: add(c.k, &mut leaves),
                 v: add(c.v, &mut leaves),
@@ -432,6 +452,13 @@ impl MixerState {
         match self {
             MixerState::Slstm(s) => s,
             other => panic!("an sLSTM layer was handed {other:?}"),
+        }
+    }
+
+    fn into_mlstm(self) -> MlstmState {
+        match self {
+            MixerState::Mlstm(s) => s,
+            other => panic!("an mLSTM layer was handed {other:?}"),
         }
     }
 

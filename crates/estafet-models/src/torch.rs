@@ -86,6 +86,7 @@ fn kind(mixer: &Mixer) -> &'static str {
         Mixer::Rwkv(_) => "rwkv",
         Mixer::GatedDeltaNet(_) => "gated_deltanet",
         Mixer::Slstm(_) => "slstm",
+        Mixer::Mlstm(_) => "mlstm",
         Mixer::Attention(_) => "attention",
     }
 }

@@ -13,15 +13,15 @@ fn device() -> Device {
     Device::ndarray().autodiff()
 }
 
-/// Every kind with its defaults, plus RWKV-6, Mamba with signed eigenvalues and Mamba-2 signed
-/// and chunked.
+/// Every kind with its defaults, plus RWKV-6, Mamba with signed eigenvalues, Mamba-2 signed
+/// and chunked, and mLSTM chunked.
 fn every_mixer() -> Vec<(String, MixerConfig)> {
     MixerConfig::KINDS
         .iter()
         .map(|kind| match *kind {
             // At width 8 the default 4 heads would group-normalise pairs of units, a near sign
             // function whose slope (~1/√1e-5 where the two meet) no finite difference follows.
-            "slstm" => serde_json::json!({ "kind": kind, "n_heads": 2 }),
+            "slstm" | "mlstm" => serde_json::json!({ "kind": kind, "n_heads": 2 }),
             _ => serde_json::json!({ "kind": kind }),
         })
         .chain([
@@ -29,6 +29,7 @@ fn every_mixer() -> Vec<(String, MixerConfig)> {
             serde_json::json!({ "kind": "mamba", "eigenvalues": "signed" }),
             serde_json::json!({ "kind": "mamba2", "head_dim": 4, "eigenvalues": "signed" }),
             serde_json::json!({ "kind": "mamba2", "head_dim": 4, "scan": { "kind": "chunked", "chunk_len": 2 } }),
+            serde_json::json!({ "kind": "mlstm", "n_heads": 2, "scan": { "kind": "chunked", "chunk_len": 2 } }),
         ])
         .map(|v| {
             let config: MixerConfig = serde_json::from_value(v.clone()).unwrap();

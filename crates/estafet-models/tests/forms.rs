@@ -21,6 +21,7 @@ use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
 use estafet_models::mamba2::{Mamba2, Mamba2Spec, Mamba2State};
 use estafet_models::mingru::{MinGru, MinGruConfig};
 use estafet_models::minlstm::{MinLstm, MinLstmConfig};
+use estafet_models::mlstm::{Mlstm, MlstmSpec, MlstmState};
 use estafet_models::rnn::{Nonlinearity, Rnn, RnnConfig};
 use estafet_models::rwkv::{Rwkv, RwkvConfig, RwkvState, Version, Wkv4State, WkvState};
 use estafet_models::scan::{Eigenvalues, Scan};
@@ -315,6 +316,53 @@ fn gated_deltanet_forms_agree() {
                 |s| vec![flat(s.conv.clone()), flat(s.s.clone())],
             );
         }
+    }
+}
+
+/// mLSTM: the chunkwise form and `step` against the definition, from a non-zero state with a
+/// stabiliser that the first chunk's writes exceed in some heads and not in others.
+#[test]
+fn mlstm_forms_agree() {
+    let spec = MlstmSpec {
+        n_heads: 2,
+        ..MlstmSpec::default()
+    };
+    let layer: Mlstm = spec.config(6).init(&mut Init::new(7, &device()));
+    // C [2, 2, 3, 3], n [2, 2, 3], m [2, 2].
+    let (c0, n0, m0) = (
+        normal([2, 2, 3, 3], 1.0),
+        normal([2, 2, 3], 1.0),
+        normal([2, 2], 1.0),
+    );
+    for t in LENGTHS {
+        check_forms(
+            "mlstm",
+            &layer,
+            t,
+            6,
+            || {
+                let (c, n, m) = (
+                    leaf(&flat(c0.clone())),
+                    leaf(&flat(n0.clone())),
+                    leaf(&flat(m0.clone())),
+                );
+                (
+                    MlstmState {
+                        c: c.clone().reshape([2, 2, 3, 3]),
+                        n: n.clone().reshape([2, 2, 3]),
+                        m: m.clone().reshape([2, 2]),
+                    },
+                    vec![c, n, m],
+                )
+            },
+            |m, x, s, chunk| {
+                let scan = chunk.map_or(Scan::Sequential, |chunk_len| Scan::Chunked { chunk_len });
+                let (y, s) = m.forward_with(x, Some(s), scan);
+                (y, vec![flat(s.c), flat(s.n), flat(s.m)])
+            },
+            |m, x_t, s| m.step(x_t, Some(s)),
+            |s| vec![flat(s.c.clone()), flat(s.n.clone()), flat(s.m.clone())],
+        );
     }
 }
 

@@ -27,6 +27,7 @@ use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
 use estafet_models::mamba2::{Mamba2, Mamba2State};
 use estafet_models::minlstm::MinLstm;
 use estafet_models::mixer::{Mixer, MixerState};
+use estafet_models::mlstm::{Mlstm, MlstmState};
 use estafet_models::rnn::{Nonlinearity, RnnConfig};
 use estafet_models::rwkv::{RwkvConfig, TimeMix, Version, Wkv4State};
 use estafet_models::scan::{Compute, Eigenvalues, Form, Scan};
@@ -423,6 +424,78 @@ fn slstm_matches_the_xlstm_recurrence() {
         .max(f.check("grad.R", layer.recurrent.grad(&grads).unwrap()))
         .max(f.check("grad.norm.weight", layer.norm.grad(&grads).unwrap()));
     println!("slstm: largest |estafet − reference| = {worst:.2e}");
+}
+
+/// mLSTM against xLSTM's layer around `mlstm_kernels`' native step, in both forms, from a
+/// non-zero state: outputs, the three parts of the final state, and the gradients of the
+/// input, of every part of the initial state (the stabiliser's included) and of every
+/// parameter.
+#[test]
+fn mlstm_matches_the_native_step() {
+    let f = Fixture::load("mlstm");
+    let linear = |name: &str, bias: bool| Linear {
+        weight: param(f.get::<2>(&format!("{name}.weight")).transpose()),
+        bias: bias.then(|| param(f.get::<1>(&format!("{name}.bias")))),
+    };
+    let heads = f.shape("m0")[1];
+    for scan in [Scan::Sequential, Scan::Chunked { chunk_len: 3 }] {
+        let layer = Mlstm {
+            q_proj: linear("q_proj", false),
+            k_proj: linear("k_proj", false),
+            v_proj: linear("v_proj", false),
+            i_gate: linear("i_gate", true),
+            f_gate: linear("f_gate", true),
+            o_gate: linear("o_gate", false),
+            norm_weight: param(f.get::<1>("norm.weight")),
+            out_proj: linear("out_proj", false),
+            n_heads: heads,
+            scan,
+        };
+        let x = f.get::<3>("x").require_grad();
+        let (c0, n0, m0) = (
+            f.get::<4>("c0").require_grad(),
+            f.get::<3>("n0").require_grad(),
+            f.get::<2>("m0").require_grad(),
+        );
+        let (y, s) = layer.forward(
+            x.clone(),
+            Some(MlstmState {
+                c: c0.clone(),
+                n: n0.clone(),
+                m: m0.clone(),
+            }),
+        );
+        let mut worst = f
+            .check("y", y.clone())
+            .max(f.check("cn", s.c.clone()))
+            .max(f.check("nn", s.n.clone()))
+            .max(f.check("mn", s.m.clone()));
+        let loss = (y * f.get::<3>("r")).sum() + s.c.sum() + s.n.sum() + s.m.sum();
+        let grads = loss.backward();
+        worst = worst
+            .max(f.check("grad.x", x.grad(&grads).unwrap()))
+            .max(f.check("grad.c0", c0.grad(&grads).unwrap()))
+            .max(f.check("grad.n0", n0.grad(&grads).unwrap()))
+            .max(f.check("grad.m0", m0.grad(&grads).unwrap()))
+            .max(f.check("grad.norm.weight", layer.norm_weight.grad(&grads).unwrap()));
+        for (name, l) in [
+            ("q_proj", &layer.q_proj),
+            ("k_proj", &layer.k_proj),
+            ("v_proj", &layer.v_proj),
+            ("o_gate", &layer.o_gate),
+            ("out_proj", &layer.out_proj),
+        ] {
+            let g = l.weight.grad(&grads).unwrap().transpose();
+            worst = worst.max(f.check(&format!("grad.{name}.weight"), g));
+        }
+        for (name, l) in [("i_gate", &layer.i_gate), ("f_gate", &layer.f_gate)] {
+            let (dw, db) = linear_grad(l, &grads);
+            worst = worst
+                .max(f.check(&format!("grad.{name}.weight"), dw))
+                .max(f.check(&format!("grad.{name}.bias"), db));
+        }
+        println!("mlstm ({scan:?}): largest |estafet − reference| = {worst:.2e}");
+    }
 }
 
 /// minLSTM against the paper's log-space recurrence, in both forms: outputs, final state and
