@@ -409,7 +409,7 @@ fn verdict(runs: &[SweepRun], out: &Path) -> Result<String, Error> {
     Ok(format!(
         "At T = {} ({}× the training length), {}. The published finding (Grazzi et al. 2024, \
          Table 3; Merrill et al. 2024): a recurrence non-linear in its state tracks parity; a \
-         linear one with transitions in [0, 1] (Mamba, Mamba-2, minGRU, minLSTM, RWKV, Gated \
+         linear one with transitions in [0, 1] (Mamba, Mamba-2, minGRU, minLSTM, RWKV, mLSTM, Gated \
          DeltaNet) cannot flip its state, nor can attention beyond the lengths it saw; Mamba and \
          Gated DeltaNet with eigenvalues in [−1, 1] can. The full study, with seeds and the \
          paper's figures: experiments/parity/README.md.",

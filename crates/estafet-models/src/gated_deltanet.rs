@@ -423,20 +423,7 @@ fn chunked(x: Heads, s0: Tensor<4>, chunk_len: usize) -> (Tensor<4>, Tensor<4>) 
             (cum.clone().unsqueeze_dim::<4>(3) - cum.clone().unsqueeze_dim::<4>(2) + upto).exp(); // L, [B, H, C, C]
         let k_beta = k.clone() * beta.clone();
         let a = -(k_beta.clone().matmul(k.clone().swap_dims(2, 3)) * decay.clone()) * before;
-        // T = I + A + A² + …: row i is a_i + Σ_{j<i} a_ij row_j, rows built in order.
-        let mut rows: Vec<Tensor<4>> = Vec::with_capacity(c);
-        for i in 0..c {
-            let a_i = a.clone().narrow(2, i, 1); // [B, H, 1, C]
-            let row = if i == 0 {
-                a_i
-            } else {
-                let done = Tensor::cat(rows.clone(), 2); // [B, H, i, C]
-                a_i.clone() + a_i.narrow(3, 0, i).matmul(done)
-            };
-            rows.push(row);
-        }
-        let eye = Tensor::<2>::eye(c, &device);
-        let tri = Tensor::cat(rows, 2) + eye.unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0);
+        let tri = mask::unit_lower_inverse(a);
         let g_exp = cum.clone().exp().unsqueeze_dim::<4>(3); // [B, H, C, 1]
         let u = tri.clone().matmul(v * beta);
         let w = tri.matmul(k_beta * g_exp.clone());

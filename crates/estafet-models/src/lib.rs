@@ -40,6 +40,7 @@ pub mod model;
 pub mod norm;
 pub mod rnn;
 pub mod rwkv;
+pub mod rwkv7;
 pub mod scan;
 pub mod slstm;
 #[cfg(test)]

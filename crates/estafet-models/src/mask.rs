@@ -1,4 +1,5 @@
-//! The causal mask, built in one place for attention and the chunked (quadratic) forms.
+//! The causal mask, built in one place for attention and the chunked (quadratic) forms, and
+//! the unit lower-triangular solve of the delta-rule chunked forms.
 
 use burn::tensor::{Device, Tensor, TensorData};
 
@@ -35,6 +36,26 @@ pub fn causal(
     Tensor::from_data(TensorData::new(values, [queries, keys]), device)
 }
 
+/// `(I − A)⁻¹` for `A [B, H, C, C]` strictly lower triangular, by forward substitution: row `i`
+/// of `N = (I − A)⁻¹ − I` is `A_i + A_i[..i] N[..i]`, built in order. How the delta rule's chunked
+/// forms (Gated DeltaNet, RWKV-7) gather a chunk's interdependent updates.
+pub fn unit_lower_inverse(a: Tensor<4>) -> Tensor<4> {
+    let c = a.dims()[2];
+    let mut rows: Vec<Tensor<4>> = Vec::with_capacity(c);
+    for i in 0..c {
+        let a_i = a.clone().narrow(2, i, 1); // [B, H, 1, C]
+        let row = if i == 0 {
+            a_i
+        } else {
+            let done = Tensor::cat(rows.clone(), 2); // [B, H, i, C]
+            a_i.clone() + a_i.narrow(3, 0, i).matmul(done)
+        };
+        rows.push(row);
+    }
+    let eye = Tensor::<2>::eye(c, &a.device());
+    Tensor::cat(rows, 2) + eye.unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,5 +73,23 @@ mod tests {
             m.to_data().try_to_vec::<f32>().unwrap(),
             [-9.0, -9.0, -9.0, 0.0, -9.0, -9.0, 0.0, 0.0, -9.0]
         );
+    }
+
+    #[test]
+    fn unit_lower_inverse_inverts() {
+        let dev = device();
+        let a = Tensor::<4>::random(
+            [2, 1, 5, 5],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &dev,
+        ) * causal(5, 5, 0, Visible::Before, f32::NEG_INFINITY, &dev)
+            .exp()
+            .unsqueeze_dim::<3>(0)
+            .unsqueeze_dim::<4>(0);
+        let eye = Tensor::<2>::eye(5, &dev)
+            .unsqueeze_dim::<3>(0)
+            .unsqueeze_dim::<4>(0);
+        let product = (eye.clone() - a.clone()).matmul(unit_lower_inverse(a));
+        assert!(crate::test_support::max_diff(product, eye.expand([2, 1, 5, 5])) < 1e-4);
     }
 }

@@ -23,6 +23,7 @@ use crate::minlstm::{MinLstm, MinLstmSpec};
 use crate::mlstm::{Mlstm, MlstmSpec, MlstmState};
 use crate::rnn::{Rnn, RnnSpec};
 use crate::rwkv::{Rwkv, RwkvSpec, RwkvState};
+use crate::rwkv7::{Rwkv7, Rwkv7Spec, Rwkv7State};
 use crate::scan::Form;
 use crate::slstm::{Slstm, SlstmSpec, SlstmState};
 
@@ -91,6 +92,8 @@ mixers! {
     /// [`Rwkv`], a complete RWKV block (time mix and channel mix with their own pre-norms and
     /// residuals; use it with `layout = "stacked"` to get RWKV's own architecture).
     Rwkv(RwkvSpec) -> Rwkv = "rwkv",
+    /// [`Rwkv7`], RWKV-7's time mix (diagonal plus rank-one transition; Peng et al. 2025).
+    Rwkv7(Rwkv7Spec) -> Rwkv7 = "rwkv7",
     /// [`GatedDeltaNet`] (Yang et al. 2024); plain DeltaNet with `gate = false`.
     GatedDeltaNet(GatedDeltaNetSpec) -> GatedDeltaNet = "gated_deltanet",
     /// [`Slstm`], xLSTM's scalar-memory LSTM with exponential gating (Beck et al. 2024).
@@ -121,6 +124,7 @@ pub enum MixerState {
     Mamba(MambaState),
     Mamba2(Mamba2State),
     Rwkv(RwkvState),
+    Rwkv7(Rwkv7State),
     GatedDeltaNet(GatedDeltaNetState),
     Slstm(SlstmState),
     Mlstm(MlstmState),
@@ -176,6 +180,10 @@ impl Mixer {
                 let (y, s) = layer.forward(x, state.map(MixerState::into_mlstm));
                 (y, MixerState::Mlstm(s))
             }
+            Mixer::Rwkv7(layer) => {
+                let (y, s) = layer.forward(x, state.map(MixerState::into_rwkv7));
+                (y, MixerState::Rwkv7(s))
+            }
             Mixer::Attention(attn) => {
                 let (y, cache) = attn.forward(x, state.map(MixerState::into_cache));
                 (y, MixerState::Attention(cache))
@@ -230,6 +238,10 @@ impl Mixer {
                 let (y, s) = layer.step(x_t, state.map(MixerState::into_mlstm));
                 (y, MixerState::Mlstm(s))
             }
+            Mixer::Rwkv7(layer) => {
+                let (y, s) = layer.step(x_t, state.map(MixerState::into_rwkv7));
+                (y, MixerState::Rwkv7(s))
+            }
             Mixer::Attention(attn) => {
                 let (y, cache) = attn.step(x_t, state.map(MixerState::into_cache));
                 (y, MixerState::Attention(cache))
@@ -253,6 +265,7 @@ impl Mixer {
             Mixer::GatedDeltaNet(layer) => layer.state_size(),
             Mixer::Slstm(layer) => layer.state_size(),
             Mixer::Mlstm(layer) => layer.state_size(),
+            Mixer::Rwkv7(layer) => layer.state_size(),
         }
     }
 }
@@ -273,6 +286,7 @@ impl Mixer {
             Mixer::GatedDeltaNet(layer) => layer.scan_flops_per_token(),
             Mixer::Slstm(layer) => layer.extra_flops_per_token(),
             Mixer::Mlstm(layer) => layer.cell_flops_per_token(),
+            Mixer::Rwkv7(layer) => layer.wkv_flops_per_token(),
             Mixer::Attention(attn) => attn.score_flops_per_token(seq_len),
         }
     }
@@ -338,6 +352,7 @@ impl MixerState {
             MixerState::GatedDeltaNet(s) => vec![flat(&s.conv), flat(&s.s)],
             MixerState::Slstm(s) => vec![flat(&s.h), flat(&s.c), flat(&s.n), flat(&s.m)],
             MixerState::Mlstm(s) => vec![flat(&s.c), flat(&s.n), flat(&s.m)],
+            MixerState::Rwkv7(s) => vec![flat(&s.shift), flat(&s.s)],
             MixerState::Attention(c) => vec![flat(&c.k), flat(&c.v)],
         };
         Tensor::cat(parts, 1).flatten(0, 1)
@@ -396,6 +411,10 @@ impl MixerState {
                 n: add(s.n, &mut leaves),
                 m: add(s.m, &mut leaves),
             }),
+            MixerState::Rwkv7(s) => MixerState::Rwkv7(Rwkv7State {
+                shift: add(s.shift, &mut leaves),
+                s: add(s.s, &mut leaves),
+            }),
             MixerState::Mlstm(s) => MixerState::Mlstm(MlstmState {
                 c: add(s.c, &mut leaves),
                 n: add(s.n, &mut leaves),
@@ -452,6 +471,13 @@ impl MixerState {
         match self {
             MixerState::Slstm(s) => s,
             other => panic!("an sLSTM layer was handed {other:?}"),
+        }
+    }
+
+    fn into_rwkv7(self) -> Rwkv7State {
+        match self {
+            MixerState::Rwkv7(s) => s,
+            other => panic!("an RWKV-7 time mix was handed {other:?}"),
         }
     }
 

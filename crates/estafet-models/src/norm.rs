@@ -1,5 +1,5 @@
-//! Normalisation shared by the layers that normalise per head (RWKV-6's `ln_x`, sLSTM's group
-//! norm): each keeps its own scale, bias and epsilon.
+//! Normalisation shared by the layers that normalise per head (RWKV-6's and RWKV-7's `ln_x`,
+//! sLSTM's group norm, mLSTM's head-wise norm): each keeps its own scale, bias and epsilon.
 
 use burn::tensor::Tensor;
 

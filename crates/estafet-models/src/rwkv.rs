@@ -405,7 +405,7 @@ impl RwkvConfig {
 }
 
 /// `[B, T, D]` shifted one step right, `first [B, D]` in front.
-fn token_shift(x: Tensor<3>, first: Tensor<2>) -> Tensor<3> {
+pub(crate) fn token_shift(x: Tensor<3>, first: Tensor<2>) -> Tensor<3> {
     match x.dims()[1] {
         1 => first.unsqueeze_dim(1),
         t => Tensor::cat(vec![first.unsqueeze_dim(1), x.narrow(1, 0, t - 1)], 1),
@@ -418,7 +418,7 @@ fn lerp(x: Tensor<3>, shifted: Tensor<3>, mu: Tensor<1>) -> Tensor<3> {
     shifted.clone() + (x - shifted) * mu
 }
 
-fn last(x: &Tensor<3>) -> Tensor<2> {
+pub(crate) fn last(x: &Tensor<3>) -> Tensor<2> {
     let t = x.dims()[1];
     x.clone().narrow(1, t - 1, 1).squeeze_dim(1)
 }

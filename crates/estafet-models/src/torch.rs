@@ -87,6 +87,7 @@ fn kind(mixer: &Mixer) -> &'static str {
         Mixer::GatedDeltaNet(_) => "gated_deltanet",
         Mixer::Slstm(_) => "slstm",
         Mixer::Mlstm(_) => "mlstm",
+        Mixer::Rwkv7(_) => "rwkv7",
         Mixer::Attention(_) => "attention",
     }
 }

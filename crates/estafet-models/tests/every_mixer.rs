@@ -3,7 +3,7 @@
 
 #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
 
-use burn::module::Module;
+use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -14,7 +14,7 @@ fn device() -> Device {
 }
 
 /// Every kind with its defaults, plus RWKV-6, Mamba with signed eigenvalues, Mamba-2 signed
-/// and chunked, and mLSTM chunked.
+/// and chunked, and mLSTM and RWKV-7 chunked.
 fn every_mixer() -> Vec<(String, MixerConfig)> {
     MixerConfig::KINDS
         .iter()
@@ -30,6 +30,7 @@ fn every_mixer() -> Vec<(String, MixerConfig)> {
             serde_json::json!({ "kind": "mamba2", "head_dim": 4, "eigenvalues": "signed" }),
             serde_json::json!({ "kind": "mamba2", "head_dim": 4, "scan": { "kind": "chunked", "chunk_len": 2 } }),
             serde_json::json!({ "kind": "mlstm", "n_heads": 2, "scan": { "kind": "chunked", "chunk_len": 2 } }),
+            serde_json::json!({ "kind": "rwkv7", "head_size": 4, "scan": { "kind": "chunked", "chunk_len": 2 } }),
         ])
         .map(|v| {
             let config: MixerConfig = serde_json::from_value(v.clone()).unwrap();
@@ -41,6 +42,24 @@ fn every_mixer() -> Vec<(String, MixerConfig)> {
 /// Seeded draws, so that a failure reproduces (the backend's own generator is not seeded).
 fn normal<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<D> {
     Init::new(seed, &device()).normal(shape, 1.0).val()
+}
+
+/// Parameters initialised to zero (RWKV-7's output projection and LoRAs' first matrices,
+/// mLSTM's gate weights, norm biases) would hold everything behind them off the gradient path
+/// at initialisation, where finite differences could not see a wrong gradient; this gives each
+/// of them small seeded values.
+struct FillZeros(u64);
+
+impl ModuleMapper for FillZeros {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let value = param.val();
+        let largest: f32 = value.clone().abs().max().into_scalar();
+        if largest != 0.0 {
+            return param;
+        }
+        self.0 += 1;
+        Init::new(self.0, &device()).normal(value.dims(), 0.3)
+    }
 }
 
 fn tokens(shape: [usize; 2], vocab: usize, seed: u64) -> Tensor<2, Int> {
@@ -68,8 +87,9 @@ fn model_config(mixer: MixerConfig, d_model: usize) -> ModelConfig {
     }
 }
 
-/// ∂(Σ logits ⊙ r)/∂x by autodiff against central differences, on real-valued inputs so that
-/// every parameter of every layer lies on the path. f32 with ε = 1e-2: truncation error
+/// ∂(Σ logits ⊙ r)/∂x by autodiff against central differences, on real-valued inputs and with
+/// no parameter left at zero ([`FillZeros`]), so that every parameter of every layer lies on
+/// the path. f32 with ε = 1e-2: truncation error
 /// O(ε²·f''') ≈ 1e-4, rounding O(δ/ε) ≈ 1e-5; tolerance 3e-3 absolute plus 3% relative.
 /// minGRU's and minLSTM's candidate `g` has a kink at 0 (slopes ¼ and 1), where a difference
 /// that straddles it is not a derivative: a coordinate that fails at ε is measured again at
@@ -78,14 +98,16 @@ fn model_config(mixer: MixerConfig, d_model: usize) -> ModelConfig {
 #[test]
 fn gradients_match_finite_differences() {
     for (name, mixer) in every_mixer() {
-        let model = model_config(mixer, 8).init(
-            ModelIo {
-                input: InputSpec::Features { dim: 3 },
-                d_output: 4,
-                readout: estafet_models::Readout::PerPosition,
-            },
-            &mut Init::new(5, &device()),
-        );
+        let model = model_config(mixer, 8)
+            .init(
+                ModelIo {
+                    input: InputSpec::Features { dim: 3 },
+                    d_output: 4,
+                    readout: estafet_models::Readout::PerPosition,
+                },
+                &mut Init::new(5, &device()),
+            )
+            .map(&mut FillZeros(100));
         let x = normal([2, 5, 3], 1);
         let r = normal([2, 5, 4], 2);
         let loss = |x: Tensor<3>| (model.forward(Input::Features(x), None).0 * r.clone()).sum();

@@ -24,6 +24,7 @@ use estafet_models::minlstm::{MinLstm, MinLstmConfig};
 use estafet_models::mlstm::{Mlstm, MlstmSpec, MlstmState};
 use estafet_models::rnn::{Nonlinearity, Rnn, RnnConfig};
 use estafet_models::rwkv::{Rwkv, RwkvConfig, RwkvState, Version, Wkv4State, WkvState};
+use estafet_models::rwkv7::{Rwkv7, Rwkv7Spec, Rwkv7State};
 use estafet_models::scan::{Eigenvalues, Scan};
 
 const LENGTHS: [usize; 4] = [1, 7, 64, 300];
@@ -362,6 +363,51 @@ fn mlstm_forms_agree() {
             },
             |m, x_t, s| m.step(x_t, Some(s)),
             |s| vec![flat(s.c.clone()), flat(s.n.clone()), flat(s.m.clone())],
+        );
+    }
+}
+
+/// RWKV-7: the chunkwise DPLR form and `step` against the definition. The initialisation's
+/// zero output projection and LoRA matrices are replaced by random ones, so that every
+/// parameter reaches the output.
+#[test]
+fn rwkv7_forms_agree() {
+    let spec = Rwkv7Spec {
+        head_size: Some(3),
+        lora_rank: 4,
+        ..Rwkv7Spec::default()
+    };
+    let mut layer: Rwkv7 = spec.config(6).init(&mut Init::new(7, &device()));
+    let random = |shape: [usize; 2]| Param::from_tensor(normal(shape, 0.5));
+    layer.output.weight = random([6, 6]);
+    layer.w1 = random([6, 4]);
+    layer.a1 = random([6, 4]);
+    layer.g1 = random([6, 4]);
+    // shift [2, 6], S [2, 2, 3, 3].
+    let (shift0, s0) = (normal([2, 6], 1.0), normal([2, 2, 3, 3], 1.0));
+    for t in LENGTHS {
+        check_forms(
+            "rwkv7",
+            &layer,
+            t,
+            6,
+            || {
+                let (shift, s) = (leaf(&flat(shift0.clone())), leaf(&flat(s0.clone())));
+                (
+                    Rwkv7State {
+                        shift: shift.clone().reshape([2, 6]),
+                        s: s.clone().reshape([2, 2, 3, 3]),
+                    },
+                    vec![shift, s],
+                )
+            },
+            |m, x, s, chunk| {
+                let scan = chunk.map_or(Scan::Sequential, |chunk_len| Scan::Chunked { chunk_len });
+                let (y, s) = m.forward_with(x, Some(s), scan);
+                (y, vec![flat(s.shift), flat(s.s)])
+            },
+            |m, x_t, s| m.step(x_t, Some(s)),
+            |s| vec![flat(s.shift.clone()), flat(s.s.clone())],
         );
     }
 }

@@ -30,6 +30,7 @@ use estafet_models::mixer::{Mixer, MixerState};
 use estafet_models::mlstm::{Mlstm, MlstmState};
 use estafet_models::rnn::{Nonlinearity, RnnConfig};
 use estafet_models::rwkv::{RwkvConfig, TimeMix, Version, Wkv4State};
+use estafet_models::rwkv7::{Rwkv7, Rwkv7State};
 use estafet_models::scan::{Compute, Eigenvalues, Form, Scan};
 use estafet_models::slstm::{Slstm, SlstmState};
 use estafet_models::torch::{HostTensor, load_torch_layer};
@@ -495,6 +496,102 @@ fn mlstm_matches_the_native_step() {
                 .max(f.check(&format!("grad.{name}.bias"), db));
         }
         println!("mlstm ({scan:?}): largest |estafet − reference| = {worst:.2e}");
+    }
+}
+
+/// RWKV-7's time mix against the reference's `RWKV_Tmix_x070` (first layer, no value
+/// residual), in both forms, from a non-zero state and token shift: outputs, final state and
+/// the gradients of the input, the initial state and shift, and every parameter.
+#[test]
+fn rwkv7_matches_the_reference_time_mix() {
+    let f = Fixture::load("rwkv7");
+    let linear = |name: &str| Linear {
+        weight: param(f.get::<2>(&format!("{name}.weight")).transpose()),
+        bias: None,
+    };
+    let p1 = |name: &str| param(f.get::<1>(name));
+    let p2 = |name: &str| param(f.get::<2>(name));
+    for scan in [Scan::Sequential, Scan::Chunked { chunk_len: 3 }] {
+        let layer = Rwkv7 {
+            x_r: p1("x_r"),
+            x_w: p1("x_w"),
+            x_k: p1("x_k"),
+            x_v: p1("x_v"),
+            x_a: p1("x_a"),
+            x_g: p1("x_g"),
+            w0: p1("w0"),
+            w1: p2("w1"),
+            w2: p2("w2"),
+            a0: p1("a0"),
+            a1: p2("a1"),
+            a2: p2("a2"),
+            g1: p2("g1"),
+            g2: p2("g2"),
+            k_k: p1("k_k"),
+            k_a: p1("k_a"),
+            r_k: p2("r_k"),
+            receptance: linear("receptance"),
+            key: linear("key"),
+            value: linear("value"),
+            output: linear("output"),
+            ln_x_weight: p1("ln_x.weight"),
+            ln_x_bias: p1("ln_x.bias"),
+            scan,
+        };
+        let x = f.get::<3>("x").require_grad();
+        let shift0 = f.get::<2>("shift0").require_grad();
+        let s0 = f.get::<4>("s0").require_grad();
+        let (y, s) = layer.forward(
+            x.clone(),
+            Some(Rwkv7State {
+                shift: shift0.clone(),
+                s: s0.clone(),
+            }),
+        );
+        let mut worst = f.check("y", y.clone()).max(f.check("sn", s.s.clone()));
+        let loss = (y * f.get::<3>("r")).sum() + s.s.sum() + s.shift.sum();
+        let grads = loss.backward();
+        worst = worst
+            .max(f.check("grad.x", x.grad(&grads).unwrap()))
+            .max(f.check("grad.shift0", shift0.grad(&grads).unwrap()))
+            .max(f.check("grad.s0", s0.grad(&grads).unwrap()));
+        for (name, p) in [
+            ("x_r", &layer.x_r),
+            ("x_w", &layer.x_w),
+            ("x_k", &layer.x_k),
+            ("x_v", &layer.x_v),
+            ("x_a", &layer.x_a),
+            ("x_g", &layer.x_g),
+            ("w0", &layer.w0),
+            ("a0", &layer.a0),
+            ("k_k", &layer.k_k),
+            ("k_a", &layer.k_a),
+            ("ln_x.weight", &layer.ln_x_weight),
+            ("ln_x.bias", &layer.ln_x_bias),
+        ] {
+            worst = worst.max(f.check(&format!("grad.{name}"), p.grad(&grads).unwrap()));
+        }
+        for (name, p) in [
+            ("w1", &layer.w1),
+            ("w2", &layer.w2),
+            ("a1", &layer.a1),
+            ("a2", &layer.a2),
+            ("g1", &layer.g1),
+            ("g2", &layer.g2),
+            ("r_k", &layer.r_k),
+        ] {
+            worst = worst.max(f.check(&format!("grad.{name}"), p.grad(&grads).unwrap()));
+        }
+        for (name, l) in [
+            ("receptance", &layer.receptance),
+            ("key", &layer.key),
+            ("value", &layer.value),
+            ("output", &layer.output),
+        ] {
+            let g = l.weight.grad(&grads).unwrap().transpose();
+            worst = worst.max(f.check(&format!("grad.{name}.weight"), g));
+        }
+        println!("rwkv7 ({scan:?}): largest |estafet − reference| = {worst:.2e}");
     }
 }
 
