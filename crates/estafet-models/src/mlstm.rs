@@ -16,8 +16,9 @@
 //! `C`, `n` are held scaled by `exp(−m)`, so `exp(−m_t)` in the denominator is the paper's
 //! lower bound 1 on `|nᵀq|` in the same scale: the stabiliser keeps `exp` finite and changes the
 //! output only through `ε` (the native step kernel's `mlstm_recurrent_step__native`, ε = 1e-6).
-//! Unlike xLSTM-7B's layer there is no soft cap on the gate pre-activations and the gates read
-//! `x` rather than `q, k, v`.
+//! As in xLSTM-7B's layer the gates read `x` (the original xLSTM block reads `q, k, v` and puts a
+//! causal convolution before `q`, `k`); unlike it there is no soft cap on the gates'
+//! pre-activations.
 //!
 //! Forms ([`MlstmSpec::scan`]): `sequential` is the recurrence above step by step; `chunked`
 //! is the chunkwise form of `mlstm_kernels`' `chunkwise/native`: within a chunk the outputs
