@@ -15,7 +15,7 @@
 
 #![cfg(any(feature = "flex", feature = "wgpu"))]
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use estafet_experiments::Backend;
@@ -24,6 +24,7 @@ use estafet_experiments::evaluate::evaluate;
 use estafet_experiments::results::Summary;
 use estafet_experiments::saved::SavedRun;
 use estafet_experiments::train::{self, RunOptions};
+use estafet_models::init::FillZeros;
 use estafet_models::{
     Init, Input, InputSpec, Layout, MixerConfig, ModelConfig, ModelIo, Readout, SequenceModel,
 };
@@ -122,27 +123,6 @@ fn tokens(device: &Device) -> Tensor<2, Int> {
     Tensor::from_data(TensorData::new(ids, [2, 11]), device)
 }
 
-/// Parameters initialised to zero (RWKV-7's output projection and LoRAs' first matrices,
-/// mLSTM's gate weights, biases) would hold everything behind them off the gradient path, where
-/// a backend's wrong gradient could not show; this gives each of them small seeded values, the
-/// same on every backend.
-struct FillZeros {
-    seed: u64,
-    device: Device,
-}
-
-impl ModuleMapper for FillZeros {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let value = param.val();
-        let largest: f32 = value.clone().abs().max().into_scalar();
-        if largest != 0.0 {
-            return param;
-        }
-        self.seed += 1;
-        Init::new(self.seed, &self.device).normal(value.dims(), 0.3)
-    }
-}
-
 /// Outputs, final state, then every gradient (parameters in visiting order), each flattened.
 fn forward_and_grads(
     config: &ModelConfig,
@@ -156,10 +136,8 @@ fn forward_and_grads(
     };
     let model: SequenceModel = config
         .init(io, &mut Init::new(3, device))
-        .map(&mut FillZeros {
-            seed: 100,
-            device: device.clone(),
-        });
+        // No parameter left at zero, so that every one is on the gradient path.
+        .map(&mut FillZeros::new(100, device));
     let (y, state) = model.forward(Input::Tokens(tokens(device)), None);
     // A fixed, position-dependent weighting, so that every output feeds the gradient.
     let n = y.dims().iter().product::<usize>();

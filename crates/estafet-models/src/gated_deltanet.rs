@@ -32,6 +32,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::conv::causal_depthwise;
+use crate::head_dims;
 use crate::init::Init;
 use crate::mask::{self, Visible};
 use crate::scan::{Eigenvalues, Scan};
@@ -71,10 +72,7 @@ impl Default for GatedDeltaNetSpec {
 
 impl GatedDeltaNetSpec {
     pub fn config(&self, d_model: usize) -> GatedDeltaNetConfig {
-        let head_dim = self
-            .head_dim
-            .unwrap_or(d_model / self.n_heads.max(1))
-            .max(1);
+        let head_dim = head_dims::key_dim(d_model, self.n_heads, self.head_dim);
         GatedDeltaNetConfig {
             d_model,
             n_heads: self.n_heads,
@@ -88,20 +86,7 @@ impl GatedDeltaNetSpec {
     }
 
     pub fn validate(&self, d_model: usize) -> Result<(), String> {
-        let positive = [
-            ("n_heads", self.n_heads),
-            ("head_dim", self.head_dim.unwrap_or(1)),
-            ("expand_v", self.expand_v),
-        ];
-        if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("model.mixer.{field} must be at least 1"));
-        }
-        if self.head_dim.is_none() && d_model < self.n_heads {
-            return Err(format!(
-                "model.mixer.n_heads = {} exceeds d_model = {d_model}: set head_dim",
-                self.n_heads
-            ));
-        }
+        head_dims::validate(d_model, self.n_heads, self.head_dim, self.expand_v)?;
         if self.d_conv < 2 {
             return Err(
                 "model.mixer.d_conv must be at least 2 (a causal kernel spans the past)".into(),

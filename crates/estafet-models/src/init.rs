@@ -5,7 +5,7 @@
 //! ChaCha8 stream instead and uploads it: the same seed gives bit-identical initial weights on
 //! every backend, which is what makes cross-backend parity tests and checkpoints meaningful.
 
-use burn::module::Param;
+use burn::module::{ModuleMapper, Param};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -97,5 +97,36 @@ impl Init {
             weight: self.uniform([d_input, d_output], bound),
             bias: bias.then(|| self.uniform([d_output], bound)),
         }
+    }
+}
+
+/// Gives every parameter that is exactly zero (RWKV-7's output projection and LoRAs' first
+/// matrices, mLSTM's gate weights, norm biases) small seeded values `N(0, 0.3²)`, the same on
+/// every backend: `model.map(&mut FillZeros::new(seed, &device))`. For tests that compare
+/// gradients, where a zero-initialised projection would hold everything behind it off the
+/// gradient path and so hide a wrong gradient.
+pub struct FillZeros {
+    seed: u64,
+    device: Device,
+}
+
+impl FillZeros {
+    pub fn new(seed: u64, device: &Device) -> Self {
+        Self {
+            seed,
+            device: device.clone(),
+        }
+    }
+}
+
+impl ModuleMapper for FillZeros {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let value = param.val();
+        let largest: f32 = value.clone().abs().max().into_scalar();
+        if largest != 0.0 {
+            return param;
+        }
+        self.seed += 1;
+        Init::new(self.seed, &self.device).normal(value.dims(), 0.3)
     }
 }

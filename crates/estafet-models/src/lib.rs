@@ -27,6 +27,7 @@ pub mod conv;
 pub mod fused;
 pub mod gated_deltanet;
 pub mod gru;
+pub mod head_dims;
 pub mod init;
 pub mod lstm;
 pub mod mamba;

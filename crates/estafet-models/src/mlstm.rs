@@ -36,6 +36,7 @@ use burn::tensor::activation::{sigmoid, softplus};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::head_dims;
 use crate::init::Init;
 use crate::mask::{self, Visible};
 use crate::norm::standardise;
@@ -71,10 +72,7 @@ impl Default for MlstmSpec {
 
 impl MlstmSpec {
     pub fn config(&self, d_model: usize) -> MlstmConfig {
-        let head_dim = self
-            .head_dim
-            .unwrap_or(d_model / self.n_heads.max(1))
-            .max(1);
+        let head_dim = head_dims::key_dim(d_model, self.n_heads, self.head_dim);
         MlstmConfig {
             d_model,
             n_heads: self.n_heads,
@@ -85,20 +83,7 @@ impl MlstmSpec {
     }
 
     pub fn validate(&self, d_model: usize) -> Result<(), String> {
-        let positive = [
-            ("n_heads", self.n_heads),
-            ("head_dim", self.head_dim.unwrap_or(1)),
-            ("expand_v", self.expand_v),
-        ];
-        if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("model.mixer.{field} must be at least 1"));
-        }
-        if self.head_dim.is_none() && d_model < self.n_heads {
-            return Err(format!(
-                "model.mixer.n_heads = {} exceeds d_model = {d_model}: set head_dim",
-                self.n_heads
-            ));
-        }
+        head_dims::validate(d_model, self.n_heads, self.head_dim, self.expand_v)?;
         self.scan
             .validate()
             .map_err(|e| format!("model.mixer.scan.{e}"))

@@ -3,10 +3,11 @@
 
 #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use estafet_models::init::FillZeros;
 use estafet_models::{Init, Input, InputSpec, Layout, MixerConfig, ModelConfig, ModelIo};
 
 fn device() -> Device {
@@ -42,24 +43,6 @@ fn every_mixer() -> Vec<(String, MixerConfig)> {
 /// Seeded draws, so that a failure reproduces (the backend's own generator is not seeded).
 fn normal<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<D> {
     Init::new(seed, &device()).normal(shape, 1.0).val()
-}
-
-/// Parameters initialised to zero (RWKV-7's output projection and LoRAs' first matrices,
-/// mLSTM's gate weights, norm biases) would hold everything behind them off the gradient path
-/// at initialisation, where finite differences could not see a wrong gradient; this gives each
-/// of them small seeded values.
-struct FillZeros(u64);
-
-impl ModuleMapper for FillZeros {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let value = param.val();
-        let largest: f32 = value.clone().abs().max().into_scalar();
-        if largest != 0.0 {
-            return param;
-        }
-        self.0 += 1;
-        Init::new(self.0, &device()).normal(value.dims(), 0.3)
-    }
 }
 
 fn tokens(shape: [usize; 2], vocab: usize, seed: u64) -> Tensor<2, Int> {
@@ -107,7 +90,7 @@ fn gradients_match_finite_differences() {
                 },
                 &mut Init::new(5, &device()),
             )
-            .map(&mut FillZeros(100));
+            .map(&mut FillZeros::new(100, &device()));
         let x = normal([2, 5, 3], 1);
         let r = normal([2, 5, 4], 2);
         let loss = |x: Tensor<3>| (model.forward(Input::Features(x), None).0 * r.clone()).sum();
