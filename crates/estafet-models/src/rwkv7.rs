@@ -352,10 +352,14 @@ fn sequential(x: Heads, s0: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         .zip(unbind::<4, 3>(x.log_w.exp(), 2))
         .zip(unbind::<4, 3>(x.a, 2))
         .zip(unbind::<4, 3>(x.b, 2));
+    let row = |y: Tensor<3>| y.unsqueeze_dim::<4>(2); // [B, H, 1, N]
     for (((((r_t, k_t), v_t), w_t), a_t), b_t) in steps {
-        let read = (s.clone() * column(a_t)).sum_dim(2); // aᵀS, [B, H, 1, N]
-        s = s * column(w_t) + column(b_t) * read + column(k_t) * v_t.unsqueeze_dim::<4>(2);
-        outs.push((s.clone() * column(r_t)).sum_dim(2).squeeze_dim::<3>(2));
+        let read = row(a_t).matmul(s.clone()); // aᵀS, [B, H, 1, N]
+        // Both rank-one writes as one product: [b k] [aᵀS; vᵀ].
+        let writes = Tensor::cat(vec![column(b_t), column(k_t)], 3)
+            .matmul(Tensor::cat(vec![read, row(v_t)], 2));
+        s = s * column(w_t) + writes;
+        outs.push(row(r_t).matmul(s.clone()).squeeze_dim::<3>(2));
     }
     (Tensor::stack(outs, 2), s)
 }
