@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use crate::head_dims;
 use crate::init::Init;
 use crate::mask::{self, Visible};
-use crate::norm::standardise;
+use crate::norm;
 use crate::scan::Scan;
 use crate::time::unbind;
 
@@ -237,9 +237,7 @@ impl Mlstm {
             Scan::Sequential => recurrent(inputs, state),
             Scan::Chunked { chunk_len } => chunked(inputs, state, chunk_len),
         }; // o [B, H, T, d_v]
-        let normed = standardise(o, 1e-5)
-            .swap_dims(1, 2)
-            .reshape([batch, t, h * dv]);
+        let normed = norm::per_head(o, 1e-5);
         let weight = self
             .norm_weight
             .val()

@@ -11,3 +11,10 @@ pub fn standardise<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
     let var = centred.clone().powf_scalar(2.0).mean_dim(last);
     centred / (var + eps).sqrt()
 }
+
+/// Heads `[B, H, T, N]` standardised each over its `N` values and laid side by side as
+/// `[B, T, H·N]`: the group norm (one group per head) before its scale and bias.
+pub fn per_head(o: Tensor<4>, eps: f64) -> Tensor<3> {
+    let [b, h, t, n] = o.dims();
+    standardise(o, eps).swap_dims(1, 2).reshape([b, t, h * n])
+}

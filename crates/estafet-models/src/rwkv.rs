@@ -660,11 +660,7 @@ impl TimeMix6 {
 
     /// GroupNorm with one group per head (eps as in RWKV-6: 1e-5 · 8²).
     fn group_norm(&self, o: Tensor<4>) -> Tensor<3> {
-        let [b, h, t, k] = o.dims();
-        let normed = crate::norm::standardise(o, 64e-5)
-            .swap_dims(1, 2)
-            .reshape([b, t, h * k]);
-        normed
+        crate::norm::per_head(o, 64e-5)
             * self
                 .ln_x_weight
                 .val()

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::init::Init;
 use crate::mask::{self, Visible};
-use crate::norm::standardise;
+use crate::norm;
 use crate::rwkv::{last, token_shift};
 use crate::scan::Scan;
 use crate::time::unbind;
@@ -284,22 +284,16 @@ impl Rwkv7 {
         let delta = token_shift(x.clone(), state.shift) - x.clone(); // x' − x
         let row = |p: &Param<Tensor<1>>| p.val().unsqueeze_dim::<2>(0).unsqueeze_dim::<3>(0);
         let mixed = |mu: &Param<Tensor<1>>| x.clone() + delta.clone() * row(mu);
-        let lora = |x: Tensor<3>, first: &Param<Tensor<2>>, second: &Param<Tensor<2>>| {
-            (
-                x.matmul(first.val().unsqueeze_dim(0)),
-                second.val().unsqueeze_dim(0),
-            )
-        };
+        // One factor of a LoRA: [B, T, ·] × [·, ·].
+        let project = |x: Tensor<3>, p: &Param<Tensor<2>>| x.matmul(p.val().unsqueeze_dim(0));
         let r = self.receptance.forward(mixed(&self.x_r));
-        let (inner, outer) = lora(mixed(&self.x_w), &self.w1, &self.w2);
-        let omega = -softplus(-(row(&self.w0) + inner.tanh().matmul(outer)), 1.0) - 0.5;
+        let decay = project(project(mixed(&self.x_w), &self.w1).tanh(), &self.w2);
+        let omega = -softplus(-(row(&self.w0) + decay), 1.0) - 0.5;
         let log_w = -omega.exp();
         let k = self.key.forward(mixed(&self.x_k));
         let v = self.value.forward(mixed(&self.x_v));
-        let (inner, outer) = lora(mixed(&self.x_a), &self.a1, &self.a2);
-        let alpha = sigmoid(row(&self.a0) + inner.matmul(outer));
-        let (inner, outer) = lora(mixed(&self.x_g), &self.g1, &self.g2);
-        let g = sigmoid(inner).matmul(outer);
+        let alpha = sigmoid(row(&self.a0) + project(project(mixed(&self.x_a), &self.a1), &self.a2));
+        let g = project(sigmoid(project(mixed(&self.x_g), &self.g1)), &self.g2);
         let split = |y: Tensor<3>| y.reshape([batch, t, h, n]).swap_dims(1, 2); // [B, H, T, N]
         let kk = split(k.clone() * row(&self.k_k));
         let kk = kk.clone() / (kk.powf_scalar(2.0).sum_dim(3).sqrt().clamp_min(1e-12));
@@ -321,16 +315,11 @@ impl Rwkv7 {
             Scan::Sequential => sequential(inputs, state.s),
             Scan::Chunked { chunk_len } => chunked(inputs, state.s, chunk_len),
         };
-        let normed = standardise(o, (n as f64) * 1e-5) * self.per_head(&self.ln_x_weight, h, n)
-            + self.per_head(&self.ln_x_bias, h, n);
-        let mixed = (normed + bonus).swap_dims(1, 2).reshape([batch, t, d]);
-        let y = self.output.forward(mixed * g);
+        let normed =
+            norm::per_head(o, (n as f64) * 1e-5) * row(&self.ln_x_weight) + row(&self.ln_x_bias);
+        let bonus = bonus.swap_dims(1, 2).reshape([batch, t, d]);
+        let y = self.output.forward((normed + bonus) * g);
         (y, Rwkv7State { shift: next, s })
-    }
-
-    /// A `[D]` parameter as `[1, H, 1, N]`.
-    fn per_head(&self, p: &Param<Tensor<1>>, h: usize, n: usize) -> Tensor<4> {
-        p.val().reshape([1, h, 1, n])
     }
 
     /// One token: `x_t [B, D]` → `[B, D]` and the next state.
