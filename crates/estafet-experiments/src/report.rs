@@ -3,7 +3,8 @@
 //! Every directory under `DIR` with a `summary.json` is a run. Runs are grouped by task, model
 //! (the sweep's label for its `model` axis when `DIR/sweep.json` exists, else the mixer kind) and
 //! trained length; figures are the mean over seeds with a 95% confidence interval (Student's t),
-//! and the fraction of seeds that reached the task's solved level.
+//! and the fraction of seeds that reached the task's solved level. A sweep over widths adds the
+//! iso-state view: the metric against each model's state floats, one curve per mixer kind.
 //!
 //! A sweep with axes under `optim.` (learning rate, weight decay, ...) is a search: for each
 //! task, model and length the report keeps the setting with the best mean final metric on the
@@ -28,6 +29,8 @@ use estafet_data::Metric;
 struct RunRecord {
     task: String,
     model: String,
+    /// The mixer kind (`run.json`'s `model`), which the iso-state view draws one curve for.
+    architecture: String,
     seq_len: u64,
     metric_name: String,
     baseline: f64,
@@ -153,6 +156,7 @@ fn load(dir: &Path) -> Result<Vec<RunRecord>, Error> {
                 .get(&name)
                 .and_then(|l| l.model.clone())
                 .unwrap_or_else(|| summary.model.clone()),
+            architecture: summary.model.clone(),
             cell: labels
                 .get(&name)
                 .map(|l| l.cell.clone())
@@ -549,8 +553,83 @@ pub fn write(dir: &Path) -> Result<String, Error> {
                 "\n![{task} length generalisation](plots/{task}-length-generalisation.png)\n"
             ));
         }
+        md.push_str(&iso_state(&rs, longest, &references, &stem("state"))?);
     }
     crate::run_dir::write_atomic(&dir.join("report.md"), md.as_bytes())?;
+    Ok(md)
+}
+
+/// The iso-state view (Zoology, fig. 2): the final metric against the floats of state each model
+/// carries at the longest trained length, one curve per mixer kind, so that architectures are
+/// compared at equal memory rather than equal width. Empty unless some kind was trained at two or
+/// more state sizes (a width sweep); attention's state is its KV cache at that length.
+fn iso_state(
+    rs: &[&RunRecord],
+    longest: u64,
+    references: &[Reference],
+    stem: &Path,
+) -> Result<String, Error> {
+    let at: Vec<&RunRecord> = rs
+        .iter()
+        .copied()
+        .filter(|r| r.seq_len == longest)
+        .collect();
+    // Mixer kind → state floats → (metric, solved) per seed, kinds in sweep order.
+    type BySize = BTreeMap<u64, Vec<(f64, bool)>>;
+    let mut kinds: Vec<(&str, BySize)> = Vec::new();
+    for r in &at {
+        let i = match kinds.iter().position(|(k, _)| *k == r.architecture) {
+            Some(i) => i,
+            None => {
+                kinds.push((&r.architecture, BTreeMap::new()));
+                kinds.len() - 1
+            }
+        };
+        kinds[i]
+            .1
+            .entry(r.state_size)
+            .or_default()
+            .push((r.metric, r.solved));
+    }
+    if kinds.iter().all(|(_, sizes)| sizes.len() < 2) {
+        return Ok(String::new());
+    }
+    let (task, metric) = (&at[0].task, &at[0].metric_name);
+    let mut md = format!(
+        "\nIso-state view (T = {longest}): final {metric} against the floats of recurrent state \
+         (attention: its KV cache), one row per mixer kind and state size.\n\n\
+         | mixer | state floats | {metric} |\n|---|---|---|\n"
+    );
+    let mut curves = Vec::new();
+    for (kind, sizes) in &kinds {
+        let mut points = Vec::new();
+        for (state, runs) in sizes {
+            let values: Vec<f64> = runs.iter().map(|r| r.0).collect();
+            let solved = runs.iter().filter(|r| r.1).count();
+            md.push_str(&format!(
+                "| {kind} | {state} | {} |\n",
+                cell(&values, solved)
+            ));
+            points.push((*state as f64, mean_ci(&values).0));
+        }
+        curves.push(Curve {
+            label: kind.to_string(),
+            points,
+        });
+    }
+    Figure {
+        title: format!("{task}: final {metric} against state size, T = {longest}"),
+        x_label: "state floats".into(),
+        y_label: metric.clone(),
+        log_x: true,
+        log_y: false,
+        curves,
+        references: references.to_vec(),
+    }
+    .save(stem)?;
+    md.push_str(&format!(
+        "\n![{task} by state size](plots/{task}-state.png)\n"
+    ));
     Ok(md)
 }
 
@@ -562,6 +641,7 @@ mod tests {
         RunRecord {
             task: "parity".into(),
             model: model.into(),
+            architecture: model.into(),
             seq_len: 64,
             metric_name: "token_accuracy".into(),
             baseline: 0.5,
@@ -611,6 +691,38 @@ mod tests {
         // Outside a search nothing is chosen or replaced.
         let (kept, md) = choose(vec![record("lstm", "", 0.9, 0.1)]);
         assert_eq!((kept[0].metric, md.as_str()), (0.9, ""));
+    }
+
+    /// A width sweep becomes one row per mixer kind and state size, seeds pooled; without one
+    /// (every kind at a single state size) there is no iso-state view.
+    #[test]
+    fn the_iso_state_view_pools_seeds_per_kind_and_state_size() {
+        let at = |model: &str, state: u64, metric: f64| RunRecord {
+            state_size: state,
+            ..record(model, "", metric, metric)
+        };
+        let dir = std::env::temp_dir().join(format!("estafet-iso-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stem = dir.join("parity-state");
+        let refs = [Reference {
+            label: "baseline".into(),
+            y: 0.5,
+        }];
+        let widths = [
+            at("mamba", 100, 0.6),
+            at("mamba", 100, 0.8),
+            at("mamba", 400, 1.0),
+            at("lstm", 50, 0.5),
+        ];
+        let md = iso_state(&widths.iter().collect::<Vec<_>>(), 64, &refs, &stem).unwrap();
+        assert!(md.contains("| mamba | 100 | 0.700 ± 1.271 (0/2) |"), "{md}");
+        assert!(md.contains("| mamba | 400 | 1.000 (1/1) |"), "{md}");
+        assert!(md.contains("| lstm | 50 | 0.500 (0/1) |"), "{md}");
+        assert!(stem.with_extension("png").exists());
+        let single = [at("mamba", 100, 0.6), at("lstm", 50, 0.5)];
+        let md = iso_state(&single.iter().collect::<Vec<_>>(), 64, &refs, &stem).unwrap();
+        assert_eq!(md, "");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
