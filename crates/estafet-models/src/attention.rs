@@ -8,6 +8,11 @@
 //! out     = W_o concat_heads(o)
 //! ```
 //!
+//! On the CPU backends the scores, mask, softmax and weighted sum run as one fused op
+//! (`fused::causal_attention`, one query row at a time, FlashAttention's recomputing backward),
+//! so training never holds the `[B, H, T, T]` scores; [`attend`] is its definition, which wgpu
+//! runs.
+//!
 //! Its "state" is the KV cache: every past key and value, `2·T·D` floats per sequence, which
 //! grows with the context; that growth is what the recurrent models are compared against.
 //! `step` appends one token to the cache and attends over all of it.
@@ -18,6 +23,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::fused;
 use crate::init::Init;
 use crate::mask::{self, Visible};
 
@@ -160,6 +166,18 @@ impl Attention {
     /// `x [B, T, D]` (`T ≥ 1`) after the tokens in `cache` → `[B, T, D]` and the cache with
     /// these `T` tokens appended.
     pub fn forward(&self, x: Tensor<3>, cache: Option<KvCache>) -> (Tensor<3>, KvCache) {
+        let fused = fused::has_kernel(&x.device());
+        self.forward_with(x, cache, fused)
+    }
+
+    /// [`Attention::forward`] through the fused op (`fused`, CPU backends only) or through the
+    /// definition [`attend`].
+    pub fn forward_with(
+        &self,
+        x: Tensor<3>,
+        cache: Option<KvCache>,
+        fused: bool,
+    ) -> (Tensor<3>, KvCache) {
         let [b, t, d] = x.dims();
         let (h, head) = (self.n_heads, d / self.n_heads);
         let offset = cache.as_ref().map_or(0, KvCache::len);
@@ -196,12 +214,18 @@ impl Attention {
             },
             None => KvCache { k, v },
         };
-        let s = offset + t;
-        // Query i (absolute offset + i) sees keys 0..=offset + i.
-        let mask = mask::causal(t, s, offset, Visible::UpTo, f32::NEG_INFINITY, &device)
-            .reshape([1, 1, t, s]);
-        let scores = q.matmul(cache.k.clone().swap_dims(2, 3)) / (head as f64).sqrt() + mask;
-        let o = softmax(scores, 3).matmul(cache.v.clone()); // [B, H, T, K]
+        let o = if fused {
+            let s = cache.len();
+            let rows = |z: Tensor<4>, len| z.reshape([b * h, len, head]);
+            fused::causal_attention(
+                rows(q, t),
+                rows(cache.k.clone(), s),
+                rows(cache.v.clone(), s),
+            )
+            .reshape([b, h, t, head])
+        } else {
+            attend(q, cache.k.clone(), cache.v.clone())
+        };
         let o = o.swap_dims(1, 2).reshape([b, t, d]);
         (self.out.forward(o), cache)
     }
@@ -211,6 +235,19 @@ impl Attention {
         let (y, cache) = self.forward(x_t.unsqueeze_dim(1), cache);
         (y.squeeze_dim(1), cache)
     }
+}
+
+/// The definition: `softmax(q kᵀ / √K + causal mask) v` for `q [B, H, T, K]` after `S − T` cached
+/// keys, `k, v [B, H, S, K]` → `[B, H, T, K]`. Query `i` (position `S − T + i`) sees keys
+/// `0..=S − T + i`. The CPU backends run [`fused::causal_attention`] instead, which never holds
+/// the `[T, S]` scores.
+pub fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let [_, _, t, head] = q.dims();
+    let s = k.dims()[2];
+    let mask = mask::causal(t, s, s - t, Visible::UpTo, f32::NEG_INFINITY, &q.device())
+        .reshape([1, 1, t, s]);
+    let scores = q.matmul(k.swap_dims(2, 3)) / (head as f64).sqrt() + mask;
+    softmax(scores, 3).matmul(v)
 }
 
 /// `cos` and `sin` of `(offset + t)·θ_i` for `t < len`, laid out `[1, 1, len, K]` for the

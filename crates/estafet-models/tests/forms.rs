@@ -13,6 +13,7 @@
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Gradients, Tensor};
 use estafet_models::Init;
+use estafet_models::attention::{Attention, AttentionConfig, KvCache, Positions};
 use estafet_models::gated_deltanet::{GatedDeltaNet, GatedDeltaNetSpec, GatedDeltaNetState};
 use estafet_models::gru::{Gru, GruConfig};
 use estafet_models::lstm::{Lstm, LstmConfig, LstmState};
@@ -730,4 +731,43 @@ fn mamba_signed_fused_agrees_with_sequential() {
     };
     selective.dt_proj.bias = Some(Param::from_tensor((normal([12], 1.0) + 0.5).detach()));
     mamba_fast_agrees("mamba signed, fused", &block);
+}
+
+// Attention's fast form is the fused op (`fused::causal_attention`, one query row at a time,
+// recomputing backward); its definition is `attention::attend`. The "initial state" is a KV
+// cache of three earlier tokens, so the fused op also runs with keys before its queries.
+
+#[test]
+fn attention_fused_agrees_with_definition() {
+    for positions in [Positions::Rotary, Positions::Learned { max_len: 304 }] {
+        let attn: Attention = AttentionConfig {
+            d_model: 8,
+            n_heads: 2,
+            positions,
+        }
+        .init(&mut Init::new(7, &device()));
+        let (k0, v0) = (normal([2, 2, 3, 4], 1.0), normal([2, 2, 3, 4], 1.0));
+        for t in LENGTHS {
+            check_forms(
+                &format!("{positions:?}"),
+                &attn,
+                t,
+                8,
+                || {
+                    let (k, v) = (leaf(&flat(k0.clone())), leaf(&flat(v0.clone())));
+                    let cache = KvCache {
+                        k: k.clone().reshape([2, 2, 3, 4]),
+                        v: v.clone().reshape([2, 2, 3, 4]),
+                    };
+                    (cache, vec![k, v])
+                },
+                |m, x, cache, form| {
+                    let (y, cache) = m.forward_with(x, Some(cache), form.is_some());
+                    (y, vec![flat(cache.k), flat(cache.v)])
+                },
+                |m, x_t, cache| m.step(x_t, Some(cache)),
+                |cache| vec![flat(cache.k.clone()), flat(cache.v.clone())],
+            );
+        }
+    }
 }

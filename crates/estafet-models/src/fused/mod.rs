@@ -3,7 +3,8 @@
 //!
 //! - [`cell_scan`]: an Elman, LSTM or GRU layer over the whole sequence (BPTT backward);
 //! - [`selective_scan`]: Mamba's S6 scan with its `C` contraction;
-//! - [`wkv4`]: RWKV-4's WKV in the official kernel's running-max form.
+//! - [`wkv4`]: RWKV-4's WKV in the official kernel's running-max form;
+//! - [`causal_attention`]: softmax attention under the causal mask, one query row at a time.
 //!
 //! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
 //! autodiff graph and the backward walks them again: at `B = 32, H = 256` op dispatch and
@@ -28,13 +29,14 @@
 //! Code map: this file holds the public ops and the backend extension that routes them;
 //! [`host`] the plumbing every kernel shares (the [`host::HostKernel`] trait, its plain and
 //! autodiff runners, tensor I/O, strided GEMM, batch blocks); [`math`] the vectorisable
-//! transcendentals and the instruction-set copies; [`cell`], [`conv`], [`selective`] and [`wkv4`]
-//! one kernel each, with its equations.
+//! transcendentals and the instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`]
+//! and [`attention`] one kernel each, with its equations.
 
 // NdArray is deprecated in burn 0.22 but still estafet's reference backend; the extension
 // macro's generated code names it, so the allowance covers the module.
 #![allow(deprecated)]
 
+mod attention;
 mod cell;
 mod conv;
 mod host;
@@ -50,6 +52,7 @@ use burn::tensor::Tensor;
 
 use crate::scan::Eigenvalues;
 
+use attention::CausalAttention;
 pub use cell::Cell;
 use cell::CellScan;
 use conv::ConvSilu;
@@ -218,6 +221,20 @@ pub fn wkv4(
     ))
 }
 
+/// Causal softmax attention, one op (see `attention.rs`): per row (a sequence's head),
+/// `o_i = softmax_j(q_i·k_j / √K) v_j` over the keys `j ≤ S − T + i`, never holding the
+/// `[T, S]` scores; the backward recomputes them one query at a time.
+///
+/// - `q`: `[R, T, K]`; `k`, `v`: `[R, S, K]` with `S ≥ T ≥ 1` (the first `S − T` keys cached)
+/// - returns `[R, T, K]`
+pub fn causal_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::causal_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+    ))
+}
+
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
@@ -268,6 +285,14 @@ pub trait FusedOps: Backend {
         p: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         run_plain::<Self, Wkv4, 7>([w, u, k, v, a, b, p], ())
+    }
+
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_plain::<Self, CausalAttention, 3>([q, k, v], ())
     }
 }
 
@@ -321,5 +346,13 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         p: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         run_tracked::<B, C, Wkv4, 7>([w, u, k, v, a, b, p], ())
+    }
+
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_tracked::<B, C, CausalAttention, 3>([q, k, v], ())
     }
 }

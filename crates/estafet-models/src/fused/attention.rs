@@ -1,0 +1,338 @@
+//! Causal softmax attention as one kernel, in the manner of FlashAttention (Dao et al. 2022):
+//! one block of query rows at a time, so the `[T, S]` score and probability matrices of the
+//! tensor-op form are never held, and the backward recomputes them from each row's log-sum-exp.
+//! Per sequence and head (`q [T, K]`, `k, v [S, K]`, `offset = S − T` keys already cached):
+//!
+//! ```text
+//! s_ij = q_i·k_j / √K                  for j ≤ offset + i (the causal mask)
+//! L_i  = log Σ_j e^{s_ij}              kept for the backward
+//! o_i  = Σ_j e^{s_ij − L_i} v_j
+//!
+//! P_ij = e^{s_ij − L_i},   D_i = dO_i·o_i,   dS_ij = P_ij (dO_i·v_j − D_i)
+//! dq_i = Σ_j dS_ij k_j / √K,   dk_j = Σ_i dS_ij q_i / √K,   dv_j = Σ_i P_ij dO_i
+//! ```
+//!
+//! Queries go in blocks of [`BLOCK`]: a block's scores `[BLOCK, n]` (n: the keys its last query
+//! sees) are one GEMM, its weighted sum another, and the backward's four products are GEMMs
+//! too, so the arithmetic runs at the GEMM's rate while the buffer stays a few hundred kB.
+//! Sequence-heads run in parallel. The definition is `attention::attend` (scores, mask, softmax
+//! and weighted sum as tensor ops).
+
+use burn::backend::Backend;
+use burn::backend::tensor::FloatTensor;
+use gemm::Parallelism;
+
+use super::host::{HostKernel, Sections, dims3, matmul, par_rows, read};
+use super::math::{dot, exp};
+
+/// Queries per block.
+const BLOCK: usize = 64;
+
+/// Queries, keys and values of every sequence-head on the host, and what the forward keeps.
+#[derive(Debug)]
+pub(super) struct CausalAttention {
+    /// Sequence-heads `B·H`.
+    rows: usize,
+    /// Queries `T`, keys `S ≥ T` (the first `S − T` come from a cache).
+    len: usize,
+    keys: usize,
+    head: usize,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// `o [rows, T, K]` and `L [rows, T]`, kept by a forward that will be differentiated.
+    out: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+/// One query block of one sequence-head: queries `i0..i0 + m`, and `n` keys, what the block's
+/// last query sees.
+struct Block {
+    i0: usize,
+    m: usize,
+    n: usize,
+}
+
+impl CausalAttention {
+    fn blocks(&self) -> impl Iterator<Item = Block> + use<> {
+        let (t_len, offset) = (self.len, self.keys - self.len);
+        (0..t_len).step_by(BLOCK).map(move |i0| {
+            let m = BLOCK.min(t_len - i0);
+            Block {
+                i0,
+                m,
+                n: offset + i0 + m,
+            }
+        })
+    }
+
+    /// The block's scaled scores `q_i·k_j / √K` into `s [m, n]` (row-major, row stride `n`), by
+    /// one GEMM; returns, per query, how many keys it sees.
+    fn scores(
+        &self,
+        r: usize,
+        block: &Block,
+        s: &mut [f32],
+    ) -> impl Iterator<Item = usize> + use<> {
+        let (kd, offset) = (self.head, self.keys - self.len);
+        let Block { i0, m, n } = *block;
+        let (q, k) = (
+            &self.q[(r * self.len + i0) * kd..],
+            &self.k[r * self.keys * kd..],
+        );
+        // SAFETY: q holds m rows of kd, k holds n rows of kd (read as kᵀ [kd, n]), s holds
+        // m·n floats and is distinct from both.
+        unsafe {
+            matmul(
+                [m, n, kd],
+                s.as_mut_ptr(),
+                n,
+                false,
+                (q.as_ptr(), kd, 1),
+                (k.as_ptr(), 1, kd),
+                Parallelism::None,
+            )
+        };
+        let scale = 1.0 / (kd as f32).sqrt();
+        s[..m * n].iter_mut().for_each(|x| *x *= scale);
+        (0..m).map(move |a| offset + i0 + a + 1)
+    }
+}
+
+impl HostKernel<3> for CausalAttention {
+    type Args = ();
+
+    fn read<B: Backend>([q, k, v]: [&FloatTensor<B>; 3], (): ()) -> Self {
+        let [rows, len, head] = dims3::<B>(q);
+        let [k_rows, keys, k_head] = dims3::<B>(k);
+        assert!(
+            k_rows == rows && k_head == head && dims3::<B>(v) == [rows, keys, head],
+            "attention: q [R, T, K], k and v [R, S, K]"
+        );
+        assert!(len >= 1 && keys >= len, "attention needs 1 ≤ T ≤ S");
+        Self {
+            rows,
+            len,
+            keys,
+            head,
+            q: read::<B>(q.clone()),
+            k: read::<B>(k.clone()),
+            v: read::<B>(v.clone()),
+            out: Vec::new(),
+            lse: Vec::new(),
+        }
+    }
+
+    fn out_shape(&self) -> Vec<usize> {
+        vec![self.rows, self.len, self.head]
+    }
+
+    fn input_shapes(&self) -> [Vec<usize>; 3] {
+        let (r, t, s, k) = (self.rows, self.len, self.keys, self.head);
+        [vec![r, t, k], vec![r, s, k], vec![r, s, k]]
+    }
+
+    fn forward(&mut self, keep: bool) -> Vec<f32> {
+        let (t_len, s_len, kd) = (self.len, self.keys, self.head);
+        // Per row: o [T, K], then L [T].
+        let width = t_len * kd + t_len;
+        let mut parts = vec![0.0f32; self.rows * width];
+        par_rows(&mut parts, width, |r, part| {
+            let (o, lse) = part.split_at_mut(t_len * kd);
+            let v = &self.v[r * s_len * kd..];
+            let mut s = vec![0.0f32; BLOCK * s_len];
+            for block in self.blocks() {
+                let Block { i0, m, n } = block;
+                let seen = self.scores(r, &block, &mut s);
+                let mut sums = [0.0f32; BLOCK];
+                for (a, seen) in seen.enumerate() {
+                    let (row, hidden) = s[a * n..][..n].split_at_mut(seen);
+                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    row.iter_mut().for_each(|x| *x = exp(*x - max));
+                    hidden.fill(0.0);
+                    sums[a] = row.iter().sum();
+                    lse[i0 + a] = max + sums[a].ln();
+                }
+                // SAFETY: s holds the block's m × n probabilities, v n rows of kd, and o's rows
+                // i0..i0 + m are distinct from both.
+                unsafe {
+                    matmul(
+                        [m, kd, n],
+                        o[i0 * kd..].as_mut_ptr(),
+                        kd,
+                        false,
+                        (s.as_ptr(), n, 1),
+                        (v.as_ptr(), kd, 1),
+                        Parallelism::None,
+                    )
+                };
+                for a in 0..m {
+                    let inv = 1.0 / sums[a];
+                    o[(i0 + a) * kd..][..kd].iter_mut().for_each(|x| *x *= inv);
+                }
+            }
+        });
+        let out: Vec<f32> = parts
+            .chunks_exact(width)
+            .flat_map(|p| p[..t_len * kd].iter().copied())
+            .collect();
+        if keep {
+            self.lse = parts
+                .chunks_exact(width)
+                .flat_map(|p| p[t_len * kd..].iter().copied())
+                .collect();
+            self.out = out.clone();
+        }
+        out
+    }
+
+    /// Gradients of `(q, k, v)` given the output's.
+    fn backward(&self, d_out: &[f32]) -> [Vec<f32>; 3] {
+        let (t_len, s_len, kd) = (self.len, self.keys, self.head);
+        let scale = 1.0 / (kd as f32).sqrt();
+        // Per row: [dq (T·K) | dk (S·K) | dv (S·K)].
+        let per = t_len * kd + 2 * s_len * kd;
+        let mut parts = vec![0.0f32; self.rows * per];
+        par_rows(&mut parts, per, |r, part| {
+            let (dq, rest) = part.split_at_mut(t_len * kd);
+            let (dk, dv) = rest.split_at_mut(s_len * kd);
+            let (q, k, v) = (
+                &self.q[r * t_len * kd..],
+                &self.k[r * s_len * kd..],
+                &self.v[r * s_len * kd..],
+            );
+            let g = &d_out[r * t_len * kd..];
+            let (mut p, mut ds) = (vec![0.0f32; BLOCK * s_len], vec![0.0f32; BLOCK * s_len]);
+            for block in self.blocks() {
+                let Block { i0, m, n } = block;
+                let seen: Vec<usize> = self.scores(r, &block, &mut p).collect();
+                for (a, &seen) in seen.iter().enumerate() {
+                    let l = self.lse[r * t_len + i0 + a];
+                    let (row, hidden) = p[a * n..][..n].split_at_mut(seen);
+                    row.iter_mut().for_each(|x| *x = exp(*x - l));
+                    hidden.fill(0.0);
+                }
+                let (g_blk, q_blk) = (&g[i0 * kd..], &q[i0 * kd..]);
+                // SAFETY (all four products): p and ds hold m × n floats, g_blk and q_blk m
+                // rows of kd, k and v n rows of kd, dq's rows i0..i0 + m and dk, dv's first n
+                // rows are distinct from every operand they are combined with.
+                unsafe {
+                    // dV[:n] += Pᵀ dO,  dP = dO Vᵀ.
+                    matmul(
+                        [n, kd, m],
+                        dv.as_mut_ptr(),
+                        kd,
+                        true,
+                        (p.as_ptr(), 1, n),
+                        (g_blk.as_ptr(), kd, 1),
+                        Parallelism::None,
+                    );
+                    matmul(
+                        [m, n, kd],
+                        ds.as_mut_ptr(),
+                        n,
+                        false,
+                        (g_blk.as_ptr(), kd, 1),
+                        (v.as_ptr(), 1, kd),
+                        Parallelism::None,
+                    );
+                }
+                // dS = P ⊙ (dP − D_i) / √K, with D_i = dO_i·o_i.
+                for (a, &seen) in seen.iter().enumerate() {
+                    let at = (r * t_len + i0 + a) * kd;
+                    let d_i = dot(&d_out[at..][..kd], &self.out[at..][..kd]);
+                    let (row, hidden) = ds[a * n..][..n].split_at_mut(seen);
+                    row.iter_mut()
+                        .zip(&p[a * n..][..seen])
+                        .for_each(|(d, p)| *d = scale * p * (*d - d_i));
+                    hidden.fill(0.0);
+                }
+                unsafe {
+                    // dQ = dS K,  dK[:n] += dSᵀ Q.
+                    matmul(
+                        [m, kd, n],
+                        dq[i0 * kd..].as_mut_ptr(),
+                        kd,
+                        false,
+                        (ds.as_ptr(), n, 1),
+                        (k.as_ptr(), kd, 1),
+                        Parallelism::None,
+                    );
+                    matmul(
+                        [n, kd, m],
+                        dk.as_mut_ptr(),
+                        kd,
+                        true,
+                        (ds.as_ptr(), 1, n),
+                        (q_blk.as_ptr(), kd, 1),
+                        Parallelism::None,
+                    );
+                }
+            }
+        });
+        let section = |offset, len| Sections {
+            parts: &parts,
+            per,
+            offset,
+            len,
+        };
+        let (tk, sk) = (t_len * kd, s_len * kd);
+        [
+            section(0, tk).gather(),
+            section(tk, sk).gather(),
+            section(tk + sk, sk).gather(),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Tensor;
+
+    use crate::attention::attend;
+    use crate::test_support::{max_diff, on_every_isa, uniform};
+
+    /// The kernel against the definition (scores, causal mask, softmax, weighted sum as tensor
+    /// ops) at an uneven number of sequence-heads, an odd head size and lengths, with and without
+    /// cached keys: the output and the gradient of every input.
+    #[test]
+    fn kernel_matches_definition() {
+        on_every_isa(|_| {
+            for (rows, t, s, k) in [
+                (3, 7, 7, 5),
+                (2, 1, 1, 4),
+                (3, 5, 9, 3),
+                (2, 150, 150, 8),
+                (3, 70, 75, 4),
+            ] {
+                let q = uniform([rows, t, k], -2.0, 2.0, 1);
+                let key = uniform([rows, s, k], -2.0, 2.0, 2);
+                let v = uniform([rows, s, k], -1.0, 1.0, 3);
+                let r_o = uniform([rows, t, k], -1.0, 1.0, 4);
+                let run = |fused: bool| {
+                    let (q, key, v) = (
+                        q.clone().require_grad(),
+                        key.clone().require_grad(),
+                        v.clone().require_grad(),
+                    );
+                    let o = if fused {
+                        super::super::causal_attention(q.clone(), key.clone(), v.clone())
+                    } else {
+                        let four = |x: Tensor<3>| x.unsqueeze_dim::<4>(0);
+                        attend(four(q.clone()), four(key.clone()), four(v.clone())).squeeze_dim(0)
+                    };
+                    let grads = (o.clone() * r_o.clone()).sum().backward();
+                    let g = |x: &Tensor<3>| x.grad(&grads).unwrap();
+                    (o, [g(&q), g(&key), g(&v)])
+                };
+                let (o, grads) = run(true);
+                let (o_ref, grads_ref) = run(false);
+                let at = format!("R {rows}, T {t}, S {s}, K {k}");
+                assert!(max_diff(o, o_ref) < 1e-5, "o at {at}");
+                for ((name, got), want) in ["q", "k", "v"].iter().zip(grads).zip(grads_ref) {
+                    assert!(max_diff(got, want) < 1e-5, "d{name} at {at}");
+                }
+            }
+        });
+    }
+}
