@@ -9,7 +9,7 @@
 //! ```
 //!
 //! On the CPU backends the scores, mask, softmax and weighted sum run as one fused op
-//! (`fused::causal_attention`, one query row at a time, FlashAttention's recomputing backward),
+//! (`fused::causal_attention`, 64 query rows at a time, FlashAttention's recomputing backward),
 //! so training never holds the `[B, H, T, T]` scores; [`attend`] is its definition, which wgpu
 //! runs.
 //!

@@ -4,7 +4,7 @@
 //! - [`cell_scan`]: an Elman, LSTM or GRU layer over the whole sequence (BPTT backward);
 //! - [`selective_scan`]: Mamba's S6 scan with its `C` contraction;
 //! - [`wkv4`]: RWKV-4's WKV in the official kernel's running-max form;
-//! - [`causal_attention`]: softmax attention under the causal mask, one query row at a time.
+//! - [`causal_attention`]: softmax attention under the causal mask, 64 query rows at a time.
 //!
 //! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
 //! autodiff graph and the backward walks them again: at `B = 32, H = 256` op dispatch and
@@ -223,7 +223,7 @@ pub fn wkv4(
 
 /// Causal softmax attention, one op (see `attention.rs`): per row (a sequence's head),
 /// `o_i = softmax_j(q_i·k_j / √K) v_j` over the keys `j ≤ S − T + i`, never holding the
-/// `[T, S]` scores; the backward recomputes them one query at a time.
+/// `[T, S]` scores; the backward recomputes them one block of queries at a time.
 ///
 /// - `q`: `[R, T, K]`; `k`, `v`: `[R, S, K]` with `S ≥ T ≥ 1` (the first `S − T` keys cached)
 /// - returns `[R, T, K]`
