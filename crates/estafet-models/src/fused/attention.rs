@@ -137,41 +137,46 @@ impl HostKernel<3> for CausalAttention {
         // Per row: o [T, K], then L [T].
         let width = t_len * kd + t_len;
         let mut parts = vec![0.0f32; self.rows * width];
-        par_rows(&mut parts, width, |r, part| {
-            let (o, lse) = part.split_at_mut(t_len * kd);
-            let v = &self.v[r * s_len * kd..];
-            let mut s = vec![0.0f32; BLOCK * s_len];
-            for block in self.blocks() {
-                let Block { i0, m, n } = block;
-                let seen = self.scores(r, &block, &mut s);
-                let mut sums = [0.0f32; BLOCK];
-                for (a, seen) in seen.enumerate() {
-                    let (row, hidden) = s[a * n..][..n].split_at_mut(seen);
-                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                    row.iter_mut().for_each(|x| *x = exp(*x - max));
-                    hidden.fill(0.0);
-                    sums[a] = row.iter().sum();
-                    lse[i0 + a] = max + sums[a].ln();
+        par_rows(
+            &mut parts,
+            width,
+            #[inline(always)]
+            |r, part| {
+                let (o, lse) = part.split_at_mut(t_len * kd);
+                let v = &self.v[r * s_len * kd..];
+                let mut s = vec![0.0f32; BLOCK * s_len];
+                for block in self.blocks() {
+                    let Block { i0, m, n } = block;
+                    let seen = self.scores(r, &block, &mut s);
+                    let mut sums = [0.0f32; BLOCK];
+                    for (a, seen) in seen.enumerate() {
+                        let (row, hidden) = s[a * n..][..n].split_at_mut(seen);
+                        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                        row.iter_mut().for_each(|x| *x = exp(*x - max));
+                        hidden.fill(0.0);
+                        sums[a] = row.iter().sum();
+                        lse[i0 + a] = max + sums[a].ln();
+                    }
+                    // SAFETY: s holds the block's m × n probabilities, v n rows of kd, and o's rows
+                    // i0..i0 + m are distinct from both.
+                    unsafe {
+                        matmul(
+                            [m, kd, n],
+                            o[i0 * kd..].as_mut_ptr(),
+                            kd,
+                            false,
+                            (s.as_ptr(), n, 1),
+                            (v.as_ptr(), kd, 1),
+                            Parallelism::None,
+                        )
+                    };
+                    for a in 0..m {
+                        let inv = 1.0 / sums[a];
+                        o[(i0 + a) * kd..][..kd].iter_mut().for_each(|x| *x *= inv);
+                    }
                 }
-                // SAFETY: s holds the block's m × n probabilities, v n rows of kd, and o's rows
-                // i0..i0 + m are distinct from both.
-                unsafe {
-                    matmul(
-                        [m, kd, n],
-                        o[i0 * kd..].as_mut_ptr(),
-                        kd,
-                        false,
-                        (s.as_ptr(), n, 1),
-                        (v.as_ptr(), kd, 1),
-                        Parallelism::None,
-                    )
-                };
-                for a in 0..m {
-                    let inv = 1.0 / sums[a];
-                    o[(i0 + a) * kd..][..kd].iter_mut().for_each(|x| *x *= inv);
-                }
-            }
-        });
+            },
+        );
         let out: Vec<f32> = parts
             .chunks_exact(width)
             .flat_map(|p| p[..t_len * kd].iter().copied())
@@ -193,83 +198,88 @@ impl HostKernel<3> for CausalAttention {
         // Per row: [dq (T·K) | dk (S·K) | dv (S·K)].
         let per = t_len * kd + 2 * s_len * kd;
         let mut parts = vec![0.0f32; self.rows * per];
-        par_rows(&mut parts, per, |r, part| {
-            let (dq, rest) = part.split_at_mut(t_len * kd);
-            let (dk, dv) = rest.split_at_mut(s_len * kd);
-            let (q, k, v) = (
-                &self.q[r * t_len * kd..],
-                &self.k[r * s_len * kd..],
-                &self.v[r * s_len * kd..],
-            );
-            let g = &d_out[r * t_len * kd..];
-            let (mut p, mut ds) = (vec![0.0f32; BLOCK * s_len], vec![0.0f32; BLOCK * s_len]);
-            for block in self.blocks() {
-                let Block { i0, m, n } = block;
-                let seen: Vec<usize> = self.scores(r, &block, &mut p).collect();
-                for (a, &seen) in seen.iter().enumerate() {
-                    let l = self.lse[r * t_len + i0 + a];
-                    let (row, hidden) = p[a * n..][..n].split_at_mut(seen);
-                    row.iter_mut().for_each(|x| *x = exp(*x - l));
-                    hidden.fill(0.0);
+        par_rows(
+            &mut parts,
+            per,
+            #[inline(always)]
+            |r, part| {
+                let (dq, rest) = part.split_at_mut(t_len * kd);
+                let (dk, dv) = rest.split_at_mut(s_len * kd);
+                let (q, k, v) = (
+                    &self.q[r * t_len * kd..],
+                    &self.k[r * s_len * kd..],
+                    &self.v[r * s_len * kd..],
+                );
+                let g = &d_out[r * t_len * kd..];
+                let (mut p, mut ds) = (vec![0.0f32; BLOCK * s_len], vec![0.0f32; BLOCK * s_len]);
+                for block in self.blocks() {
+                    let Block { i0, m, n } = block;
+                    let seen: Vec<usize> = self.scores(r, &block, &mut p).collect();
+                    for (a, &seen) in seen.iter().enumerate() {
+                        let l = self.lse[r * t_len + i0 + a];
+                        let (row, hidden) = p[a * n..][..n].split_at_mut(seen);
+                        row.iter_mut().for_each(|x| *x = exp(*x - l));
+                        hidden.fill(0.0);
+                    }
+                    let (g_blk, q_blk) = (&g[i0 * kd..], &q[i0 * kd..]);
+                    // SAFETY (all four products): p and ds hold m × n floats, g_blk and q_blk m
+                    // rows of kd, k and v n rows of kd, dq's rows i0..i0 + m and dk, dv's first n
+                    // rows are distinct from every operand they are combined with.
+                    unsafe {
+                        // dV[:n] += Pᵀ dO,  dP = dO Vᵀ.
+                        matmul(
+                            [n, kd, m],
+                            dv.as_mut_ptr(),
+                            kd,
+                            true,
+                            (p.as_ptr(), 1, n),
+                            (g_blk.as_ptr(), kd, 1),
+                            Parallelism::None,
+                        );
+                        matmul(
+                            [m, n, kd],
+                            ds.as_mut_ptr(),
+                            n,
+                            false,
+                            (g_blk.as_ptr(), kd, 1),
+                            (v.as_ptr(), 1, kd),
+                            Parallelism::None,
+                        );
+                    }
+                    // dS = P ⊙ (dP − D_i) / √K, with D_i = dO_i·o_i.
+                    for (a, &seen) in seen.iter().enumerate() {
+                        let at = (r * t_len + i0 + a) * kd;
+                        let d_i = dot(&d_out[at..][..kd], &self.out[at..][..kd]);
+                        let (row, hidden) = ds[a * n..][..n].split_at_mut(seen);
+                        row.iter_mut()
+                            .zip(&p[a * n..][..seen])
+                            .for_each(|(d, p)| *d = scale * p * (*d - d_i));
+                        hidden.fill(0.0);
+                    }
+                    unsafe {
+                        // dQ = dS K,  dK[:n] += dSᵀ Q.
+                        matmul(
+                            [m, kd, n],
+                            dq[i0 * kd..].as_mut_ptr(),
+                            kd,
+                            false,
+                            (ds.as_ptr(), n, 1),
+                            (k.as_ptr(), kd, 1),
+                            Parallelism::None,
+                        );
+                        matmul(
+                            [n, kd, m],
+                            dk.as_mut_ptr(),
+                            kd,
+                            true,
+                            (ds.as_ptr(), 1, n),
+                            (q_blk.as_ptr(), kd, 1),
+                            Parallelism::None,
+                        );
+                    }
                 }
-                let (g_blk, q_blk) = (&g[i0 * kd..], &q[i0 * kd..]);
-                // SAFETY (all four products): p and ds hold m × n floats, g_blk and q_blk m
-                // rows of kd, k and v n rows of kd, dq's rows i0..i0 + m and dk, dv's first n
-                // rows are distinct from every operand they are combined with.
-                unsafe {
-                    // dV[:n] += Pᵀ dO,  dP = dO Vᵀ.
-                    matmul(
-                        [n, kd, m],
-                        dv.as_mut_ptr(),
-                        kd,
-                        true,
-                        (p.as_ptr(), 1, n),
-                        (g_blk.as_ptr(), kd, 1),
-                        Parallelism::None,
-                    );
-                    matmul(
-                        [m, n, kd],
-                        ds.as_mut_ptr(),
-                        n,
-                        false,
-                        (g_blk.as_ptr(), kd, 1),
-                        (v.as_ptr(), 1, kd),
-                        Parallelism::None,
-                    );
-                }
-                // dS = P ⊙ (dP − D_i) / √K, with D_i = dO_i·o_i.
-                for (a, &seen) in seen.iter().enumerate() {
-                    let at = (r * t_len + i0 + a) * kd;
-                    let d_i = dot(&d_out[at..][..kd], &self.out[at..][..kd]);
-                    let (row, hidden) = ds[a * n..][..n].split_at_mut(seen);
-                    row.iter_mut()
-                        .zip(&p[a * n..][..seen])
-                        .for_each(|(d, p)| *d = scale * p * (*d - d_i));
-                    hidden.fill(0.0);
-                }
-                unsafe {
-                    // dQ = dS K,  dK[:n] += dSᵀ Q.
-                    matmul(
-                        [m, kd, n],
-                        dq[i0 * kd..].as_mut_ptr(),
-                        kd,
-                        false,
-                        (ds.as_ptr(), n, 1),
-                        (k.as_ptr(), kd, 1),
-                        Parallelism::None,
-                    );
-                    matmul(
-                        [n, kd, m],
-                        dk.as_mut_ptr(),
-                        kd,
-                        true,
-                        (ds.as_ptr(), 1, n),
-                        (q_blk.as_ptr(), kd, 1),
-                        Parallelism::None,
-                    );
-                }
-            }
-        });
+            },
+        );
         let section = |offset, len| Sections {
             parts: &parts,
             per,

@@ -170,7 +170,12 @@ fn scan_forward(i: &CellScan, save: bool) -> (Vec<f32>, Vec<f32>) {
         .into_par_iter()
         .zip(act_blocks)
         .enumerate()
-        .for_each(|(k, (out, acts))| vectorised(|| forward_block(i, k * rows, out, acts)));
+        .for_each(|(k, (out, acts))| {
+            vectorised(
+                #[inline(always)]
+                || forward_block(i, k * rows, out, acts),
+            )
+        });
     (out, acts)
 }
 
@@ -342,10 +347,12 @@ fn scan_backward(i: &CellScan, d_out: &[f32]) -> [Vec<f32>; 7] {
         .zip(blocks(&mut d_c0, bsz, rows, h))
         .map(|((((a, b), c), d), e)| [a, b, c, d, e])
         .collect::<Vec<_>>();
-    parts
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(k, part)| vectorised(|| backward_block(i, k * rows, d_out, part)));
+    parts.into_par_iter().enumerate().for_each(|(k, part)| {
+        vectorised(
+            #[inline(always)]
+            || backward_block(i, k * rows, d_out, part),
+        )
+    });
     let d_hp = if cell == Cell::Gru { &d_hp_gru } else { &d_xp };
     let (rows_all, d) = (bsz * t_len, i.d_input);
     // dW_h = Σ_{b,t} h_{t-1}ᵀ dhp_t, dW_i = Σ_{b,t} x_tᵀ dxp_t, dx = dxp W_iᵀ: one GEMM each

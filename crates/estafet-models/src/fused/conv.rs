@@ -86,14 +86,19 @@ impl HostKernel<3> for ConvSilu {
     fn forward(&mut self, _keep: bool) -> Vec<f32> {
         let (t_len, c) = (self.len(), self.channels);
         let mut out = vec![0.0f32; self.batch * t_len * c];
-        par_rows(&mut out, t_len * c, |i, row| {
-            for (t, y) in row.chunks_exact_mut(c).enumerate() {
-                self.pre(i, t, y);
-                for v in y.iter_mut() {
-                    *v *= sigmoid(*v);
+        par_rows(
+            &mut out,
+            t_len * c,
+            #[inline(always)]
+            |i, row| {
+                for (t, y) in row.chunks_exact_mut(c).enumerate() {
+                    self.pre(i, t, y);
+                    for v in y.iter_mut() {
+                        *v *= sigmoid(*v);
+                    }
                 }
-            }
-        });
+            },
+        );
         out
     }
 
@@ -103,31 +108,37 @@ impl HostKernel<3> for ConvSilu {
         // Per sequence: [dwindow (L·C) | dw (K·C) | dbias (C)].
         let per = wl * c + taps * c + c;
         let mut parts = vec![0.0f32; self.batch * per];
-        par_rows(&mut parts, per, |i, part| {
-            let window = &self.window[i * wl * c..][..wl * c];
-            let d_y = &d_out[i * t_len * c..][..t_len * c];
-            let (d_window, rest) = part.split_at_mut(wl * c);
-            let (d_w, d_b) = rest.split_at_mut(taps * c);
-            let mut d_pre = vec![0.0f32; c];
-            for t in 0..t_len {
-                self.pre(i, t, &mut d_pre);
-                let dy = &d_y[t * c..][..c];
-                for k in 0..c {
-                    let s = sigmoid(d_pre[k]);
-                    d_pre[k] = dy[k] * s * (1.0 + d_pre[k] * (1.0 - s));
-                    d_b[k] += d_pre[k];
-                }
-                for j in 0..taps {
-                    let w = &self.weight[j * c..][..c];
-                    let x = &window[(t + j) * c..][..c];
-                    let (d_wj, d_x) = (&mut d_w[j * c..][..c], &mut d_window[(t + j) * c..][..c]);
+        par_rows(
+            &mut parts,
+            per,
+            #[inline(always)]
+            |i, part| {
+                let window = &self.window[i * wl * c..][..wl * c];
+                let d_y = &d_out[i * t_len * c..][..t_len * c];
+                let (d_window, rest) = part.split_at_mut(wl * c);
+                let (d_w, d_b) = rest.split_at_mut(taps * c);
+                let mut d_pre = vec![0.0f32; c];
+                for t in 0..t_len {
+                    self.pre(i, t, &mut d_pre);
+                    let dy = &d_y[t * c..][..c];
                     for k in 0..c {
-                        d_wj[k] += d_pre[k] * x[k];
-                        d_x[k] += d_pre[k] * w[k];
+                        let s = sigmoid(d_pre[k]);
+                        d_pre[k] = dy[k] * s * (1.0 + d_pre[k] * (1.0 - s));
+                        d_b[k] += d_pre[k];
+                    }
+                    for j in 0..taps {
+                        let w = &self.weight[j * c..][..c];
+                        let x = &window[(t + j) * c..][..c];
+                        let (d_wj, d_x) =
+                            (&mut d_w[j * c..][..c], &mut d_window[(t + j) * c..][..c]);
+                        for k in 0..c {
+                            d_wj[k] += d_pre[k] * x[k];
+                            d_x[k] += d_pre[k] * w[k];
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
         let section = |offset, len| Sections {
             parts: &parts,
             per,

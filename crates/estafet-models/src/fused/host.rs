@@ -252,7 +252,10 @@ impl Sections<'_> {
 /// Calls `f(i, row)` for each `width`-long row of `data`, rows in parallel on rayon's pool.
 pub(super) fn par_rows(data: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     use rayon::prelude::*;
-    data.par_chunks_mut(width)
-        .enumerate()
-        .for_each(|(i, row)| super::math::vectorised(|| f(i, row)));
+    data.par_chunks_mut(width).enumerate().for_each(|(i, row)| {
+        super::math::vectorised(
+            #[inline(always)]
+            || f(i, row),
+        )
+    });
 }

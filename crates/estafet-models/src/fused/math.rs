@@ -75,8 +75,14 @@ impl Isa {
     }
 }
 
-/// Runs `f` with its loops compiled for [`Isa::current`]: `f`'s body and what it inlines (the
-/// kernels mark their block functions and the transcendentals `#[inline(always)]`).
+/// Runs `f` with its loops compiled for [`Isa::current`]: `f`'s body and what it inlines.
+///
+/// Only code inlined into the copies is compiled for their instruction set, so `f` must be an
+/// `#[inline(always)]` closure and so must everything it calls that holds a hot loop (the
+/// kernels' block functions, the transcendentals). A plain closure has three callers here and
+/// LLVM keeps it out of line, compiled for the baseline, with each copy a jump to it: so it
+/// was until 2026-12-03, when every wrapper was a five-byte `jmp` (see
+/// `experiments/bench/README.md`).
 #[inline(always)]
 pub(super) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
     match Isa::current() {
@@ -177,19 +183,23 @@ mod tests {
     /// Every instruction-set copy computes the same floats as the baseline build.
     #[test]
     fn every_tier_computes_the_same_floats() {
-        let xs: Vec<f32> = (0..4099).map(|i| -60.0 + i as f32 * 0.0301).collect();
-        let run = || {
+        #[inline(always)]
+        fn run(xs: &[f32]) -> Vec<f32> {
             let mut out: Vec<f32> = xs
                 .iter()
                 .map(|&x| exp(x.min(0.0)) + sigmoid(x) + tanh(x))
                 .collect();
-            out.push(dot(&xs, &xs[1..]));
+            out.push(dot(xs, &xs[1..]));
             out
-        };
-        let baseline = run();
+        }
+        let xs: Vec<f32> = (0..4099).map(|i| -60.0 + i as f32 * 0.0301).collect();
+        let baseline = run(&xs);
         for isa in Isa::available() {
             Isa::select(isa);
-            let got = vectorised(run);
+            let got = vectorised(
+                #[inline(always)]
+                || run(&xs),
+            );
             assert!(
                 got.iter()
                     .zip(&baseline)

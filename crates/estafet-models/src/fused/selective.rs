@@ -117,17 +117,22 @@ impl HostKernel<6> for Selective {
         let (t_len, m, n) = (self.len, self.m, self.n);
         let width = t_len * m + m * n;
         let mut out = vec![0.0f32; self.batch * width];
-        par_rows(&mut out, width, |i, row| {
-            let c = self.sequence(i)[3];
-            let (y, last) = row.split_at_mut(t_len * m);
-            let h = self.run(i, |t, h| {
-                let c_t = &c[t * n..][..n];
-                for (d, y) in y[t * m..][..m].iter_mut().enumerate() {
-                    *y = dot(&h[d * n..][..n], c_t);
-                }
-            });
-            last.copy_from_slice(&h);
-        });
+        par_rows(
+            &mut out,
+            width,
+            #[inline(always)]
+            |i, row| {
+                let c = self.sequence(i)[3];
+                let (y, last) = row.split_at_mut(t_len * m);
+                let h = self.run(i, |t, h| {
+                    let c_t = &c[t * n..][..n];
+                    for (d, y) in y[t * m..][..m].iter_mut().enumerate() {
+                        *y = dot(&h[d * n..][..n], c_t);
+                    }
+                });
+                last.copy_from_slice(&h);
+            },
+        );
         out
     }
 
@@ -138,52 +143,58 @@ impl HostKernel<6> for Selective {
         // Per sequence: [dΔ (T·M) | dx (T·M) | dB (T·N) | dC (T·N) | dh0 (M·N) | dA (M·N)].
         let per = 2 * t_len * m + 2 * t_len * n + 2 * m * n;
         let mut parts = vec![0.0f32; bsz * per];
-        par_rows(&mut parts, per, |i, part| {
-            let [delta, x, b, c, _] = self.sequence(i);
-            let d_y = &d_out[i * width..][..t_len * m];
-            let mut hs = vec![0.0f32; (t_len + 1) * m * n];
-            hs[..m * n].copy_from_slice(self.sequence(i)[4]);
-            self.run(i, |t, h| hs[(t + 1) * m * n..][..m * n].copy_from_slice(h));
-            let (d_delta, rest) = part.split_at_mut(t_len * m);
-            let (d_x, rest) = rest.split_at_mut(t_len * m);
-            let (d_b, rest) = rest.split_at_mut(t_len * n);
-            let (d_c, rest) = rest.split_at_mut(t_len * n);
-            let (d_h, d_a) = rest.split_at_mut(m * n);
-            d_h.copy_from_slice(&d_out[i * width + t_len * m..][..m * n]);
-            let (s, o) = self.affine;
-            let (mut g_dt, mut g_drive) = (vec![0.0f32; n], vec![0.0f32; n]);
-            for t in (0..t_len).rev() {
-                let (h_prev, h_t) = hs[t * m * n..][..2 * m * n].split_at(m * n);
-                let (b_t, c_t) = (&b[t * n..][..n], &c[t * n..][..n]);
-                let d_b_t = &mut d_b[t * n..][..n];
-                let d_c_t = &mut d_c[t * n..][..n];
-                for d in 0..m {
-                    let (dt, xv, dy) = (delta[t * m + d], x[t * m + d], d_y[t * m + d]);
-                    let a_d = &self.a[d * n..][..n];
-                    let d_a_d = &mut d_a[d * n..][..n];
-                    let dh = &mut d_h[d * n..][..n];
-                    let (hp, ht) = (&h_prev[d * n..][..n], &h_t[d * n..][..n]);
-                    // Per-k terms of dL/dΔ through the decay and of dL/d(Δ x), summed after the
-                    // loop so that it vectorises.
-                    let (g_dt, g_drive) = (&mut g_dt[..n], &mut g_drive[..n]);
-                    for k in 0..n {
-                        d_c_t[k] += dy * ht[k];
-                        let g = dh[k] + dy * c_t[k]; // dL/dh_t
-                        let e = exp(dt * a_d[k]);
-                        let decay = s * e + o;
-                        let g_log = g * hp[k] * (s * e); // dL/d(Δ A)
-                        g_dt[k] = g_log * a_d[k];
-                        d_a_d[k] += g_log * dt;
-                        g_drive[k] = g * b_t[k];
-                        d_b_t[k] += g * dt * xv;
-                        dh[k] = g * decay;
+        par_rows(
+            &mut parts,
+            per,
+            #[inline(always)]
+            |i, part| {
+                let [delta, x, b, c, _] = self.sequence(i);
+                let d_y = &d_out[i * width..][..t_len * m];
+                let mut hs = vec![0.0f32; (t_len + 1) * m * n];
+                hs[..m * n].copy_from_slice(self.sequence(i)[4]);
+                self.run(i, |t, h| hs[(t + 1) * m * n..][..m * n].copy_from_slice(h));
+                let (d_delta, rest) = part.split_at_mut(t_len * m);
+                let (d_x, rest) = rest.split_at_mut(t_len * m);
+                let (d_b, rest) = rest.split_at_mut(t_len * n);
+                let (d_c, rest) = rest.split_at_mut(t_len * n);
+                let (d_h, d_a) = rest.split_at_mut(m * n);
+                d_h.copy_from_slice(&d_out[i * width + t_len * m..][..m * n]);
+                let (s, o) = self.affine;
+                let (mut g_dt, mut g_drive) = (vec![0.0f32; n], vec![0.0f32; n]);
+                for t in (0..t_len).rev() {
+                    let (h_prev, h_t) = hs[t * m * n..][..2 * m * n].split_at(m * n);
+                    let (b_t, c_t) = (&b[t * n..][..n], &c[t * n..][..n]);
+                    let d_b_t = &mut d_b[t * n..][..n];
+                    let d_c_t = &mut d_c[t * n..][..n];
+                    for d in 0..m {
+                        let (dt, xv, dy) = (delta[t * m + d], x[t * m + d], d_y[t * m + d]);
+                        let a_d = &self.a[d * n..][..n];
+                        let d_a_d = &mut d_a[d * n..][..n];
+                        let dh = &mut d_h[d * n..][..n];
+                        let (hp, ht) = (&h_prev[d * n..][..n], &h_t[d * n..][..n]);
+                        // Per-k terms of dL/dΔ through the decay and of dL/d(Δ x), summed after the
+                        // loop so that it vectorises.
+                        let (g_dt, g_drive) = (&mut g_dt[..n], &mut g_drive[..n]);
+                        for k in 0..n {
+                            d_c_t[k] += dy * ht[k];
+                            let g = dh[k] + dy * c_t[k]; // dL/dh_t
+                            let e = exp(dt * a_d[k]);
+                            let decay = s * e + o;
+                            let g_log = g * hp[k] * (s * e); // dL/d(Δ A)
+                            g_dt[k] = g_log * a_d[k];
+                            d_a_d[k] += g_log * dt;
+                            g_drive[k] = g * b_t[k];
+                            d_b_t[k] += g * dt * xv;
+                            dh[k] = g * decay;
+                        }
+                        let (g_dt, g_drive) =
+                            (g_dt.iter().sum::<f32>(), g_drive.iter().sum::<f32>());
+                        d_delta[t * m + d] = g_dt + g_drive * xv;
+                        d_x[t * m + d] = g_drive * dt;
                     }
-                    let (g_dt, g_drive) = (g_dt.iter().sum::<f32>(), g_drive.iter().sum::<f32>());
-                    d_delta[t * m + d] = g_dt + g_drive * xv;
-                    d_x[t * m + d] = g_drive * dt;
                 }
-            }
-        });
+            },
+        );
         let (tm, tn) = (t_len * m, t_len * n);
         let section = |offset, len| Sections {
             parts: &parts,

@@ -117,24 +117,29 @@ impl HostKernel<7> for Wkv4 {
         let (t_len, d) = (self.len, self.d);
         let width = t_len * d + 3 * d;
         let mut out = vec![0.0f32; self.batch * width];
-        par_rows(&mut out, width, |i, row| {
-            let (y, state) = row.split_at_mut(t_len * d);
-            let (a, rest) = state.split_at_mut(d);
-            let (b, p) = rest.split_at_mut(d);
-            a.copy_from_slice(&self.a[i * d..][..d]);
-            b.copy_from_slice(&self.b[i * d..][..d]);
-            p.copy_from_slice(&self.p[i * d..][..d]);
-            for t in 0..t_len {
-                let (k, v) = (
-                    &self.k[(i * t_len + t) * d..][..d],
-                    &self.v[(i * t_len + t) * d..][..d],
-                );
-                for c in 0..d {
-                    let s = wkv4_step(self.w[c], self.u[c], k[c], v[c], a[c], b[c], p[c]);
-                    (y[t * d + c], a[c], b[c], p[c]) = (s.y, s.a, s.b, s.p);
+        par_rows(
+            &mut out,
+            width,
+            #[inline(always)]
+            |i, row| {
+                let (y, state) = row.split_at_mut(t_len * d);
+                let (a, rest) = state.split_at_mut(d);
+                let (b, p) = rest.split_at_mut(d);
+                a.copy_from_slice(&self.a[i * d..][..d]);
+                b.copy_from_slice(&self.b[i * d..][..d]);
+                p.copy_from_slice(&self.p[i * d..][..d]);
+                for t in 0..t_len {
+                    let (k, v) = (
+                        &self.k[(i * t_len + t) * d..][..d],
+                        &self.v[(i * t_len + t) * d..][..d],
+                    );
+                    for c in 0..d {
+                        let s = wkv4_step(self.w[c], self.u[c], k[c], v[c], a[c], b[c], p[c]);
+                        (y[t * d + c], a[c], b[c], p[c]) = (s.y, s.a, s.b, s.p);
+                    }
                 }
-            }
-        });
+            },
+        );
         out
     }
 
@@ -145,87 +150,92 @@ impl HostKernel<7> for Wkv4 {
         // Per sequence: [dk (T·D) | dv (T·D) | da | db | dp | dw | du] (each D).
         let per = 2 * t_len * d + 5 * d;
         let mut parts = vec![0.0f32; bsz * per];
-        par_rows(&mut parts, per, |i, part| {
-            let (d_k, rest) = part.split_at_mut(t_len * d);
-            let (d_v, rest) = rest.split_at_mut(t_len * d);
-            let (ga, rest) = rest.split_at_mut(d);
-            let (gb, rest) = rest.split_at_mut(d);
-            let (gp, rest) = rest.split_at_mut(d);
-            let (d_w, d_u) = rest.split_at_mut(d);
-            let g_out = &d_out[i * width..][..width];
-            ga.copy_from_slice(&g_out[t_len * d..][..d]);
-            gb.copy_from_slice(&g_out[t_len * d + d..][..d]);
-            gp.copy_from_slice(&g_out[t_len * d + 2 * d..][..d]);
-            // The state before every step: [T + 1][a | b | p].
-            let mut states = vec![0.0f32; (t_len + 1) * 3 * d];
-            states[..d].copy_from_slice(&self.a[i * d..][..d]);
-            states[d..2 * d].copy_from_slice(&self.b[i * d..][..d]);
-            states[2 * d..3 * d].copy_from_slice(&self.p[i * d..][..d]);
-            for t in 0..t_len {
-                let row = (i * t_len + t) * d;
-                let (prev, next) = states[t * 3 * d..][..6 * d].split_at_mut(3 * d);
-                for c in 0..d {
-                    let s = wkv4_step(
-                        self.w[c],
-                        self.u[c],
-                        self.k[row + c],
-                        self.v[row + c],
-                        prev[c],
-                        prev[d + c],
-                        prev[2 * d + c],
-                    );
-                    (next[c], next[d + c], next[2 * d + c]) = (s.a, s.b, s.p);
-                }
-            }
-            for t in (0..t_len).rev() {
-                let row = (i * t_len + t) * d;
-                let prev = &states[t * 3 * d..][..3 * d];
-                for c in 0..d {
-                    let (a0, b0, p0) = (prev[c], prev[d + c], prev[2 * d + c]);
-                    let (k, v) = (self.k[row + c], self.v[row + c]);
-                    let s = wkv4_step(self.w[c], self.u[c], k, v, a0, b0, p0);
-                    let (g_a, g_b, g_p) = (ga[c], gb[c], gp[c]);
-                    // The state update.
-                    let g_f1 = g_a * a0 + g_b * b0;
-                    let g_f2 = g_a * v + g_b;
-                    let mut n_a = g_a * s.f1;
-                    let mut n_b = g_b * s.f1;
-                    let mut g_v = g_a * s.f2;
-                    let g_q = g_p - g_f1 * s.f1 - g_f2 * s.f2;
-                    let mut g_decayed = g_f1 * s.f1;
-                    let mut g_k = g_f2 * s.f2;
-                    if s.decayed_won {
-                        g_decayed += g_q;
-                    } else {
-                        g_k += g_q;
+        par_rows(
+            &mut parts,
+            per,
+            #[inline(always)]
+            |i, part| {
+                let (d_k, rest) = part.split_at_mut(t_len * d);
+                let (d_v, rest) = rest.split_at_mut(t_len * d);
+                let (ga, rest) = rest.split_at_mut(d);
+                let (gb, rest) = rest.split_at_mut(d);
+                let (gp, rest) = rest.split_at_mut(d);
+                let (d_w, d_u) = rest.split_at_mut(d);
+                let g_out = &d_out[i * width..][..width];
+                ga.copy_from_slice(&g_out[t_len * d..][..d]);
+                gb.copy_from_slice(&g_out[t_len * d + d..][..d]);
+                gp.copy_from_slice(&g_out[t_len * d + 2 * d..][..d]);
+                // The state before every step: [T + 1][a | b | p].
+                let mut states = vec![0.0f32; (t_len + 1) * 3 * d];
+                states[..d].copy_from_slice(&self.a[i * d..][..d]);
+                states[d..2 * d].copy_from_slice(&self.b[i * d..][..d]);
+                states[2 * d..3 * d].copy_from_slice(&self.p[i * d..][..d]);
+                for t in 0..t_len {
+                    let row = (i * t_len + t) * d;
+                    let (prev, next) = states[t * 3 * d..][..6 * d].split_at_mut(3 * d);
+                    for c in 0..d {
+                        let s = wkv4_step(
+                            self.w[c],
+                            self.u[c],
+                            self.k[row + c],
+                            self.v[row + c],
+                            prev[c],
+                            prev[d + c],
+                            prev[2 * d + c],
+                        );
+                        (next[c], next[d + c], next[2 * d + c]) = (s.a, s.b, s.p);
                     }
-                    let mut n_p = g_decayed;
-                    d_w[c] -= g_decayed;
-                    // The output.
-                    let g_y = g_out[t * d + c];
-                    let g_num = g_y / s.den;
-                    let g_den = -g_y * s.y / s.den;
-                    let g_e1 = g_num * a0 + g_den * b0;
-                    let g_e2 = g_num * v + g_den;
-                    n_a += g_num * s.e1;
-                    n_b += g_den * s.e1;
-                    g_v += g_num * s.e2;
-                    let g_q = -(g_e1 * s.e1 + g_e2 * s.e2);
-                    n_p += g_e1 * s.e1;
-                    let mut g_uk = g_e2 * s.e2;
-                    if s.p_won {
-                        n_p += g_q;
-                    } else {
-                        g_uk += g_q;
-                    }
-                    d_u[c] += g_uk;
-                    g_k += g_uk;
-                    d_k[t * d + c] = g_k;
-                    d_v[t * d + c] = g_v;
-                    (ga[c], gb[c], gp[c]) = (n_a, n_b, n_p);
                 }
-            }
-        });
+                for t in (0..t_len).rev() {
+                    let row = (i * t_len + t) * d;
+                    let prev = &states[t * 3 * d..][..3 * d];
+                    for c in 0..d {
+                        let (a0, b0, p0) = (prev[c], prev[d + c], prev[2 * d + c]);
+                        let (k, v) = (self.k[row + c], self.v[row + c]);
+                        let s = wkv4_step(self.w[c], self.u[c], k, v, a0, b0, p0);
+                        let (g_a, g_b, g_p) = (ga[c], gb[c], gp[c]);
+                        // The state update.
+                        let g_f1 = g_a * a0 + g_b * b0;
+                        let g_f2 = g_a * v + g_b;
+                        let mut n_a = g_a * s.f1;
+                        let mut n_b = g_b * s.f1;
+                        let mut g_v = g_a * s.f2;
+                        let g_q = g_p - g_f1 * s.f1 - g_f2 * s.f2;
+                        let mut g_decayed = g_f1 * s.f1;
+                        let mut g_k = g_f2 * s.f2;
+                        if s.decayed_won {
+                            g_decayed += g_q;
+                        } else {
+                            g_k += g_q;
+                        }
+                        let mut n_p = g_decayed;
+                        d_w[c] -= g_decayed;
+                        // The output.
+                        let g_y = g_out[t * d + c];
+                        let g_num = g_y / s.den;
+                        let g_den = -g_y * s.y / s.den;
+                        let g_e1 = g_num * a0 + g_den * b0;
+                        let g_e2 = g_num * v + g_den;
+                        n_a += g_num * s.e1;
+                        n_b += g_den * s.e1;
+                        g_v += g_num * s.e2;
+                        let g_q = -(g_e1 * s.e1 + g_e2 * s.e2);
+                        n_p += g_e1 * s.e1;
+                        let mut g_uk = g_e2 * s.e2;
+                        if s.p_won {
+                            n_p += g_q;
+                        } else {
+                            g_uk += g_q;
+                        }
+                        d_u[c] += g_uk;
+                        g_k += g_uk;
+                        d_k[t * d + c] = g_k;
+                        d_v[t * d + c] = g_v;
+                        (ga[c], gb[c], gp[c]) = (n_a, n_b, n_p);
+                    }
+                }
+            },
+        );
         let td = t_len * d;
         let section = |offset, len| Sections {
             parts: &parts,
