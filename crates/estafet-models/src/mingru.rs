@@ -8,7 +8,9 @@
 //! h_t = (1 − z_t) ⊙ h_{t-1} + z_t ⊙ h̃_t
 //! ```
 //!
-//! [`MinGruConfig::scan`] picks the form: `sequential` is this definition step by step; `chunked`
+//! [`MinGruConfig::scan`] picks the form: `fused` is one host op for everything after the
+//! projection ([`fused::min_rnn`], the default on the CPU backends); `sequential` is this
+//! definition step by step; `chunked`
 //! writes it as `h_t = a_t h_{t-1} + b_t` with `log a_t = log(1 − z_t) = −softplus(k_t)` computed
 //! in log space, and solves each chunk in closed form (see [`crate::scan`]). `step` is the
 //! definition for one token, O(1) state.
@@ -19,16 +21,17 @@ use burn::tensor::activation::{sigmoid, softplus};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::fused::{self, MinRnn};
 use crate::init::Init;
-use crate::scan::{Scan, linear_scan};
+use crate::scan::{Compute, Form, Scan, linear_scan};
 use crate::time::unbind;
 
-/// `[model.mixer]` with `kind = "mingru"`: the scan's form (minGRU has no fused kernel). Its
-/// width is the model's.
+/// `[model.mixer]` with `kind = "mingru"`: the recurrence's form (`auto`: the fused op on the
+/// CPU backends, the sequential tensor form elsewhere). Its width is the model's.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MinGruSpec {
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 impl MinGruSpec {
@@ -55,7 +58,7 @@ pub struct MinGruConfig {
     pub d_input: usize,
     /// Hidden size `H`.
     pub d_hidden: usize,
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 /// One minGRU layer. Create it with [`MinGruConfig::init`].
@@ -64,7 +67,7 @@ pub struct MinGru {
     /// `[D, 2H]`: the candidate's pre-activation, then the gate's `k`.
     pub input: Linear,
     #[module(skip)]
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 impl MinGruConfig {
@@ -99,27 +102,42 @@ impl MinGru {
         (5 * self.d_hidden()) as f64
     }
 
-    /// `x [B, T, D]` (`T ≥ 1`), `h_0 [B, H]` (zeros if `None`) → `h_1..h_T [B, T, H]`, `h_T`,
-    /// in the form [`MinGru::scan`] names.
+    /// `x [B, T, D]` (`T ≥ 1`), `h_0 [B, H]` (zeros if `None`) → `h_1..h_T [B, T, H]`, `h_T`.
+    ///
+    /// On a backend with the fused kernels everything after the projection is one op
+    /// ([`fused::min_rnn`]) unless [`MinGru::scan`] names a tensor form; elsewhere the scan runs
+    /// in that form (the sequential one for `auto`).
     pub fn forward(&self, x: Tensor<3>, state: Option<Tensor<2>>) -> (Tensor<3>, Tensor<2>) {
-        self.forward_with(x, state, self.scan)
+        let compute = self.scan.resolve(fused::has_kernel(&x.device()));
+        self.run(x, state, compute)
     }
 
-    /// As [`MinGru::forward`], in the given form.
+    /// As [`MinGru::forward`] with the recurrence built from tensor ops in the given form (the
+    /// sequential one is the definition).
     pub fn forward_with(
         &self,
         x: Tensor<3>,
         state: Option<Tensor<2>>,
         scan: Scan,
     ) -> (Tensor<3>, Tensor<2>) {
-        let [batch, _, _] = x.dims();
+        self.run(x, state, Compute::Tensor(scan))
+    }
+
+    fn run(
+        &self,
+        x: Tensor<3>,
+        state: Option<Tensor<2>>,
+        compute: Compute,
+    ) -> (Tensor<3>, Tensor<2>) {
+        let [batch, len, _] = x.dims();
         let h0 = state.unwrap_or_else(|| self.zeros(batch, &x.device()));
-        let [candidate, k]: [Tensor<3>; 2] = self
-            .input
-            .forward(x)
-            .chunk(2, 2)
-            .try_into()
-            .expect("2H splits in two");
+        let pre = self.input.forward(x);
+        let Compute::Tensor(scan) = compute else {
+            let hs = fused::min_rnn(MinRnn::Gru, pre, h0);
+            let last = hs.clone().narrow(1, len - 1, 1).squeeze_dim(1);
+            return (hs, last);
+        };
+        let [candidate, k]: [Tensor<3>; 2] = pre.chunk(2, 2).try_into().expect("2H splits in two");
         let candidate = g(candidate);
         match scan {
             Scan::Sequential => {
@@ -183,17 +201,18 @@ mod tests {
     #[test]
     fn hand_computed() {
         let init = Init::new(0, &device());
-        let cell = MinGru {
+        let cell = |scan| MinGru {
             input: Linear {
                 weight: init.param(vec![1.0, 1.0], [1, 2]),
                 bias: Some(init.param(vec![0.0, 0.0], [2])),
             },
-            scan: Scan::Sequential,
+            scan,
         };
         let x = Tensor::<3>::from_floats([[[0.0], [2.0]]], &device());
         let expected = TensorData::from([[[0.25], [2.231793]]]);
-        for scan in [Scan::Sequential, Scan::Chunked { chunk_len: 2 }] {
-            let (y, _) = cell.forward_with(x.clone(), None, scan);
+        let chunked = Form::Tensor(Scan::Chunked { chunk_len: 2 });
+        for scan in [Form::Tensor(Scan::Sequential), chunked, Form::Fused] {
+            let (y, _) = cell(scan).forward(x.clone(), None);
             y.to_data()
                 .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-5));
         }
@@ -206,7 +225,7 @@ mod tests {
         let cell = MinGruConfig {
             d_input: 3,
             d_hidden: 4,
-            scan: Scan::Sequential,
+            scan: Form::Auto,
         }
         .init(&mut Init::new(5, &device()));
         let x = Tensor::<3>::random([2, 11, 3], Distribution::Normal(0.0, 2.0), &device());
@@ -214,24 +233,29 @@ mod tests {
         let r = Tensor::<3>::random([2, 11, 4], Distribution::Default, &device());
         let run = |scan| {
             let x = x.clone().detach().require_grad();
-            let (y, h) = cell.forward_with(x.clone(), Some(h0.clone()), scan);
+            let cell = MinGru {
+                scan,
+                ..cell.clone()
+            };
+            let (y, h) = cell.forward(x.clone(), Some(h0.clone()));
             let grads = ((y.clone() * r.clone()).sum() + h.clone().sum()).backward();
             let dw = cell.input.weight.grad(&grads).unwrap();
             (y, h, x.grad(&grads).unwrap(), dw)
         };
-        let reference = run(Scan::Sequential);
+        let reference = run(Form::Tensor(Scan::Sequential));
         let close = |a: Tensor<3>, b: Tensor<3>| max_diff(a, b) < 1e-5;
-        for chunk_len in [3, 4, 16] {
-            let fast = run(Scan::Chunked { chunk_len });
-            assert!(close(fast.0, reference.0.clone()), "y, chunk {chunk_len}");
+        let chunked = [3, 4, 16].map(|chunk_len| Form::Tensor(Scan::Chunked { chunk_len }));
+        for form in chunked.into_iter().chain([Form::Fused]) {
+            let fast = run(form);
+            assert!(close(fast.0, reference.0.clone()), "y, {form:?}");
             assert!(
                 close(fast.1.unsqueeze(), reference.1.clone().unsqueeze()),
-                "h_T, chunk {chunk_len}"
+                "h_T, {form:?}"
             );
-            assert!(close(fast.2, reference.2.clone()), "dx, chunk {chunk_len}");
+            assert!(close(fast.2, reference.2.clone()), "dx, {form:?}");
             assert!(
                 close(fast.3.unsqueeze(), reference.3.clone().unsqueeze()),
-                "dW, chunk {chunk_len}"
+                "dW, {form:?}"
             );
         }
         // step, token by token, is the same recurrence.

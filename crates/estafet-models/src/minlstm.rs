@@ -9,7 +9,9 @@
 //! h_t = f'_t ⊙ h_{t-1} + i'_t ⊙ h̃_t
 //! ```
 //!
-//! [`MinLstmConfig::scan`] picks the form: `sequential` is this definition step by step;
+//! [`MinLstmConfig::scan`] picks the form: `fused` is one host op for everything after the
+//! projection ([`fused::min_rnn`], the default on the CPU backends); `sequential` is this
+//! definition step by step;
 //! `chunked` writes it as `h_t = a_t h_{t-1} + b_t` with the paper's log-space gates
 //! (`d = softplus(−k_f) − softplus(−k_i)`, `log f' = −softplus(d)`, `log i' = −softplus(−d)`) and
 //! solves each chunk in closed form (see [`crate::scan`]). `step` is the definition for one
@@ -21,17 +23,18 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::{sigmoid, softplus};
 use serde::{Deserialize, Serialize};
 
+use crate::fused::{self, MinRnn};
 use crate::init::Init;
 use crate::mingru::g;
-use crate::scan::{Scan, linear_scan};
+use crate::scan::{Compute, Form, Scan, linear_scan};
 use crate::time::unbind;
 
-/// `[model.mixer]` with `kind = "minlstm"`: the scan's form (minLSTM has no fused kernel). Its
-/// width is the model's.
+/// `[model.mixer]` with `kind = "minlstm"`: the recurrence's form (`auto`: the fused op on the
+/// CPU backends, the sequential tensor form elsewhere). Its width is the model's.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MinLstmSpec {
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 impl MinLstmSpec {
@@ -58,7 +61,7 @@ pub struct MinLstmConfig {
     pub d_input: usize,
     /// Hidden size `H`.
     pub d_hidden: usize,
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 /// One minLSTM layer. Create it with [`MinLstmConfig::init`].
@@ -68,7 +71,7 @@ pub struct MinLstm {
     /// gate's `k_i`.
     pub input: Linear,
     #[module(skip)]
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 impl MinLstmConfig {
@@ -97,27 +100,43 @@ impl MinLstm {
         (7 * self.d_hidden()) as f64
     }
 
-    /// `x [B, T, D]` (`T ≥ 1`), `h_0 [B, H]` (zeros if `None`) → `h_1..h_T [B, T, H]`, `h_T`,
-    /// in the form [`MinLstm::scan`] names.
+    /// `x [B, T, D]` (`T ≥ 1`), `h_0 [B, H]` (zeros if `None`) → `h_1..h_T [B, T, H]`, `h_T`.
+    ///
+    /// On a backend with the fused kernels everything after the projection is one op
+    /// ([`fused::min_rnn`]) unless [`MinLstm::scan`] names a tensor form; elsewhere the scan
+    /// runs in that form (the sequential one for `auto`).
     pub fn forward(&self, x: Tensor<3>, state: Option<Tensor<2>>) -> (Tensor<3>, Tensor<2>) {
-        self.forward_with(x, state, self.scan)
+        let compute = self.scan.resolve(fused::has_kernel(&x.device()));
+        self.run(x, state, compute)
     }
 
-    /// As [`MinLstm::forward`], in the given form.
+    /// As [`MinLstm::forward`] with the recurrence built from tensor ops in the given form (the
+    /// sequential one is the definition).
     pub fn forward_with(
         &self,
         x: Tensor<3>,
         state: Option<Tensor<2>>,
         scan: Scan,
     ) -> (Tensor<3>, Tensor<2>) {
-        let [batch, _, _] = x.dims();
+        self.run(x, state, Compute::Tensor(scan))
+    }
+
+    fn run(
+        &self,
+        x: Tensor<3>,
+        state: Option<Tensor<2>>,
+        compute: Compute,
+    ) -> (Tensor<3>, Tensor<2>) {
+        let [batch, len, _] = x.dims();
         let h0 = state.unwrap_or_else(|| Tensor::zeros([batch, self.d_hidden()], &x.device()));
-        let [candidate, k_f, k_i]: [Tensor<3>; 3] = self
-            .input
-            .forward(x)
-            .chunk(3, 2)
-            .try_into()
-            .expect("3H splits in three");
+        let pre = self.input.forward(x);
+        let Compute::Tensor(scan) = compute else {
+            let hs = fused::min_rnn(MinRnn::Lstm, pre, h0);
+            let last = hs.clone().narrow(1, len - 1, 1).squeeze_dim(1);
+            return (hs, last);
+        };
+        let [candidate, k_f, k_i]: [Tensor<3>; 3] =
+            pre.chunk(3, 2).try_into().expect("3H splits in three");
         let candidate = g(candidate);
         match scan {
             Scan::Sequential => {
@@ -178,21 +197,22 @@ mod tests {
     #[test]
     fn hand_computed() {
         let init = Init::new(0, &device());
-        let cell = |bias_i: f32| MinLstm {
+        let cell = |bias_i: f32, scan: Form| MinLstm {
             input: Linear {
                 weight: init.param(vec![1.0, 1.0, 1.0], [1, 3]),
                 bias: Some(init.param(vec![0.0, 0.0, bias_i], [3])),
             },
-            scan: Scan::Sequential,
+            scan,
         };
         let x = Tensor::<3>::from_floats([[[0.0], [2.0]]], &device());
-        for scan in [Scan::Sequential, Scan::Chunked { chunk_len: 2 }] {
-            let (y, _) = cell(0.0).forward_with(x.clone(), None, scan);
+        let chunked = Form::Tensor(Scan::Chunked { chunk_len: 2 });
+        for scan in [Form::Tensor(Scan::Sequential), chunked, Form::Fused] {
+            let (y, _) = cell(0.0, scan).forward(x.clone(), None);
             y.to_data().assert_approx_eq::<f32>(
                 &TensorData::from([[[0.25], [1.375]]]),
                 Tolerance::absolute(1e-5),
             );
-            let (y, _) = cell(3f32.ln()).forward_with(x.clone().narrow(1, 0, 1), None, scan);
+            let (y, _) = cell(3f32.ln(), scan).forward(x.clone().narrow(1, 0, 1), None);
             y.to_data()
                 .assert_approx_eq::<f32>(&TensorData::from([[[0.3]]]), Tolerance::absolute(1e-5));
         }

@@ -110,6 +110,8 @@ impl MixerConfig {
         match self {
             MixerConfig::Mamba(spec) => Some(("scan", spec.scan)),
             MixerConfig::Rwkv(spec) => Some(("wkv", spec.wkv)),
+            MixerConfig::MinGru(spec) => Some(("scan", spec.scan)),
+            MixerConfig::MinLstm(spec) => Some(("scan", spec.scan)),
             _ => None,
         }
     }

@@ -26,7 +26,7 @@ use estafet_models::mlstm::{Mlstm, MlstmSpec, MlstmState};
 use estafet_models::rnn::{Nonlinearity, Rnn, RnnConfig};
 use estafet_models::rwkv::{Rwkv, RwkvConfig, RwkvState, Version, Wkv4State, WkvState};
 use estafet_models::rwkv7::{Rwkv7, Rwkv7Spec, Rwkv7State};
-use estafet_models::scan::{Eigenvalues, Scan};
+use estafet_models::scan::{Eigenvalues, Form, Scan};
 
 const LENGTHS: [usize; 4] = [1, 7, 64, 300];
 const CHUNKS: [usize; 2] = [5, 48];
@@ -176,11 +176,13 @@ fn check_forms<M, S>(
     println!("{name:>8} T={t:>3}: largest relative form-vs-form difference {worst:.2e}");
 }
 
-/// A cell whose state is one `h [2, 6]` (minGRU, minLSTM), width 6, from a non-zero state.
+/// A cell whose state is one `h [2, 6]` (minGRU, minLSTM), width 6, from a non-zero state:
+/// the chunked tensor forms, or (`fused`) the form `forward` picks, the fused op on ndarray.
 fn hidden_state_forms<M: Module>(
     name: &str,
     cell: &M,
-    forward: impl Fn(&M, Tensor<3>, Tensor<2>, Scan) -> (Tensor<3>, Tensor<2>),
+    fused: bool,
+    forward: impl Fn(&M, Tensor<3>, Tensor<2>, Option<Scan>) -> (Tensor<3>, Tensor<2>),
     step: impl Fn(&M, Tensor<2>, Tensor<2>) -> (Tensor<2>, Tensor<2>),
 ) {
     let h0 = normal([2, 6], 1.0);
@@ -195,7 +197,12 @@ fn hidden_state_forms<M: Module>(
                 (h.clone().reshape([2, 6]), vec![h])
             },
             |m, x, h, chunk| {
-                let scan = chunk.map_or(Scan::Sequential, |chunk_len| Scan::Chunked { chunk_len });
+                let scan = match chunk {
+                    None => Some(Scan::Sequential),
+                    // The fused op has no chunks: every "chunk" runs it.
+                    Some(_) if fused => None,
+                    Some(chunk_len) => Some(Scan::Chunked { chunk_len }),
+                };
                 let (y, h) = forward(m, x, h, scan);
                 (y, vec![flat(h)])
             },
@@ -205,36 +212,62 @@ fn hidden_state_forms<M: Module>(
     }
 }
 
-#[test]
-fn mingru_forms_agree() {
+fn mingru_forms(name: &str, fused: bool) {
     let cell: MinGru = MinGruConfig {
         d_input: 6,
         d_hidden: 6,
-        scan: Scan::Sequential,
+        scan: Form::Auto,
     }
     .init(&mut Init::new(1, &device()));
     hidden_state_forms(
-        "mingru",
+        name,
         &cell,
-        |m, x, h, scan| m.forward_with(x, Some(h), scan),
+        fused,
+        |m, x, h, scan| match scan {
+            Some(scan) => m.forward_with(x, Some(h), scan),
+            None => m.forward(x, Some(h)),
+        },
+        |m, x_t, h| m.step(x_t, Some(h)),
+    );
+}
+
+fn minlstm_forms(name: &str, fused: bool) {
+    let cell: MinLstm = MinLstmConfig {
+        d_input: 6,
+        d_hidden: 6,
+        scan: Form::Auto,
+    }
+    .init(&mut Init::new(6, &device()));
+    hidden_state_forms(
+        name,
+        &cell,
+        fused,
+        |m, x, h, scan| match scan {
+            Some(scan) => m.forward_with(x, Some(h), scan),
+            None => m.forward(x, Some(h)),
+        },
         |m, x_t, h| m.step(x_t, Some(h)),
     );
 }
 
 #[test]
+fn mingru_forms_agree() {
+    mingru_forms("mingru", false);
+}
+
+#[test]
+fn mingru_fused_agrees_with_sequential() {
+    mingru_forms("mingru fused", true);
+}
+
+#[test]
 fn minlstm_forms_agree() {
-    let cell: MinLstm = MinLstmConfig {
-        d_input: 6,
-        d_hidden: 6,
-        scan: Scan::Sequential,
-    }
-    .init(&mut Init::new(6, &device()));
-    hidden_state_forms(
-        "minlstm",
-        &cell,
-        |m, x, h, scan| m.forward_with(x, Some(h), scan),
-        |m, x_t, h| m.step(x_t, Some(h)),
-    );
+    minlstm_forms("minlstm", false);
+}
+
+#[test]
+fn minlstm_fused_agrees_with_sequential() {
+    minlstm_forms("minlstm fused", true);
 }
 
 #[test]

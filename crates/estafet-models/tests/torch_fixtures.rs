@@ -25,6 +25,7 @@ use estafet_models::lstm::{LstmConfig, LstmState};
 use estafet_models::mamba::selection::{Fixed, Selection, Selective};
 use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
 use estafet_models::mamba2::{Mamba2, Mamba2State};
+use estafet_models::mingru::MinGru;
 use estafet_models::minlstm::MinLstm;
 use estafet_models::mixer::{Mixer, MixerState};
 use estafet_models::mlstm::{Mlstm, MlstmState};
@@ -595,12 +596,40 @@ fn rwkv7_matches_the_reference_time_mix() {
     }
 }
 
-/// minLSTM against the paper's log-space recurrence, in both forms: outputs, final state and
+/// minGRU against the paper's log-space recurrence, in every form: outputs, final state and
+/// the gradients of the input and both parameters.
+#[test]
+fn mingru_matches_the_papers_log_space_recurrence() {
+    let f = Fixture::load("mingru");
+    let chunked = Form::Tensor(Scan::Chunked { chunk_len: 3 });
+    for scan in [Form::Tensor(Scan::Sequential), chunked, Form::Fused] {
+        let cell = MinGru {
+            input: Linear {
+                weight: param(f.get::<2>("input.weight").transpose()),
+                bias: Some(param(f.get::<1>("input.bias"))),
+            },
+            scan,
+        };
+        let x = f.get::<3>("x").require_grad();
+        let (y, h) = cell.forward(x.clone(), Some(f.get::<2>("h0")));
+        let mut worst = f.check("y", y.clone()).max(f.check("hn", h.clone()));
+        let grads = ((y * f.get::<3>("r")).sum() + h.sum()).backward();
+        worst = worst.max(f.check("grad.x", x.grad(&grads).unwrap()));
+        let (dw, db) = linear_grad(&cell.input, &grads);
+        worst = worst
+            .max(f.check("grad.input.weight", dw))
+            .max(f.check("grad.input.bias", db));
+        println!("mingru ({scan:?}): largest |estafet − reference| = {worst:.2e}");
+    }
+}
+
+/// minLSTM against the paper's log-space recurrence, in every form: outputs, final state and
 /// the gradients of the input and both parameters.
 #[test]
 fn minlstm_matches_the_papers_log_space_recurrence() {
     let f = Fixture::load("minlstm");
-    for scan in [Scan::Sequential, Scan::Chunked { chunk_len: 3 }] {
+    let chunked = Form::Tensor(Scan::Chunked { chunk_len: 3 });
+    for scan in [Form::Tensor(Scan::Sequential), chunked, Form::Fused] {
         let cell = MinLstm {
             input: Linear {
                 weight: param(f.get::<2>("input.weight").transpose()),

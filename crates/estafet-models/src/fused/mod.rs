@@ -4,6 +4,7 @@
 //! - [`cell_scan`]: an Elman, LSTM or GRU layer over the whole sequence (BPTT backward);
 //! - [`selective_scan`]: Mamba's S6 scan with its `C` contraction;
 //! - [`wkv4`]: RWKV-4's WKV in the official kernel's running-max form;
+//! - [`min_rnn`]: minGRU's or minLSTM's gates, candidate and scan after their projection;
 //! - [`causal_attention`]: softmax attention under the causal mask, 64 query rows at a time.
 //!
 //! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
@@ -29,8 +30,8 @@
 //! Code map: this file holds the public ops and the backend extension that routes them;
 //! [`host`] the plumbing every kernel shares (the [`host::HostKernel`] trait, its plain and
 //! autodiff runners, tensor I/O, strided GEMM, batch blocks); [`math`] the vectorisable
-//! transcendentals and the instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`]
-//! and [`attention`] one kernel each, with its equations.
+//! transcendentals and the instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`],
+//! [`min_rnn`] and [`attention`] one kernel each, with its equations.
 
 // NdArray is deprecated in burn 0.22 but still estafet's reference backend; the extension
 // macro's generated code names it, so the allowance covers the module.
@@ -41,6 +42,7 @@ mod cell;
 mod conv;
 mod host;
 mod math;
+mod min_rnn;
 mod selective;
 mod wkv4;
 
@@ -58,6 +60,8 @@ use cell::CellScan;
 use conv::ConvSilu;
 use host::{run_plain, run_tracked};
 pub use math::Isa;
+pub use min_rnn::MinRnn;
+use min_rnn::MinScan;
 use selective::Selective;
 use wkv4::Wkv4;
 
@@ -221,6 +225,25 @@ pub fn wkv4(
     ))
 }
 
+/// minGRU's or minLSTM's recurrence after the input projection, one op (see `min_rnn.rs`):
+///
+/// ```text
+/// minGRU:  a_t = 1 − σ(k_t),  b_t = σ(k_t) g(v_t)
+/// minLSTM: a_t = f_t / (f_t + i_t),  b_t = i_t / (f_t + i_t) g(v_t),  f_t = σ(k_f,t), i_t = σ(k_i,t)
+/// h_t = a_t ⊙ h_{t−1} + b_t
+/// ```
+///
+/// - `pre`: `[B, T, G·H]`, the projection `[v | k]` (minGRU) or `[v | k_f | k_i]` (minLSTM);
+///   `h0`: `[B, H]`
+/// - returns `h_1..h_T`, `[B, T, H]` (the last step is the final state)
+pub fn min_rnn(kind: MinRnn, pre: Tensor<3>, h0: Tensor<2>) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::min_rnn(
+        pre.into_dispatch(),
+        h0.into_dispatch(),
+        kind,
+    ))
+}
+
 /// Causal softmax attention, one op (see `attention.rs`): per row (a sequence's head),
 /// `o_i = softmax_j(q_i·k_j / √K) v_j` over the keys `j ≤ S − T + i`, never holding the
 /// `[T, S]` scores; the backward recomputes them one block of queries at a time.
@@ -287,6 +310,10 @@ pub trait FusedOps: Backend {
         run_plain::<Self, Wkv4, 7>([w, u, k, v, a, b, p], ())
     }
 
+    fn min_rnn(pre: FloatTensor<Self>, h0: FloatTensor<Self>, kind: MinRnn) -> FloatTensor<Self> {
+        run_plain::<Self, MinScan, 2>([pre, h0], kind)
+    }
+
     fn causal_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -346,6 +373,10 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         p: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         run_tracked::<B, C, Wkv4, 7>([w, u, k, v, a, b, p], ())
+    }
+
+    fn min_rnn(pre: FloatTensor<Self>, h0: FloatTensor<Self>, kind: MinRnn) -> FloatTensor<Self> {
+        run_tracked::<B, C, MinScan, 2>([pre, h0], kind)
     }
 
     fn causal_attention(
