@@ -16,7 +16,9 @@
 //! `A_log`, `dt_bias`. The transition `α (I − β k kᵀ)` has eigenvalues `α` and `α (1 − β)`:
 //! in `[0, 1]` as published, in `[−1, 1]` with `β ∈ [0, 2]` (Grazzi et al. 2024).
 //!
-//! Forms ([`GatedDeltaNetSpec::scan`]): `sequential` is the recurrence above step by step (fla's
+//! Forms ([`GatedDeltaNetSpec::scan`]): `fused` is the recurrence as one host op
+//! ([`fused::delta_rule`], `auto`'s choice on the CPU backends); `sequential` is the recurrence
+//! above step by step (fla's
 //! `naive_recurrent_gated_delta_rule`); `chunked` is the WY/UT form of fla's
 //! `naive_chunk_gated_delta_rule`: within a chunk of `C` steps the delta rule's updates are
 //! gathered by inverting a unit lower-triangular `C × C` system (forward substitution), so the
@@ -32,10 +34,11 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::conv::causal_depthwise;
+use crate::fused;
 use crate::head_dims;
 use crate::init::Init;
 use crate::mask::{self, Visible};
-use crate::scan::{Eigenvalues, Scan};
+use crate::scan::{Compute, Eigenvalues, Form, Scan};
 use crate::time::unbind;
 
 /// `[model.mixer]` with `kind = "gated_deltanet"`. Its width is the model's.
@@ -53,7 +56,7 @@ pub struct GatedDeltaNetSpec {
     pub gate: bool,
     /// `signed`: β ∈ [0, 2], so the transition's eigenvalues lie in [−1, 1].
     pub eigenvalues: Eigenvalues,
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 impl Default for GatedDeltaNetSpec {
@@ -65,7 +68,7 @@ impl Default for GatedDeltaNetSpec {
             d_conv: 4,
             gate: true,
             eigenvalues: Eigenvalues::Positive,
-            scan: Scan::Sequential,
+            scan: Form::Auto,
         }
     }
 }
@@ -110,7 +113,7 @@ pub struct GatedDeltaNetConfig {
     pub d_conv: usize,
     pub gate: bool,
     pub eigenvalues: Eigenvalues,
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 /// The decay gate's parameters (absent in plain DeltaNet).
@@ -148,7 +151,7 @@ pub struct GatedDeltaNet {
     #[module(skip)]
     pub eigenvalues: Eigenvalues,
     #[module(skip)]
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 /// The state of a Gated DeltaNet layer between calls.
@@ -198,15 +201,15 @@ impl GatedDeltaNetConfig {
 }
 
 /// Per-head inputs of the recurrence, `[B, H, T, ·]`.
-struct Heads {
+pub(crate) struct Heads {
     /// Unit-norm queries scaled by `1/√d_k`, and unit-norm keys, `[B, H, T, d_k]`.
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
+    pub(crate) q: Tensor<4>,
+    pub(crate) k: Tensor<4>,
+    pub(crate) v: Tensor<4>,
     /// `[B, H, T]`.
-    beta: Tensor<3>,
+    pub(crate) beta: Tensor<3>,
     /// `log α`, `[B, H, T]` (zeros without the gate).
-    g: Tensor<3>,
+    pub(crate) g: Tensor<3>,
 }
 
 impl GatedDeltaNet {
@@ -247,22 +250,36 @@ impl GatedDeltaNet {
         }
     }
 
-    /// `x [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step, in the form
-    /// [`GatedDeltaNet::scan`] names.
+    /// `x [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step.
+    ///
+    /// On a backend with the fused kernels the recurrence is one op ([`fused::delta_rule`])
+    /// unless [`GatedDeltaNet::scan`] names a tensor form; elsewhere it runs in that form (the
+    /// sequential one for `auto`).
     pub fn forward(
         &self,
         x: Tensor<3>,
         state: Option<GatedDeltaNetState>,
     ) -> (Tensor<3>, GatedDeltaNetState) {
-        self.forward_with(x, state, self.scan)
+        let compute = self.scan.resolve(fused::has_kernel(&x.device()));
+        self.run(x, state, compute)
     }
 
-    /// As [`GatedDeltaNet::forward`], in the given form.
+    /// As [`GatedDeltaNet::forward`] with the recurrence built from tensor ops in the given
+    /// form (the sequential one is the definition).
     pub fn forward_with(
         &self,
         x: Tensor<3>,
         state: Option<GatedDeltaNetState>,
         scan: Scan,
+    ) -> (Tensor<3>, GatedDeltaNetState) {
+        self.run(x, state, Compute::Tensor(scan))
+    }
+
+    fn run(
+        &self,
+        x: Tensor<3>,
+        state: Option<GatedDeltaNetState>,
+        compute: Compute,
     ) -> (Tensor<3>, GatedDeltaNetState) {
         let [batch, t, _] = x.dims();
         let (h, dk, dv) = (self.n_heads, self.head_dim(), self.head_v_dim());
@@ -314,9 +331,10 @@ impl GatedDeltaNet {
             beta: per_head(beta),
             g: per_head(g),
         };
-        let (o, s) = match scan {
-            Scan::Sequential => recurrent(inputs, state.s),
-            Scan::Chunked { chunk_len } => chunked(inputs, state.s, chunk_len),
+        let (o, s) = match compute {
+            Compute::Fused => fused_recurrence(inputs, state.s),
+            Compute::Tensor(Scan::Sequential) => recurrent(inputs, state.s),
+            Compute::Tensor(Scan::Chunked { chunk_len }) => chunked(inputs, state.s, chunk_len),
         }; // o [B, H, T, d_v]
 
         // Gated RMSNorm per head, then the output projection.
@@ -350,8 +368,29 @@ impl GatedDeltaNet {
     }
 }
 
+/// The recurrence as one host op, sequence-heads flattened to rows.
+fn fused_recurrence(x: Heads, s0: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+    let [b, h, t, dk] = x.q.dims();
+    let dv = x.v.dims()[3];
+    let rows = |y: Tensor<4>| {
+        let [_, _, _, n] = y.dims();
+        y.reshape([b * h, t, n])
+    };
+    let out = fused::delta_rule(
+        rows(x.q),
+        rows(x.k),
+        rows(x.v),
+        x.beta.reshape([b * h, t]),
+        x.g.reshape([b * h, t]),
+        s0.reshape([b * h, dk, dv]),
+    );
+    let o = out.clone().narrow(1, 0, t * dv).reshape([b, h, t, dv]);
+    let s = out.narrow(1, t * dv, dk * dv).reshape([b, h, dk, dv]);
+    (o, s)
+}
+
 /// The definition, one step at a time: `S ← α S`, `u = β (v − Sᵀk)`, `S ← S + k uᵀ`, `o = Sᵀq`.
-fn recurrent(x: Heads, s0: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+pub(crate) fn recurrent(x: Heads, s0: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
     let alpha = x.g.exp();
     let mut s = s0; // [B, H, K, V]
     let mut outs = Vec::with_capacity(x.q.dims()[2]);

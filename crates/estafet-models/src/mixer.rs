@@ -112,6 +112,7 @@ impl MixerConfig {
             MixerConfig::Rwkv(spec) => Some(("wkv", spec.wkv)),
             MixerConfig::MinGru(spec) => Some(("scan", spec.scan)),
             MixerConfig::MinLstm(spec) => Some(("scan", spec.scan)),
+            MixerConfig::GatedDeltaNet(spec) => Some(("scan", spec.scan)),
             _ => None,
         }
     }

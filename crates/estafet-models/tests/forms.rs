@@ -308,13 +308,19 @@ fn mamba2_forms_agree() {
     }
 }
 
-/// Gated DeltaNet as published, and plain DeltaNet (no decay gate) with signed eigenvalues.
-#[test]
-fn gated_deltanet_forms_agree() {
+/// Gated DeltaNet as published, and plain DeltaNet (no decay gate) with signed eigenvalues:
+/// the chunked form, or (`fused`) the form `forward` picks, the fused op on ndarray.
+fn gated_deltanet_forms(fused: bool) {
     for (name, gate, eigenvalues) in [
         ("gated deltanet", true, Eigenvalues::Positive),
         ("deltanet, signed", false, Eigenvalues::Signed),
     ] {
+        let name = if fused {
+            format!("{name}, fused")
+        } else {
+            name.to_string()
+        };
+        let name = name.as_str();
         let spec = GatedDeltaNetSpec {
             n_heads: 2,
             gate,
@@ -342,9 +348,12 @@ fn gated_deltanet_forms_agree() {
                     )
                 },
                 |m, x, s, chunk| {
-                    let scan =
-                        chunk.map_or(Scan::Sequential, |chunk_len| Scan::Chunked { chunk_len });
-                    let (y, s) = m.forward_with(x, Some(s), scan);
+                    let (y, s) = match chunk {
+                        None => m.forward_with(x, Some(s), Scan::Sequential),
+                        // The fused op has no chunks: every "chunk" runs it.
+                        Some(_) if fused => m.forward(x, Some(s)),
+                        Some(chunk_len) => m.forward_with(x, Some(s), Scan::Chunked { chunk_len }),
+                    };
                     (y, vec![flat(s.conv), flat(s.s)])
                 },
                 |m, x_t, s| m.step(x_t, Some(s)),
@@ -352,6 +361,16 @@ fn gated_deltanet_forms_agree() {
             );
         }
     }
+}
+
+#[test]
+fn gated_deltanet_forms_agree() {
+    gated_deltanet_forms(false);
+}
+
+#[test]
+fn gated_deltanet_fused_agrees_with_sequential() {
+    gated_deltanet_forms(true);
 }
 
 /// mLSTM: the chunkwise form and `step` against the definition, from a non-zero state with a

@@ -733,8 +733,8 @@ fn mamba2_matches_ssd_minimal() {
     }
 }
 
-/// Gated DeltaNet against fla's layer around `naive_recurrent_gated_delta_rule`, in both
-/// forms: outputs, final state and the gradients of the input, the initial state and every
+/// Gated DeltaNet against fla's layer around `naive_recurrent_gated_delta_rule`, in every
+/// form: outputs, final state and the gradients of the input, the initial state and every
 /// parameter.
 #[test]
 fn gated_deltanet_matches_fla() {
@@ -755,7 +755,8 @@ fn gated_deltanet_matches_fla() {
         let [c, _, k] = w.dims();
         w.reshape([c, k]).transpose() // [K, C]
     };
-    for scan in [Scan::Sequential, Scan::Chunked { chunk_len: 3 }] {
+    let chunked = Form::Tensor(Scan::Chunked { chunk_len: 3 });
+    for scan in [Form::Tensor(Scan::Sequential), chunked, Form::Fused] {
         let layer = GatedDeltaNet {
             q_proj: linear("q_proj"),
             k_proj: linear("k_proj"),

@@ -5,6 +5,7 @@
 //! - [`selective_scan`]: Mamba's S6 scan with its `C` contraction;
 //! - [`wkv4`]: RWKV-4's WKV in the official kernel's running-max form;
 //! - [`min_rnn`]: minGRU's or minLSTM's gates, candidate and scan after their projection;
+//! - [`delta_rule`]: Gated DeltaNet's gated delta rule with its matrix state;
 //! - [`causal_attention`]: softmax attention under the causal mask, 64 query rows at a time.
 //!
 //! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
@@ -31,7 +32,7 @@
 //! [`host`] the plumbing every kernel shares (the [`host::HostKernel`] trait, its plain and
 //! autodiff runners, tensor I/O, strided GEMM, batch blocks); [`math`] the vectorisable
 //! transcendentals and the instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`],
-//! [`min_rnn`] and [`attention`] one kernel each, with its equations.
+//! [`min_rnn`], [`delta_rule`] and [`attention`] one kernel each, with its equations.
 
 // NdArray is deprecated in burn 0.22 but still estafet's reference backend; the extension
 // macro's generated code names it, so the allowance covers the module.
@@ -40,6 +41,7 @@
 mod attention;
 mod cell;
 mod conv;
+mod delta_rule;
 mod host;
 mod math;
 mod min_rnn;
@@ -58,6 +60,7 @@ use attention::CausalAttention;
 pub use cell::Cell;
 use cell::CellScan;
 use conv::ConvSilu;
+use delta_rule::DeltaRule;
 use host::{run_plain, run_tracked};
 pub use math::Isa;
 pub use min_rnn::MinRnn;
@@ -244,6 +247,34 @@ pub fn min_rnn(kind: MinRnn, pre: Tensor<3>, h0: Tensor<2>) -> Tensor<3> {
     ))
 }
 
+/// The gated delta rule (Gated DeltaNet's recurrence), one op (see `delta_rule.rs`), per row
+/// (a sequence's head) with a matrix state `S [K, V]`:
+///
+/// ```text
+/// S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ,   α_t = exp(g_t)
+/// o_t = S_tᵀ q_t
+/// ```
+///
+/// - `q`, `k`: `[R, T, K]`; `v`: `[R, T, V]`; `beta`, `g`: `[R, T]`; `s0`: `[R, K, V]`
+/// - returns `[R, T·V + K·V]`: `o` flattened, then `S_T` flattened
+pub fn delta_rule(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    beta: Tensor<2>,
+    g: Tensor<2>,
+    s0: Tensor<3>,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::delta_rule(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        beta.into_dispatch(),
+        g.into_dispatch(),
+        s0.into_dispatch(),
+    ))
+}
+
 /// Causal softmax attention, one op (see `attention.rs`): per row (a sequence's head),
 /// `o_i = softmax_j(q_i·k_j / √K) v_j` over the keys `j ≤ S − T + i`, never holding the
 /// `[T, S]` scores; the backward recomputes them one block of queries at a time.
@@ -314,6 +345,17 @@ pub trait FusedOps: Backend {
         run_plain::<Self, MinScan, 2>([pre, h0], kind)
     }
 
+    fn delta_rule(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_plain::<Self, DeltaRule, 6>([q, k, v, beta, g, s0], ())
+    }
+
     fn causal_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -377,6 +419,17 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 
     fn min_rnn(pre: FloatTensor<Self>, h0: FloatTensor<Self>, kind: MinRnn) -> FloatTensor<Self> {
         run_tracked::<B, C, MinScan, 2>([pre, h0], kind)
+    }
+
+    fn delta_rule(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_tracked::<B, C, DeltaRule, 6>([q, k, v, beta, g, s0], ())
     }
 
     fn causal_attention(
