@@ -294,7 +294,14 @@ impl GatedDeltaNet {
         );
         let window = Tensor::cat(vec![state.conv, projected], 1); // [B, k − 1 + T, C]
         let conv = window.clone().narrow(1, t, self.d_conv() - 1);
-        let qkv = silu(causal_depthwise(window, self.conv_weight.val(), None, t));
+        // With the fused recurrence the convolutions and their SiLU are one op too (no bias).
+        let qkv = match compute {
+            Compute::Fused => {
+                let bias = Tensor::zeros([self.channels()], &window.device());
+                fused::conv_silu(window, self.conv_weight.val(), bias)
+            }
+            Compute::Tensor(_) => silu(causal_depthwise(window, self.conv_weight.val(), None, t)),
+        };
         let heads = |from: usize, width: usize| {
             qkv.clone()
                 .narrow(2, from, h * width)

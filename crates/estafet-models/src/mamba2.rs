@@ -11,7 +11,8 @@
 //! out     = out_proj(RMSNorm(y ⊙ SiLU(z)) ⊙ w)    gated RMSNorm over E·D
 //! ```
 //!
-//! Forms ([`Mamba2Spec::scan`]): `sequential` is the recurrence step by step; `chunked` is the SSD
+//! Forms ([`Mamba2Spec::scan`]): `fused` is the recurrence as one host op ([`fused::ssd`],
+//! `auto`'s choice on the CPU backends); `sequential` is the recurrence step by step; `chunked` is the SSD
 //! form of `ssd_minimal.py`: within a chunk the outputs are a masked, decayed attention
 //! `(C Bᵀ ⊙ L) X` with `L_ij = exp(Σ_{j<s≤i} Δ_s A)`, plus the carried state read through `C`, and
 //! the state is updated once per chunk. Signed eigenvalues have no log, so the chunked form is
@@ -27,9 +28,10 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::conv::causal_depthwise;
+use crate::fused;
 use crate::init::Init;
 use crate::mask::{self, Visible};
-use crate::scan::{Eigenvalues, Scan};
+use crate::scan::{Compute, Eigenvalues, Form, Scan};
 use crate::time::unbind;
 
 /// `[model.mixer]` with `kind = "mamba2"`. Its width is the model's.
@@ -45,7 +47,7 @@ pub struct Mamba2Spec {
     pub d_conv: usize,
     /// The transition's range: `exp(Δ A) ∈ [0, 1]` as published, or `2·exp(Δ A) − 1`.
     pub eigenvalues: Eigenvalues,
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 impl Default for Mamba2Spec {
@@ -56,7 +58,7 @@ impl Default for Mamba2Spec {
             head_dim: 16,
             d_conv: 4,
             eigenvalues: Eigenvalues::Positive,
-            scan: Scan::Sequential,
+            scan: Form::Auto,
         }
     }
 }
@@ -96,7 +98,7 @@ impl Mamba2Spec {
             );
         }
         self.eigenvalues
-            .check_chunked(matches!(self.scan, Scan::Chunked { .. }))?;
+            .check_chunked(matches!(self.scan, Form::Tensor(Scan::Chunked { .. })))?;
         self.scan
             .validate()
             .map_err(|e| format!("model.mixer.scan.{e}"))
@@ -112,7 +114,7 @@ pub struct Mamba2Config {
     pub head_dim: usize,
     pub d_conv: usize,
     pub eigenvalues: Eigenvalues,
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 /// One Mamba-2 block. Create it with [`Mamba2Config::init`].
@@ -138,7 +140,7 @@ pub struct Mamba2 {
     #[module(skip)]
     pub eigenvalues: Eigenvalues,
     #[module(skip)]
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 /// The state of a Mamba-2 block between calls.
@@ -181,14 +183,14 @@ impl Mamba2Config {
 }
 
 /// The SSD recurrence's inputs per head.
-struct Ssd {
+pub(crate) struct Ssd {
     /// `Δ x`, `[B, H, T, P]`.
-    x: Tensor<4>,
+    pub(crate) x: Tensor<4>,
     /// `Δ A`, `[B, H, T]`.
-    log_a: Tensor<3>,
+    pub(crate) log_a: Tensor<3>,
     /// `[B, T, N]`, shared by the heads.
-    b: Tensor<3>,
-    c: Tensor<3>,
+    pub(crate) b: Tensor<3>,
+    pub(crate) c: Tensor<3>,
 }
 
 impl Mamba2 {
@@ -226,18 +228,32 @@ impl Mamba2 {
         }
     }
 
-    /// `u [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step, in the form
-    /// [`Mamba2::scan`] names.
+    /// `u [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step.
+    ///
+    /// On a backend with the fused kernels the recurrence is one op ([`fused::ssd`]) unless
+    /// [`Mamba2::scan`] names a tensor form; elsewhere it runs in that form (the sequential one
+    /// for `auto`).
     pub fn forward(&self, u: Tensor<3>, state: Option<Mamba2State>) -> (Tensor<3>, Mamba2State) {
-        self.forward_with(u, state, self.scan)
+        let compute = self.scan.resolve(fused::has_kernel(&u.device()));
+        self.run(u, state, compute)
     }
 
-    /// As [`Mamba2::forward`], in the given form.
+    /// As [`Mamba2::forward`] with the recurrence built from tensor ops in the given form (the
+    /// sequential one is the definition).
     pub fn forward_with(
         &self,
         u: Tensor<3>,
         state: Option<Mamba2State>,
         scan: Scan,
+    ) -> (Tensor<3>, Mamba2State) {
+        self.run(u, state, Compute::Tensor(scan))
+    }
+
+    fn run(
+        &self,
+        u: Tensor<3>,
+        state: Option<Mamba2State>,
+        compute: Compute,
     ) -> (Tensor<3>, Mamba2State) {
         let [batch, t, _] = u.dims();
         let (inner, n, h) = (self.inner(), self.d_state, self.heads());
@@ -250,12 +266,18 @@ impl Mamba2 {
 
         let window = Tensor::cat(vec![state.conv, xbc], 1);
         let conv = window.clone().narrow(1, t, self.d_conv() - 1);
-        let xbc = silu(causal_depthwise(
-            window,
-            self.conv_weight.val(),
-            Some(self.conv_bias.val()),
-            t,
-        ));
+        // With the fused recurrence the convolution and its SiLU are one op too.
+        let xbc = match compute {
+            Compute::Fused => {
+                fused::conv_silu(window, self.conv_weight.val(), self.conv_bias.val())
+            }
+            Compute::Tensor(_) => silu(causal_depthwise(
+                window,
+                self.conv_weight.val(),
+                Some(self.conv_bias.val()),
+                t,
+            )),
+        };
         let x = xbc.clone().narrow(2, 0, inner); // [B, T, E·D]
         let b = xbc.clone().narrow(2, inner, n);
         let c = xbc.narrow(2, inner + n, n);
@@ -273,9 +295,10 @@ impl Mamba2 {
             b,
             c,
         };
-        let (y, ssm) = match scan {
-            Scan::Sequential => recurrent(inputs, state.ssm, self.eigenvalues),
-            Scan::Chunked { chunk_len } => {
+        let (y, ssm) = match compute {
+            Compute::Fused => fused_recurrence(inputs, state.ssm, self.eigenvalues),
+            Compute::Tensor(Scan::Sequential) => recurrent(inputs, state.ssm, self.eigenvalues),
+            Compute::Tensor(Scan::Chunked { chunk_len }) => {
                 assert_eq!(
                     self.eigenvalues,
                     Eigenvalues::Positive,
@@ -308,8 +331,25 @@ impl Mamba2 {
     }
 }
 
+/// The recurrence as one host op, sequence-heads flattened to rows.
+fn fused_recurrence(s: Ssd, h0: Tensor<4>, eigenvalues: Eigenvalues) -> (Tensor<4>, Tensor<4>) {
+    let [b, h, t, p] = s.x.dims();
+    let n = s.b.dims()[2];
+    let out = fused::ssd(
+        s.x.reshape([b * h, t, p]),
+        s.log_a.reshape([b * h, t]),
+        s.b,
+        s.c,
+        h0.reshape([b * h, p, n]),
+        h,
+        eigenvalues,
+    );
+    let y = out.clone().narrow(1, 0, t * p).reshape([b, h, t, p]);
+    (y, out.narrow(1, t * p, p * n).reshape([b, h, p, n]))
+}
+
 /// The definition, one step at a time: `h ← a_t h + Δx_t ⊗ B_t`, `y_t = h C_t`.
-fn recurrent(s: Ssd, h0: Tensor<4>, eigenvalues: Eigenvalues) -> (Tensor<4>, Tensor<4>) {
+pub(crate) fn recurrent(s: Ssd, h0: Tensor<4>, eigenvalues: Eigenvalues) -> (Tensor<4>, Tensor<4>) {
     let a = eigenvalues.transition(s.log_a); // [B, H, T]
     let mut h = h0; // [B, H, P, N]
     let mut ys = Vec::with_capacity(a.dims()[2]);
@@ -430,7 +470,7 @@ mod tests {
     fn signed_eigenvalues_refuse_the_chunked_form() {
         let spec = Mamba2Spec {
             eigenvalues: Eigenvalues::Signed,
-            scan: Scan::Chunked { chunk_len: 8 },
+            scan: Form::Tensor(Scan::Chunked { chunk_len: 8 }),
             ..Mamba2Spec::default()
         };
         assert!(spec.validate(32).unwrap_err().contains("eigenvalues"));

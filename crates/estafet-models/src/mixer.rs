@@ -113,6 +113,7 @@ impl MixerConfig {
             MixerConfig::MinGru(spec) => Some(("scan", spec.scan)),
             MixerConfig::MinLstm(spec) => Some(("scan", spec.scan)),
             MixerConfig::GatedDeltaNet(spec) => Some(("scan", spec.scan)),
+            MixerConfig::Mamba2(spec) => Some(("scan", spec.scan)),
             _ => None,
         }
     }

@@ -270,12 +270,14 @@ fn minlstm_fused_agrees_with_sequential() {
     minlstm_forms("minlstm fused", true);
 }
 
-#[test]
-fn mamba2_forms_agree() {
+/// Mamba-2: the chunked form, or (`fused`) the form `forward` picks, the fused op on ndarray,
+/// for transitions in [0, 1] and (fused only: the chunked form needs logs) in [−1, 1].
+fn mamba2_forms(name: &str, fused: bool, eigenvalues: Eigenvalues) {
     // d 8, E 2, P 4: 4 heads; N 3; the conv spans 16 + 6 = 22 channels.
     let spec = Mamba2Spec {
         d_state: 3,
         head_dim: 4,
+        eigenvalues,
         ..Mamba2Spec::default()
     };
     let block: Mamba2 = spec.config(8).init(&mut Init::new(8, &device()));
@@ -283,7 +285,7 @@ fn mamba2_forms_agree() {
     let ssm0 = normal([2, 4, 4, 3], 1.0);
     for t in LENGTHS {
         check_forms(
-            "mamba2",
+            name,
             &block,
             t,
             8,
@@ -298,14 +300,29 @@ fn mamba2_forms_agree() {
                 )
             },
             |m, x, s, chunk| {
-                let scan = chunk.map_or(Scan::Sequential, |chunk_len| Scan::Chunked { chunk_len });
-                let (y, s) = m.forward_with(x, Some(s), scan);
+                let (y, s) = match chunk {
+                    None => m.forward_with(x, Some(s), Scan::Sequential),
+                    // The fused op has no chunks: every "chunk" runs it.
+                    Some(_) if fused => m.forward(x, Some(s)),
+                    Some(chunk_len) => m.forward_with(x, Some(s), Scan::Chunked { chunk_len }),
+                };
                 (y, vec![flat(s.conv), flat(s.ssm)])
             },
             |m, x_t, s| m.step(x_t, Some(s)),
             |s| vec![flat(s.conv.clone()), flat(s.ssm.clone())],
         );
     }
+}
+
+#[test]
+fn mamba2_forms_agree() {
+    mamba2_forms("mamba2", false, Eigenvalues::Positive);
+}
+
+#[test]
+fn mamba2_fused_agrees_with_sequential() {
+    mamba2_forms("mamba2 fused", true, Eigenvalues::Positive);
+    mamba2_forms("mamba2 signed, fused", true, Eigenvalues::Signed);
 }
 
 /// Gated DeltaNet as published, and plain DeltaNet (no decay gate) with signed eigenvalues:

@@ -666,9 +666,9 @@ fn mamba2_matches_ssd_minimal() {
             f.shape("conv1d.weight")[1],
             f.shape("conv1d.weight")[2],
         ];
-        let mut forms = vec![Scan::Sequential];
+        let mut forms = vec![Form::Tensor(Scan::Sequential), Form::Fused];
         if eigenvalues == Eigenvalues::Positive {
-            forms.push(Scan::Chunked { chunk_len: 3 });
+            forms.push(Form::Tensor(Scan::Chunked { chunk_len: 3 }));
         }
         for scan in forms {
             let block = Mamba2 {

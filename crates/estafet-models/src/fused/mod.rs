@@ -6,6 +6,7 @@
 //! - [`wkv4`]: RWKV-4's WKV in the official kernel's running-max form;
 //! - [`min_rnn`]: minGRU's or minLSTM's gates, candidate and scan after their projection;
 //! - [`delta_rule`]: Gated DeltaNet's gated delta rule with its matrix state;
+//! - [`ssd`]: Mamba-2's recurrence (scalar decay per head) with its `C` contraction;
 //! - [`causal_attention`]: softmax attention under the causal mask, 64 query rows at a time.
 //!
 //! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
@@ -32,7 +33,7 @@
 //! [`host`] the plumbing every kernel shares (the [`host::HostKernel`] trait, its plain and
 //! autodiff runners, tensor I/O, strided GEMM, batch blocks); [`math`] the vectorisable
 //! transcendentals and the instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`],
-//! [`min_rnn`], [`delta_rule`] and [`attention`] one kernel each, with its equations.
+//! [`min_rnn`], [`delta_rule`], [`ssd`] and [`attention`] one kernel each, with its equations.
 
 // NdArray is deprecated in burn 0.22 but still estafet's reference backend; the extension
 // macro's generated code names it, so the allowance covers the module.
@@ -46,6 +47,7 @@ mod host;
 mod math;
 mod min_rnn;
 mod selective;
+mod ssd;
 mod wkv4;
 
 use burn::backend::autodiff::Autodiff;
@@ -66,6 +68,7 @@ pub use math::Isa;
 pub use min_rnn::MinRnn;
 use min_rnn::MinScan;
 use selective::Selective;
+use ssd::Ssd;
 use wkv4::Wkv4;
 
 /// The rate of one `n × n × n` f32 GEMM with the kernels' GEMM on rayon's pool (its threads
@@ -275,6 +278,37 @@ pub fn delta_rule(
     ))
 }
 
+/// Mamba-2's SSD recurrence, one op (see `ssd.rs`), per row (a sequence's head) with a state
+/// `h [P, N]`:
+///
+/// ```text
+/// h_t = a_t h_{t−1} + x_t B_tᵀ,   a_t = exp(log_a_t), or 2·exp(log_a_t) − 1 when signed
+/// y_t = h_t C_t
+/// ```
+///
+/// - `x`: `[B·H, T, P]` (`Δ x`); `log_a`: `[B·H, T]` (`Δ A`); `b`, `c`: `[B, T, N]`, shared by
+///   the `heads` of a sequence; `h0`: `[B·H, P, N]`
+/// - returns `[B·H, T·P + P·N]`: `y` flattened, then `h_T` flattened
+pub fn ssd(
+    x: Tensor<3>,
+    log_a: Tensor<2>,
+    b: Tensor<3>,
+    c: Tensor<3>,
+    h0: Tensor<3>,
+    heads: usize,
+    eigenvalues: Eigenvalues,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::ssd(
+        x.into_dispatch(),
+        log_a.into_dispatch(),
+        b.into_dispatch(),
+        c.into_dispatch(),
+        h0.into_dispatch(),
+        heads,
+        eigenvalues,
+    ))
+}
+
 /// Causal softmax attention, one op (see `attention.rs`): per row (a sequence's head),
 /// `o_i = softmax_j(q_i·k_j / √K) v_j` over the keys `j ≤ S − T + i`, never holding the
 /// `[T, S]` scores; the backward recomputes them one block of queries at a time.
@@ -356,6 +390,19 @@ pub trait FusedOps: Backend {
         run_plain::<Self, DeltaRule, 6>([q, k, v, beta, g, s0], ())
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn ssd(
+        x: FloatTensor<Self>,
+        log_a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        c: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+        heads: usize,
+        eigenvalues: Eigenvalues,
+    ) -> FloatTensor<Self> {
+        run_plain::<Self, Ssd, 5>([x, log_a, b, c, h0], (heads, eigenvalues))
+    }
+
     fn causal_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -430,6 +477,19 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         s0: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         run_tracked::<B, C, DeltaRule, 6>([q, k, v, beta, g, s0], ())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ssd(
+        x: FloatTensor<Self>,
+        log_a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        c: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+        heads: usize,
+        eigenvalues: Eigenvalues,
+    ) -> FloatTensor<Self> {
+        run_tracked::<B, C, Ssd, 5>([x, log_a, b, c, h0], (heads, eigenvalues))
     }
 
     fn causal_attention(
