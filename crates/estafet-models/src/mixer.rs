@@ -114,6 +114,7 @@ impl MixerConfig {
             MixerConfig::MinLstm(spec) => Some(("scan", spec.scan)),
             MixerConfig::GatedDeltaNet(spec) => Some(("scan", spec.scan)),
             MixerConfig::Mamba2(spec) => Some(("scan", spec.scan)),
+            MixerConfig::Rwkv7(spec) => Some(("scan", spec.scan)),
             _ => None,
         }
     }

@@ -20,7 +20,8 @@
 //! first layer's values into every later layer: estafet's mixers see no other layer) and the
 //! initialisation is the reference's for a first layer (it depends on the layer's depth there).
 //!
-//! Forms ([`Rwkv7Spec::scan`]): `sequential` is the recurrence step by step; `chunked` is the
+//! Forms ([`Rwkv7Spec::scan`]): `fused` is the recurrence as one host op ([`fused::dplr`],
+//! `auto`'s choice on the CPU backends); `sequential` is the recurrence step by step; `chunked` is the
 //! chunkwise form of fla's `dplr_chunkwise`: within a chunk the rank-one terms' contributions
 //! `u_t = a_tᵀ S_{t−1}` are solved for at once through a unit lower-triangular system, then
 //! outputs and the next state follow by matrix products, so the state is touched once per
@@ -35,11 +36,12 @@ use burn::tensor::activation::{sigmoid, softplus};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::fused;
 use crate::init::Init;
 use crate::mask::{self, Visible};
 use crate::norm;
 use crate::rwkv::{last, token_shift};
-use crate::scan::Scan;
+use crate::scan::{Compute, Form, Scan};
 use crate::time::unbind;
 
 /// `[model.mixer]` with `kind = "rwkv7"`. Its width is the model's.
@@ -50,7 +52,7 @@ pub struct Rwkv7Spec {
     pub head_size: Option<usize>,
     /// Rank of the decay, `α` and gate LoRAs (the reference's smallest, 32).
     pub lora_rank: usize,
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 impl Default for Rwkv7Spec {
@@ -58,7 +60,7 @@ impl Default for Rwkv7Spec {
         Self {
             head_size: None,
             lora_rank: 32,
-            scan: Scan::Sequential,
+            scan: Form::Auto,
         }
     }
 }
@@ -96,7 +98,7 @@ pub struct Rwkv7Config {
     /// N.
     pub head_size: usize,
     pub lora_rank: usize,
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 impl Rwkv7Config {
@@ -208,7 +210,7 @@ pub struct Rwkv7 {
     pub ln_x_weight: Param<Tensor<1>>,
     pub ln_x_bias: Param<Tensor<1>>,
     #[module(skip)]
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 /// The state of an RWKV-7 time mix between calls.
@@ -221,15 +223,15 @@ pub struct Rwkv7State {
 }
 
 /// Per-head inputs of the recurrence, `[B, H, T, N]`.
-struct Heads {
-    r: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
+pub(crate) struct Heads {
+    pub(crate) r: Tensor<4>,
+    pub(crate) k: Tensor<4>,
+    pub(crate) v: Tensor<4>,
     /// `log w_t` (in `[−e^{−0.5}, 0)`).
-    log_w: Tensor<4>,
+    pub(crate) log_w: Tensor<4>,
     /// The rank-one term's read `a = −κ̂` and write `b = κ̂ ⊙ α`.
-    a: Tensor<4>,
-    b: Tensor<4>,
+    pub(crate) a: Tensor<4>,
+    pub(crate) b: Tensor<4>,
 }
 
 impl Rwkv7 {
@@ -264,18 +266,32 @@ impl Rwkv7 {
         }
     }
 
-    /// `x [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step, in the form
-    /// [`Rwkv7::scan`] names.
+    /// `x [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step.
+    ///
+    /// On a backend with the fused kernels the recurrence is one op ([`fused::dplr`]) unless
+    /// [`Rwkv7::scan`] names a tensor form; elsewhere it runs in that form (the sequential one
+    /// for `auto`).
     pub fn forward(&self, x: Tensor<3>, state: Option<Rwkv7State>) -> (Tensor<3>, Rwkv7State) {
-        self.forward_with(x, state, self.scan)
+        let compute = self.scan.resolve(fused::has_kernel(&x.device()));
+        self.run(x, state, compute)
     }
 
-    /// As [`Rwkv7::forward`], in the given form.
+    /// As [`Rwkv7::forward`] with the recurrence built from tensor ops in the given form (the
+    /// sequential one is the definition).
     pub fn forward_with(
         &self,
         x: Tensor<3>,
         state: Option<Rwkv7State>,
         scan: Scan,
+    ) -> (Tensor<3>, Rwkv7State) {
+        self.run(x, state, Compute::Tensor(scan))
+    }
+
+    fn run(
+        &self,
+        x: Tensor<3>,
+        state: Option<Rwkv7State>,
+        compute: Compute,
     ) -> (Tensor<3>, Rwkv7State) {
         let [batch, t, d] = x.dims();
         let (h, n) = (self.heads(), self.head_size());
@@ -311,9 +327,10 @@ impl Rwkv7 {
             * self.r_k.val().unsqueeze_dim::<3>(0).unsqueeze_dim::<4>(2))
         .sum_dim(3)
             * inputs.v.clone(); // [B, H, T, N]
-        let (o, s) = match scan {
-            Scan::Sequential => sequential(inputs, state.s),
-            Scan::Chunked { chunk_len } => chunked(inputs, state.s, chunk_len),
+        let (o, s) = match compute {
+            Compute::Fused => fused_recurrence(inputs, state.s),
+            Compute::Tensor(Scan::Sequential) => sequential(inputs, state.s),
+            Compute::Tensor(Scan::Chunked { chunk_len }) => chunked(inputs, state.s, chunk_len),
         };
         let normed =
             norm::per_head(o, (n as f64) * 1e-5) * row(&self.ln_x_weight) + row(&self.ln_x_bias);
@@ -329,8 +346,25 @@ impl Rwkv7 {
     }
 }
 
+/// The recurrence as one host op, sequence-heads flattened to rows.
+fn fused_recurrence(x: Heads, s0: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+    let [b, h, t, n] = x.r.dims();
+    let rows = |y: Tensor<4>| y.reshape([b * h, t, n]);
+    let out = fused::dplr(
+        rows(x.r),
+        rows(x.k),
+        rows(x.v),
+        rows(x.log_w),
+        rows(x.a),
+        rows(x.b),
+        s0.reshape([b * h, n, n]),
+    );
+    let o = out.clone().narrow(1, 0, t * n).reshape([b, h, t, n]);
+    (o, out.narrow(1, t * n, n * n).reshape([b, h, n, n]))
+}
+
 /// The definition, one step at a time: `S ← diag(w) S + b (aᵀS) + k vᵀ`, `o = Sᵀr`.
-fn sequential(x: Heads, s0: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+pub(crate) fn sequential(x: Heads, s0: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
     let mut s = s0; // [B, H, N (key), N (value)]
     let mut outs = Vec::with_capacity(x.r.dims()[2]);
     let column = |y: Tensor<3>| y.unsqueeze_dim::<4>(3); // [B, H, N, 1]

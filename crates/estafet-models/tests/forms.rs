@@ -437,11 +437,10 @@ fn mlstm_forms_agree() {
     }
 }
 
-/// RWKV-7: the chunkwise DPLR form and `step` against the definition. The initialisation's
-/// zero output projection and LoRA matrices are replaced by random ones, so that every
-/// parameter reaches the output.
-#[test]
-fn rwkv7_forms_agree() {
+/// RWKV-7: the chunkwise DPLR form, or (`fused`) the form `forward` picks, the fused op on
+/// ndarray, and `step` against the definition. The initialisation's zero output projection and
+/// LoRA matrices are replaced by random ones, so that every parameter reaches the output.
+fn rwkv7_forms(name: &str, fused: bool) {
     let spec = Rwkv7Spec {
         head_size: Some(3),
         lora_rank: 4,
@@ -457,7 +456,7 @@ fn rwkv7_forms_agree() {
     let (shift0, s0) = (normal([2, 6], 1.0), normal([2, 2, 3, 3], 1.0));
     for t in LENGTHS {
         check_forms(
-            "rwkv7",
+            name,
             &layer,
             t,
             6,
@@ -472,14 +471,28 @@ fn rwkv7_forms_agree() {
                 )
             },
             |m, x, s, chunk| {
-                let scan = chunk.map_or(Scan::Sequential, |chunk_len| Scan::Chunked { chunk_len });
-                let (y, s) = m.forward_with(x, Some(s), scan);
+                let (y, s) = match chunk {
+                    None => m.forward_with(x, Some(s), Scan::Sequential),
+                    // The fused op has no chunks: every "chunk" runs it.
+                    Some(_) if fused => m.forward(x, Some(s)),
+                    Some(chunk_len) => m.forward_with(x, Some(s), Scan::Chunked { chunk_len }),
+                };
                 (y, vec![flat(s.shift), flat(s.s)])
             },
             |m, x_t, s| m.step(x_t, Some(s)),
             |s| vec![flat(s.shift.clone()), flat(s.s.clone())],
         );
     }
+}
+
+#[test]
+fn rwkv7_forms_agree() {
+    rwkv7_forms("rwkv7", false);
+}
+
+#[test]
+fn rwkv7_fused_agrees_with_sequential() {
+    rwkv7_forms("rwkv7 fused", true);
 }
 
 #[test]

@@ -501,7 +501,7 @@ fn mlstm_matches_the_native_step() {
 }
 
 /// RWKV-7's time mix against the reference's `RWKV_Tmix_x070` (first layer, no value
-/// residual), in both forms, from a non-zero state and token shift: outputs, final state and
+/// residual), in every form, from a non-zero state and token shift: outputs, final state and
 /// the gradients of the input, the initial state and shift, and every parameter.
 #[test]
 fn rwkv7_matches_the_reference_time_mix() {
@@ -512,7 +512,8 @@ fn rwkv7_matches_the_reference_time_mix() {
     };
     let p1 = |name: &str| param(f.get::<1>(name));
     let p2 = |name: &str| param(f.get::<2>(name));
-    for scan in [Scan::Sequential, Scan::Chunked { chunk_len: 3 }] {
+    let chunked = Form::Tensor(Scan::Chunked { chunk_len: 3 });
+    for scan in [Form::Tensor(Scan::Sequential), chunked, Form::Fused] {
         let layer = Rwkv7 {
             x_r: p1("x_r"),
             x_w: p1("x_w"),

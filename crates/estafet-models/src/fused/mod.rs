@@ -7,6 +7,7 @@
 //! - [`min_rnn`]: minGRU's or minLSTM's gates, candidate and scan after their projection;
 //! - [`delta_rule`]: Gated DeltaNet's gated delta rule with its matrix state;
 //! - [`ssd`]: Mamba-2's recurrence (scalar decay per head) with its `C` contraction;
+//! - [`dplr`]: RWKV-7's diagonal-plus-rank-one recurrence with its matrix state;
 //! - [`causal_attention`]: softmax attention under the causal mask, 64 query rows at a time.
 //!
 //! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
@@ -33,7 +34,8 @@
 //! [`host`] the plumbing every kernel shares (the [`host::HostKernel`] trait, its plain and
 //! autodiff runners, tensor I/O, strided GEMM, batch blocks); [`math`] the vectorisable
 //! transcendentals and the instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`],
-//! [`min_rnn`], [`delta_rule`], [`ssd`] and [`attention`] one kernel each, with its equations.
+//! [`min_rnn`], [`delta_rule`], [`ssd`], [`dplr`] and [`attention`] one kernel each, with its
+//! equations.
 
 // NdArray is deprecated in burn 0.22 but still estafet's reference backend; the extension
 // macro's generated code names it, so the allowance covers the module.
@@ -43,6 +45,7 @@ mod attention;
 mod cell;
 mod conv;
 mod delta_rule;
+mod dplr;
 mod host;
 mod math;
 mod min_rnn;
@@ -63,6 +66,7 @@ pub use cell::Cell;
 use cell::CellScan;
 use conv::ConvSilu;
 use delta_rule::DeltaRule;
+use dplr::Dplr;
 use host::{run_plain, run_tracked};
 pub use math::Isa;
 pub use min_rnn::MinRnn;
@@ -309,6 +313,37 @@ pub fn ssd(
     ))
 }
 
+/// RWKV-7's recurrence, one op (see `dplr.rs`), per row (a sequence's head) with a state
+/// `S [N (key), N (value)]`:
+///
+/// ```text
+/// S_t = diag(exp(log_w_t)) S_{t−1} + b_t (a_tᵀ S_{t−1}) + k_t v_tᵀ
+/// o_t = S_tᵀ r_t
+/// ```
+///
+/// - `r`, `k`, `v`, `log_w`, `a`, `b`: `[R, T, N]`; `s0`: `[R, N, N]`
+/// - returns `[R, T·N + N·N]`: `o` flattened, then `S_T` flattened
+#[allow(clippy::too_many_arguments)]
+pub fn dplr(
+    r: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    log_w: Tensor<3>,
+    a: Tensor<3>,
+    b: Tensor<3>,
+    s0: Tensor<3>,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::dplr(
+        r.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        log_w.into_dispatch(),
+        a.into_dispatch(),
+        b.into_dispatch(),
+        s0.into_dispatch(),
+    ))
+}
+
 /// Causal softmax attention, one op (see `attention.rs`): per row (a sequence's head),
 /// `o_i = softmax_j(q_i·k_j / √K) v_j` over the keys `j ≤ S − T + i`, never holding the
 /// `[T, S]` scores; the backward recomputes them one block of queries at a time.
@@ -403,6 +438,19 @@ pub trait FusedOps: Backend {
         run_plain::<Self, Ssd, 5>([x, log_a, b, c, h0], (heads, eigenvalues))
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn dplr(
+        r: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_w: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_plain::<Self, Dplr, 7>([r, k, v, log_w, a, b, s0], ())
+    }
+
     fn causal_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -490,6 +538,19 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         eigenvalues: Eigenvalues,
     ) -> FloatTensor<Self> {
         run_tracked::<B, C, Ssd, 5>([x, log_a, b, c, h0], (heads, eigenvalues))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dplr(
+        r: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_w: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_tracked::<B, C, Dplr, 7>([r, k, v, log_w, a, b, s0], ())
     }
 
     fn causal_attention(
