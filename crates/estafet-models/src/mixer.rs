@@ -115,6 +115,7 @@ impl MixerConfig {
             MixerConfig::GatedDeltaNet(spec) => Some(("scan", spec.scan)),
             MixerConfig::Mamba2(spec) => Some(("scan", spec.scan)),
             MixerConfig::Rwkv7(spec) => Some(("scan", spec.scan)),
+            MixerConfig::Mlstm(spec) => Some(("scan", spec.scan)),
             _ => None,
         }
     }

@@ -20,7 +20,8 @@
 //! causal convolution before `q`, `k`); unlike it there is no soft cap on the gates'
 //! pre-activations.
 //!
-//! Forms ([`MlstmSpec::scan`]): `sequential` is the recurrence above step by step; `chunked`
+//! Forms ([`MlstmSpec::scan`]): `fused` is the cell as one host op ([`fused::mlstm_cell`],
+//! `auto`'s choice on the CPU backends); `sequential` is the recurrence above step by step; `chunked`
 //! is the chunkwise form of `mlstm_kernels`' `chunkwise/native`: within a chunk the outputs
 //! come from a causal, gate-weighted `q kᵀ` (quadratic in the chunk) plus the state carried in,
 //! and the state is touched once per chunk. Unrolling `m_t`'s recursion gives
@@ -36,11 +37,12 @@ use burn::tensor::activation::{sigmoid, softplus};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::fused;
 use crate::head_dims;
 use crate::init::Init;
 use crate::mask::{self, Visible};
 use crate::norm;
-use crate::scan::Scan;
+use crate::scan::{Compute, Form, Scan};
 use crate::time::unbind;
 
 /// ε in the denominator, as the reference kernels.
@@ -56,7 +58,7 @@ pub struct MlstmSpec {
     pub head_dim: Option<usize>,
     /// d_v = expand_v · d_qk.
     pub expand_v: usize,
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 impl Default for MlstmSpec {
@@ -65,7 +67,7 @@ impl Default for MlstmSpec {
             n_heads: 4,
             head_dim: None,
             expand_v: 1,
-            scan: Scan::Sequential,
+            scan: Form::Auto,
         }
     }
 }
@@ -99,7 +101,7 @@ pub struct MlstmConfig {
     pub head_dim: usize,
     /// d_v.
     pub head_v_dim: usize,
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 impl MlstmConfig {
@@ -152,7 +154,7 @@ pub struct Mlstm {
     #[module(skip)]
     pub n_heads: usize,
     #[module(skip)]
-    pub scan: Scan,
+    pub scan: Form,
 }
 
 /// The state of an mLSTM layer between calls, scaled by `exp(−m)`.
@@ -167,15 +169,15 @@ pub struct MlstmState {
 }
 
 /// Per-head inputs of the cell, `[B, H, T, ·]`.
-struct Heads {
+pub(crate) struct Heads {
     /// Queries already scaled by `1/√d_qk`, keys, `[B, H, T, d_qk]`.
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
+    pub(crate) q: Tensor<4>,
+    pub(crate) k: Tensor<4>,
+    pub(crate) v: Tensor<4>,
     /// `ĩ`, `[B, H, T]`.
-    i: Tensor<3>,
+    pub(crate) i: Tensor<3>,
     /// `log σ(f̃)`, `[B, H, T]`.
-    log_f: Tensor<3>,
+    pub(crate) log_f: Tensor<3>,
 }
 
 impl Mlstm {
@@ -208,18 +210,32 @@ impl Mlstm {
         }
     }
 
-    /// `x [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step, in the form
-    /// [`Mlstm::scan`] names.
+    /// `x [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step.
+    ///
+    /// On a backend with the fused kernels the cell is one op ([`fused::mlstm_cell`]) unless
+    /// [`Mlstm::scan`] names a tensor form; elsewhere it runs in that form (the sequential one
+    /// for `auto`).
     pub fn forward(&self, x: Tensor<3>, state: Option<MlstmState>) -> (Tensor<3>, MlstmState) {
-        self.forward_with(x, state, self.scan)
+        let compute = self.scan.resolve(fused::has_kernel(&x.device()));
+        self.run(x, state, compute)
     }
 
-    /// As [`Mlstm::forward`], in the given form.
+    /// As [`Mlstm::forward`] with the cell built from tensor ops in the given form (the
+    /// sequential one is the definition).
     pub fn forward_with(
         &self,
         x: Tensor<3>,
         state: Option<MlstmState>,
         scan: Scan,
+    ) -> (Tensor<3>, MlstmState) {
+        self.run(x, state, Compute::Tensor(scan))
+    }
+
+    fn run(
+        &self,
+        x: Tensor<3>,
+        state: Option<MlstmState>,
+        compute: Compute,
     ) -> (Tensor<3>, MlstmState) {
         let [batch, t, _] = x.dims();
         let (h, dk, dv) = (self.n_heads, self.head_dim(), self.head_v_dim());
@@ -233,9 +249,10 @@ impl Mlstm {
             i: per_head(self.i_gate.forward(x.clone())),
             log_f: per_head(-softplus(-self.f_gate.forward(x.clone()), 1.0)),
         };
-        let (o, state) = match scan {
-            Scan::Sequential => recurrent(inputs, state),
-            Scan::Chunked { chunk_len } => chunked(inputs, state, chunk_len),
+        let (o, state) = match compute {
+            Compute::Fused => fused_cell(inputs, state),
+            Compute::Tensor(Scan::Sequential) => recurrent(inputs, state),
+            Compute::Tensor(Scan::Chunked { chunk_len }) => chunked(inputs, state, chunk_len),
         }; // o [B, H, T, d_v]
         let normed = norm::per_head(o, 1e-5);
         let weight = self
@@ -262,8 +279,41 @@ fn normalise(num: Tensor<4>, qn: Tensor<3>, m: Tensor<3>) -> Tensor<4> {
     num / denominator.unsqueeze_dim::<4>(3)
 }
 
+/// The cell as one host op, sequence-heads flattened to rows.
+pub(crate) fn fused_cell(x: Heads, s0: MlstmState) -> (Tensor<4>, MlstmState) {
+    let [b, h, t, dk] = x.q.dims();
+    let dv = x.v.dims()[3];
+    let rows = |y: Tensor<4>| {
+        let [_, _, _, n] = y.dims();
+        y.reshape([b * h, t, n])
+    };
+    let out = fused::mlstm_cell(
+        rows(x.q),
+        rows(x.k),
+        rows(x.v),
+        x.i.reshape([b * h, t]),
+        x.log_f.reshape([b * h, t]),
+        s0.c.reshape([b * h, dk, dv]),
+        s0.n.reshape([b * h, dk]),
+        s0.m.reshape([b * h]),
+    );
+    let part = |from: usize, len: usize| out.clone().narrow(1, from, len);
+    let (tv, kv) = (t * dv, dk * dv);
+    let o = normalise(
+        part(0, tv).reshape([b, h, t, dv]),
+        part(tv, t).reshape([b, h, t]),
+        part(tv + t, t).reshape([b, h, t]),
+    );
+    let state = MlstmState {
+        c: part(tv + 2 * t, kv).reshape([b, h, dk, dv]),
+        n: part(tv + 2 * t + kv, dk).reshape([b, h, dk]),
+        m: part(tv + 2 * t + kv + dk, 1).reshape([b, h]),
+    };
+    (o, state)
+}
+
 /// The definition, one step at a time (the native step kernel).
-fn recurrent(x: Heads, s0: MlstmState) -> (Tensor<4>, MlstmState) {
+pub(crate) fn recurrent(x: Heads, s0: MlstmState) -> (Tensor<4>, MlstmState) {
     let MlstmState {
         mut c,
         mut n,

@@ -390,10 +390,10 @@ fn gated_deltanet_fused_agrees_with_sequential() {
     gated_deltanet_forms(true);
 }
 
-/// mLSTM: the chunkwise form and `step` against the definition, from a non-zero state with a
-/// stabiliser that the first chunk's writes exceed in some heads and not in others.
-#[test]
-fn mlstm_forms_agree() {
+/// mLSTM: the chunkwise form, or (`fused`) the form `forward` picks, the fused op on ndarray,
+/// and `step` against the definition, from a non-zero state with a stabiliser that the first
+/// chunk's writes exceed in some heads and not in others.
+fn mlstm_forms(name: &str, fused: bool) {
     let spec = MlstmSpec {
         n_heads: 2,
         ..MlstmSpec::default()
@@ -407,7 +407,7 @@ fn mlstm_forms_agree() {
     );
     for t in LENGTHS {
         check_forms(
-            "mlstm",
+            name,
             &layer,
             t,
             6,
@@ -427,14 +427,28 @@ fn mlstm_forms_agree() {
                 )
             },
             |m, x, s, chunk| {
-                let scan = chunk.map_or(Scan::Sequential, |chunk_len| Scan::Chunked { chunk_len });
-                let (y, s) = m.forward_with(x, Some(s), scan);
+                let (y, s) = match chunk {
+                    None => m.forward_with(x, Some(s), Scan::Sequential),
+                    // The fused op has no chunks: every "chunk" runs it.
+                    Some(_) if fused => m.forward(x, Some(s)),
+                    Some(chunk_len) => m.forward_with(x, Some(s), Scan::Chunked { chunk_len }),
+                };
                 (y, vec![flat(s.c), flat(s.n), flat(s.m)])
             },
             |m, x_t, s| m.step(x_t, Some(s)),
             |s| vec![flat(s.c.clone()), flat(s.n.clone()), flat(s.m.clone())],
         );
     }
+}
+
+#[test]
+fn mlstm_forms_agree() {
+    mlstm_forms("mlstm", false);
+}
+
+#[test]
+fn mlstm_fused_agrees_with_sequential() {
+    mlstm_forms("mlstm fused", true);
 }
 
 /// RWKV-7: the chunkwise DPLR form, or (`fused`) the form `forward` picks, the fused op on

@@ -428,7 +428,7 @@ fn slstm_matches_the_xlstm_recurrence() {
     println!("slstm: largest |estafet − reference| = {worst:.2e}");
 }
 
-/// mLSTM against xLSTM's layer around `mlstm_kernels`' native step, in both forms, from a
+/// mLSTM against xLSTM's layer around `mlstm_kernels`' native step, in every form, from a
 /// non-zero state: outputs, the three parts of the final state, and the gradients of the
 /// input, of every part of the initial state (the stabiliser's included) and of every
 /// parameter.
@@ -440,7 +440,8 @@ fn mlstm_matches_the_native_step() {
         bias: bias.then(|| param(f.get::<1>(&format!("{name}.bias")))),
     };
     let heads = f.shape("m0")[1];
-    for scan in [Scan::Sequential, Scan::Chunked { chunk_len: 3 }] {
+    let chunked = Form::Tensor(Scan::Chunked { chunk_len: 3 });
+    for scan in [Form::Tensor(Scan::Sequential), chunked, Form::Fused] {
         let layer = Mlstm {
             q_proj: linear("q_proj", false),
             k_proj: linear("k_proj", false),

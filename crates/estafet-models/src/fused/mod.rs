@@ -8,6 +8,7 @@
 //! - [`delta_rule`]: Gated DeltaNet's gated delta rule with its matrix state;
 //! - [`ssd`]: Mamba-2's recurrence (scalar decay per head) with its `C` contraction;
 //! - [`dplr`]: RWKV-7's diagonal-plus-rank-one recurrence with its matrix state;
+//! - [`mlstm_cell`]: xLSTM's mLSTM cell (matrix memory, normaliser, stabiliser);
 //! - [`causal_attention`]: softmax attention under the causal mask, 64 query rows at a time.
 //!
 //! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
@@ -34,8 +35,8 @@
 //! [`host`] the plumbing every kernel shares (the [`host::HostKernel`] trait, its plain and
 //! autodiff runners, tensor I/O, strided GEMM, batch blocks); [`math`] the vectorisable
 //! transcendentals and the instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`],
-//! [`min_rnn`], [`delta_rule`], [`ssd`], [`dplr`] and [`attention`] one kernel each, with its
-//! equations.
+//! [`min_rnn`], [`delta_rule`], [`ssd`], [`dplr`], [`mlstm_cell`] and [`attention`] one kernel
+//! each, with its equations.
 
 // NdArray is deprecated in burn 0.22 but still estafet's reference backend; the extension
 // macro's generated code names it, so the allowance covers the module.
@@ -49,6 +50,7 @@ mod dplr;
 mod host;
 mod math;
 mod min_rnn;
+mod mlstm_cell;
 mod selective;
 mod ssd;
 mod wkv4;
@@ -71,6 +73,7 @@ use host::{run_plain, run_tracked};
 pub use math::Isa;
 pub use min_rnn::MinRnn;
 use min_rnn::MinScan;
+use mlstm_cell::MlstmCell;
 use selective::Selective;
 use ssd::Ssd;
 use wkv4::Wkv4;
@@ -344,6 +347,41 @@ pub fn dplr(
     ))
 }
 
+/// xLSTM's mLSTM cell, one op (see `mlstm_cell.rs`), per row (a sequence's head) with a matrix
+/// memory `C [K, V]`, a normaliser `n [K]` and a stabiliser `m`:
+///
+/// ```text
+/// m_t = max(log_f_t + m_{t−1}, ĩ_t),  f_t = exp(log_f_t + m_{t−1} − m_t),  i_t = exp(ĩ_t − m_t)
+/// C_t = f_t C_{t−1} + i_t k_t v_tᵀ,   n_t = f_t n_{t−1} + i_t k_t
+/// ```
+///
+/// - `q`, `k`: `[R, T, K]`; `v`: `[R, T, V]`; `i` (`ĩ`), `log_f`: `[R, T]`; `c0`: `[R, K, V]`;
+///   `n0`: `[R, K]`; `m0`: `[R]`
+/// - returns `[R, T·V + 2T + K·V + K + 1]`: every step's `C_tᵀ q_t`, then `n_tᵀ q_t`, then `m_t`,
+///   then the final `C`, `n`, `m`
+#[allow(clippy::too_many_arguments)]
+pub fn mlstm_cell(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    i: Tensor<2>,
+    log_f: Tensor<2>,
+    c0: Tensor<3>,
+    n0: Tensor<2>,
+    m0: Tensor<1>,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::mlstm_cell(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        i.into_dispatch(),
+        log_f.into_dispatch(),
+        c0.into_dispatch(),
+        n0.into_dispatch(),
+        m0.into_dispatch(),
+    ))
+}
+
 /// Causal softmax attention, one op (see `attention.rs`): per row (a sequence's head),
 /// `o_i = softmax_j(q_i·k_j / √K) v_j` over the keys `j ≤ S − T + i`, never holding the
 /// `[T, S]` scores; the backward recomputes them one block of queries at a time.
@@ -451,6 +489,20 @@ pub trait FusedOps: Backend {
         run_plain::<Self, Dplr, 7>([r, k, v, log_w, a, b, s0], ())
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn mlstm_cell(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        i: FloatTensor<Self>,
+        log_f: FloatTensor<Self>,
+        c0: FloatTensor<Self>,
+        n0: FloatTensor<Self>,
+        m0: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_plain::<Self, MlstmCell, 8>([q, k, v, i, log_f, c0, n0, m0], ())
+    }
+
     fn causal_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -551,6 +603,20 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         s0: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         run_tracked::<B, C, Dplr, 7>([r, k, v, log_w, a, b, s0], ())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn mlstm_cell(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        i: FloatTensor<Self>,
+        log_f: FloatTensor<Self>,
+        c0: FloatTensor<Self>,
+        n0: FloatTensor<Self>,
+        m0: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_tracked::<B, C, MlstmCell, 8>([q, k, v, i, log_f, c0, n0, m0], ())
     }
 
     fn causal_attention(
