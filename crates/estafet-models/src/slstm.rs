@@ -24,6 +24,7 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::{sigmoid, softplus};
 use serde::{Deserialize, Serialize};
 
+use crate::fused;
 use crate::init::Init;
 use crate::norm::standardise;
 use crate::time::recur;
@@ -144,17 +145,39 @@ impl Slstm {
         }
     }
 
-    /// `x [B, T, D]` (`T ≥ 1`) → `y [B, T, D]` and the state after the last step; the
-    /// definition, one step per token.
+    /// `x [B, T, D]` (`T ≥ 1`) → `y [B, T, D]` and the state after the last step: on a
+    /// backend with the fused kernels the recurrence is one op ([`fused::slstm_cell`]),
+    /// elsewhere the definition.
     pub fn forward(&self, x: Tensor<3>, state: Option<SlstmState>) -> (Tensor<3>, SlstmState) {
-        let [batch, _, _] = x.dims();
+        let fused = fused::has_kernel(&x.device());
+        self.forward_with(x, state, fused)
+    }
+
+    /// As [`Slstm::forward`], through the fused op or (`fused` false) the definition, one step
+    /// of tensor ops per token.
+    pub fn forward_with(
+        &self,
+        x: Tensor<3>,
+        state: Option<SlstmState>,
+        fused: bool,
+    ) -> (Tensor<3>, SlstmState) {
+        let [batch, t, d] = x.dims();
         let state = state.unwrap_or_else(|| self.zero_state(batch, &x.device()));
-        let (h, state) = recur(
-            self.input.forward(x),
-            state,
-            |wx_t, s| self.cell(wx_t, s),
-            |s| s.h.clone(),
-        );
+        let wx = self.input.forward(x);
+        if fused {
+            let SlstmState { h, c, n, m } = state;
+            let out = fused::slstm_cell(wx, self.recurrent.val(), [h, c, n, m]);
+            let part = |from: usize| out.clone().narrow(1, from, d);
+            let hs = out.clone().narrow(1, 0, t * d).reshape([batch, t, d]);
+            let state = SlstmState {
+                h: part((t - 1) * d),
+                c: part(t * d),
+                n: part(t * d + d),
+                m: part(t * d + 2 * d),
+            };
+            return (self.group_norm(hs), state);
+        }
+        let (h, state) = recur(wx, state, |wx_t, s| self.cell(wx_t, s), |s| s.h.clone());
         (self.group_norm(h), state)
     }
 

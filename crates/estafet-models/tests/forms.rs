@@ -27,6 +27,7 @@ use estafet_models::rnn::{Nonlinearity, Rnn, RnnConfig};
 use estafet_models::rwkv::{Rwkv, RwkvConfig, RwkvState, Version, Wkv4State, WkvState};
 use estafet_models::rwkv7::{Rwkv7, Rwkv7Spec, Rwkv7State};
 use estafet_models::scan::{Eigenvalues, Form, Scan};
+use estafet_models::slstm::{Slstm, SlstmSpec, SlstmState};
 
 const LENGTHS: [usize; 4] = [1, 7, 64, 300];
 const CHUNKS: [usize; 2] = [5, 48];
@@ -388,6 +389,48 @@ fn gated_deltanet_forms_agree() {
 #[test]
 fn gated_deltanet_fused_agrees_with_sequential() {
     gated_deltanet_forms(true);
+}
+
+/// sLSTM: its fused op against the definition (the loop of tensor ops) and `step`, from a
+/// non-zero state whose stabiliser the first writes exceed in some units and not in others.
+/// The recurrence is non-linear, so there is no chunked form: every "chunk" runs the op.
+#[test]
+fn slstm_fused_agrees_with_sequential() {
+    let layer: Slstm = SlstmSpec { n_heads: 2 }
+        .config(6)
+        .init(&mut Init::new(9, &device()));
+    let s0 = [
+        normal([2, 6], 1.0),
+        normal([2, 6], 1.0),
+        normal([2, 6], 0.1) + 1.0,
+        normal([2, 6], 1.0),
+    ];
+    for t in LENGTHS {
+        check_forms(
+            "slstm fused",
+            &layer,
+            t,
+            6,
+            || {
+                let leaves = s0.clone().map(|s| leaf(&flat(s)));
+                let [h, c, n, m] = leaves.clone().map(|s| s.reshape([2, 6]));
+                (SlstmState { h, c, n, m }, leaves.to_vec())
+            },
+            |m, x, s, chunk| {
+                let (y, s) = m.forward_with(x, Some(s), chunk.is_some());
+                (y, vec![flat(s.h), flat(s.c), flat(s.n), flat(s.m)])
+            },
+            |m, x_t, s| m.step(x_t, Some(s)),
+            |s| {
+                vec![
+                    flat(s.h.clone()),
+                    flat(s.c.clone()),
+                    flat(s.n.clone()),
+                    flat(s.m.clone()),
+                ]
+            },
+        );
+    }
 }
 
 /// mLSTM: the chunkwise form, or (`fused`) the form `forward` picks, the fused op on ndarray,

@@ -397,35 +397,39 @@ fn slstm_matches_the_xlstm_recurrence() {
         recurrent: param(f.get::<3>("R")),
         norm: param(f.get::<1>("norm.weight")),
     };
-    let x = f.get::<3>("x").require_grad();
-    let leaves = ["h0", "c0", "n0", "m0"].map(|k| f.get::<2>(k).require_grad());
-    let [h0, c0, n0, m0] = leaves.clone();
-    let (y, s) = layer.forward(
-        x.clone(),
-        Some(SlstmState {
-            h: h0,
-            c: c0,
-            n: n0,
-            m: m0,
-        }),
-    );
-    let mut worst = f.check("y", y.clone());
-    for (key, part) in [("hn", &s.h), ("cn", &s.c), ("nn", &s.n), ("mn", &s.m)] {
-        worst = worst.max(f.check(key, part.clone()));
+    // The definition (tensor ops step by step) and the fused op.
+    for fused in [false, true] {
+        let x = f.get::<3>("x").require_grad();
+        let leaves = ["h0", "c0", "n0", "m0"].map(|k| f.get::<2>(k).require_grad());
+        let [h0, c0, n0, m0] = leaves.clone();
+        let (y, s) = layer.forward_with(
+            x.clone(),
+            Some(SlstmState {
+                h: h0,
+                c: c0,
+                n: n0,
+                m: m0,
+            }),
+            fused,
+        );
+        let mut worst = f.check("y", y.clone());
+        for (key, part) in [("hn", &s.h), ("cn", &s.c), ("nn", &s.n), ("mn", &s.m)] {
+            worst = worst.max(f.check(key, part.clone()));
+        }
+        let loss = (y * f.get::<3>("r")).sum() + s.h.sum() + s.c.sum() + s.n.sum() + s.m.sum();
+        let grads = loss.backward();
+        worst = worst.max(f.check("grad.x", x.grad(&grads).unwrap()));
+        for (key, leaf) in ["h0", "c0", "n0", "m0"].iter().zip(&leaves) {
+            worst = worst.max(f.check(&format!("grad.{key}"), leaf.grad(&grads).unwrap()));
+        }
+        let (dw, db) = linear_grad(&layer.input, &grads);
+        worst = worst
+            .max(f.check("grad.W.weight", dw))
+            .max(f.check("grad.W.bias", db))
+            .max(f.check("grad.R", layer.recurrent.grad(&grads).unwrap()))
+            .max(f.check("grad.norm.weight", layer.norm.grad(&grads).unwrap()));
+        println!("slstm (fused: {fused}): largest |estafet − reference| = {worst:.2e}");
     }
-    let loss = (y * f.get::<3>("r")).sum() + s.h.sum() + s.c.sum() + s.n.sum() + s.m.sum();
-    let grads = loss.backward();
-    worst = worst.max(f.check("grad.x", x.grad(&grads).unwrap()));
-    for (key, leaf) in ["h0", "c0", "n0", "m0"].iter().zip(&leaves) {
-        worst = worst.max(f.check(&format!("grad.{key}"), leaf.grad(&grads).unwrap()));
-    }
-    let (dw, db) = linear_grad(&layer.input, &grads);
-    worst = worst
-        .max(f.check("grad.W.weight", dw))
-        .max(f.check("grad.W.bias", db))
-        .max(f.check("grad.R", layer.recurrent.grad(&grads).unwrap()))
-        .max(f.check("grad.norm.weight", layer.norm.grad(&grads).unwrap()));
-    println!("slstm: largest |estafet − reference| = {worst:.2e}");
 }
 
 /// mLSTM against xLSTM's layer around `mlstm_kernels`' native step, in every form, from a

@@ -9,6 +9,7 @@
 //! - [`ssd`]: Mamba-2's recurrence (scalar decay per head) with its `C` contraction;
 //! - [`dplr`]: RWKV-7's diagonal-plus-rank-one recurrence with its matrix state;
 //! - [`mlstm_cell`]: xLSTM's mLSTM cell (matrix memory, normaliser, stabiliser);
+//! - [`slstm_cell`]: xLSTM's sLSTM recurrence (block-diagonal `R`, exponential gates);
 //! - [`causal_attention`]: softmax attention under the causal mask, 64 query rows at a time.
 //!
 //! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
@@ -35,8 +36,8 @@
 //! [`host`] the plumbing every kernel shares (the [`host::HostKernel`] trait, its plain and
 //! autodiff runners, tensor I/O, strided GEMM, batch blocks); [`math`] the vectorisable
 //! transcendentals and the instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`],
-//! [`min_rnn`], [`delta_rule`], [`ssd`], [`dplr`], [`mlstm_cell`] and [`attention`] one kernel
-//! each, with its equations.
+//! [`min_rnn`], [`delta_rule`], [`ssd`], [`dplr`], [`mlstm_cell`], [`slstm_cell`] and
+//! [`attention`] one kernel each, with its equations.
 
 // NdArray is deprecated in burn 0.22 but still estafet's reference backend; the extension
 // macro's generated code names it, so the allowance covers the module.
@@ -52,6 +53,7 @@ mod math;
 mod min_rnn;
 mod mlstm_cell;
 mod selective;
+mod slstm_cell;
 mod ssd;
 mod wkv4;
 
@@ -75,6 +77,7 @@ pub use min_rnn::MinRnn;
 use min_rnn::MinScan;
 use mlstm_cell::MlstmCell;
 use selective::Selective;
+use slstm_cell::SlstmCell;
 use ssd::Ssd;
 use wkv4::Wkv4;
 
@@ -382,6 +385,30 @@ pub fn mlstm_cell(
     ))
 }
 
+/// xLSTM's sLSTM recurrence after its input projection, one op (see `slstm_cell.rs`), one
+/// sequence per task:
+///
+/// ```text
+/// (ĩ, f̃, z̃, õ)_t = wx_t + R h_{t−1},  m_t = max(log σ(f̃_t) + m_{t−1}, ĩ_t)
+/// c_t = f_t c_{t−1} + i_t tanh(z̃_t),  n_t = f_t n_{t−1} + i_t,  h_t = σ(õ_t) c_t / n_t
+/// ```
+///
+/// - `wx`: `[B, T, 4D]` (`W x + b`, gate-major, head-major within); `r`: `[H, d_h, 4·d_h]`;
+///   `h0`, `c0`, `n0`, `m0`: `[B, D]`
+/// - returns `[B, T·D + 3D]`: `h_1..h_T` flattened, then the final `c`, `n`, `m`
+pub fn slstm_cell(wx: Tensor<3>, r: Tensor<3>, [h0, c0, n0, m0]: [Tensor<2>; 4]) -> Tensor<2> {
+    let heads = r.dims()[0];
+    Tensor::from_dispatch(<Dispatch as FusedOps>::slstm_cell(
+        wx.into_dispatch(),
+        r.into_dispatch(),
+        h0.into_dispatch(),
+        c0.into_dispatch(),
+        n0.into_dispatch(),
+        m0.into_dispatch(),
+        heads,
+    ))
+}
+
 /// Causal softmax attention, one op (see `attention.rs`): per row (a sequence's head),
 /// `o_i = softmax_j(q_i·k_j / √K) v_j` over the keys `j ≤ S − T + i`, never holding the
 /// `[T, S]` scores; the backward recomputes them one block of queries at a time.
@@ -503,6 +530,19 @@ pub trait FusedOps: Backend {
         run_plain::<Self, MlstmCell, 8>([q, k, v, i, log_f, c0, n0, m0], ())
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn slstm_cell(
+        wx: FloatTensor<Self>,
+        r: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+        c0: FloatTensor<Self>,
+        n0: FloatTensor<Self>,
+        m0: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        run_plain::<Self, SlstmCell, 6>([wx, r, h0, c0, n0, m0], heads)
+    }
+
     fn causal_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -617,6 +657,19 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         m0: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         run_tracked::<B, C, MlstmCell, 8>([q, k, v, i, log_f, c0, n0, m0], ())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn slstm_cell(
+        wx: FloatTensor<Self>,
+        r: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+        c0: FloatTensor<Self>,
+        n0: FloatTensor<Self>,
+        m0: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        run_tracked::<B, C, SlstmCell, 6>([wx, r, h0, c0, n0, m0], heads)
     }
 
     fn causal_attention(
