@@ -16,7 +16,7 @@ use burn::backend::Backend;
 use burn::backend::TensorMetadata;
 use burn::backend::tensor::FloatTensor;
 
-use super::host::{HostKernel, Sections, dims3, par_rows, read};
+use super::host::{HostKernel, Sections, dims3, par_rows_baseline, read};
 use super::math::sigmoid;
 
 /// The convolution's inputs on the host.
@@ -86,7 +86,7 @@ impl HostKernel<3> for ConvSilu {
     fn forward(&mut self, _keep: bool) -> Vec<f32> {
         let (t_len, c) = (self.len(), self.channels);
         let mut out = vec![0.0f32; self.batch * t_len * c];
-        par_rows(
+        par_rows_baseline(
             &mut out,
             t_len * c,
             #[inline(always)]
@@ -108,7 +108,7 @@ impl HostKernel<3> for ConvSilu {
         // Per sequence: [dwindow (L·C) | dw (K·C) | dbias (C)].
         let per = wl * c + taps * c + c;
         let mut parts = vec![0.0f32; self.batch * per];
-        par_rows(
+        par_rows_baseline(
             &mut parts,
             per,
             #[inline(always)]

@@ -15,7 +15,7 @@ use burn::backend::Backend;
 use burn::backend::TensorMetadata;
 use burn::backend::tensor::FloatTensor;
 
-use super::host::{HostKernel, Sections, dims3, par_rows, read};
+use super::host::{HostKernel, Sections, dims3, par_rows_baseline, read};
 use super::math::{dot, exp};
 use crate::scan::Eigenvalues;
 
@@ -117,7 +117,7 @@ impl HostKernel<6> for Selective {
         let (t_len, m, n) = (self.len, self.m, self.n);
         let width = t_len * m + m * n;
         let mut out = vec![0.0f32; self.batch * width];
-        par_rows(
+        par_rows_baseline(
             &mut out,
             width,
             #[inline(always)]
@@ -143,7 +143,7 @@ impl HostKernel<6> for Selective {
         // Per sequence: [dΔ (T·M) | dx (T·M) | dB (T·N) | dC (T·N) | dh0 (M·N) | dA (M·N)].
         let per = 2 * t_len * m + 2 * t_len * n + 2 * m * n;
         let mut parts = vec![0.0f32; bsz * per];
-        par_rows(
+        par_rows_baseline(
             &mut parts,
             per,
             #[inline(always)]
