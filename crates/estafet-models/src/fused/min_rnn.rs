@@ -29,7 +29,7 @@ use burn::backend::Backend;
 use burn::backend::TensorMetadata;
 use burn::backend::tensor::FloatTensor;
 
-use super::host::{HostKernel, dims3, par_rows, read};
+use super::host::{HostKernel, Sections, dims3, par_rows, read};
 use super::math::sigmoid;
 
 /// Which minimal RNN the kernel computes; it sets the projection's layout `[B, T, G·H]`.
@@ -238,15 +238,14 @@ impl HostKernel<2> for MinScan {
                 }
             },
         );
-        let d_pre = parts
-            .chunks_exact(per)
-            .flat_map(|part| part[..t_len * g * h].iter().copied())
-            .collect();
-        let d_h0 = parts
-            .chunks_exact(per)
-            .flat_map(|part| part[t_len * g * h..].iter().copied())
-            .collect();
-        [d_pre, d_h0]
+        let section = |offset, len| Sections {
+            parts: &parts,
+            per,
+            offset,
+            len,
+        };
+        let tgh = t_len * g * h;
+        [section(0, tgh).gather(), section(tgh, h).gather()]
     }
 }
 

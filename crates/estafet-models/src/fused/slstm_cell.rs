@@ -41,17 +41,45 @@ pub(super) struct SlstmCell {
     m0: Vec<f32>,
 }
 
-/// One unit's step from its pre-activations and `(c, n, m)`: the new `(h, c, n, m)`.
+/// One unit's step: the new state and what the backward differentiates.
+struct Unit {
+    h: f32,
+    c: f32,
+    n: f32,
+    m: f32,
+    /// The input and forget gates `i_t`, `f_t`, `tanh(z̃)`, `σ(õ)`, and whether `d_t` won the
+    /// stabiliser's maximum.
+    ig: f32,
+    fg: f32,
+    tz: f32,
+    so: f32,
+    d_won: bool,
+}
+
+/// One unit's step from its pre-activations and `(c, n, m)`.
 #[inline(always)]
-fn unit(i_pre: f32, f_pre: f32, z_pre: f32, o_pre: f32, c: f32, n: f32, m: f32) -> [f32; 4] {
+fn unit(i_pre: f32, f_pre: f32, z_pre: f32, o_pre: f32, c: f32, n: f32, m: f32) -> Unit {
     // log σ(f̃) = −softplus(−f̃), written so that it never overflows.
     let log_f = f_pre.min(0.0) - (1.0 + exp(-f_pre.abs())).ln();
     let d = log_f + m;
-    let m_t = if d > i_pre { d } else { i_pre };
+    let d_won = d > i_pre;
+    let m_t = if d_won { d } else { i_pre };
     let (ig, fg) = (exp(i_pre - m_t), exp(d - m_t));
-    let c_t = fg * c + ig * tanh(z_pre);
+    let tz = tanh(z_pre);
+    let c_t = fg * c + ig * tz;
     let n_t = fg * n + ig;
-    [sigmoid(o_pre) * c_t / n_t, c_t, n_t, m_t]
+    let so = sigmoid(o_pre);
+    Unit {
+        h: so * c_t / n_t,
+        c: c_t,
+        n: n_t,
+        m: m_t,
+        ig,
+        fg,
+        tz,
+        so,
+        d_won,
+    }
 }
 
 impl SlstmCell {
@@ -84,17 +112,24 @@ impl SlstmCell {
         let d = self.d;
         self.pre(b, t, &prev[..d], pre);
         for u in 0..d {
-            let [h, c, n, m] = unit(
-                pre[u],
-                pre[d + u],
-                pre[2 * d + u],
-                pre[3 * d + u],
-                prev[d + u],
-                prev[2 * d + u],
-                prev[3 * d + u],
-            );
-            (next[u], next[d + u], next[2 * d + u], next[3 * d + u]) = (h, c, n, m);
+            let s = self.unit(pre, prev, u);
+            (next[u], next[d + u], next[2 * d + u], next[3 * d + u]) = (s.h, s.c, s.n, s.m);
         }
+    }
+
+    /// Unit `u`'s step from `pre` (`4D`) and `prev = [h | c | n | m]`.
+    #[inline(always)]
+    fn unit(&self, pre: &[f32], prev: &[f32], u: usize) -> Unit {
+        let d = self.d;
+        unit(
+            pre[u],
+            pre[d + u],
+            pre[2 * d + u],
+            pre[3 * d + u],
+            prev[d + u],
+            prev[2 * d + u],
+            prev[3 * d + u],
+        )
     }
 }
 
@@ -189,10 +224,11 @@ impl HostKernel<6> for SlstmCell {
                 {
                     states[s * d..][..d].copy_from_slice(&init[b * d..][..d]);
                 }
-                let mut pre = vec![0.0f32; 4 * d];
+                // And every step's pre-activations, so that `R h` is computed once.
+                let mut pres = vec![0.0f32; t_len * 4 * d];
                 for t in 0..t_len {
                     let (prev, next) = states[t * 4 * d..][..8 * d].split_at_mut(4 * d);
-                    self.step(b, t, prev, next, &mut pre);
+                    self.step(b, t, prev, next, &mut pres[t * 4 * d..][..4 * d]);
                 }
                 // ∂h, ∂c, ∂n, ∂m of the state after the step being walked.
                 let d_state = &mut d_state[..4 * d];
@@ -200,21 +236,20 @@ impl HostKernel<6> for SlstmCell {
                 d_state[d..].copy_from_slice(&g[t_len * d..][..3 * d]);
                 for t in (0..t_len).rev() {
                     let prev = &states[t * 4 * d..][..4 * d];
-                    self.pre(b, t, &prev[..d], &mut pre);
+                    let pre = &pres[t * 4 * d..][..4 * d];
                     let d_pre = &mut d_wx[t * 4 * d..][..4 * d];
                     for u in 0..d {
-                        let (i_pre, f_pre, z_pre, o_pre) =
-                            (pre[u], pre[d + u], pre[2 * d + u], pre[3 * d + u]);
-                        let (c, n, m) = (prev[d + u], prev[2 * d + u], prev[3 * d + u]);
-                        let log_f = f_pre.min(0.0) - (1.0 + exp(-f_pre.abs())).ln();
-                        let dd = log_f + m;
-                        let d_won = dd > i_pre;
-                        let m_t = if d_won { dd } else { i_pre };
-                        let (ig, fg) = (exp(i_pre - m_t), exp(dd - m_t));
-                        let tz = tanh(z_pre);
-                        let c_t = fg * c + ig * tz;
-                        let n_t = fg * n + ig;
-                        let so = sigmoid(o_pre);
+                        let (c, n) = (prev[d + u], prev[2 * d + u]);
+                        let Unit {
+                            c: c_t,
+                            n: n_t,
+                            ig,
+                            fg,
+                            tz,
+                            so,
+                            d_won,
+                            ..
+                        } = self.unit(pre, prev, u);
                         let d_h = g[t * d + u] + d_state[u];
                         let mut d_c = d_state[d + u] + d_h * so / n_t;
                         let d_n = d_state[2 * d + u] - d_h * so * c_t / (n_t * n_t);
@@ -231,7 +266,7 @@ impl HostKernel<6> for SlstmCell {
                             d_i += d_m_t;
                         }
                         // d log σ(f̃) / df̃ = 1 − σ(f̃).
-                        let d_f = d_d * (1.0 - sigmoid(f_pre));
+                        let d_f = d_d * (1.0 - sigmoid(pre[d + u]));
                         (d_pre[u], d_pre[d + u], d_pre[2 * d + u], d_pre[3 * d + u]) =
                             (d_i, d_f, d_z, d_o);
                         (d_state[d + u], d_state[2 * d + u], d_state[3 * d + u]) =
