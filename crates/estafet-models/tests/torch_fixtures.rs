@@ -602,58 +602,45 @@ fn rwkv7_matches_the_reference_time_mix() {
     }
 }
 
-/// minGRU against the paper's log-space recurrence, in every form: outputs, final state and
-/// the gradients of the input and both parameters.
-#[test]
-fn mingru_matches_the_papers_log_space_recurrence() {
-    let f = Fixture::load("mingru");
+/// minGRU or minLSTM (the fixture `name`) against the paper's log-space recurrence, in every
+/// form: outputs, final state and the gradients of the input and both parameters. `forward`
+/// builds the cell from its input projection and form and runs it from `h0`.
+fn min_rnn_matches_the_paper(
+    name: &str,
+    forward: impl Fn(Linear, Form, Tensor<3>, Tensor<2>) -> (Tensor<3>, Tensor<2>),
+) {
+    let f = Fixture::load(name);
+    let input = Linear {
+        weight: param(f.get::<2>("input.weight").transpose()),
+        bias: Some(param(f.get::<1>("input.bias"))),
+    };
     let chunked = Form::Tensor(Scan::Chunked { chunk_len: 3 });
     for scan in [Form::Tensor(Scan::Sequential), chunked, Form::Fused] {
-        let cell = MinGru {
-            input: Linear {
-                weight: param(f.get::<2>("input.weight").transpose()),
-                bias: Some(param(f.get::<1>("input.bias"))),
-            },
-            scan,
-        };
         let x = f.get::<3>("x").require_grad();
-        let (y, h) = cell.forward(x.clone(), Some(f.get::<2>("h0")));
+        let (y, h) = forward(input.clone(), scan, x.clone(), f.get::<2>("h0"));
         let mut worst = f.check("y", y.clone()).max(f.check("hn", h.clone()));
         let grads = ((y * f.get::<3>("r")).sum() + h.sum()).backward();
         worst = worst.max(f.check("grad.x", x.grad(&grads).unwrap()));
-        let (dw, db) = linear_grad(&cell.input, &grads);
+        let (dw, db) = linear_grad(&input, &grads);
         worst = worst
             .max(f.check("grad.input.weight", dw))
             .max(f.check("grad.input.bias", db));
-        println!("mingru ({scan:?}): largest |estafet − reference| = {worst:.2e}");
+        println!("{name} ({scan:?}): largest |estafet − reference| = {worst:.2e}");
     }
 }
 
-/// minLSTM against the paper's log-space recurrence, in every form: outputs, final state and
-/// the gradients of the input and both parameters.
+#[test]
+fn mingru_matches_the_papers_log_space_recurrence() {
+    min_rnn_matches_the_paper("mingru", |input, scan, x, h0| {
+        MinGru { input, scan }.forward(x, Some(h0))
+    });
+}
+
 #[test]
 fn minlstm_matches_the_papers_log_space_recurrence() {
-    let f = Fixture::load("minlstm");
-    let chunked = Form::Tensor(Scan::Chunked { chunk_len: 3 });
-    for scan in [Form::Tensor(Scan::Sequential), chunked, Form::Fused] {
-        let cell = MinLstm {
-            input: Linear {
-                weight: param(f.get::<2>("input.weight").transpose()),
-                bias: Some(param(f.get::<1>("input.bias"))),
-            },
-            scan,
-        };
-        let x = f.get::<3>("x").require_grad();
-        let (y, h) = cell.forward(x.clone(), Some(f.get::<2>("h0")));
-        let mut worst = f.check("y", y.clone()).max(f.check("hn", h.clone()));
-        let grads = ((y * f.get::<3>("r")).sum() + h.sum()).backward();
-        worst = worst.max(f.check("grad.x", x.grad(&grads).unwrap()));
-        let (dw, db) = linear_grad(&cell.input, &grads);
-        worst = worst
-            .max(f.check("grad.input.weight", dw))
-            .max(f.check("grad.input.bias", db));
-        println!("minlstm ({scan:?}): largest |estafet − reference| = {worst:.2e}");
-    }
+    min_rnn_matches_the_paper("minlstm", |input, scan, x, h0| {
+        MinLstm { input, scan }.forward(x, Some(h0))
+    });
 }
 
 /// Mamba-2 against `Mamba2Simple`'s block with `ssd_minimal_discrete` (and, signed, the
