@@ -263,30 +263,12 @@ fn forward_block(i: &CellScan, first: usize, out: &mut [f32], acts: &mut [f32]) 
                     } else {
                         &before[(row - 1) * sw + h..][..h]
                     };
-                    let (h_now, c_now) = now.split_at_mut(h);
                     let a = if save {
                         &mut acts[row * aw..][..aw]
                     } else {
                         &mut scratch[..]
                     };
-                    let (ai, rest) = a.split_at_mut(h);
-                    let (af, rest) = rest.split_at_mut(h);
-                    let (ag, ao) = rest.split_at_mut(h);
-                    let (pi, pf, pg, po) = (
-                        &pre[..h],
-                        &pre[h..][..h],
-                        &pre[2 * h..][..h],
-                        &pre[3 * h..][..h],
-                    );
-                    let (c_now, h_now, c_prev) = (&mut c_now[..h], &mut h_now[..h], &c_prev[..h]);
-                    for j in 0..h {
-                        let (ig, fg, gg, og) =
-                            (sigmoid(pi[j]), sigmoid(pf[j]), tanh(pg[j]), sigmoid(po[j]));
-                        let c = fg * c_prev[j] + ig * gg;
-                        c_now[j] = c;
-                        h_now[j] = og * tanh(c);
-                        (ai[j], af[j], ag[j], ao[j]) = (ig, fg, gg, og);
-                    }
+                    lstm_step(pre, c_prev, now, a);
                 }
                 Cell::Gru => {
                     let h_prev = if t == 0 {
@@ -299,21 +281,128 @@ fn forward_block(i: &CellScan, first: usize, out: &mut [f32], acts: &mut [f32]) 
                     } else {
                         &mut scratch[..]
                     };
-                    let (ar, rest) = a.split_at_mut(h);
-                    let (az, rest) = rest.split_at_mut(h);
-                    let (an, ahn) = rest.split_at_mut(h);
-                    let (pr, pz, phn) = (&pre[..h], &pre[h..][..h], &pre[2 * h..][..h]);
-                    let (xn, now) = (&x[2 * h..][..h], &mut now[..h]);
-                    for j in 0..h {
-                        let r = sigmoid(pr[j]);
-                        let z = sigmoid(pz[j]);
-                        let n = tanh(xn[j] + r * phn[j]);
-                        now[j] = n + z * (h_prev[j] - n);
-                        (ar[j], az[j], an[j], ahn[j]) = (r, z, n, phn[j]);
-                    }
+                    gru_step(pre, &x[2 * h..][..h], h_prev, now, a);
                 }
             }
         }
+    }
+}
+
+// The gate maths of one sequence's step. Each is a function of slices, inlined, because
+// LLVM then knows its operands do not alias: written inline in the block loops, the dozen
+// streams exceeded its budget of run-time alias checks and the loops ran scalar (a third of an
+// LSTM step, `perf`, 2026-12-03). Every slice is cut to `h` so the loops carry no bounds checks.
+
+/// LSTM: `pre` = `(i, f, g, o)` pre-activations `[4H]`; writes `now` = `(h_t, c_t)` `[2H]` and
+/// the activations `a` = `(i, f, g, o)` `[4H]`.
+#[inline(always)]
+fn lstm_step(pre: &[f32], c_prev: &[f32], now: &mut [f32], a: &mut [f32]) {
+    let h = c_prev.len();
+    let (h_now, c_now) = now.split_at_mut(h);
+    let (ai, rest) = a.split_at_mut(h);
+    let (af, rest) = rest.split_at_mut(h);
+    let (ag, ao) = rest.split_at_mut(h);
+    let (ai, af, ag, ao) = (&mut ai[..h], &mut af[..h], &mut ag[..h], &mut ao[..h]);
+    let (h_now, c_now) = (&mut h_now[..h], &mut c_now[..h]);
+    let (pi, pf, pg, po) = (
+        &pre[..h],
+        &pre[h..][..h],
+        &pre[2 * h..][..h],
+        &pre[3 * h..][..h],
+    );
+    for j in 0..h {
+        let (ig, fg, gg, og) = (sigmoid(pi[j]), sigmoid(pf[j]), tanh(pg[j]), sigmoid(po[j]));
+        let c = fg * c_prev[j] + ig * gg;
+        c_now[j] = c;
+        h_now[j] = og * tanh(c);
+        (ai[j], af[j], ag[j], ao[j]) = (ig, fg, gg, og);
+    }
+}
+
+/// GRU: `pre` = `(r, z, hp_n)` `[3H]` (`hp_n` without `xp_n`), `xn` = `xp_n`; writes `now` =
+/// `h_t` and the activations `a` = `(r, z, n, hp_n)` `[4H]`.
+#[inline(always)]
+fn gru_step(pre: &[f32], xn: &[f32], h_prev: &[f32], now: &mut [f32], a: &mut [f32]) {
+    let h = h_prev.len();
+    let (ar, rest) = a.split_at_mut(h);
+    let (az, rest) = rest.split_at_mut(h);
+    let (an, ahn) = rest.split_at_mut(h);
+    let (ar, az, an, ahn) = (&mut ar[..h], &mut az[..h], &mut an[..h], &mut ahn[..h]);
+    let (pr, pz, phn) = (&pre[..h], &pre[h..][..h], &pre[2 * h..][..h]);
+    let (xn, now) = (&xn[..h], &mut now[..h]);
+    for j in 0..h {
+        let r = sigmoid(pr[j]);
+        let z = sigmoid(pz[j]);
+        let n = tanh(xn[j] + r * phn[j]);
+        now[j] = n + z * (h_prev[j] - n);
+        (ar[j], az[j], an[j], ahn[j]) = (r, z, n, phn[j]);
+    }
+}
+
+/// The LSTM step's derivatives: from `dout` = `(dh_t, dc_t)` of the output, `dh_in`, `dc_in`
+/// arriving from step t + 1, the saved `a` = `(i, f, g, o)` and `c_t`, writes `dx` = the
+/// pre-activations' gradient `[4H]` and leaves `dc_{t−1}`'s direct share in `dc_in`.
+#[inline(always)]
+fn lstm_step_back(
+    a: &[f32],
+    c_prev: &[f32],
+    c_now: &[f32],
+    dout: &[f32],
+    dh_in: &mut [f32],
+    dc_in: &mut [f32],
+    dx: &mut [f32],
+) {
+    let h = c_prev.len();
+    let (ai, af, ag, ao) = (&a[..h], &a[h..][..h], &a[2 * h..][..h], &a[3 * h..][..h]);
+    let (c_now, do_h, do_c) = (&c_now[..h], &dout[..h], &dout[h..][..h]);
+    let (dh_in, dc_in) = (&mut dh_in[..h], &mut dc_in[..h]);
+    let (dxi, rest) = dx.split_at_mut(h);
+    let (dxf, rest) = rest.split_at_mut(h);
+    let (dxg, dxo) = rest.split_at_mut(h);
+    let (dxi, dxf, dxg, dxo) = (&mut dxi[..h], &mut dxf[..h], &mut dxg[..h], &mut dxo[..h]);
+    for j in 0..h {
+        let (ig, fg, gg, og) = (ai[j], af[j], ag[j], ao[j]);
+        let tc = tanh(c_now[j]);
+        let dh = do_h[j] + dh_in[j];
+        let dc = do_c[j] + dc_in[j] + dh * og * (1.0 - tc * tc);
+        dxi[j] = dc * gg * ig * (1.0 - ig);
+        dxf[j] = dc * c_prev[j] * fg * (1.0 - fg);
+        dxg[j] = dc * ig * (1.0 - gg * gg);
+        dxo[j] = dh * tc * og * (1.0 - og);
+        dc_in[j] = dc * fg;
+    }
+}
+
+/// The GRU step's derivatives: writes `dx` `[3H]` (input share) and `dhp` `[3H]` (hidden share,
+/// `hp_n` behind the reset) and leaves the direct path `dh ⊙ z` in `dh_in`.
+#[inline(always)]
+fn gru_step_back(
+    a: &[f32],
+    h_prev: &[f32],
+    dout: &[f32],
+    dh_in: &mut [f32],
+    dx: &mut [f32],
+    dhp: &mut [f32],
+) {
+    let h = h_prev.len();
+    let (ar, az, an, ahn) = (&a[..h], &a[h..][..h], &a[2 * h..][..h], &a[3 * h..][..h]);
+    let (dout, dh_in) = (&dout[..h], &mut dh_in[..h]);
+    let (dxr, rest) = dx.split_at_mut(h);
+    let (dxz, dxn) = rest.split_at_mut(h);
+    let (dxr, dxz, dxn) = (&mut dxr[..h], &mut dxz[..h], &mut dxn[..h]);
+    let (dhr, rest) = dhp.split_at_mut(h);
+    let (dhz, dhn) = rest.split_at_mut(h);
+    let (dhr, dhz, dhn) = (&mut dhr[..h], &mut dhz[..h], &mut dhn[..h]);
+    for j in 0..h {
+        let (r, z, n, hn) = (ar[j], az[j], an[j], ahn[j]);
+        let dh = dout[j] + dh_in[j];
+        let dn = dh * (1.0 - z) * (1.0 - n * n);
+        let dz = dh * (h_prev[j] - n) * z * (1.0 - z);
+        let dr = dn * hn * r * (1.0 - r);
+        (dxr[j], dxz[j], dxn[j]) = (dr, dz, dn);
+        (dhr[j], dhz[j], dhn[j]) = (dr, dz, dn * r);
+        // The direct path h_t = … + z ⊙ h_{t-1}; the step's GEMM adds the rest.
+        dh_in[j] = dh * z;
     }
 }
 
@@ -453,47 +542,19 @@ fn backward_block(
                     }
                 }
                 Cell::Lstm => {
-                    let a = &acts[row * aw..][..aw];
-                    let (ai, af, ag, ao) =
-                        (&a[..h], &a[h..][..h], &a[2 * h..][..h], &a[3 * h..][..h]);
                     let c_prev = if t == 0 {
                         &c0[b * h..][..h]
                     } else {
                         &out[(row - 1) * sw + h..][..h]
                     };
-                    let (o_c, do_h, do_c) = (&o[h..][..h], &dout[..h], &dout[h..][..h]);
+                    let a = &acts[row * aw..][..aw];
                     let dc_in = &mut dc_next[b * h..][..h];
-                    let (dxi, rest) = dx.split_at_mut(h);
-                    let (dxf, rest) = rest.split_at_mut(h);
-                    let (dxg, dxo) = rest.split_at_mut(h);
-                    let (dxg, dxo, dh_in) = (&mut dxg[..h], &mut dxo[..h], &mut dh_in[..h]);
-                    for j in 0..h {
-                        let (ig, fg, gg, og) = (ai[j], af[j], ag[j], ao[j]);
-                        let tc = tanh(o_c[j]);
-                        let dh = do_h[j] + dh_in[j];
-                        let dc = do_c[j] + dc_in[j] + dh * og * (1.0 - tc * tc);
-                        dxi[j] = dc * gg * ig * (1.0 - ig);
-                        dxf[j] = dc * c_prev[j] * fg * (1.0 - fg);
-                        dxg[j] = dc * ig * (1.0 - gg * gg);
-                        dxo[j] = dh * tc * og * (1.0 - og);
-                        dc_in[j] = dc * fg;
-                    }
+                    lstm_step_back(a, c_prev, &o[h..][..h], dout, dh_in, dc_in, dx);
                 }
                 Cell::Gru => {
                     let a = &acts[row * aw..][..aw];
                     let dhp = &mut d_hp_gru[row * gh..][..gh];
-                    let hp = &h_prev[row * h..][..h];
-                    for j in 0..h {
-                        let (r, z, n, hn) = (a[j], a[h + j], a[2 * h + j], a[3 * h + j]);
-                        let dh = dout[j] + dh_in[j];
-                        let dn = dh * (1.0 - z) * (1.0 - n * n);
-                        let dz = dh * (hp[j] - n) * z * (1.0 - z);
-                        let dr = dn * hn * r * (1.0 - r);
-                        (dx[j], dx[h + j], dx[2 * h + j]) = (dr, dz, dn);
-                        (dhp[j], dhp[h + j], dhp[2 * h + j]) = (dr, dz, dn * r);
-                        // The direct path h_t = … + z ⊙ h_{t-1}; the GEMM below adds the rest.
-                        dh_in[j] = dh * z;
-                    }
+                    gru_step_back(a, &h_prev[row * h..][..h], dout, dh_in, dx, dhp);
                 }
             }
         }

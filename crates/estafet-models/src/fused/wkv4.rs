@@ -129,14 +129,17 @@ impl HostKernel<7> for Wkv4 {
                 b.copy_from_slice(&self.b[i * d..][..d]);
                 p.copy_from_slice(&self.p[i * d..][..d]);
                 for t in 0..t_len {
-                    let (k, v) = (
-                        &self.k[(i * t_len + t) * d..][..d],
-                        &self.v[(i * t_len + t) * d..][..d],
+                    let row = (i * t_len + t) * d;
+                    output_step(
+                        &self.w,
+                        &self.u,
+                        &self.k[row..],
+                        &self.v[row..],
+                        a,
+                        b,
+                        p,
+                        &mut y[t * d..][..d],
                     );
-                    for c in 0..d {
-                        let s = wkv4_step(self.w[c], self.u[c], k[c], v[c], a[c], b[c], p[c]);
-                        (y[t * d + c], a[c], b[c], p[c]) = (s.y, s.a, s.b, s.p);
-                    }
                 }
             },
         );
@@ -173,66 +176,31 @@ impl HostKernel<7> for Wkv4 {
                 for t in 0..t_len {
                     let row = (i * t_len + t) * d;
                     let (prev, next) = states[t * 3 * d..][..6 * d].split_at_mut(3 * d);
-                    for c in 0..d {
-                        let s = wkv4_step(
-                            self.w[c],
-                            self.u[c],
-                            self.k[row + c],
-                            self.v[row + c],
-                            prev[c],
-                            prev[d + c],
-                            prev[2 * d + c],
-                        );
-                        (next[c], next[d + c], next[2 * d + c]) = (s.a, s.b, s.p);
-                    }
+                    next.copy_from_slice(prev);
+                    let (a, rest) = next.split_at_mut(d);
+                    let (b, p) = rest.split_at_mut(d);
+                    state_step(&self.w, &self.u, &self.k[row..], &self.v[row..], a, b, p);
                 }
                 for t in (0..t_len).rev() {
                     let row = (i * t_len + t) * d;
                     let prev = &states[t * 3 * d..][..3 * d];
-                    for c in 0..d {
-                        let (a0, b0, p0) = (prev[c], prev[d + c], prev[2 * d + c]);
-                        let (k, v) = (self.k[row + c], self.v[row + c]);
-                        let s = wkv4_step(self.w[c], self.u[c], k, v, a0, b0, p0);
-                        let (g_a, g_b, g_p) = (ga[c], gb[c], gp[c]);
-                        // The state update.
-                        let g_f1 = g_a * a0 + g_b * b0;
-                        let g_f2 = g_a * v + g_b;
-                        let mut n_a = g_a * s.f1;
-                        let mut n_b = g_b * s.f1;
-                        let mut g_v = g_a * s.f2;
-                        let g_q = g_p - g_f1 * s.f1 - g_f2 * s.f2;
-                        let mut g_decayed = g_f1 * s.f1;
-                        let mut g_k = g_f2 * s.f2;
-                        if s.decayed_won {
-                            g_decayed += g_q;
-                        } else {
-                            g_k += g_q;
-                        }
-                        let mut n_p = g_decayed;
-                        d_w[c] -= g_decayed;
-                        // The output.
-                        let g_y = g_out[t * d + c];
-                        let g_num = g_y / s.den;
-                        let g_den = -g_y * s.y / s.den;
-                        let g_e1 = g_num * a0 + g_den * b0;
-                        let g_e2 = g_num * v + g_den;
-                        n_a += g_num * s.e1;
-                        n_b += g_den * s.e1;
-                        g_v += g_num * s.e2;
-                        let g_q = -(g_e1 * s.e1 + g_e2 * s.e2);
-                        n_p += g_e1 * s.e1;
-                        let mut g_uk = g_e2 * s.e2;
-                        if s.p_won {
-                            n_p += g_q;
-                        } else {
-                            g_uk += g_q;
-                        }
-                        d_u[c] += g_uk;
-                        g_k += g_uk;
-                        d_k[t * d + c] = g_k;
-                        d_v[t * d + c] = g_v;
-                        (ga[c], gb[c], gp[c]) = (n_a, n_b, n_p);
-                    }
+                    backward_step(
+                        &self.w,
+                        &self.u,
+                        &self.k[row..],
+                        &self.v[row..],
+                        &prev[..d],
+                        &prev[d..][..d],
+                        &prev[2 * d..][..d],
+                        &g_out[t * d..][..d],
+                        ga,
+                        gb,
+                        gp,
+                        d_w,
+                        d_u,
+                        &mut d_k[t * d..][..d],
+                        &mut d_v[t * d..][..d],
+                    );
                 }
             },
         );
@@ -252,6 +220,139 @@ impl HostKernel<7> for Wkv4 {
             section(2 * td + d, d).gather(),
             section(2 * td + 2 * d, d).gather(),
         ]
+    }
+}
+
+// The per-step loops over channels are functions of slices, each its own argument (a slice
+// inside an array or struct carries no no-alias guarantee), inlined: LLVM then knows the
+// operands do not alias and every index is in bounds. Written inline in the sequence loops they
+// ran scalar (`perf`, 2026-12-03).
+
+/// One step of every channel from `w`, `u`, `k_t`, `v_t` (each at least D long): the state
+/// `(a, b, p)` updated in place.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn state_step(
+    w: &[f32],
+    u: &[f32],
+    k: &[f32],
+    v: &[f32],
+    a: &mut [f32],
+    b: &mut [f32],
+    p: &mut [f32],
+) {
+    let d = a.len();
+    let (w, u, k, v, b, p) = (&w[..d], &u[..d], &k[..d], &v[..d], &mut b[..d], &mut p[..d]);
+    for c in 0..d {
+        let s = wkv4_step(w[c], u[c], k[c], v[c], a[c], b[c], p[c]);
+        (a[c], b[c], p[c]) = (s.a, s.b, s.p);
+    }
+}
+
+/// [`state_step`] that also writes the output `y_t`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn output_step(
+    w: &[f32],
+    u: &[f32],
+    k: &[f32],
+    v: &[f32],
+    a: &mut [f32],
+    b: &mut [f32],
+    p: &mut [f32],
+    y: &mut [f32],
+) {
+    let d = a.len();
+    let (w, u, k, v, b, p, y) = (
+        &w[..d],
+        &u[..d],
+        &k[..d],
+        &v[..d],
+        &mut b[..d],
+        &mut p[..d],
+        &mut y[..d],
+    );
+    for c in 0..d {
+        let s = wkv4_step(w[c], u[c], k[c], v[c], a[c], b[c], p[c]);
+        (y[c], a[c], b[c], p[c]) = (s.y, s.a, s.b, s.p);
+    }
+}
+
+/// One step's gradients for every channel: from the state before the step `(a, b, p)`, the
+/// output's gradient `g_y` and the state's `(ga, gb, gp)` (replaced by the previous state's),
+/// accumulates `dw`, `du` and writes `dk_t`, `dv_t`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_step(
+    w: &[f32],
+    u: &[f32],
+    k: &[f32],
+    v: &[f32],
+    a: &[f32],
+    b: &[f32],
+    p: &[f32],
+    g_y: &[f32],
+    ga: &mut [f32],
+    gb: &mut [f32],
+    gp: &mut [f32],
+    d_w: &mut [f32],
+    d_u: &mut [f32],
+    d_k: &mut [f32],
+    d_v: &mut [f32],
+) {
+    let d = a.len();
+    let (w, u, k, v, b, p, g_y) = (
+        &w[..d],
+        &u[..d],
+        &k[..d],
+        &v[..d],
+        &b[..d],
+        &p[..d],
+        &g_y[..d],
+    );
+    let (ga, gb, gp) = (&mut ga[..d], &mut gb[..d], &mut gp[..d]);
+    let (d_w, d_u, d_k, d_v) = (&mut d_w[..d], &mut d_u[..d], &mut d_k[..d], &mut d_v[..d]);
+    for c in 0..d {
+        let (a0, b0, p0) = (a[c], b[c], p[c]);
+        let (k, v) = (k[c], v[c]);
+        let s = wkv4_step(w[c], u[c], k, v, a0, b0, p0);
+        let (g_a, g_b, g_p) = (ga[c], gb[c], gp[c]);
+        // The state update.
+        let g_f1 = g_a * a0 + g_b * b0;
+        let g_f2 = g_a * v + g_b;
+        let mut n_a = g_a * s.f1;
+        let mut n_b = g_b * s.f1;
+        let mut g_v = g_a * s.f2;
+        let g_q = g_p - g_f1 * s.f1 - g_f2 * s.f2;
+        // The max's gradient goes to whichever argument won; as selects, so the loop vectorises.
+        let (q_decayed, q_k) = if s.decayed_won {
+            (g_q, 0.0)
+        } else {
+            (0.0, g_q)
+        };
+        let g_decayed = g_f1 * s.f1 + q_decayed;
+        let mut g_k = g_f2 * s.f2 + q_k;
+        let mut n_p = g_decayed;
+        d_w[c] -= g_decayed;
+        // The output.
+        let g_y = g_y[c];
+        let g_num = g_y / s.den;
+        let g_den = -g_y * s.y / s.den;
+        let g_e1 = g_num * a0 + g_den * b0;
+        let g_e2 = g_num * v + g_den;
+        n_a += g_num * s.e1;
+        n_b += g_den * s.e1;
+        g_v += g_num * s.e2;
+        let g_q = -(g_e1 * s.e1 + g_e2 * s.e2);
+        n_p += g_e1 * s.e1;
+        let (q_p, q_uk) = if s.p_won { (g_q, 0.0) } else { (0.0, g_q) };
+        n_p += q_p;
+        let g_uk = g_e2 * s.e2 + q_uk;
+        d_u[c] += g_uk;
+        g_k += g_uk;
+        d_k[c] = g_k;
+        d_v[c] = g_v;
+        (ga[c], gb[c], gp[c]) = (n_a, n_b, n_p);
     }
 }
 
