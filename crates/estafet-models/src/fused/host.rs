@@ -259,19 +259,3 @@ pub(super) fn par_rows(data: &mut [f32], width: usize, f: impl Fn(usize, &mut [f
         )
     });
 }
-
-/// [`par_rows`] with `f` compiled for the build's baseline only. Mamba trained about 25% slower
-/// with its selective scan and causal conv through their AVX2+FMA copies than through the
-/// baseline on the 2-core AMD EPYC (d 64, two residual layers: 12.6–14.0k against 17.4–17.7k
-/// tokens/s, `ESTAFET_ISA=baseline` against the default, 2026-12-03), so those two kernels keep
-/// the baseline until that is understood.
-pub(super) fn par_rows_baseline(
-    data: &mut [f32],
-    width: usize,
-    f: impl Fn(usize, &mut [f32]) + Sync,
-) {
-    use rayon::prelude::*;
-    data.par_chunks_mut(width)
-        .enumerate()
-        .for_each(|(i, row)| f(i, row));
-}
