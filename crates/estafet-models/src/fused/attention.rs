@@ -23,7 +23,7 @@ use burn::backend::tensor::FloatTensor;
 use gemm::Parallelism;
 
 use super::host::{HostKernel, Sections, dims3, matmul, par_rows, read};
-use super::math::{dot, exp};
+use super::math::{dot, exp, max, sum};
 
 /// Queries per block.
 const BLOCK: usize = 64;
@@ -151,11 +151,11 @@ impl HostKernel<3> for CausalAttention {
                     let mut sums = [0.0f32; BLOCK];
                     for (a, seen) in seen.enumerate() {
                         let (row, hidden) = s[a * n..][..n].split_at_mut(seen);
-                        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                        row.iter_mut().for_each(|x| *x = exp(*x - max));
+                        let top = max(row);
+                        row.iter_mut().for_each(|x| *x = exp(*x - top));
                         hidden.fill(0.0);
-                        sums[a] = row.iter().sum();
-                        lse[i0 + a] = max + sums[a].ln();
+                        sums[a] = sum(row);
+                        lse[i0 + a] = top + sums[a].ln();
                     }
                     // SAFETY: s holds the block's m × n probabilities, v n rows of kd, and o's rows
                     // i0..i0 + m are distinct from both.

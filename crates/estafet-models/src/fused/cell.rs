@@ -247,16 +247,7 @@ fn forward_block(i: &CellScan, first: usize, out: &mut [f32], acts: &mut [f32]) 
             let (before, now) = out.split_at_mut(row * sw);
             let now = &mut now[..sw];
             match cell {
-                Cell::Tanh => {
-                    for j in 0..h {
-                        now[j] = tanh(pre[j]);
-                    }
-                }
-                Cell::Relu => {
-                    for j in 0..h {
-                        now[j] = pre[j].max(0.0);
-                    }
-                }
+                Cell::Tanh | Cell::Relu => elman_step(cell, pre, now),
                 Cell::Lstm => {
                     let c_prev = if t == 0 {
                         &c0[b * h..][..h]
@@ -292,6 +283,39 @@ fn forward_block(i: &CellScan, first: usize, out: &mut [f32], acts: &mut [f32]) 
 // LLVM then knows its operands do not alias: written inline in the block loops, the dozen
 // streams exceeded its budget of run-time alias checks and the loops ran scalar (a third of an
 // LSTM step, `perf`, 2026-12-03). Every slice is cut to `h` so the loops carry no bounds checks.
+
+/// Elman: `now` = `h_t` = tanh or relu of `pre` (`H` each).
+#[inline(always)]
+fn elman_step(cell: Cell, pre: &[f32], now: &mut [f32]) {
+    let h = now.len();
+    let pre = &pre[..h];
+    if cell == Cell::Tanh {
+        for j in 0..h {
+            now[j] = tanh(pre[j]);
+        }
+    } else {
+        for j in 0..h {
+            now[j] = pre[j].max(0.0);
+        }
+    }
+}
+
+/// Elman's derivative: `dx` = dL/d pre-activation from `h_t` (`o`) and `dh = dout + dh_in`.
+#[inline(always)]
+fn elman_step_back(cell: Cell, o: &[f32], dout: &[f32], dh_in: &[f32], dx: &mut [f32]) {
+    let h = dx.len();
+    let (o, dout, dh_in) = (&o[..h], &dout[..h], &dh_in[..h]);
+    if cell == Cell::Tanh {
+        for j in 0..h {
+            dx[j] = (dout[j] + dh_in[j]) * (1.0 - o[j] * o[j]);
+        }
+    } else {
+        for j in 0..h {
+            let dh = dout[j] + dh_in[j];
+            dx[j] = if o[j] > 0.0 { dh } else { 0.0 };
+        }
+    }
+}
 
 /// LSTM: `pre` = `(i, f, g, o)` pre-activations `[4H]`; writes `now` = `(h_t, c_t)` `[2H]` and
 /// the activations `a` = `(i, f, g, o)` `[4H]`.
@@ -529,18 +553,7 @@ fn backward_block(
             let dx = &mut d_xp[row * gh..][..gh];
             let dh_in = &mut dh_next[b * h..][..h];
             match cell {
-                Cell::Tanh => {
-                    for j in 0..h {
-                        let dh = dout[j] + dh_in[j];
-                        dx[j] = dh * (1.0 - o[j] * o[j]);
-                    }
-                }
-                Cell::Relu => {
-                    for j in 0..h {
-                        let dh = dout[j] + dh_in[j];
-                        dx[j] = if o[j] > 0.0 { dh } else { 0.0 };
-                    }
-                }
+                Cell::Tanh | Cell::Relu => elman_step_back(cell, o, dout, dh_in, dx),
                 Cell::Lstm => {
                     let c_prev = if t == 0 {
                         &c0[b * h..][..h]

@@ -176,6 +176,37 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// `Σ a_k` in eight independent lanes, so that it vectorises.
+#[inline(always)]
+pub(super) fn sum(a: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let a8 = a.chunks_exact(8);
+    let tail: f32 = a8.remainder().iter().sum();
+    for a in a8 {
+        for k in 0..8 {
+            lanes[k] += a[k];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `max_k a_k` (−∞ when empty) in eight independent lanes, so that it vectorises.
+#[inline(always)]
+pub(super) fn max(a: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let a8 = a.chunks_exact(8);
+    let tail = a8
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    for a in a8 {
+        for k in 0..8 {
+            lanes[k] = lanes[k].max(a[k]);
+        }
+    }
+    lanes.iter().fold(tail, |m, &x| m.max(x))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +221,7 @@ mod tests {
                 .map(|&x| exp(x.min(0.0)) + sigmoid(x) + tanh(x))
                 .collect();
             out.push(dot(xs, &xs[1..]));
+            out.extend([sum(xs), max(xs), sum(&xs[..13]), max(&xs[3..9])]);
             out
         }
         let xs: Vec<f32> = (0..4099).map(|i| -60.0 + i as f32 * 0.0301).collect();

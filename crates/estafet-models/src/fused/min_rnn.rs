@@ -120,12 +120,8 @@ impl MinScan {
             } else {
                 &done[(t - 1) * h..][..h]
             };
-            let h_t = &mut rest[..h];
             let (v, k, k_i) = self.rows(n, t);
-            for c in 0..h {
-                let (a, b) = transition(kind, v[c], k[c], k_i[c]);
-                h_t[c] = a * prev[c] + b;
-            }
+            step(kind, v, k, k_i, prev, &mut rest[..h]);
         }
     }
 }
@@ -205,34 +201,10 @@ impl HostKernel<2> for MinScan {
                     let (v, k, k_i) = self.rows(n, t);
                     let (d_v, d_gates) = d_pre[t * g * h..][..g * h].split_at_mut(h);
                     match self.kind {
-                        MinRnn::Gru => {
-                            let d_k = &mut d_gates[..h];
-                            for c in 0..h {
-                                let delta = d_y[c] + carry[c];
-                                let (cand, d_cand) = candidate(v[c]);
-                                let z = sigmoid(k[c]);
-                                // ∂L/∂b_t = δ_t, ∂L/∂a_t = δ_t h_{t−1}.
-                                d_v[c] = delta * z * d_cand;
-                                d_k[c] = (delta * cand - delta * prev[c]) * z * (1.0 - z);
-                                carry[c] = delta * (1.0 - z);
-                            }
-                        }
+                        MinRnn::Gru => gru_step_back(v, k, prev, d_y, carry, d_v, d_gates),
                         MinRnn::Lstm => {
                             let (d_kf, d_ki) = d_gates.split_at_mut(h);
-                            let d_ki = &mut d_ki[..h];
-                            for c in 0..h {
-                                let delta = d_y[c] + carry[c];
-                                let (cand, d_cand) = candidate(v[c]);
-                                let (f, i) = (sigmoid(k[c]), sigmoid(k_i[c]));
-                                let s = f + i;
-                                let s2 = s * s;
-                                // ∂L/∂(i/s) − ∂L/∂(f/s).
-                                let d_ratio = delta * cand - delta * prev[c];
-                                d_v[c] = delta * (i / s) * d_cand;
-                                d_kf[c] = -d_ratio * (i / s2) * f * (1.0 - f);
-                                d_ki[c] = d_ratio * (f / s2) * i * (1.0 - i);
-                                carry[c] = delta * (f / s);
-                            }
+                            lstm_step_back(v, k, k_i, prev, d_y, carry, d_v, d_kf, d_ki);
                         }
                     }
                 }
@@ -246,6 +218,79 @@ impl HostKernel<2> for MinScan {
         };
         let tgh = t_len * g * h;
         [section(0, tgh).gather(), section(tgh, h).gather()]
+    }
+}
+
+// The per-step loops over channels are functions of slices, each its own argument, inlined, so
+// that LLVM knows they do not alias: written inline in the sequence loops, parts of them ran
+// scalar (`perf`, 2026-12-03).
+
+/// `h_t = a_t ⊙ h_{t−1} + b_t` for every channel, from the step's `v`, `k`, `k_i`.
+#[inline(always)]
+fn step(kind: MinRnn, v: &[f32], k: &[f32], k_i: &[f32], prev: &[f32], h_t: &mut [f32]) {
+    let h = h_t.len();
+    let (v, k, k_i, prev) = (&v[..h], &k[..h], &k_i[..h], &prev[..h]);
+    for c in 0..h {
+        let (a, b) = transition(kind, v[c], k[c], k_i[c]);
+        h_t[c] = a * prev[c] + b;
+    }
+}
+
+/// minGRU's step backward: from `δ_t = d_y + carry`, writes `d_v`, `d_k` and leaves
+/// `δ_t ⊙ (1 − z)` in `carry`.
+#[inline(always)]
+fn gru_step_back(
+    v: &[f32],
+    k: &[f32],
+    prev: &[f32],
+    d_y: &[f32],
+    carry: &mut [f32],
+    d_v: &mut [f32],
+    d_k: &mut [f32],
+) {
+    let h = carry.len();
+    let (v, k, prev, d_y) = (&v[..h], &k[..h], &prev[..h], &d_y[..h]);
+    let (d_v, d_k) = (&mut d_v[..h], &mut d_k[..h]);
+    for c in 0..h {
+        let delta = d_y[c] + carry[c];
+        let (cand, d_cand) = candidate(v[c]);
+        let z = sigmoid(k[c]);
+        // ∂L/∂b_t = δ_t, ∂L/∂a_t = δ_t h_{t−1}.
+        d_v[c] = delta * z * d_cand;
+        d_k[c] = (delta * cand - delta * prev[c]) * z * (1.0 - z);
+        carry[c] = delta * (1.0 - z);
+    }
+}
+
+/// minLSTM's step backward: writes `d_v`, `d_kf`, `d_ki` and leaves `δ_t ⊙ f/(f + i)` in `carry`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn lstm_step_back(
+    v: &[f32],
+    k: &[f32],
+    k_i: &[f32],
+    prev: &[f32],
+    d_y: &[f32],
+    carry: &mut [f32],
+    d_v: &mut [f32],
+    d_kf: &mut [f32],
+    d_ki: &mut [f32],
+) {
+    let h = carry.len();
+    let (v, k, k_i, prev, d_y) = (&v[..h], &k[..h], &k_i[..h], &prev[..h], &d_y[..h]);
+    let (d_v, d_kf, d_ki) = (&mut d_v[..h], &mut d_kf[..h], &mut d_ki[..h]);
+    for c in 0..h {
+        let delta = d_y[c] + carry[c];
+        let (cand, d_cand) = candidate(v[c]);
+        let (f, i) = (sigmoid(k[c]), sigmoid(k_i[c]));
+        let s = f + i;
+        let s2 = s * s;
+        // ∂L/∂(i/s) − ∂L/∂(f/s).
+        let d_ratio = delta * cand - delta * prev[c];
+        d_v[c] = delta * (i / s) * d_cand;
+        d_kf[c] = -d_ratio * (i / s2) * f * (1.0 - f);
+        d_ki[c] = d_ratio * (f / s2) * i * (1.0 - i);
+        carry[c] = delta * (f / s);
     }
 }
 
