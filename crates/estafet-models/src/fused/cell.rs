@@ -19,6 +19,7 @@ use burn::backend::tensor::FloatTensor;
 
 use super::host::{HostKernel, block_rows, blocks, dims3, matmul, read};
 use super::math::{sigmoid, tanh, vectorised};
+use super::packed::PackedRhs;
 
 /// Which cell the kernel runs; the gate order is PyTorch's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,6 +167,7 @@ fn scan_forward(i: &CellScan, save: bool) -> (Vec<f32>, Vec<f32>) {
     let rows = block_rows(bsz);
     let out_blocks = blocks(&mut out, bsz, rows, t_len * sw);
     let act_blocks = blocks(&mut acts, bsz, rows, t_len * aw);
+    let w_h = PackedRhs::new(&i.w_h, [h, i.cell.gates() * h], (i.cell.gates() * h, 1));
     out_blocks
         .into_par_iter()
         .zip(act_blocks)
@@ -173,7 +175,7 @@ fn scan_forward(i: &CellScan, save: bool) -> (Vec<f32>, Vec<f32>) {
         .for_each(|(k, (out, acts))| {
             vectorised(
                 #[inline(always)]
-                || forward_block(i, k * rows, out, acts),
+                || forward_block(i, &w_h, k * rows, out, acts),
             )
         });
     (out, acts)
@@ -182,7 +184,7 @@ fn scan_forward(i: &CellScan, save: bool) -> (Vec<f32>, Vec<f32>) {
 /// [`scan_forward`] for the sequences `first..` that `out` holds; `acts` empty when not saving.
 /// Inlined into each instruction-set copy of [`vectorised`].
 #[inline(always)]
-fn forward_block(i: &CellScan, first: usize, out: &mut [f32], acts: &mut [f32]) {
+fn forward_block(i: &CellScan, w_h: &PackedRhs, first: usize, out: &mut [f32], acts: &mut [f32]) {
     let (cell, t_len, h) = (i.cell, i.len, i.hidden);
     let gh = cell.gates() * h;
     let sw = cell.outputs() * h;
@@ -219,18 +221,8 @@ fn forward_block(i: &CellScan, first: usize, out: &mut [f32], acts: &mut [f32]) 
             // SAFETY: row (b, t − 1) of `out` starts at ((b·T + t − 1)·S·H).
             (unsafe { out.as_ptr().add((t - 1) * sw) }, t_len * sw)
         };
-        // SAFETY: `hp` is [B, G·H]; `h_prev` B rows of H at stride `h_prev_rs`; `w` [H, G·H].
-        unsafe {
-            matmul(
-                [bsz, gh, h],
-                hp.as_mut_ptr(),
-                gh,
-                false,
-                (h_prev, h_prev_rs, 1),
-                (i.w_h.as_ptr(), gh, 1),
-                gemm::Parallelism::None,
-            )
-        };
+        // SAFETY: `hp` is [B, G·H]; `h_prev` B rows of H at stride `h_prev_rs`.
+        unsafe { w_h.matmul(bsz, hp.as_mut_ptr(), gh, false, (h_prev, h_prev_rs)) };
         for b in 0..bsz {
             let row = b * t_len + t;
             let x = &xp[row * gh..][..gh];
@@ -460,10 +452,12 @@ fn scan_backward(i: &CellScan, d_out: &[f32]) -> [Vec<f32>; 7] {
         .zip(blocks(&mut d_c0, bsz, rows, h))
         .map(|((((a, b), c), d), e)| [a, b, c, d, e])
         .collect::<Vec<_>>();
+    // W_hᵀ [G·H, H]: the transpose of the row-major W_h [H, G·H].
+    let w_h_t = PackedRhs::new(&i.w_h, [gh, h], (1, gh));
     parts.into_par_iter().enumerate().for_each(|(k, part)| {
         vectorised(
             #[inline(always)]
-            || backward_block(i, k * rows, d_out, part),
+            || backward_block(i, &w_h_t, k * rows, d_out, part),
         )
     });
     let d_hp = if cell == Cell::Gru { &d_hp_gru } else { &d_xp };
@@ -520,6 +514,7 @@ fn scan_backward(i: &CellScan, d_out: &[f32]) -> [Vec<f32>; 7] {
 #[inline(always)]
 fn backward_block(
     i: &CellScan,
+    w_h_t: &PackedRhs,
     first: usize,
     d_out: &[f32],
     [d_xp, d_hp_gru, h_prev, dh_next, dc_next]: [&mut [f32]; 5],
@@ -573,16 +568,14 @@ fn backward_block(
         }
         // dh_{t-1} (+)= dhp_t W_hᵀ
         let d_hp: &[f32] = if cell == Cell::Gru { d_hp_gru } else { d_xp };
-        // SAFETY: rows (b, t) of `d_hp` at stride T·G·H; `w` [H, G·H] read as its transpose.
+        // SAFETY: `dh_next` is [B, H]; rows (b, t) of `d_hp` at stride T·G·H.
         unsafe {
-            matmul(
-                [bsz, h, gh],
+            w_h_t.matmul(
+                bsz,
                 dh_next.as_mut_ptr(),
                 h,
                 cell == Cell::Gru,
-                (d_hp.as_ptr().add(t * gh), t_len * gh, 1),
-                (i.w_h.as_ptr(), 1, gh),
-                gemm::Parallelism::None,
+                (d_hp.as_ptr().add(t * gh), t_len * gh),
             )
         };
     }
@@ -598,46 +591,47 @@ mod tests {
     use crate::lstm::LstmConfig;
     use crate::test_support::{device, max_diff, on_every_isa, uniform};
 
-    /// Batches that do not split evenly into per-thread blocks (B = 3, 5 on any pool of two or
-    /// more threads) give what the sequential form gives, gradients included.
+    /// Batches that do not split evenly into per-thread blocks (B = 3, 5, 13 on any pool of two
+    /// or more threads) give what the sequential form gives, gradients included; hidden sizes
+    /// below and above the step GEMM's 16-column panels, row tiles of 6 and their remainders.
     #[test]
     fn uneven_batch_blocks_agree_with_sequential() {
         // Every instruction-set copy of the kernel the CPU runs.
-        on_every_isa(|_| {
+        on_every_isa(|isa| {
             let dev = device();
-            let lstm = LstmConfig {
-                d_input: 3,
-                d_hidden: 4,
-                forget_bias: 1.0,
-            }
-            .init(&mut Init::new(1, &dev));
-            let gru = GruConfig {
-                d_input: 3,
-                d_hidden: 4,
-            }
-            .init(&mut Init::new(2, &dev));
-            for batch in [3, 5] {
-                let x = uniform([batch, 6, 3], -2.0, 2.0, batch as u64);
-                let r = uniform([batch, 6, 4], -2.0, 2.0, 10 + batch as u64);
-                let run = |fused: bool, lstm_cell: bool| {
-                    let x = x.clone().detach().require_grad();
-                    let y = match (lstm_cell, fused) {
-                        (true, true) => lstm.forward(x.clone(), None).0,
-                        (true, false) => lstm.forward_sequential(x.clone(), None).0,
-                        (false, true) => gru.forward(x.clone(), None).0,
-                        (false, false) => gru.forward_sequential(x.clone(), None).0,
+            for d_hidden in [4, 19] {
+                let lstm = LstmConfig {
+                    d_input: 3,
+                    d_hidden,
+                    forget_bias: 1.0,
+                }
+                .init(&mut Init::new(1, &dev));
+                let gru = GruConfig {
+                    d_input: 3,
+                    d_hidden,
+                }
+                .init(&mut Init::new(2, &dev));
+                for batch in [3, 5, 13] {
+                    let x = uniform([batch, 6, 3], -2.0, 2.0, batch as u64);
+                    let r = uniform([batch, 6, d_hidden], -2.0, 2.0, 10 + batch as u64);
+                    let run = |fused: bool, lstm_cell: bool| {
+                        let x = x.clone().detach().require_grad();
+                        let y = match (lstm_cell, fused) {
+                            (true, true) => lstm.forward(x.clone(), None).0,
+                            (true, false) => lstm.forward_sequential(x.clone(), None).0,
+                            (false, true) => gru.forward(x.clone(), None).0,
+                            (false, false) => gru.forward_sequential(x.clone(), None).0,
+                        };
+                        let grads = (y.clone() * r.clone()).sum().backward();
+                        (y, x.grad(&grads).unwrap())
                     };
-                    let grads = (y.clone() * r.clone()).sum().backward();
-                    (y, x.grad(&grads).unwrap())
-                };
-                for lstm_cell in [true, false] {
-                    let (y, dx) = run(true, lstm_cell);
-                    let (y_ref, dx_ref) = run(false, lstm_cell);
-                    assert!(max_diff(y, y_ref) < 1e-5, "B {batch}, lstm {lstm_cell}: y");
-                    assert!(
-                        max_diff(dx, dx_ref) < 1e-5,
-                        "B {batch}, lstm {lstm_cell}: dx"
-                    );
+                    for lstm_cell in [true, false] {
+                        let (y, dx) = run(true, lstm_cell);
+                        let (y_ref, dx_ref) = run(false, lstm_cell);
+                        let at = format!("{isa:?} H {d_hidden} B {batch}, lstm {lstm_cell}");
+                        assert!(max_diff(y, y_ref) < 1e-5, "{at}: y");
+                        assert!(max_diff(dx, dx_ref) < 1e-4, "{at}: dx");
+                    }
                 }
             }
         });

@@ -34,8 +34,9 @@
 //!
 //! Code map: this file holds the public ops and the backend extension that routes them;
 //! [`host`] the plumbing every kernel shares (the [`host::HostKernel`] trait, its plain and
-//! autodiff runners, tensor I/O, strided GEMM, batch blocks); [`math`] the vectorisable
-//! transcendentals and the instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`],
+//! autodiff runners, tensor I/O, strided GEMM, batch blocks); [`packed`] the cells' step GEMM
+//! against a `W_h` packed once per call; [`math`] the vectorisable transcendentals and the
+//! instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`],
 //! [`min_rnn`], [`delta_rule`], [`ssd`], [`dplr`], [`mlstm_cell`], [`slstm_cell`] and
 //! [`attention`] one kernel each, with its equations.
 
@@ -52,6 +53,7 @@ mod host;
 mod math;
 mod min_rnn;
 mod mlstm_cell;
+mod packed;
 mod selective;
 mod slstm_cell;
 mod ssd;
