@@ -17,7 +17,7 @@ use burn::backend::Backend;
 use burn::backend::TensorMetadata;
 use burn::backend::tensor::FloatTensor;
 
-use super::host::{HostKernel, block_rows, blocks, dims3, matmul, read};
+use super::host::{HostKernel, block_rows, blocks, dims3, matmul, matmul_sum_k, read};
 use super::math::{sigmoid, tanh, vectorised};
 use super::packed::PackedRhs;
 
@@ -462,31 +462,25 @@ fn scan_backward(i: &CellScan, d_out: &[f32]) -> [Vec<f32>; 7] {
     });
     let d_hp = if cell == Cell::Gru { &d_hp_gru } else { &d_xp };
     let (rows_all, d) = (bsz * t_len, i.d_input);
-    // dW_h = Σ_{b,t} h_{t-1}ᵀ dhp_t, dW_i = Σ_{b,t} x_tᵀ dxp_t, dx = dxp W_iᵀ: one GEMM each
-    // over all B·T rows.
+    // dW_h = Σ_{b,t} h_{t-1}ᵀ dhp_t, dW_i = Σ_{b,t} x_tᵀ dxp_t: sums over all B·T rows, split
+    // along that sum; dx = dxp W_iᵀ: one GEMM over the rows.
     let mut d_w_h = vec![0.0f32; h * gh];
     let mut d_w_i = vec![0.0f32; d * gh];
     let mut d_x = vec![0.0f32; rows_all * d];
     // SAFETY: `h_prev` [B·T, H] and `x` [B·T, D] read transposed; `d_hp`, `d_xp` [B·T, G·H];
     // `w_i` [D, G·H] read transposed; every destination sized by its shape.
     unsafe {
-        matmul(
+        matmul_sum_k(
             [h, gh, rows_all],
-            d_w_h.as_mut_ptr(),
-            gh,
-            false,
+            &mut d_w_h,
             (h_prev.as_ptr(), 1, h),
             (d_hp.as_ptr(), gh, 1),
-            gemm::Parallelism::Rayon(0),
         );
-        matmul(
+        matmul_sum_k(
             [d, gh, rows_all],
-            d_w_i.as_mut_ptr(),
-            gh,
-            false,
+            &mut d_w_i,
             (i.x.as_ptr(), 1, d),
             (d_xp.as_ptr(), gh, 1),
-            gemm::Parallelism::Rayon(0),
         );
         matmul(
             [rows_all, d, gh],

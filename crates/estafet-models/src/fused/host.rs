@@ -173,6 +173,78 @@ pub(super) unsafe fn matmul(
     }
 }
 
+/// Rows of the reduction per partial product in [`matmul_sum_k`]. A constant, not a function of
+/// the thread count, so the order of the sum (and the gradients' last bits) is the same on
+/// every machine.
+const K_CHUNK: usize = 2048;
+
+/// `dst [m, n] = lhs [m, k] · rhs [k, n]` for a long reduction, the weight gradients' sum over
+/// all `B·T` rows: `k` is cut into chunks of [`K_CHUNK`] whose products run on rayon's pool and
+/// are then added in chunk order. gemm parallelises over `m` and `n` only, and at a `[64, 256]`
+/// weight gradient its two threads ran slower than one (43–61 against 64–69 GFLOP/s on the
+/// bench machine; this split 79–102).
+///
+/// # Safety
+/// As [`matmul`]: both operands covered under their strides; `dst` holds `m · n` floats.
+pub(super) unsafe fn matmul_sum_k(
+    [m, n, k]: [usize; 3],
+    dst: &mut [f32],
+    (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+) {
+    use rayon::prelude::*;
+    /// The operands' base pointers, shared read-only by the chunks.
+    #[derive(Clone, Copy)]
+    struct Operands(*const f32, *const f32);
+    // SAFETY: the chunks only read through these pointers, and the caller keeps both alive.
+    unsafe impl Send for Operands {}
+    unsafe impl Sync for Operands {}
+    impl Operands {
+        // A method, so that closures capture the whole `Send` struct, not its raw fields.
+        fn get(self) -> (*const f32, *const f32) {
+            (self.0, self.1)
+        }
+    }
+    let dst = &mut dst[..m * n];
+    let chunks = k.div_ceil(K_CHUNK).max(1);
+    let operands = Operands(lhs, rhs);
+    let product = move |c: usize, out: &mut [f32]| {
+        let (lhs, rhs) = operands.get();
+        let (k0, kc) = (c * K_CHUNK, K_CHUNK.min(k - c * K_CHUNK));
+        // SAFETY: rows k0..k0 + kc of the reduction lie inside both operands (the caller's
+        // contract); `out` is a private `m · n` buffer.
+        unsafe {
+            matmul(
+                [m, n, kc],
+                out.as_mut_ptr(),
+                n,
+                false,
+                (lhs.add(k0 * lhs_cs), lhs_rs, lhs_cs),
+                (rhs.add(k0 * rhs_rs), rhs_rs, rhs_cs),
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    if chunks == 1 {
+        if k == 0 {
+            dst.fill(0.0);
+        } else {
+            product(0, dst);
+        }
+        return;
+    }
+    let mut partials = vec![0.0f32; chunks * m * n];
+    partials
+        .par_chunks_mut(m * n)
+        .enumerate()
+        .for_each(|(c, out)| product(c, out));
+    let (first, rest) = partials.split_at(m * n);
+    dst.copy_from_slice(first);
+    for partial in rest.chunks_exact(m * n) {
+        dst.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
+    }
+}
+
 /// The rate of one `n × n × n` f32 GEMM through [`matmul`] on rayon's pool, GFLOP/s: the best
 /// of `repeats` timed calls after one untimed call. What "the machine's limit" means for the
 /// benchmark's efficiency figure.
@@ -258,4 +330,68 @@ pub(super) fn par_rows(data: &mut [f32], width: usize, f: impl Fn(usize, &mut [f
             || f(i, row),
         )
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The k-split GEMM against the definition at a reduction that is not a multiple of the
+    /// chunk, with transposed strides as the weight gradients use them, and bit-identical on one
+    /// and on three threads.
+    #[test]
+    fn matmul_sum_k_is_the_product_on_any_thread_count() {
+        let (m, n, k) = (5, 7, 2 * K_CHUNK + 37);
+        // lhs stored [k, m] (read transposed, as h_prev [B·T, H]); rhs [k, n].
+        let lhs: Vec<f32> = (0..k * m)
+            .map(|i| ((i * 7919) % 23) as f32 / 23.0 - 0.5)
+            .collect();
+        let rhs: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 104729) % 19) as f32 / 19.0 - 0.5)
+            .collect();
+        let run = |threads: usize| {
+            let mut dst = vec![f32::NAN; m * n];
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            // SAFETY: lhs is [k, m] read with strides (1, m); rhs [k, n] with (n, 1).
+            pool.install(|| unsafe {
+                matmul_sum_k(
+                    [m, n, k],
+                    &mut dst,
+                    (lhs.as_ptr(), 1, m),
+                    (rhs.as_ptr(), n, 1),
+                )
+            });
+            dst
+        };
+        let one = run(1);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k)
+                    .map(|r| lhs[r * m + i] as f64 * rhs[r * n + j] as f64)
+                    .sum();
+                let got = one[i * n + j] as f64;
+                assert!((got - want).abs() < 1e-3, "({i}, {j}): {got} vs {want}");
+            }
+        }
+        assert_eq!(
+            one,
+            run(3),
+            "the sum's order does not depend on the thread count"
+        );
+        let mut short = vec![f32::NAN; m * n];
+        // SAFETY: the first 10 rows of both operands.
+        unsafe {
+            matmul_sum_k(
+                [m, n, 10],
+                &mut short,
+                (lhs.as_ptr(), 1, m),
+                (rhs.as_ptr(), n, 1),
+            )
+        };
+        let want: f32 = (0..10).map(|r| lhs[r * m] * rhs[r * n]).sum();
+        assert!((short[0] - want).abs() < 1e-5);
+    }
 }
