@@ -56,7 +56,7 @@ fn a_tiny_run_writes_its_run_directory() {
     assert_eq!(summary["task"], "copy_memory");
     assert_eq!(summary["steps"], 4);
     assert_eq!(summary["seed"], 7);
-    assert_eq!(summary["backend"], "ndarray");
+    assert_eq!(summary["backend"], "flex");
     assert!(summary["params"].as_u64().unwrap() > 0);
     let eval = &summary["final_eval"];
     assert!(eval["loss"].as_f64().unwrap().is_finite());
@@ -111,7 +111,7 @@ fn a_tiny_run_writes_its_run_directory() {
     let run: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
     assert_eq!(run["seed"], 7);
-    assert_eq!(run["backend"], "ndarray");
+    assert_eq!(run["backend"], "flex");
     assert!(
         run["code_version"]
             .as_str()
@@ -221,6 +221,11 @@ fn lists_what_the_build_offers() {
         text.lines()
             .any(|l| l.starts_with("ndarray") && l.ends_with("available")),
         "{text}"
+    );
+    let first = text.lines().find(|l| l.ends_with("available"));
+    assert!(
+        first.is_some_and(|l| l.starts_with("flex")),
+        "flex, the default, comes first: {text}"
     );
     let out = estafet(&["list", "tasks"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("copy_memory"));

@@ -14,16 +14,16 @@ use crate::Error;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// burn-ndarray on the CPU (the default).
-    Ndarray,
-    /// burn-flex, burn's newer pure-Rust CPU backend.
+    /// burn-flex, burn's newer pure-Rust CPU backend: the default, the faster CPU backend.
     Flex,
+    /// burn-ndarray on the CPU: the reference the tests compare the others against.
+    Ndarray,
     /// burn-wgpu on the default GPU adapter (Vulkan, Metal, DX12 or a software driver).
     Wgpu,
 }
 
 impl Backend {
-    pub const ALL: [Backend; 3] = [Backend::Ndarray, Backend::Flex, Backend::Wgpu];
+    pub const ALL: [Backend; 3] = [Backend::Flex, Backend::Ndarray, Backend::Wgpu];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -108,6 +108,6 @@ impl FromStr for Backend {
         Self::ALL
             .into_iter()
             .find(|b| b.name() == s)
-            .ok_or_else(|| format!("unknown backend `{s}` (known: ndarray, flex, wgpu)"))
+            .ok_or_else(|| format!("unknown backend `{s}` (known: flex, ndarray, wgpu)"))
     }
 }
