@@ -1,7 +1,7 @@
 //! Causal multi-head softmax attention (Vaswani et al. 2017), the non-recurrent baseline.
 //!
 //! ```text
-//! q, k, v = split(W_qkv x)                         [B, H, T, K],  K = D / H
+//! q, k, v = split(W_qkv x)                         [B, T, H, K],  K = D / H
 //! q, k    = RoPE(q), RoPE(k)                        rotary positions (Su et al. 2021), or
 //! x       = x + P[t]                                learned absolute positions, before W_qkv
 //! o       = softmax(q kᵀ / √K + causal mask) v      key j visible to query i iff j ≤ i
@@ -129,7 +129,8 @@ pub struct Attention {
     pub n_heads: usize,
 }
 
-/// Every key and value seen so far, `[B, H, S, K]` each.
+/// Every key (rotated, under rotary positions) and value seen so far, `[B, S, H, K]` each:
+/// token-major, as the projections make them.
 #[derive(Clone, Debug)]
 pub struct KvCache {
     pub k: Tensor<4>,
@@ -138,7 +139,7 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn len(&self) -> usize {
-        self.k.dims()[2]
+        self.k.dims()[1]
     }
 
     pub fn is_empty(&self) -> bool {
@@ -194,7 +195,7 @@ impl Attention {
             }
             None => x,
         };
-        let split = |z: Tensor<3>| z.reshape([b, t, h, head]).swap_dims(1, 2); // [B, H, T, K]
+        let split = |z: Tensor<3>| z.reshape([b, t, h, head]); // [B, T, H, K]
         let [q, k, v]: [Tensor<3>; 3] = self
             .qkv
             .forward(x)
@@ -209,24 +210,26 @@ impl Attention {
         }
         let cache = match cache {
             Some(c) => KvCache {
-                k: Tensor::cat(vec![c.k, k], 2),
-                v: Tensor::cat(vec![c.v, v], 2),
+                k: Tensor::cat(vec![c.k, k], 1),
+                v: Tensor::cat(vec![c.v, v], 1),
             },
             None => KvCache { k, v },
         };
+        let s = cache.len();
         let o = if fused {
-            let s = cache.len();
-            let rows = |z: Tensor<4>, len| z.reshape([b * h, len, head]);
+            let tokens = |z: Tensor<4>, len| z.reshape([b, len, d]);
             fused::causal_attention(
-                rows(q, t),
-                rows(cache.k.clone(), s),
-                rows(cache.v.clone(), s),
+                tokens(q, t),
+                tokens(cache.k.clone(), s),
+                tokens(cache.v.clone(), s),
+                h,
             )
-            .reshape([b, h, t, head])
         } else {
-            attend(q, cache.k.clone(), cache.v.clone())
+            let heads = |z: Tensor<4>| z.swap_dims(1, 2); // [B, H, ·, K]
+            attend(heads(q), heads(cache.k.clone()), heads(cache.v.clone()))
+                .swap_dims(1, 2)
+                .reshape([b, t, d])
         };
-        let o = o.swap_dims(1, 2).reshape([b, t, d]);
         (self.out.forward(o), cache)
     }
 
@@ -250,8 +253,8 @@ pub fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     softmax(scores, 3).matmul(v)
 }
 
-/// `cos` and `sin` of `(offset + t)·θ_i` for `t < len`, laid out `[1, 1, len, K]` for the
-/// half-split rotation.
+/// `cos` and `sin` of `(offset + t)·θ_i` for `t < len`, laid out `[1, len, 1, K]` (broadcast
+/// over batch and heads of `[B, T, H, K]`) for the half-split rotation.
 fn rope_tables(offset: usize, len: usize, head: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
     let half = head / 2;
     let mut cos = Vec::with_capacity(len * head);
@@ -265,7 +268,7 @@ fn rope_tables(offset: usize, len: usize, head: usize, device: &Device) -> (Tens
             sin.extend(angles.iter().map(|a| a.sin() as f32));
         }
     }
-    let table = |values| Tensor::from_data(TensorData::new(values, [1, 1, len, head]), device);
+    let table = |values| Tensor::from_data(TensorData::new(values, [1, len, 1, head]), device);
     (table(cos), table(sin))
 }
 

@@ -885,7 +885,8 @@ fn attention_fused_agrees_with_definition() {
             positions,
         }
         .init(&mut Init::new(7, &device()));
-        let (k0, v0) = (normal([2, 2, 3, 4], 1.0), normal([2, 2, 3, 4], 1.0));
+        // B 2, S 3, H 2, K 4.
+        let (k0, v0) = (normal([2, 3, 2, 4], 1.0), normal([2, 3, 2, 4], 1.0));
         for t in LENGTHS {
             check_forms(
                 &format!("{positions:?}"),
@@ -895,8 +896,8 @@ fn attention_fused_agrees_with_definition() {
                 || {
                     let (k, v) = (leaf(&flat(k0.clone())), leaf(&flat(v0.clone())));
                     let cache = KvCache {
-                        k: k.clone().reshape([2, 2, 3, 4]),
-                        v: v.clone().reshape([2, 2, 3, 4]),
+                        k: k.clone().reshape([2, 3, 2, 4]),
+                        v: v.clone().reshape([2, 3, 2, 4]),
                     };
                     (cache, vec![k, v])
                 },

@@ -15,24 +15,26 @@
 //! Queries go in blocks of [`BLOCK`]: a block's scores `[BLOCK, n]` (n: the keys its last query
 //! sees) are one GEMM, its weighted sum another, and the backward's four products are GEMMs
 //! too, so the arithmetic runs at the GEMM's rate while the buffer stays a few hundred kB.
-//! Sequence-heads run in parallel. The definition is `attention::attend` (scores, mask, softmax
-//! and weighted sum as tensor ops).
+//! Sequence-heads run in parallel. The inputs and output stay token-major, `[B, T, H·K]` as the
+//! projections make them: a head is read in place with row stride `H·K`, so no transposes to and
+//! from `[B, H, T, K]` run around the op. The definition is `attention::attend` (scores, mask,
+//! softmax and weighted sum as tensor ops).
 
 use burn::backend::Backend;
 use burn::backend::tensor::FloatTensor;
 use gemm::Parallelism;
 
-use super::host::{HostKernel, Sections, dims3, matmul, par_rows, read};
+use super::host::{HostKernel, dims3, matmul, par_rows, read};
 use super::math::{dot, exp, max, sum};
 
 /// Queries per block.
 const BLOCK: usize = 64;
 
-/// Queries, keys and values of every sequence-head on the host, and what the forward keeps.
+/// Queries `[B, T, H·K]`, keys and values `[B, S, H·K]` on the host, and what the forward keeps.
 #[derive(Debug)]
 pub(super) struct CausalAttention {
-    /// Sequence-heads `B·H`.
-    rows: usize,
+    batch: usize,
+    heads: usize,
     /// Queries `T`, keys `S ≥ T` (the first `S − T` come from a cache).
     len: usize,
     keys: usize,
@@ -40,7 +42,8 @@ pub(super) struct CausalAttention {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    /// `o [rows, T, K]` and `L [rows, T]`, kept by a forward that will be differentiated.
+    /// `o [B·H, T, K]` and `L [B·H, T]`, head-major, kept by a forward that will be
+    /// differentiated.
     out: Vec<f32>,
     lse: Vec<f32>,
 }
@@ -54,6 +57,37 @@ struct Block {
 }
 
 impl CausalAttention {
+    /// Sequence-heads `B·H`.
+    fn rows(&self) -> usize {
+        self.batch * self.heads
+    }
+
+    /// The row stride of q, k and v, `D = H·K`.
+    fn width(&self) -> usize {
+        self.heads * self.head
+    }
+
+    /// Where sequence-head `r`'s first query (with `len = T`) or key (`len = S`) starts.
+    fn start(&self, r: usize, len: usize) -> usize {
+        let (b, h) = (r / self.heads, r % self.heads);
+        b * len * self.width() + h * self.head
+    }
+
+    /// Per-row blocks `[len, K]` (row `r`'s at `parts[r · per + offset..]`) laid out token-major,
+    /// `[B, len, H·K]`.
+    fn merge_heads(&self, parts: &[f32], per: usize, offset: usize, len: usize) -> Vec<f32> {
+        let kd = self.head;
+        let mut merged = vec![0.0f32; self.batch * len * self.width()];
+        for (r, part) in parts.chunks_exact(per).enumerate() {
+            let at = self.start(r, len);
+            for i in 0..len {
+                merged[at + i * self.width()..][..kd]
+                    .copy_from_slice(&part[offset + i * kd..][..kd]);
+            }
+        }
+        merged
+    }
+
     fn blocks(&self) -> impl Iterator<Item = Block> + use<> {
         let (t_len, offset) = (self.len, self.keys - self.len);
         (0..t_len).step_by(BLOCK).map(move |i0| {
@@ -74,22 +108,22 @@ impl CausalAttention {
         block: &Block,
         s: &mut [f32],
     ) -> impl Iterator<Item = usize> + use<> {
-        let (kd, offset) = (self.head, self.keys - self.len);
+        let (kd, d, offset) = (self.head, self.width(), self.keys - self.len);
         let Block { i0, m, n } = *block;
         let (q, k) = (
-            &self.q[(r * self.len + i0) * kd..],
-            &self.k[r * self.keys * kd..],
+            &self.q[self.start(r, self.len) + i0 * d..],
+            &self.k[self.start(r, self.keys)..],
         );
-        // SAFETY: q holds m rows of kd, k holds n rows of kd (read as kᵀ [kd, n]), s holds
-        // m·n floats and is distinct from both.
+        // SAFETY: q holds m rows of kd at stride d, k n rows of kd at stride d (read as kᵀ
+        // [kd, n]), s holds m·n floats and is distinct from both.
         unsafe {
             matmul(
                 [m, n, kd],
                 s.as_mut_ptr(),
                 n,
                 false,
-                (q.as_ptr(), kd, 1),
-                (k.as_ptr(), 1, kd),
+                (q.as_ptr(), d, 1),
+                (k.as_ptr(), 1, d),
                 Parallelism::None,
             )
         };
@@ -100,21 +134,27 @@ impl CausalAttention {
 }
 
 impl HostKernel<3> for CausalAttention {
-    type Args = ();
+    /// Heads `H`.
+    type Args = usize;
 
-    fn read<B: Backend>([q, k, v]: [&FloatTensor<B>; 3], (): ()) -> Self {
-        let [rows, len, head] = dims3::<B>(q);
-        let [k_rows, keys, k_head] = dims3::<B>(k);
+    fn read<B: Backend>([q, k, v]: [&FloatTensor<B>; 3], heads: usize) -> Self {
+        let [batch, len, width] = dims3::<B>(q);
+        let [k_batch, keys, k_width] = dims3::<B>(k);
         assert!(
-            k_rows == rows && k_head == head && dims3::<B>(v) == [rows, keys, head],
-            "attention: q [R, T, K], k and v [R, S, K]"
+            k_batch == batch && k_width == width && dims3::<B>(v) == [batch, keys, width],
+            "attention: q [B, T, D], k and v [B, S, D]"
+        );
+        assert!(
+            heads >= 1 && width % heads == 0,
+            "attention: D = {width} in {heads} heads"
         );
         assert!(len >= 1 && keys >= len, "attention needs 1 ≤ T ≤ S");
         Self {
-            rows,
+            batch,
+            heads,
+            head: width / heads,
             len,
             keys,
-            head,
             q: read::<B>(q.clone()),
             k: read::<B>(k.clone()),
             v: read::<B>(v.clone()),
@@ -124,26 +164,26 @@ impl HostKernel<3> for CausalAttention {
     }
 
     fn out_shape(&self) -> Vec<usize> {
-        vec![self.rows, self.len, self.head]
+        vec![self.batch, self.len, self.width()]
     }
 
     fn input_shapes(&self) -> [Vec<usize>; 3] {
-        let (r, t, s, k) = (self.rows, self.len, self.keys, self.head);
-        [vec![r, t, k], vec![r, s, k], vec![r, s, k]]
+        let (b, t, s, d) = (self.batch, self.len, self.keys, self.width());
+        [vec![b, t, d], vec![b, s, d], vec![b, s, d]]
     }
 
     fn forward(&mut self, keep: bool) -> Vec<f32> {
-        let (t_len, s_len, kd) = (self.len, self.keys, self.head);
+        let (t_len, s_len, kd, d) = (self.len, self.keys, self.head, self.width());
         // Per row: o [T, K], then L [T].
         let width = t_len * kd + t_len;
-        let mut parts = vec![0.0f32; self.rows * width];
+        let mut parts = vec![0.0f32; self.rows() * width];
         par_rows(
             &mut parts,
             width,
             #[inline(always)]
             |r, part| {
                 let (o, lse) = part.split_at_mut(t_len * kd);
-                let v = &self.v[r * s_len * kd..];
+                let v = &self.v[self.start(r, s_len)..];
                 let mut s = vec![0.0f32; BLOCK * s_len];
                 for block in self.blocks() {
                     let Block { i0, m, n } = block;
@@ -157,8 +197,8 @@ impl HostKernel<3> for CausalAttention {
                         sums[a] = sum(row);
                         lse[i0 + a] = top + sums[a].ln();
                     }
-                    // SAFETY: s holds the block's m × n probabilities, v n rows of kd, and o's rows
-                    // i0..i0 + m are distinct from both.
+                    // SAFETY: s holds the block's m × n probabilities, v n rows of kd at stride d,
+                    // and o's rows i0..i0 + m are distinct from both.
                     unsafe {
                         matmul(
                             [m, kd, n],
@@ -166,7 +206,7 @@ impl HostKernel<3> for CausalAttention {
                             kd,
                             false,
                             (s.as_ptr(), n, 1),
-                            (v.as_ptr(), kd, 1),
+                            (v.as_ptr(), d, 1),
                             Parallelism::None,
                         )
                     };
@@ -177,27 +217,26 @@ impl HostKernel<3> for CausalAttention {
                 }
             },
         );
-        let out: Vec<f32> = parts
-            .chunks_exact(width)
-            .flat_map(|p| p[..t_len * kd].iter().copied())
-            .collect();
         if keep {
-            self.lse = parts
-                .chunks_exact(width)
-                .flat_map(|p| p[t_len * kd..].iter().copied())
-                .collect();
-            self.out = out.clone();
+            let section = |range: std::ops::Range<usize>| {
+                parts
+                    .chunks_exact(width)
+                    .flat_map(|p| p[range.clone()].iter().copied())
+                    .collect()
+            };
+            self.out = section(0..t_len * kd);
+            self.lse = section(t_len * kd..width);
         }
-        out
+        self.merge_heads(&parts, width, 0, t_len)
     }
 
     /// Gradients of `(q, k, v)` given the output's.
     fn backward(&self, d_out: &[f32]) -> [Vec<f32>; 3] {
-        let (t_len, s_len, kd) = (self.len, self.keys, self.head);
+        let (t_len, s_len, kd, d) = (self.len, self.keys, self.head, self.width());
         let scale = 1.0 / (kd as f32).sqrt();
-        // Per row: [dq (T·K) | dk (S·K) | dv (S·K)].
+        // Per row: [dq (T·K) | dk (S·K) | dv (S·K)], head-major.
         let per = t_len * kd + 2 * s_len * kd;
-        let mut parts = vec![0.0f32; self.rows * per];
+        let mut parts = vec![0.0f32; self.rows() * per];
         par_rows(
             &mut parts,
             per,
@@ -206,11 +245,11 @@ impl HostKernel<3> for CausalAttention {
                 let (dq, rest) = part.split_at_mut(t_len * kd);
                 let (dk, dv) = rest.split_at_mut(s_len * kd);
                 let (q, k, v) = (
-                    &self.q[r * t_len * kd..],
-                    &self.k[r * s_len * kd..],
-                    &self.v[r * s_len * kd..],
+                    &self.q[self.start(r, t_len)..],
+                    &self.k[self.start(r, s_len)..],
+                    &self.v[self.start(r, s_len)..],
                 );
-                let g = &d_out[r * t_len * kd..];
+                let g = &d_out[self.start(r, t_len)..];
                 let (mut p, mut ds) = (vec![0.0f32; BLOCK * s_len], vec![0.0f32; BLOCK * s_len]);
                 for block in self.blocks() {
                     let Block { i0, m, n } = block;
@@ -221,10 +260,11 @@ impl HostKernel<3> for CausalAttention {
                         row.iter_mut().for_each(|x| *x = exp(*x - l));
                         hidden.fill(0.0);
                     }
-                    let (g_blk, q_blk) = (&g[i0 * kd..], &q[i0 * kd..]);
+                    let (g_blk, q_blk) = (&g[i0 * d..], &q[i0 * d..]);
                     // SAFETY (all four products): p and ds hold m × n floats, g_blk and q_blk m
-                    // rows of kd, k and v n rows of kd, dq's rows i0..i0 + m and dk, dv's first n
-                    // rows are distinct from every operand they are combined with.
+                    // rows of kd at stride d, k and v n rows of kd at stride d, dq's rows
+                    // i0..i0 + m and dk, dv's first n rows are distinct from every operand they
+                    // are combined with.
                     unsafe {
                         // dV[:n] += Pᵀ dO,  dP = dO Vᵀ.
                         matmul(
@@ -233,7 +273,7 @@ impl HostKernel<3> for CausalAttention {
                             kd,
                             true,
                             (p.as_ptr(), 1, n),
-                            (g_blk.as_ptr(), kd, 1),
+                            (g_blk.as_ptr(), d, 1),
                             Parallelism::None,
                         );
                         matmul(
@@ -241,15 +281,15 @@ impl HostKernel<3> for CausalAttention {
                             ds.as_mut_ptr(),
                             n,
                             false,
-                            (g_blk.as_ptr(), kd, 1),
-                            (v.as_ptr(), 1, kd),
+                            (g_blk.as_ptr(), d, 1),
+                            (v.as_ptr(), 1, d),
                             Parallelism::None,
                         );
                     }
                     // dS = P ⊙ (dP − D_i) / √K, with D_i = dO_i·o_i.
                     for (a, &seen) in seen.iter().enumerate() {
-                        let at = (r * t_len + i0 + a) * kd;
-                        let d_i = dot(&d_out[at..][..kd], &self.out[at..][..kd]);
+                        let o_at = (r * t_len + i0 + a) * kd;
+                        let d_i = dot(&g_blk[a * d..][..kd], &self.out[o_at..][..kd]);
                         let (row, hidden) = ds[a * n..][..n].split_at_mut(seen);
                         row.iter_mut()
                             .zip(&p[a * n..][..seen])
@@ -264,7 +304,7 @@ impl HostKernel<3> for CausalAttention {
                             kd,
                             false,
                             (ds.as_ptr(), n, 1),
-                            (k.as_ptr(), kd, 1),
+                            (k.as_ptr(), d, 1),
                             Parallelism::None,
                         );
                         matmul(
@@ -273,24 +313,18 @@ impl HostKernel<3> for CausalAttention {
                             kd,
                             true,
                             (ds.as_ptr(), 1, n),
-                            (q_blk.as_ptr(), kd, 1),
+                            (q_blk.as_ptr(), d, 1),
                             Parallelism::None,
                         );
                     }
                 }
             },
         );
-        let section = |offset, len| Sections {
-            parts: &parts,
-            per,
-            offset,
-            len,
-        };
         let (tk, sk) = (t_len * kd, s_len * kd);
         [
-            section(0, tk).gather(),
-            section(tk, sk).gather(),
-            section(tk + sk, sk).gather(),
+            self.merge_heads(&parts, per, 0, t_len),
+            self.merge_heads(&parts, per, tk, s_len),
+            self.merge_heads(&parts, per, tk + sk, s_len),
         ]
     }
 }
@@ -303,22 +337,23 @@ mod tests {
     use crate::test_support::{max_diff, on_every_isa, uniform};
 
     /// The kernel against the definition (scores, causal mask, softmax, weighted sum as tensor
-    /// ops) at an uneven number of sequence-heads, an odd head size and lengths, with and without
-    /// cached keys: the output and the gradient of every input.
+    /// ops, on `[B, H, T, K]`) at uneven batches and head counts, an odd head size and lengths,
+    /// with and without cached keys: the output and the gradient of every input.
     #[test]
     fn kernel_matches_definition() {
         on_every_isa(|_| {
-            for (rows, t, s, k) in [
-                (3, 7, 7, 5),
-                (2, 1, 1, 4),
-                (3, 5, 9, 3),
-                (2, 150, 150, 8),
-                (3, 70, 75, 4),
+            for (batch, heads, t, s, k) in [
+                (3, 1, 7, 7, 5),
+                (2, 3, 1, 1, 4),
+                (1, 3, 5, 9, 3),
+                (2, 1, 150, 150, 8),
+                (3, 2, 70, 75, 4),
             ] {
-                let q = uniform([rows, t, k], -2.0, 2.0, 1);
-                let key = uniform([rows, s, k], -2.0, 2.0, 2);
-                let v = uniform([rows, s, k], -1.0, 1.0, 3);
-                let r_o = uniform([rows, t, k], -1.0, 1.0, 4);
+                let d = heads * k;
+                let q = uniform([batch, t, d], -2.0, 2.0, 1);
+                let key = uniform([batch, s, d], -2.0, 2.0, 2);
+                let v = uniform([batch, s, d], -1.0, 1.0, 3);
+                let r_o = uniform([batch, t, d], -1.0, 1.0, 4);
                 let run = |fused: bool| {
                     let (q, key, v) = (
                         q.clone().require_grad(),
@@ -326,10 +361,17 @@ mod tests {
                         v.clone().require_grad(),
                     );
                     let o = if fused {
-                        super::super::causal_attention(q.clone(), key.clone(), v.clone())
+                        super::super::causal_attention(q.clone(), key.clone(), v.clone(), heads)
                     } else {
-                        let four = |x: Tensor<3>| x.unsqueeze_dim::<4>(0);
-                        attend(four(q.clone()), four(key.clone()), four(v.clone())).squeeze_dim(0)
+                        let split =
+                            |x: Tensor<3>, len| x.reshape([batch, len, heads, k]).swap_dims(1, 2);
+                        attend(
+                            split(q.clone(), t),
+                            split(key.clone(), s),
+                            split(v.clone(), s),
+                        )
+                        .swap_dims(1, 2)
+                        .reshape([batch, t, d])
                     };
                     let grads = (o.clone() * r_o.clone()).sum().backward();
                     let g = |x: &Tensor<3>| x.grad(&grads).unwrap();
@@ -337,7 +379,7 @@ mod tests {
                 };
                 let (o, grads) = run(true);
                 let (o_ref, grads_ref) = run(false);
-                let at = format!("R {rows}, T {t}, S {s}, K {k}");
+                let at = format!("B {batch}, H {heads}, T {t}, S {s}, K {k}");
                 assert!(max_diff(o, o_ref) < 1e-5, "o at {at}");
                 for ((name, got), want) in ["q", "k", "v"].iter().zip(grads).zip(grads_ref) {
                     assert!(max_diff(got, want) < 1e-5, "d{name} at {at}");

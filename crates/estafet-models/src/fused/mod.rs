@@ -415,13 +415,16 @@ pub fn slstm_cell(wx: Tensor<3>, r: Tensor<3>, [h0, c0, n0, m0]: [Tensor<2>; 4])
 /// `o_i = softmax_j(q_i·k_j / √K) v_j` over the keys `j ≤ S − T + i`, never holding the
 /// `[T, S]` scores; the backward recomputes them one block of queries at a time.
 ///
-/// - `q`: `[R, T, K]`; `k`, `v`: `[R, S, K]` with `S ≥ T ≥ 1` (the first `S − T` keys cached)
-/// - returns `[R, T, K]`
-pub fn causal_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) -> Tensor<3> {
+/// - `q`: `[B, T, H·K]`; `k`, `v`: `[B, S, H·K]` with `S ≥ T ≥ 1` (the first `S − T` keys
+///   cached), head `h` in columns `h·K..(h + 1)·K` (token-major, as the projections make them)
+/// - `heads`: `H`
+/// - returns `[B, T, H·K]`
+pub fn causal_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tensor<3> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::causal_attention(
         q.into_dispatch(),
         k.into_dispatch(),
         v.into_dispatch(),
+        heads,
     ))
 }
 
@@ -549,8 +552,9 @@ pub trait FusedOps: Backend {
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
+        heads: usize,
     ) -> FloatTensor<Self> {
-        run_plain::<Self, CausalAttention, 3>([q, k, v], ())
+        run_plain::<Self, CausalAttention, 3>([q, k, v], heads)
     }
 }
 
@@ -678,7 +682,8 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
+        heads: usize,
     ) -> FloatTensor<Self> {
-        run_tracked::<B, C, CausalAttention, 3>([q, k, v], ())
+        run_tracked::<B, C, CausalAttention, 3>([q, k, v], heads)
     }
 }
