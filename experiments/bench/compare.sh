@@ -52,7 +52,6 @@ fi
 if ! "$venv/bin/python" -c "import mambapy" 2>/dev/null; then
   "$venv/bin/pip" install --quiet mambapy || echo "compare.sh: mambapy not installed; its column stays empty" >&2
 fi
-mambapy=$("$venv/bin/python" -c "import mambapy" 2>/dev/null && echo --include-mambapy || true)
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/estafet/target}
 features=${ESTAFET_FEATURES:-flex}
@@ -61,6 +60,11 @@ cargo build --release --locked --features "$features" --quiet
 estafet=$CARGO_TARGET_DIR/release/estafet
 models=${MODELS:-rnn,lstm,gru,mamba,rwkv,mingru,attention}
 torch_models=$(echo "$models" | sed 's/\bmamba\b/mamba_seq/')
+# mambapy is a second Mamba reference, timed only when estafet's Mamba is.
+mambapy=""
+if [[ ",$models," == *,mamba,* ]] && "$venv/bin/python" -c "import mambapy" 2>/dev/null; then
+  mambapy=--include-mambapy
+fi
 
 out=${OUT:-$(mktemp -d)}
 mkdir -p "$out"
