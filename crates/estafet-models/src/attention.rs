@@ -215,8 +215,8 @@ impl Attention {
             },
             None => KvCache { k, v },
         };
-        let s = cache.len();
         let o = if fused {
+            let s = cache.len();
             let tokens = |z: Tensor<4>, len| z.reshape([b, len, d]);
             fused::causal_attention(
                 tokens(q, t),

@@ -76,13 +76,12 @@ impl CausalAttention {
     /// Per-row blocks `[len, K]` (row `r`'s at `parts[r · per + offset..]`) laid out token-major,
     /// `[B, len, H·K]`.
     fn merge_heads(&self, parts: &[f32], per: usize, offset: usize, len: usize) -> Vec<f32> {
-        let kd = self.head;
-        let mut merged = vec![0.0f32; self.batch * len * self.width()];
+        let (kd, d) = (self.head, self.width());
+        let mut merged = vec![0.0f32; self.batch * len * d];
         for (r, part) in parts.chunks_exact(per).enumerate() {
             let at = self.start(r, len);
             for i in 0..len {
-                merged[at + i * self.width()..][..kd]
-                    .copy_from_slice(&part[offset + i * kd..][..kd]);
+                merged[at + i * d..][..kd].copy_from_slice(&part[offset + i * kd..][..kd]);
             }
         }
         merged
