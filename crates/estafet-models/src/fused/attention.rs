@@ -15,9 +15,9 @@
 //! Queries go in blocks of [`BLOCK`]: a block's scores `[BLOCK, n]` (n: the keys its last query
 //! sees) are one GEMM, its weighted sum another, and the backward's four products are GEMMs
 //! too, so the arithmetic runs at the GEMM's rate while the buffer stays a few hundred kB.
-//! Sequence-heads run in parallel. The inputs and output stay token-major, `[B, T, H·K]` as the
-//! projections make them: a head is read in place with row stride `H·K`, so no transposes to and
-//! from `[B, H, T, K]` run around the op. The definition is `attention::attend` (scores, mask,
+//! Sequence-heads run in parallel. The inputs, the output and the gradients stay token-major,
+//! `[B, T, H·K]` as the projections make them: a head is read and written in place with row
+//! stride `H·K`, so no transposes to and from `[B, H, T, K]` run around the op or inside it. The definition is `attention::attend` (scores, mask,
 //! softmax and weighted sum as tensor ops).
 
 use burn::backend::Backend;
@@ -25,7 +25,7 @@ use burn::backend::tensor::FloatTensor;
 use gemm::Parallelism;
 
 use super::host::{HostKernel, dims3, matmul, par_rows, read};
-use super::math::{dot, exp, max, sum};
+use super::math::{dot, exp, max, sum, vectorised};
 
 /// Queries per block.
 const BLOCK: usize = 64;
@@ -42,8 +42,7 @@ pub(super) struct CausalAttention {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    /// `o [B·H, T, K]` and `L [B·H, T]`, head-major, kept by a forward that will be
-    /// differentiated.
+    /// `o [B, T, H·K]` and `L [B·H, T]`, kept by a forward that will be differentiated.
     out: Vec<f32>,
     lse: Vec<f32>,
 }
@@ -54,6 +53,35 @@ struct Block {
     i0: usize,
     m: usize,
     n: usize,
+}
+
+/// A token-major buffer that the sequence-heads fill in parallel, each only its own head's
+/// columns `h·K..(h + 1)·K` of its own sequence's rows.
+#[derive(Clone, Copy)]
+struct Disjoint(*mut f32);
+
+// SAFETY: the tasks sharing a `Disjoint` write disjoint elements (their own sequence-head's),
+// and the buffer outlives the parallel loop.
+unsafe impl Send for Disjoint {}
+unsafe impl Sync for Disjoint {}
+
+impl Disjoint {
+    /// Where sequence-head `r`'s rows start (see [`CausalAttention::start`]).
+    fn head(self, at: usize) -> *mut f32 {
+        // SAFETY: `at` is a `start` inside the buffer the pointer was taken from.
+        unsafe { self.0.add(at) }
+    }
+}
+
+/// Calls `f(r)` for every sequence-head `r < rows` in parallel, on the kernels' instruction set.
+fn par_heads(rows: usize, f: impl Fn(usize) + Sync) {
+    use rayon::prelude::*;
+    (0..rows).into_par_iter().for_each(|r| {
+        vectorised(
+            #[inline(always)]
+            || f(r),
+        )
+    });
 }
 
 impl CausalAttention {
@@ -71,20 +99,6 @@ impl CausalAttention {
     fn start(&self, r: usize, len: usize) -> usize {
         let (b, h) = (r / self.heads, r % self.heads);
         b * len * self.width() + h * self.head
-    }
-
-    /// Per-row blocks `[len, K]` (row `r`'s at `parts[r · per + offset..]`) laid out token-major,
-    /// `[B, len, H·K]`.
-    fn merge_heads(&self, parts: &[f32], per: usize, offset: usize, len: usize) -> Vec<f32> {
-        let (kd, d) = (self.head, self.width());
-        let mut merged = vec![0.0f32; self.batch * len * d];
-        for (r, part) in parts.chunks_exact(per).enumerate() {
-            let at = self.start(r, len);
-            for i in 0..len {
-                merged[at + i * d..][..kd].copy_from_slice(&part[offset + i * kd..][..kd]);
-            }
-        }
-        merged
     }
 
     fn blocks(&self) -> impl Iterator<Item = Block> + use<> {
@@ -173,15 +187,15 @@ impl HostKernel<3> for CausalAttention {
 
     fn forward(&mut self, keep: bool) -> Vec<f32> {
         let (t_len, s_len, kd, d) = (self.len, self.keys, self.head, self.width());
-        // Per row: o [T, K], then L [T].
-        let width = t_len * kd + t_len;
-        let mut parts = vec![0.0f32; self.rows() * width];
+        let mut out = vec![0.0f32; self.batch * t_len * d];
+        let mut lse = vec![0.0f32; self.rows() * t_len];
+        let shared = Disjoint(out.as_mut_ptr());
         par_rows(
-            &mut parts,
-            width,
+            &mut lse,
+            t_len,
             #[inline(always)]
-            |r, part| {
-                let (o, lse) = part.split_at_mut(t_len * kd);
+            |r, lse| {
+                let o = shared.head(self.start(r, t_len));
                 let v = &self.v[self.start(r, s_len)..];
                 let mut s = vec![0.0f32; BLOCK * s_len];
                 for block in self.blocks() {
@@ -196,59 +210,67 @@ impl HostKernel<3> for CausalAttention {
                         sums[a] = sum(row);
                         lse[i0 + a] = top + sums[a].ln();
                     }
-                    // SAFETY: s holds the block's m × n probabilities, v n rows of kd at stride d,
-                    // and o's rows i0..i0 + m are distinct from both.
+                    // SAFETY: s holds the block's m × n probabilities, v n rows of kd at stride d;
+                    // o's rows i0..i0 + m (kd columns at stride d) are this sequence-head's alone.
                     unsafe {
                         matmul(
                             [m, kd, n],
-                            o[i0 * kd..].as_mut_ptr(),
-                            kd,
+                            o.add(i0 * d),
+                            d,
                             false,
                             (s.as_ptr(), n, 1),
                             (v.as_ptr(), d, 1),
                             Parallelism::None,
-                        )
-                    };
-                    for a in 0..m {
-                        let inv = 1.0 / sums[a];
-                        o[(i0 + a) * kd..][..kd].iter_mut().for_each(|x| *x *= inv);
+                        );
+                        for (a, total) in sums[..m].iter().enumerate() {
+                            let inv = 1.0 / total;
+                            std::slice::from_raw_parts_mut(o.add((i0 + a) * d), kd)
+                                .iter_mut()
+                                .for_each(|x| *x *= inv);
+                        }
                     }
                 }
             },
         );
         if keep {
-            let section = |range: std::ops::Range<usize>| {
-                parts
-                    .chunks_exact(width)
-                    .flat_map(|p| p[range.clone()].iter().copied())
-                    .collect()
-            };
-            self.out = section(0..t_len * kd);
-            self.lse = section(t_len * kd..width);
+            self.out = out.clone();
+            self.lse = lse;
         }
-        self.merge_heads(&parts, width, 0, t_len)
+        out
     }
 
     /// Gradients of `(q, k, v)` given the output's.
     fn backward(&self, d_out: &[f32]) -> [Vec<f32>; 3] {
         let (t_len, s_len, kd, d) = (self.len, self.keys, self.head, self.width());
         let scale = 1.0 / (kd as f32).sqrt();
-        // Per row: [dq (T·K) | dk (S·K) | dv (S·K)], head-major.
-        let per = t_len * kd + 2 * s_len * kd;
-        let mut parts = vec![0.0f32; self.rows() * per];
-        par_rows(
-            &mut parts,
-            per,
+        let mut dq = vec![0.0f32; self.batch * t_len * d];
+        let (mut dk, mut dv) = (
+            vec![0.0f32; self.batch * s_len * d],
+            vec![0.0f32; self.batch * s_len * d],
+        );
+        let shared = (
+            Disjoint(dq.as_mut_ptr()),
+            Disjoint(dk.as_mut_ptr()),
+            Disjoint(dv.as_mut_ptr()),
+        );
+        par_heads(
+            self.rows(),
             #[inline(always)]
-            |r, part| {
-                let (dq, rest) = part.split_at_mut(t_len * kd);
-                let (dk, dv) = rest.split_at_mut(s_len * kd);
+            |r| {
+                let (dq, dk, dv) = (
+                    shared.0.head(self.start(r, t_len)),
+                    shared.1.head(self.start(r, s_len)),
+                    shared.2.head(self.start(r, s_len)),
+                );
                 let (q, k, v) = (
                     &self.q[self.start(r, t_len)..],
                     &self.k[self.start(r, s_len)..],
                     &self.v[self.start(r, s_len)..],
                 );
-                let g = &d_out[self.start(r, t_len)..];
+                let (g, o) = (
+                    &d_out[self.start(r, t_len)..],
+                    &self.out[self.start(r, t_len)..],
+                );
                 let (mut p, mut ds) = (vec![0.0f32; BLOCK * s_len], vec![0.0f32; BLOCK * s_len]);
                 for block in self.blocks() {
                     let Block { i0, m, n } = block;
@@ -261,15 +283,15 @@ impl HostKernel<3> for CausalAttention {
                     }
                     let (g_blk, q_blk) = (&g[i0 * d..], &q[i0 * d..]);
                     // SAFETY (all four products): p and ds hold m × n floats, g_blk and q_blk m
-                    // rows of kd at stride d, k and v n rows of kd at stride d, dq's rows
-                    // i0..i0 + m and dk, dv's first n rows are distinct from every operand they
-                    // are combined with.
+                    // rows of kd at stride d, k and v n rows of kd at stride d; dq's rows
+                    // i0..i0 + m and dk's and dv's first n rows (kd columns at stride d) are this
+                    // sequence-head's alone.
                     unsafe {
                         // dV[:n] += Pᵀ dO,  dP = dO Vᵀ.
                         matmul(
                             [n, kd, m],
-                            dv.as_mut_ptr(),
-                            kd,
+                            dv,
+                            d,
                             true,
                             (p.as_ptr(), 1, n),
                             (g_blk.as_ptr(), d, 1),
@@ -287,8 +309,8 @@ impl HostKernel<3> for CausalAttention {
                     }
                     // dS = P ⊙ (dP − D_i) / √K, with D_i = dO_i·o_i.
                     for (a, &seen) in seen.iter().enumerate() {
-                        let o_at = (r * t_len + i0 + a) * kd;
-                        let d_i = dot(&g_blk[a * d..][..kd], &self.out[o_at..][..kd]);
+                        let at = (i0 + a) * d;
+                        let d_i = dot(&g[at..][..kd], &o[at..][..kd]);
                         let (row, hidden) = ds[a * n..][..n].split_at_mut(seen);
                         row.iter_mut()
                             .zip(&p[a * n..][..seen])
@@ -299,8 +321,8 @@ impl HostKernel<3> for CausalAttention {
                         // dQ = dS K,  dK[:n] += dSᵀ Q.
                         matmul(
                             [m, kd, n],
-                            dq[i0 * kd..].as_mut_ptr(),
-                            kd,
+                            dq.add(i0 * d),
+                            d,
                             false,
                             (ds.as_ptr(), n, 1),
                             (k.as_ptr(), d, 1),
@@ -308,8 +330,8 @@ impl HostKernel<3> for CausalAttention {
                         );
                         matmul(
                             [n, kd, m],
-                            dk.as_mut_ptr(),
-                            kd,
+                            dk,
+                            d,
                             true,
                             (ds.as_ptr(), 1, n),
                             (q_blk.as_ptr(), d, 1),
@@ -319,12 +341,7 @@ impl HostKernel<3> for CausalAttention {
                 }
             },
         );
-        let (tk, sk) = (t_len * kd, s_len * kd);
-        [
-            self.merge_heads(&parts, per, 0, t_len),
-            self.merge_heads(&parts, per, tk, s_len),
-            self.merge_heads(&parts, per, tk + sk, s_len),
-        ]
+        [dq, dk, dv]
     }
 }
 
