@@ -202,12 +202,16 @@ impl Attention {
             .chunk(3, 2)
             .try_into()
             .expect("3D splits in three");
-        let (mut q, mut k, v) = (split(q), split(k), split(v));
-        if self.positions.is_none() {
-            let (cos, sin) = rope_tables(offset, t, head, &device);
-            q = rotate(q, cos.clone(), sin.clone());
-            k = rotate(k, cos, sin);
-        }
+        let (q, k) = match (&self.positions, fused) {
+            (Some(_), _) => (q, k),
+            (None, true) => (fused::rope(q, head, offset), fused::rope(k, head, offset)),
+            (None, false) => {
+                let (cos, sin) = rope_tables(offset, t, head, &device);
+                let turn = |z| rotate(split(z), cos.clone(), sin.clone()).reshape([b, t, d]);
+                (turn(q), turn(k))
+            }
+        };
+        let (q, k, v) = (split(q), split(k), split(v));
         let cache = match cache {
             Some(c) => KvCache {
                 k: Tensor::cat(vec![c.k, k], 1),
@@ -253,27 +257,46 @@ pub fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     softmax(scores, 3).matmul(v)
 }
 
-/// `cos` and `sin` of `(offset + t)·θ_i` for `t < len`, laid out `[1, len, 1, K]` (broadcast
-/// over batch and heads of `[B, T, H, K]`) for the half-split rotation.
-fn rope_tables(offset: usize, len: usize, head: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
-    let half = head / 2;
-    let mut cos = Vec::with_capacity(len * head);
-    let mut sin = Vec::with_capacity(len * head);
+/// `cos` and `sin` of `(offset + t)·θ_i` for `t < len` and `i < half`, each `[len, half]`:
+/// the angles of both forms, the tensor ops' [`rope_tables`] and the fused op's.
+pub(crate) fn rope_cos_sin(offset: usize, len: usize, half: usize) -> (Vec<f32>, Vec<f32>) {
+    let head = 2 * half;
+    let (mut cos, mut sin) = (
+        Vec::with_capacity(len * half),
+        Vec::with_capacity(len * half),
+    );
     for t in 0..len {
-        let angles: Vec<f64> = (0..half)
-            .map(|i| (offset + t) as f64 * ROPE_BASE.powf(-2.0 * i as f64 / head as f64))
-            .collect();
-        for _ in 0..2 {
-            cos.extend(angles.iter().map(|a| a.cos() as f32));
-            sin.extend(angles.iter().map(|a| a.sin() as f32));
+        for i in 0..half {
+            let angle = (offset + t) as f64 * ROPE_BASE.powf(-2.0 * i as f64 / head as f64);
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
         }
     }
-    let table = |values| Tensor::from_data(TensorData::new(values, [1, len, 1, head]), device);
+    (cos, sin)
+}
+
+/// [`rope_cos_sin`] laid out `[1, len, 1, K]` (each half's angles twice, broadcast over batch
+/// and heads of `[B, T, H, K]`) for the half-split rotation.
+pub(crate) fn rope_tables(
+    offset: usize,
+    len: usize,
+    head: usize,
+    device: &Device,
+) -> (Tensor<4>, Tensor<4>) {
+    let half = head / 2;
+    let (cos, sin) = rope_cos_sin(offset, len, half);
+    let table = |values: Vec<f32>| {
+        let doubled: Vec<f32> = values
+            .chunks_exact(half)
+            .flat_map(|row| row.iter().chain(row).copied())
+            .collect();
+        Tensor::from_data(TensorData::new(doubled, [1, len, 1, head]), device)
+    };
     (table(cos), table(sin))
 }
 
 /// `x cos + rotate_half(x) sin`, with `rotate_half([x₁, x₂]) = [−x₂, x₁]` over the last axis.
-fn rotate(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+pub(crate) fn rotate(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
     let half = x.dims()[3] / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);

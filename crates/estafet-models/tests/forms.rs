@@ -872,8 +872,9 @@ fn mamba_signed_fused_agrees_with_sequential() {
     mamba_fast_agrees("mamba signed, fused", &block);
 }
 
-// Attention's fast form is the fused op (`fused::causal_attention`, one query row at a time,
-// recomputing backward); its definition is `attention::attend`. The "initial state" is a KV
+// Attention's fast form is the fused ops (`fused::rope` on queries and keys, then
+// `fused::causal_attention`, 64 query rows at a time with a recomputing backward); their
+// definitions are `attention::rotate` and `attention::attend`. The "initial state" is a KV
 // cache of three earlier tokens, so the fused op also runs with keys before its queries.
 
 #[test]

@@ -10,7 +10,8 @@
 //! - [`dplr`]: RWKV-7's diagonal-plus-rank-one recurrence with its matrix state;
 //! - [`mlstm_cell`]: xLSTM's mLSTM cell (matrix memory, normaliser, stabiliser);
 //! - [`slstm_cell`]: xLSTM's sLSTM recurrence (block-diagonal `R`, exponential gates);
-//! - [`causal_attention`]: softmax attention under the causal mask, 64 query rows at a time.
+//! - [`causal_attention`]: softmax attention under the causal mask, 64 query rows at a time;
+//! - [`rope`]: the rotary position embedding of attention's queries and keys.
 //!
 //! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
 //! autodiff graph and the backward walks them again: at `B = 32, H = 256` op dispatch and
@@ -54,6 +55,7 @@ mod math;
 mod min_rnn;
 mod mlstm_cell;
 mod packed;
+mod rope;
 mod selective;
 mod slstm_cell;
 mod ssd;
@@ -78,6 +80,7 @@ pub use math::Isa;
 pub use min_rnn::MinRnn;
 use min_rnn::MinScan;
 use mlstm_cell::MlstmCell;
+use rope::Rotary;
 use selective::Selective;
 use slstm_cell::SlstmCell;
 use ssd::Ssd;
@@ -428,6 +431,19 @@ pub fn causal_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) 
     ))
 }
 
+/// Rotary position embedding, one op (see `rope.rs`): each head of each token turned pairwise
+/// by its position's angles, the definition's `attention::rotate`.
+///
+/// - `x`: `[B, T, H·K]`, token `t` at position `offset + t`; `head`: `K`, even
+/// - returns `[B, T, H·K]`
+pub fn rope(x: Tensor<3>, head: usize, offset: usize) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::rope(
+        x.into_dispatch(),
+        head,
+        offset,
+    ))
+}
+
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
@@ -555,6 +571,10 @@ pub trait FusedOps: Backend {
         heads: usize,
     ) -> FloatTensor<Self> {
         run_plain::<Self, CausalAttention, 3>([q, k, v], heads)
+    }
+
+    fn rope(x: FloatTensor<Self>, head: usize, offset: usize) -> FloatTensor<Self> {
+        run_plain::<Self, Rotary, 1>([x], (head, offset))
     }
 }
 
@@ -685,5 +705,9 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         heads: usize,
     ) -> FloatTensor<Self> {
         run_tracked::<B, C, CausalAttention, 3>([q, k, v], heads)
+    }
+
+    fn rope(x: FloatTensor<Self>, head: usize, offset: usize) -> FloatTensor<Self> {
+        run_tracked::<B, C, Rotary, 1>([x], (head, offset))
     }
 }
