@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::fused;
 use crate::init::Init;
 use crate::mask::{self, Visible};
+use crate::projection::split_linear;
 
 /// How attention knows where a token is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,12 +197,7 @@ impl Attention {
             None => x,
         };
         let split = |z: Tensor<3>| z.reshape([b, t, h, head]); // [B, T, H, K]
-        let [q, k, v]: [Tensor<3>; 3] = self
-            .qkv
-            .forward(x)
-            .chunk(3, 2)
-            .try_into()
-            .expect("3D splits in three");
+        let [q, k, v] = split_linear(&self.qkv, x, [d; 3]);
         let (q, k) = match (&self.positions, fused) {
             (Some(_), _) => (q, k),
             (None, true) => (fused::rope(q, head, offset), fused::rope(k, head, offset)),

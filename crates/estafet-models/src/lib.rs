@@ -39,6 +39,7 @@ pub mod mixer;
 pub mod mlstm;
 pub mod model;
 pub mod norm;
+pub mod projection;
 pub mod rnn;
 pub mod rwkv;
 pub mod rwkv7;

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::conv::causal_depthwise;
 use crate::fused;
 use crate::init::Init;
+use crate::projection::split_linear;
 use crate::scan::{Compute, Eigenvalues, Form, Scan, linear_scan, recurrence};
 use selection::{Dbc, Selection};
 
@@ -277,12 +278,7 @@ impl Mamba {
         let [batch, t, _] = u.dims();
         let (inner, n, k) = (self.inner(), self.d_state(), self.d_conv());
         let state = state.unwrap_or_else(|| self.zero_state(batch, &u.device()));
-        let [x, z]: [Tensor<3>; 2] = self
-            .in_proj
-            .forward(u)
-            .chunk(2, 2)
-            .try_into()
-            .expect("2·E·D splits in two");
+        let [x, z] = split_linear(&self.in_proj, u, [inner; 2]);
 
         // Causal depthwise convolution over [carried window, x].
         let window = Tensor::cat(vec![state.conv, x], 1); // [B, k − 1 + T, E·D]

@@ -31,6 +31,7 @@ use crate::conv::causal_depthwise;
 use crate::fused;
 use crate::init::Init;
 use crate::mask::{self, Visible};
+use crate::projection::split_linear;
 use crate::scan::{Compute, Eigenvalues, Form, Scan};
 use crate::time::unbind;
 
@@ -259,10 +260,7 @@ impl Mamba2 {
         let (inner, n, h) = (self.inner(), self.d_state, self.heads());
         let p = inner / h;
         let state = state.unwrap_or_else(|| self.zero_state(batch, &u.device()));
-        let projected = self.in_proj.forward(u);
-        let z = projected.clone().narrow(2, 0, inner);
-        let xbc = projected.clone().narrow(2, inner, inner + 2 * n);
-        let dt = projected.narrow(2, 2 * inner + 2 * n, h);
+        let [z, xbc, dt] = split_linear(&self.in_proj, u, [inner, inner + 2 * n, h]);
 
         let window = Tensor::cat(vec![state.conv, xbc], 1);
         let conv = window.clone().narrow(1, t, self.d_conv() - 1);
