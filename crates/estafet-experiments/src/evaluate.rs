@@ -5,6 +5,7 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor};
 use estafet_data::{Batch, Channel, LossPositions, Metric, Readout, Sample, SeqBatch, TaskInfo};
+use estafet_models::total::{mean_all, sum_all};
 use estafet_models::{Input, InputSpec, ModelIo, Readout as ModelReadout, SequenceModel};
 
 use crate::Error;
@@ -39,7 +40,7 @@ pub(crate) fn score(outputs: Tensor<3>, batch: &Batch, info: &TaskInfo) -> Score
                 .gather(2, targets.clone().unsqueeze_dim(2))
                 .squeeze_dim::<2>(2);
             let total = match info.metric {
-                Metric::BitsPerChar => (nll.clone().detach() * mask.clone()).sum(),
+                Metric::BitsPerChar => sum_all(nll.clone().detach() * mask.clone()),
                 _ => {
                     let predictions = outputs.argmax(2).squeeze_dim::<2>(2);
                     (predictions.equal(targets.clone()).float() * mask.clone()).sum()
@@ -51,13 +52,13 @@ pub(crate) fn score(outputs: Tensor<3>, batch: &Batch, info: &TaskInfo) -> Score
             let width = targets.dims()[2];
             let squared = (outputs - targets.clone()).powf_scalar(2.0);
             let per_position = squared.mean_dim(2).squeeze_dim::<2>(2);
-            let total = (per_position.clone().detach() * mask.clone()).sum() * width as f32;
+            let total = sum_all(per_position.clone().detach() * mask.clone()) * width as f32;
             (per_position, total, mask.clone().sum() * width as f32)
         }
     };
     let loss = match info.loss_positions {
-        LossPositions::All => per_position.mean(),
-        LossPositions::Masked => (per_position * mask.clone()).sum() / mask.sum(),
+        LossPositions::All => mean_all(per_position),
+        LossPositions::Masked => sum_all(per_position * mask.clone()) / mask.sum(),
     };
     Scores { loss, total, count }
 }

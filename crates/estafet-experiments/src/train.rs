@@ -12,6 +12,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use estafet_data::{Batch, Sample, Task, TaskInfo};
+use estafet_models::total::sum_all;
 use estafet_models::{Init, SequenceModel};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -689,7 +690,7 @@ fn clip_global_norm(model: &SequenceModel, grads: &mut GradientsParams, max_norm
     impl ModuleVisitor for SquaredNorm<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.get::<D>(param.id) {
-                let s = g.powf_scalar(2.0).sum();
+                let s = sum_all(g.powf_scalar(2.0));
                 self.sum = Some(match self.sum.take() {
                     Some(acc) => acc + s,
                     None => s,

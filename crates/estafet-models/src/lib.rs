@@ -49,6 +49,7 @@ pub mod slstm;
 mod test_support;
 pub mod time;
 pub mod torch;
+pub mod total;
 
 pub use init::Init;
 pub use mixer::{Mixer, MixerConfig, MixerState};
