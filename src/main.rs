@@ -278,9 +278,9 @@ const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 fn main() -> ExitCode {
     // By default mimalloc hands freed memory back to the OS after a delay (1 s in the v3 linked
     // here, about one training step at d 128) and a later step faults it in again, zeroed by
-    // the kernel; never purging keeps a run at its peak
-    // footprint, which its first step reaches anyway (measured: 6–12% more training tokens/s
-    // for attention, RWKV-4 and Mamba at d 128, T 1024; experiments/bench/README.md).
+    // the kernel; never purging keeps a run at its peak footprint, which its first step reaches
+    // anyway (measured: 6–12% more training tokens/s for attention, RWKV-4 and Mamba at d 128,
+    // T 1024; experiments/bench/README.md).
     // SAFETY: sets one integer option; mimalloc reads options at every purge decision.
     unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     // A panic is a bug in estafet, but the user still gets one line, not a backtrace.

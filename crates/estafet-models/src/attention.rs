@@ -261,9 +261,12 @@ pub(crate) fn rope_cos_sin(offset: usize, len: usize, half: usize) -> (Vec<f32>,
         Vec::with_capacity(len * half),
         Vec::with_capacity(len * half),
     );
+    let theta: Vec<f64> = (0..half)
+        .map(|i| ROPE_BASE.powf(-2.0 * i as f64 / head as f64))
+        .collect();
     for t in 0..len {
-        for i in 0..half {
-            let angle = (offset + t) as f64 * ROPE_BASE.powf(-2.0 * i as f64 / head as f64);
+        for th in &theta {
+            let angle = (offset + t) as f64 * th;
             cos.push(angle.cos() as f32);
             sin.push(angle.sin() as f32);
         }

@@ -17,8 +17,8 @@
 //! too, so the arithmetic runs at the GEMM's rate while the buffer stays a few hundred kB.
 //! Sequence-heads run in parallel. The inputs, the output and the gradients stay token-major,
 //! `[B, T, H·K]` as the projections make them: a head is read and written in place with row
-//! stride `H·K`, so no transposes to and from `[B, H, T, K]` run around the op or inside it. The definition is `attention::attend` (scores, mask,
-//! softmax and weighted sum as tensor ops).
+//! stride `H·K`, so no transposes to and from `[B, H, T, K]` run around the op or inside it.
+//! The definition is `attention::attend` (scores, mask, softmax and weighted sum as tensor ops).
 
 use burn::backend::Backend;
 use burn::backend::tensor::FloatTensor;

@@ -22,15 +22,17 @@ use burn::backend::tensor::FloatTensor;
 use super::host::{HostKernel, dims3, par_rows, read};
 use crate::attention::rope_cos_sin;
 
-/// `x [B, T, H·K]` on the host, until the forward turns it in place.
+/// `x [B, T, H·K]` on the host, until the forward turns it in place, and the angles' `cos` and
+/// `sin` `[T, K/2]`, which the forward and the backward share.
 #[derive(Debug)]
 pub(super) struct Rotary {
     batch: usize,
     len: usize,
     width: usize,
     head: usize,
-    offset: usize,
     x: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 impl Rotary {
@@ -38,7 +40,7 @@ impl Rotary {
     /// `−p θ_i`.
     fn turn(&self, data: &mut [f32], forward: bool) {
         let half = self.head / 2;
-        let (cos, sin) = rope_cos_sin(self.offset, self.len, half);
+        let (cos, sin) = (&self.cos, &self.sin);
         par_rows(
             data,
             self.len * self.width,
@@ -82,13 +84,15 @@ impl HostKernel<1> for Rotary {
             head >= 2 && head.is_multiple_of(2) && width.is_multiple_of(head),
             "rope: heads of an even size K = {head} in D = {width}"
         );
+        let (cos, sin) = rope_cos_sin(offset, len, head / 2);
         Self {
             batch,
             len,
             width,
             head,
-            offset,
             x: read::<B>(x.clone()),
+            cos,
+            sin,
         }
     }
 
