@@ -6,7 +6,8 @@
 #
 # `run` names the GPU, runs the backend parity suite on wgpu (every model against ndarray:
 # outputs, states, gradients, training losses, checkpoints across backends), then
-# `estafet bench --backend wgpu` at T = 256 and T = 4096, writing everything under $OUT.
+# `estafet bench --backend wgpu` at T = 256, T = 4096 and the research shape (d 64, 2 residual
+# layers, T 256), writing everything under $OUT.
 # .gl holds Debian's Vulkan/GL loaders (libvulkan1 ...), which that image lacks; see
 # /work/.library/device/README.md for how they were fetched.
 set -uo pipefail
@@ -56,14 +57,19 @@ run)
   grep -E "agree|match|test result|panicked|Δ" "$out/parity.log" | tail -25
   # T 256: the reference's shape. T 4096: one timed call per phase, since every time step is a
   # few kernel launches and the lease is short; each model's line is written as it finishes.
-  for t in 256 4096; do
-    if [ "$t" = 256 ]; then args=(--batch 32 --warmup 1 --steps 5 --max-seconds 4)
-    else args=(--batch "${BATCH_4096:-8}" --warmup 1 --steps 1 --max-seconds 1); fi
-    echo "== bench wgpu, T $t: ${args[*]}"
-    timeout "${BENCH_SECONDS:-180}" "$bin/estafet" bench --backend wgpu --seq-len "$t" "${args[@]}" \
-      --json > "$out/bench-wgpu-T$t.jsonl"
+  # research: the issue-17 research shape (d 64, 2 pre-norm residual layers, T 256, B 32).
+  for run in T256 T4096 research; do
+    case $run in
+    T256) args=(--seq-len 256 --batch 32 --warmup 1 --steps 5 --max-seconds 4) ;;
+    T4096) args=(--seq-len 4096 --batch "${BATCH_4096:-8}" --warmup 1 --steps 1 --max-seconds 1) ;;
+    research) args=(--seq-len 256 --batch 32 --d-model 64 --layers 2 --layout residual --warmup 1 --steps 5
+      --max-seconds 4) ;;
+    esac
+    echo "== bench wgpu, $run: ${args[*]}"
+    timeout "${BENCH_SECONDS:-180}" "$bin/estafet" bench --backend wgpu "${args[@]}" \
+      --json > "$out/bench-wgpu-$run.jsonl"
     echo "bench exit $?"
-    cut -c1-160 "$out/bench-wgpu-T$t.jsonl"
+    cut -c1-160 "$out/bench-wgpu-$run.jsonl"
   done
   ;;
 *)
