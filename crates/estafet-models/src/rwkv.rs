@@ -34,7 +34,7 @@ use burn::tensor::activation::{relu, sigmoid, silu};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::fused;
+use crate::fused::{self, Activation};
 use crate::init::Init;
 use crate::mask::{self, Visible};
 use crate::scan::{Compute, Form, Scan};
@@ -418,21 +418,55 @@ fn lerp(x: Tensor<3>, shifted: Tensor<3>, mu: Tensor<1>) -> Tensor<3> {
     shifted.clone() + (x - shifted) * mu
 }
 
+/// The input of a block's mixes: `x [B, T, D]` and the token before it `[B, D]`; every mix
+/// `act(W lerp(x, x', μ))` of it is either the definition's tensor ops (with `x'` built once)
+/// or one fused op ([`fused::shift_mix_linear`]).
+struct Mixes {
+    x: Tensor<3>,
+    first: Tensor<2>,
+    /// `x'`, for the tensor ops; `None` when the mixes are fused.
+    shifted: Option<Tensor<3>>,
+}
+
+impl Mixes {
+    fn new(x: Tensor<3>, first: Tensor<2>, fused: bool) -> Self {
+        let shifted = (!fused).then(|| token_shift(x.clone(), first.clone()));
+        Self { x, first, shifted }
+    }
+
+    fn project(&self, mu: &Param<Tensor<1>>, layer: &Linear, act: Activation) -> Tensor<3> {
+        let Some(shifted) = &self.shifted else {
+            assert!(layer.bias.is_none(), "RWKV's projections have no bias");
+            return fused::shift_mix_linear(
+                self.x.clone(),
+                self.first.clone(),
+                mu.val(),
+                layer.weight.val(),
+                act,
+            );
+        };
+        let z = layer.forward(lerp(self.x.clone(), shifted.clone(), mu.val()));
+        match act {
+            Activation::Identity => z,
+            Activation::Sigmoid => sigmoid(z),
+            Activation::ReluSquared => relu(z).powf_scalar(2.0),
+        }
+    }
+}
+
 pub(crate) fn last(x: &Tensor<3>) -> Tensor<2> {
     let t = x.dims()[1];
     x.clone().narrow(1, t - 1, 1).squeeze_dim(1)
 }
 
 impl ChannelMix {
-    fn forward(&self, x: Tensor<3>, shift: Tensor<2>) -> (Tensor<3>, Tensor<2>) {
+    /// `x [B, T, D]` (already normed) and the token before it → the channel mix's output and
+    /// the last token; with `fused`, each mix is one op.
+    fn forward(&self, x: Tensor<3>, shift: Tensor<2>, fused: bool) -> (Tensor<3>, Tensor<2>) {
         let next = last(&x);
-        let shifted = token_shift(x.clone(), shift);
-        let k = relu(
-            self.key
-                .forward(lerp(x.clone(), shifted.clone(), self.mix_k.val())),
-        )
-        .powf_scalar(2.0);
-        let r = sigmoid(self.receptance.forward(lerp(x, shifted, self.mix_r.val())));
+        let mixes = Mixes::new(x, shift, fused);
+        let k = mixes.project(&self.mix_k, &self.key, Activation::ReluSquared);
+        let r = mixes.project(&self.mix_r, &self.receptance, Activation::Sigmoid);
         (r * self.value.forward(k), next)
     }
 }
@@ -448,14 +482,10 @@ impl TimeMix4 {
         compute: Compute,
     ) -> (Tensor<3>, Tensor<2>, Wkv4State) {
         let next = last(&x);
-        let shifted = token_shift(x.clone(), shift);
-        let k = self
-            .key
-            .forward(lerp(x.clone(), shifted.clone(), self.mix_k.val()));
-        let v = self
-            .value
-            .forward(lerp(x.clone(), shifted.clone(), self.mix_v.val()));
-        let r = sigmoid(self.receptance.forward(lerp(x, shifted, self.mix_r.val())));
+        let mixes = Mixes::new(x, shift, compute == Compute::Fused);
+        let k = mixes.project(&self.mix_k, &self.key, Activation::Identity);
+        let v = mixes.project(&self.mix_v, &self.value, Activation::Identity);
+        let r = mixes.project(&self.mix_r, &self.receptance, Activation::Sigmoid);
         let w = self.time_decay.val().exp();
         let u = self.time_first.val();
         let (wkv, state) = match compute {
@@ -801,9 +831,10 @@ impl Rwkv {
 
     /// `x [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step.
     ///
-    /// RWKV-4 on a backend with the fused kernel computes the WKV as one op
-    /// ([`fused::wkv4`]) unless [`Rwkv::wkv`] names a tensor form; elsewhere the WKV runs in
-    /// that form (the sequential one for `auto`).
+    /// RWKV-4 on a backend with the fused kernels computes the WKV as one op
+    /// ([`fused::wkv4`]) and each token-shift mix with its projection as one op
+    /// ([`fused::shift_mix_linear`]) unless [`Rwkv::wkv`] names a tensor form; elsewhere the
+    /// block runs in tensor ops, the WKV in that form (the sequential one for `auto`).
     pub fn forward(&self, x: Tensor<3>, state: Option<RwkvState>) -> (Tensor<3>, RwkvState) {
         let kernel = matches!(self.time_mix, TimeMix::V4(_)) && fused::has_kernel(&x.device());
         self.run(x, state, self.wkv.resolve(kernel))
@@ -845,9 +876,11 @@ impl Rwkv {
             _ => panic!("an RWKV block was handed the other version's state"),
         };
         let x = x + mixed;
-        let (mixed, shift_channel) = self
-            .channel_mix
-            .forward(self.ln2.forward(x.clone()), state.shift_channel);
+        let (mixed, shift_channel) = self.channel_mix.forward(
+            self.ln2.forward(x.clone()),
+            state.shift_channel,
+            compute == Compute::Fused,
+        );
         (
             x + mixed,
             RwkvState {

@@ -11,7 +11,8 @@
 //! - [`mlstm_cell`]: xLSTM's mLSTM cell (matrix memory, normaliser, stabiliser);
 //! - [`slstm_cell`]: xLSTM's sLSTM recurrence (block-diagonal `R`, exponential gates);
 //! - [`causal_attention`]: softmax attention under the causal mask, 64 query rows at a time;
-//! - [`rope`]: the rotary position embedding of attention's queries and keys.
+//! - [`rope`]: the rotary position embedding of attention's queries and keys;
+//! - [`shift_mix_linear`]: RWKV's token shift, interpolation, projection and activation.
 //!
 //! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
 //! autodiff graph and the backward walks them again: at `B = 32, H = 256` op dispatch and
@@ -39,7 +40,7 @@
 //! against a `W_h` packed once per call; [`math`] the vectorisable transcendentals and the
 //! instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`],
 //! [`min_rnn`], [`delta_rule`], [`ssd`], [`dplr`], [`mlstm_cell`], [`slstm_cell`] and
-//! [`attention`] one kernel each, with its equations.
+//! [`attention`], [`rope`] and [`mix`] one kernel each, with its equations.
 
 // NdArray is deprecated in burn 0.22 but still estafet's reference backend; the extension
 // macro's generated code names it, so the allowance covers the module.
@@ -53,6 +54,7 @@ mod dplr;
 mod host;
 mod math;
 mod min_rnn;
+mod mix;
 mod mlstm_cell;
 mod packed;
 mod rope;
@@ -79,6 +81,8 @@ use host::{run_plain, run_tracked};
 pub use math::Isa;
 pub use min_rnn::MinRnn;
 use min_rnn::MinScan;
+pub use mix::Activation;
+use mix::ShiftMix;
 use mlstm_cell::MlstmCell;
 use rope::Rotary;
 use selective::Selective;
@@ -444,6 +448,30 @@ pub fn rope(x: Tensor<3>, head: usize, offset: usize) -> Tensor<3> {
     ))
 }
 
+/// RWKV's token shift, interpolation, projection and activation, one op (see `mix.rs`):
+///
+/// ```text
+/// y_t = act((x'_t + (x_t − x'_t) ⊙ μ) W)      x'_t = x_{t−1}, x'_1 = shift
+/// ```
+///
+/// - `x`: `[B, T, D_in]`, `T ≥ 1`; `shift`: `[B, D_in]`; `mu`: `[D_in]`; `w`: `[D_in, D_out]`
+/// - returns `[B, T, D_out]`
+pub fn shift_mix_linear(
+    x: Tensor<3>,
+    shift: Tensor<2>,
+    mu: Tensor<1>,
+    w: Tensor<2>,
+    act: Activation,
+) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::shift_mix_linear(
+        x.into_dispatch(),
+        shift.into_dispatch(),
+        mu.into_dispatch(),
+        w.into_dispatch(),
+        act,
+    ))
+}
+
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
@@ -575,6 +603,16 @@ pub trait FusedOps: Backend {
 
     fn rope(x: FloatTensor<Self>, head: usize, offset: usize) -> FloatTensor<Self> {
         run_plain::<Self, Rotary, 1>([x], (head, offset))
+    }
+
+    fn shift_mix_linear(
+        x: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        mu: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        act: Activation,
+    ) -> FloatTensor<Self> {
+        run_plain::<Self, ShiftMix, 4>([x, shift, mu, w], act)
     }
 }
 
@@ -709,5 +747,15 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 
     fn rope(x: FloatTensor<Self>, head: usize, offset: usize) -> FloatTensor<Self> {
         run_tracked::<B, C, Rotary, 1>([x], (head, offset))
+    }
+
+    fn shift_mix_linear(
+        x: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        mu: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        act: Activation,
+    ) -> FloatTensor<Self> {
+        run_tracked::<B, C, ShiftMix, 4>([x, shift, mu, w], act)
     }
 }
