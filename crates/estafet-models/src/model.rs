@@ -16,12 +16,13 @@
 //! `norm → linear → GELU` layers, so whatever the sequence held must pass through one vector.
 
 use burn::module::Module;
-use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::init::Init;
 use crate::mixer::{Mixer, MixerConfig, MixerState};
+use crate::norm::{layer_norm, layer_norm_module};
 
 /// How blocks are wired together.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,7 +151,7 @@ impl ModelConfig {
         };
         let residual = self.layout == Layout::Residual;
         let device = init.device().clone();
-        let norm = || LayerNormConfig::new(d).init(&device);
+        let norm = || layer_norm_module(d, &device);
         let blocks = (0..self.n_layers)
             .map(|_| Block {
                 norm: residual.then(norm),
@@ -218,8 +219,8 @@ impl Bottleneck {
             &h.device(),
         );
         let x = h.unsqueeze_dim::<3>(1).expand([b, seq_len, d]) + pos.unsqueeze_dim::<3>(0);
-        let x = gelu(self.first.forward(self.norm_in.forward(x)));
-        gelu(self.second.forward(self.norm_mid.forward(x)))
+        let x = gelu(self.first.forward(layer_norm(&self.norm_in, x)));
+        gelu(self.second.forward(layer_norm(&self.norm_mid, x)))
     }
 }
 
@@ -266,7 +267,7 @@ impl Mlp {
         x.clone()
             + self
                 .down
-                .forward(gelu(self.up.forward(self.norm.forward(x))))
+                .forward(gelu(self.up.forward(layer_norm(&self.norm, x))))
     }
 }
 
@@ -274,7 +275,7 @@ impl Block {
     fn forward(&self, x: Tensor<3>, state: Option<MixerState>) -> (Tensor<3>, MixerState) {
         let (x, state) = match &self.norm {
             Some(norm) => {
-                let (y, state) = self.mixer.forward(norm.forward(x.clone()), state);
+                let (y, state) = self.mixer.forward(layer_norm(norm, x.clone()), state);
                 (x + y, state)
             }
             None => self.mixer.forward(x, state),
@@ -285,7 +286,7 @@ impl Block {
     fn step(&self, x: Tensor<2>, state: Option<MixerState>) -> (Tensor<2>, MixerState) {
         let (x, state) = match &self.norm {
             Some(norm) => {
-                let (y, state) = self.mixer.step(norm.forward(x.clone()), state);
+                let (y, state) = self.mixer.step(layer_norm(norm, x.clone()), state);
                 (x + y, state)
             }
             None => self.mixer.step(x, state),
@@ -353,7 +354,7 @@ impl SequenceModel {
         let mut gates = Vec::new();
         for (block, state) in self.blocks.iter().zip(states.iter_mut()) {
             let mixer_input = match &block.norm {
-                Some(norm) => norm.forward(x.clone()),
+                Some(norm) => layer_norm(norm, x.clone()),
                 None => x.clone(),
             };
             gates.extend(block.mixer.gates(mixer_input, state.as_ref()));
@@ -406,7 +407,7 @@ impl SequenceModel {
 
     fn decode<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let x = match &self.norm {
-            Some(norm) => norm.forward(x),
+            Some(norm) => layer_norm(norm, x),
             None => x,
         };
         self.head.forward(x)

@@ -29,7 +29,7 @@
 //! following fla's `naive_recurrent_rwkv6` and BlinkDL's RWKV-LM v6 model.
 
 use burn::module::{Module, Param};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{LayerNorm, Linear};
 use burn::tensor::activation::{relu, sigmoid, silu};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use crate::fused::{self, Activation};
 use crate::init::Init;
 use crate::mask::{self, Visible};
+use crate::norm::{layer_norm, layer_norm_module};
 use crate::scan::{Compute, Form, Scan};
 use crate::time::unbind;
 
@@ -395,9 +396,9 @@ impl RwkvConfig {
             })
         };
         Rwkv {
-            ln1: LayerNormConfig::new(d).init(&device),
+            ln1: layer_norm_module(d, &device),
             time_mix,
-            ln2: LayerNormConfig::new(d).init(&device),
+            ln2: layer_norm_module(d, &device),
             channel_mix,
             wkv: self.wkv,
         }
@@ -860,7 +861,7 @@ impl Rwkv {
     ) -> (Tensor<3>, RwkvState) {
         let [batch, _, _] = x.dims();
         let state = state.unwrap_or_else(|| self.zero_state(batch, &x.device()));
-        let normed = self.ln1.forward(x.clone());
+        let normed = layer_norm(&self.ln1, x.clone());
         let (mixed, shift_time, wkv) = match (&self.time_mix, state.wkv) {
             (TimeMix::V4(tm), WkvState::V4(s)) => {
                 let (y, shift, s) = tm.forward(normed, state.shift_time, s, compute);
@@ -877,7 +878,7 @@ impl Rwkv {
         };
         let x = x + mixed;
         let (mixed, shift_channel) = self.channel_mix.forward(
-            self.ln2.forward(x.clone()),
+            layer_norm(&self.ln2, x.clone()),
             state.shift_channel,
             compute == Compute::Fused,
         );

@@ -12,7 +12,8 @@
 //! - [`slstm_cell`]: xLSTM's sLSTM recurrence (block-diagonal `R`, exponential gates);
 //! - [`causal_attention`]: softmax attention under the causal mask, 64 query rows at a time;
 //! - [`rope`]: the rotary position embedding of attention's queries and keys;
-//! - [`shift_mix_linear`]: RWKV's token shift, interpolation, projection and activation.
+//! - [`shift_mix_linear`]: RWKV's token shift, interpolation, projection and activation;
+//! - [`layer_norm`]: layer normalisation over the last axis.
 //!
 //! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
 //! autodiff graph and the backward walks them again: at `B = 32, H = 256` op dispatch and
@@ -40,7 +41,7 @@
 //! against a `W_h` packed once per call; [`math`] the vectorisable transcendentals and the
 //! instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`],
 //! [`min_rnn`], [`delta_rule`], [`ssd`], [`dplr`], [`mlstm_cell`], [`slstm_cell`] and
-//! [`attention`], [`rope`] and [`mix`] one kernel each, with its equations.
+//! [`attention`], [`rope`], [`mix`] and [`layer_norm`] one kernel each, with its equations.
 
 // NdArray is deprecated in burn 0.22 but still estafet's reference backend; the extension
 // macro's generated code names it, so the allowance covers the module.
@@ -52,6 +53,7 @@ mod conv;
 mod delta_rule;
 mod dplr;
 mod host;
+mod layer_norm;
 mod math;
 mod min_rnn;
 mod mix;
@@ -78,6 +80,7 @@ use conv::ConvSilu;
 use delta_rule::DeltaRule;
 use dplr::Dplr;
 use host::{run_plain, run_tracked};
+use layer_norm::LayerNorm;
 pub use math::Isa;
 pub use min_rnn::MinRnn;
 use min_rnn::MinScan;
@@ -472,6 +475,21 @@ pub fn shift_mix_linear(
     ))
 }
 
+/// Layer normalisation over the last axis, one op (see `layer_norm.rs`): burn's
+/// `layer_norm` (biased variance, `ε` inside the root) with a hand-written backward; without
+/// autodiff, the backend's own `layer_norm` op.
+///
+/// - `x`: `[rows, D]`; `gamma`, `beta`: `[D]`
+/// - returns `[rows, D]`
+pub fn layer_norm(x: Tensor<2>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::layer_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        eps,
+    ))
+}
+
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
@@ -613,6 +631,17 @@ pub trait FusedOps: Backend {
         act: Activation,
     ) -> FloatTensor<Self> {
         run_plain::<Self, ShiftMix, 4>([x, shift, mu, w], act)
+    }
+
+    /// Without autodiff, the backend's own `layer_norm`: flex's is already one op on every
+    /// thread, and a host kernel would only add the copies in and out.
+    fn layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        <Self as burn::backend::ops::ModuleOps<Self>>::layer_norm(x, gamma, Some(beta), eps)
     }
 }
 
@@ -757,5 +786,14 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         act: Activation,
     ) -> FloatTensor<Self> {
         run_tracked::<B, C, ShiftMix, 4>([x, shift, mu, w], act)
+    }
+
+    fn layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        run_tracked::<B, C, LayerNorm, 3>([x, gamma, beta], eps)
     }
 }
