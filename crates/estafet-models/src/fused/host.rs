@@ -99,6 +99,10 @@ pub(super) fn read<B: Backend>(t: FloatTensor<B>) -> Vec<f32> {
     if let Some(values) = ndarray_values(&t) {
         return values;
     }
+    #[cfg(feature = "flex")]
+    if let Some(values) = flex_values(&t) {
+        return values;
+    }
     let future = B::float_into_data(t);
     let mut future = std::pin::pin!(future);
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -122,6 +126,42 @@ fn ndarray_values(t: &dyn std::any::Any) -> Option<Vec<f32>> {
         NdArrayTensor::F32(storage) => storage.view().as_slice().map(<[f32]>::to_vec),
         _ => None,
     }
+}
+
+/// burn-flex hands out a shared tensor (a kernel's input always is) by copying its bytes and
+/// then, to align them as `f32`s, copying them again, both on the calling thread while the
+/// pool waits: at the research shapes a third of what the main thread did between the kernels
+/// (`perf`, 2026-12-04). A contiguous `f32` tensor is one copy, on every thread.
+#[cfg(feature = "flex")]
+fn flex_values(t: &dyn std::any::Any) -> Option<Vec<f32>> {
+    let t = t.downcast_ref::<burn_flex::FlexTensor>()?;
+    if t.dtype() != burn::tensor::DType::F32 {
+        return None;
+    }
+    let (start, end) = t.layout().contiguous_offsets()?;
+    Some(copied(&t.storage::<f32>()[start..end]))
+}
+
+/// `src` in a new vector, copied on rayon's pool when it is long enough to pay.
+#[cfg(feature = "flex")]
+fn copied(src: &[f32]) -> Vec<f32> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    if src.len() < 2 * CHUNK {
+        return src.to_vec();
+    }
+    let mut out = Vec::with_capacity(src.len());
+    out.spare_capacity_mut()[..src.len()]
+        .par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(dst, src)| {
+            for (d, s) in dst.iter_mut().zip(src) {
+                d.write(*s);
+            }
+        });
+    // SAFETY: the chunks above wrote every one of the first `src.len()` elements.
+    unsafe { out.set_len(src.len()) };
+    out
 }
 
 pub(super) fn write<B: Backend>(
@@ -335,6 +375,28 @@ pub(super) fn par_rows(data: &mut [f32], width: usize, f: impl Fn(usize, &mut [f
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On flex, a kernel reads what the tensor holds: long enough to be copied on the pool, a
+    /// contiguous view that starts inside its buffer, and a transposed view (not contiguous:
+    /// read through burn's copy).
+    #[cfg(feature = "flex")]
+    #[test]
+    fn flex_reads_what_the_tensor_holds() {
+        use burn::backend::Flex;
+        use burn_flex::FlexTensor;
+        let (rows, cols) = (1031, 257);
+        let values: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let t = FlexTensor::from_data(TensorData::new(values.clone(), [rows, cols]));
+        assert_eq!(read::<Flex>(t.clone()), values);
+        let narrowed = t.layout().narrow(0, 3, 5);
+        assert_eq!(
+            read::<Flex>(t.clone().with_layout(narrowed)),
+            values[3 * cols..8 * cols]
+        );
+        let transposed = read::<Flex>(t.clone().with_layout(t.layout().transpose(0, 1)));
+        assert_eq!(transposed[1], values[cols]);
+        assert_eq!(transposed[rows + 2], values[2 * cols + 1]);
+    }
 
     /// The k-split GEMM against the definition at a reduction that is not a multiple of the
     /// chunk, with transposed strides as the weight gradients use them, and bit-identical on one
