@@ -15,12 +15,12 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use estafet_models::{Init, Input, InputSpec, Layout, MixerConfig, ModelIo};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::evaluate::token_nll;
 use crate::memory::peak_rss_mb;
 use crate::{Backend, Error};
 
@@ -252,9 +252,7 @@ pub fn measure(
     let train = timed(
         || {
             let (logits, _) = net.forward(Input::Tokens(x_ad.clone()), None);
-            let loss = -log_softmax(logits, 2)
-                .gather(2, y_ad.clone().unsqueeze_dim(2))
-                .mean();
+            let loss = token_nll(logits, y_ad.clone()).mean();
             let grads = GradientsParams::from_grads(loss.backward(), &net);
             net = optim.step(1e-3, net.clone(), grads);
             losses.push(loss.into_scalar::<f32>() as f64);

@@ -3,8 +3,9 @@
 //! benchmark's callers share.
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 use estafet_data::{Batch, Channel, LossPositions, Metric, Readout, Sample, SeqBatch, TaskInfo};
+use estafet_models::fused;
 use estafet_models::total::{mean_all, sum_all};
 use estafet_models::{Input, InputSpec, ModelIo, Readout as ModelReadout, SequenceModel};
 
@@ -36,9 +37,7 @@ pub(crate) fn score(outputs: Tensor<3>, batch: &Batch, info: &TaskInfo) -> Score
     let mask = batch.mask.clone();
     let (per_position, total, count) = match &batch.target {
         SeqBatch::Tokens(targets) => {
-            let nll = -log_softmax(outputs.clone(), 2)
-                .gather(2, targets.clone().unsqueeze_dim(2))
-                .squeeze_dim::<2>(2);
+            let nll = token_nll(outputs.clone(), targets.clone());
             let total = match info.metric {
                 Metric::BitsPerChar => sum_all(nll.clone().detach() * mask.clone()),
                 _ => {
@@ -61,6 +60,19 @@ pub(crate) fn score(outputs: Tensor<3>, batch: &Batch, info: &TaskInfo) -> Score
         LossPositions::Masked => sum_all(per_position * mask.clone()) / mask.sum(),
     };
     Scores { loss, total, count }
+}
+
+/// `−log p(target)` per position, `[B, T]`, from logits `[B, T, V]`: one fused op on the CPU
+/// backends, elsewhere the definition's tensor ops.
+pub(crate) fn token_nll(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
+    let [b, t, v] = logits.dims();
+    if fused::has_kernel(&logits.device()) {
+        return fused::token_nll(logits.reshape([b * t, v]), targets.reshape([b * t]))
+            .reshape([b, t]);
+    }
+    -log_softmax(logits, 2)
+        .gather(2, targets.unsqueeze_dim(2))
+        .squeeze_dim::<2>(2)
 }
 
 pub(crate) fn model_input(batch: &Batch) -> Input {

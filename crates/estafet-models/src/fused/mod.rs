@@ -13,7 +13,8 @@
 //! - [`causal_attention`]: softmax attention under the causal mask, 64 query rows at a time;
 //! - [`rope`]: the rotary position embedding of attention's queries and keys;
 //! - [`shift_mix_linear`]: RWKV's token shift, interpolation, projection and activation;
-//! - [`layer_norm`]: layer normalisation over the last axis.
+//! - [`layer_norm`]: layer normalisation over the last axis;
+//! - [`token_nll`]: the cross-entropy of token targets under logits.
 //!
 //! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
 //! autodiff graph and the backward walks them again: at `B = 32, H = 256` op dispatch and
@@ -41,7 +42,8 @@
 //! against a `W_h` packed once per call; [`math`] the vectorisable transcendentals and the
 //! instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`],
 //! [`min_rnn`], [`delta_rule`], [`ssd`], [`dplr`], [`mlstm_cell`], [`slstm_cell`] and
-//! [`attention`], [`rope`], [`mix`] and [`layer_norm`] one kernel each, with its equations.
+//! [`attention`], [`rope`], [`mix`], [`layer_norm`] and [`nll`] one kernel each, with its
+//! equations.
 
 // NdArray is deprecated in burn 0.22 but still estafet's reference backend; the extension
 // macro's generated code names it, so the allowance covers the module.
@@ -58,6 +60,7 @@ mod math;
 mod min_rnn;
 mod mix;
 mod mlstm_cell;
+mod nll;
 mod packed;
 mod rope;
 mod selective;
@@ -69,7 +72,7 @@ use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 
 use crate::scan::Eigenvalues;
 
@@ -87,6 +90,7 @@ use min_rnn::MinScan;
 pub use mix::Activation;
 use mix::ShiftMix;
 use mlstm_cell::MlstmCell;
+use nll::TokenNll;
 use rope::Rotary;
 use selective::Selective;
 use slstm_cell::SlstmCell;
@@ -490,6 +494,18 @@ pub fn layer_norm(x: Tensor<2>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> 
     ))
 }
 
+/// The negative log-likelihood of each row's target token, one op (see `nll.rs`):
+/// `−log_softmax(logits).gather(targets)`, the targets carrying no gradient.
+///
+/// - `logits`: `[rows, V]`; `targets`: `[rows]`, ids in `0..V`
+/// - returns `[rows]`
+pub fn token_nll(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::token_nll(
+        logits.into_dispatch(),
+        targets.float().detach().into_dispatch(),
+    ))
+}
+
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
@@ -643,6 +659,10 @@ pub trait FusedOps: Backend {
     ) -> FloatTensor<Self> {
         <Self as burn::backend::ops::ModuleOps<Self>>::layer_norm(x, gamma, Some(beta), eps)
     }
+
+    fn token_nll(logits: FloatTensor<Self>, targets: FloatTensor<Self>) -> FloatTensor<Self> {
+        run_plain::<Self, TokenNll, 2>([logits, targets], ())
+    }
 }
 
 #[cfg(feature = "ndarray")]
@@ -795,5 +815,9 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         eps: f64,
     ) -> FloatTensor<Self> {
         run_tracked::<B, C, LayerNorm, 3>([x, gamma, beta], eps)
+    }
+
+    fn token_nll(logits: FloatTensor<Self>, targets: FloatTensor<Self>) -> FloatTensor<Self> {
+        run_tracked::<B, C, TokenNll, 2>([logits, targets], ())
     }
 }
