@@ -414,7 +414,7 @@ pub(crate) fn token_shift(x: Tensor<3>, first: Tensor<2>) -> Tensor<3> {
 }
 
 /// `μ ⊙ x + (1 − μ) ⊙ x'` with `μ [D]`.
-fn lerp(x: Tensor<3>, shifted: Tensor<3>, mu: Tensor<1>) -> Tensor<3> {
+pub(crate) fn lerp(x: Tensor<3>, shifted: Tensor<3>, mu: Tensor<1>) -> Tensor<3> {
     let mu = mu.unsqueeze_dim::<2>(0).unsqueeze_dim::<3>(0);
     shifted.clone() + (x - shifted) * mu
 }

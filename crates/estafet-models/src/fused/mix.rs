@@ -326,9 +326,10 @@ mod tests {
 
     use super::super::shift_mix_linear;
     use super::Activation;
+    use crate::rwkv::{lerp, token_shift};
     use crate::test_support::{max_diff, on_every_isa, uniform};
 
-    /// The definition's tensor ops: token shift, interpolation, product, activation.
+    /// The definition: RWKV's token shift and interpolation, the product, the activation.
     fn definition(
         x: Tensor<3>,
         shift: Tensor<2>,
@@ -336,16 +337,8 @@ mod tests {
         w: Tensor<2>,
         act: Activation,
     ) -> Tensor<3> {
-        let [batch, len, d] = x.dims();
-        let shifted = match len {
-            1 => shift.unsqueeze_dim(1),
-            t => Tensor::cat(
-                vec![shift.unsqueeze_dim(1), x.clone().narrow(1, 0, t - 1)],
-                1,
-            ),
-        };
-        let mu = mu.reshape([1, 1, d]);
-        let m = shifted.clone() + (x - shifted) * mu;
+        let batch = x.dims()[0];
+        let m = lerp(x.clone(), token_shift(x, shift), mu);
         let z = m.matmul(w.unsqueeze_dim(0).repeat_dim(0, batch));
         match act {
             Activation::Identity => z,
