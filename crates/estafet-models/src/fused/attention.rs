@@ -24,7 +24,7 @@ use burn::backend::Backend;
 use burn::backend::tensor::FloatTensor;
 use gemm::Parallelism;
 
-use super::host::{HostKernel, dims3, matmul, par_rows, read};
+use super::host::{HostKernel, copied, dims3, matmul, par_rows, read, zeros};
 use super::math::{dot, exp, max, sum, vectorised};
 
 /// Queries per block.
@@ -187,7 +187,7 @@ impl HostKernel<3> for CausalAttention {
 
     fn forward(&mut self, keep: bool) -> Vec<f32> {
         let (t_len, s_len, kd, d) = (self.len, self.keys, self.head, self.width());
-        let mut out = vec![0.0f32; self.batch * t_len * d];
+        let mut out = zeros(self.batch * t_len * d);
         let mut lse = vec![0.0f32; self.rows() * t_len];
         let shared = Disjoint(out.as_mut_ptr());
         par_rows(
@@ -233,7 +233,7 @@ impl HostKernel<3> for CausalAttention {
             },
         );
         if keep {
-            self.out = out.clone();
+            self.out = copied(&out);
             self.lse = lse;
         }
         out
@@ -243,11 +243,8 @@ impl HostKernel<3> for CausalAttention {
     fn backward(&self, d_out: &[f32]) -> [Vec<f32>; 3] {
         let (t_len, s_len, kd, d) = (self.len, self.keys, self.head, self.width());
         let scale = 1.0 / (kd as f32).sqrt();
-        let mut dq = vec![0.0f32; self.batch * t_len * d];
-        let (mut dk, mut dv) = (
-            vec![0.0f32; self.batch * s_len * d],
-            vec![0.0f32; self.batch * s_len * d],
-        );
+        let mut dq = zeros(self.batch * t_len * d);
+        let (mut dk, mut dv) = (zeros(self.batch * s_len * d), zeros(self.batch * s_len * d));
         let shared = (
             Disjoint(dq.as_mut_ptr()),
             Disjoint(dk.as_mut_ptr()),

@@ -17,7 +17,7 @@ use burn::backend::Backend;
 use burn::backend::TensorMetadata;
 use burn::backend::tensor::FloatTensor;
 
-use super::host::{HostKernel, block_rows, blocks, dims3, matmul, matmul_sum_k, read};
+use super::host::{HostKernel, block_rows, blocks, dims3, matmul, matmul_sum_k, read, zeros};
 use super::math::{sigmoid, tanh, vectorised};
 use super::packed::PackedRhs;
 
@@ -162,8 +162,8 @@ fn scan_forward(i: &CellScan, save: bool) -> (Vec<f32>, Vec<f32>) {
     let (bsz, t_len, h) = (i.batch, i.len, i.hidden);
     let sw = i.cell.outputs() * h;
     let aw = i.cell.saved() * h;
-    let mut out = vec![0.0f32; bsz * t_len * sw];
-    let mut acts = vec![0.0f32; if save { bsz * t_len * aw } else { 0 }];
+    let mut out = zeros(bsz * t_len * sw);
+    let mut acts = zeros(if save { bsz * t_len * aw } else { 0 });
     let rows = block_rows(bsz);
     let out_blocks = blocks(&mut out, bsz, rows, t_len * sw);
     let act_blocks = blocks(&mut acts, bsz, rows, t_len * aw);
@@ -192,7 +192,7 @@ fn forward_block(i: &CellScan, w_h: &PackedRhs, first: usize, out: &mut [f32], a
     let (bsz, d) = (out.len() / (t_len * sw), i.d_input);
     let save = !acts.is_empty();
     // xp = x W_i + b_i (+ b_h) for every step of the block: one GEMM.
-    let mut xp = vec![0.0f32; bsz * t_len * gh];
+    let mut xp = zeros(bsz * t_len * gh);
     for row in xp.chunks_exact_mut(gh) {
         row.copy_from_slice(&i.b_x);
     }
@@ -430,7 +430,7 @@ fn scan_backward(i: &CellScan, d_out: &[f32]) -> [Vec<f32>; 7] {
     let gh = cell.gates() * h;
     // d pre-activations of the input share, and of the hidden share `hp` (equal but for the
     // GRU's candidate, where `hp_n` sits behind the reset gate).
-    let mut d_xp = vec![0.0f32; bsz * t_len * gh];
+    let mut d_xp = zeros(bsz * t_len * gh);
     let mut d_hp_gru = vec![
         0.0f32;
         if cell == Cell::Gru {
@@ -440,7 +440,7 @@ fn scan_backward(i: &CellScan, d_out: &[f32]) -> [Vec<f32>; 7] {
         }
     ];
     // h_{t-1} of every step, the left factor of dW_h.
-    let mut h_prev = vec![0.0f32; bsz * t_len * h];
+    let mut h_prev = zeros(bsz * t_len * h);
     let mut d_h0 = vec![0.0f32; bsz * h];
     let mut d_c0 = vec![0.0f32; bsz * h];
     let rows = block_rows(bsz);
@@ -466,7 +466,7 @@ fn scan_backward(i: &CellScan, d_out: &[f32]) -> [Vec<f32>; 7] {
     // along that sum; dx = dxp W_iᵀ: one GEMM over the rows.
     let mut d_w_h = vec![0.0f32; h * gh];
     let mut d_w_i = vec![0.0f32; d * gh];
-    let mut d_x = vec![0.0f32; rows_all * d];
+    let mut d_x = zeros(rows_all * d);
     // SAFETY: `h_prev` [B·T, H] and `x` [B·T, D] read transposed; `d_hp`, `d_xp` [B·T, G·H];
     // `w_i` [D, G·H] read transposed; every destination sized by its shape.
     unsafe {

@@ -16,7 +16,7 @@ use burn::backend::Backend;
 use burn::backend::TensorMetadata;
 use burn::backend::tensor::FloatTensor;
 
-use super::host::{HostKernel, Sections, dims3, par_rows, read};
+use super::host::{HostKernel, Sections, dims3, par_rows, read, zeros};
 use super::math::sigmoid;
 
 /// The convolution's inputs on the host.
@@ -94,7 +94,7 @@ impl HostKernel<3> for ConvSilu {
 
     fn forward(&mut self, _keep: bool) -> Vec<f32> {
         let (t_len, c) = (self.len(), self.channels);
-        let mut out = vec![0.0f32; self.batch * t_len * c];
+        let mut out = zeros(self.batch * t_len * c);
         par_rows(
             &mut out,
             t_len * c,
@@ -116,7 +116,7 @@ impl HostKernel<3> for ConvSilu {
         let (t_len, c, taps, wl) = (self.len(), self.channels, self.taps, self.window_len);
         // Per sequence: [dwindow (L·C) | dw (K·C) | dbias (C)].
         let per = wl * c + taps * c + c;
-        let mut parts = vec![0.0f32; self.batch * per];
+        let mut parts = zeros(self.batch * per);
         par_rows(
             &mut parts,
             per,

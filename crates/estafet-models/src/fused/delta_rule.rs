@@ -27,7 +27,7 @@ use burn::backend::Backend;
 use burn::backend::TensorMetadata;
 use burn::backend::tensor::FloatTensor;
 
-use super::host::{HostKernel, Sections, dims3, par_rows, read};
+use super::host::{HostKernel, Sections, dims3, par_rows, read, zeros};
 use super::math::exp;
 
 /// The recurrence's inputs on the host.
@@ -134,7 +134,7 @@ impl HostKernel<6> for DeltaRule {
     fn forward(&mut self, _keep: bool) -> Vec<f32> {
         let (t_len, dk, dv) = (self.len, self.dk, self.dv);
         let width = t_len * dv + dk * dv;
-        let mut out = vec![0.0f32; self.rows * width];
+        let mut out = zeros(self.rows * width);
         par_rows(
             &mut out,
             width,
@@ -159,7 +159,7 @@ impl HostKernel<6> for DeltaRule {
         let width = t_len * dv + kv;
         // Per sequence-head: [dq (T·K) | dk (T·K) | dv (T·V) | dβ (T) | dg (T) | dS (K·V)].
         let per = 2 * t_len * dk + t_len * dv + 2 * t_len + kv;
-        let mut parts = vec![0.0f32; self.rows * per];
+        let mut parts = zeros(self.rows * per);
         par_rows(
             &mut parts,
             per,

@@ -26,7 +26,7 @@ use burn::backend::Backend;
 use burn::backend::TensorMetadata;
 use burn::backend::tensor::FloatTensor;
 
-use super::host::{HostKernel, Sections, dims3, par_rows, read};
+use super::host::{HostKernel, Sections, dims3, par_rows, read, zeros};
 use super::math::exp;
 
 /// The recurrence's inputs on the host: `r`, `k`, `v`, `log_w`, `a`, `b` each `[R, T, N]`, and
@@ -116,7 +116,7 @@ impl HostKernel<7> for Dplr {
     fn forward(&mut self, _keep: bool) -> Vec<f32> {
         let (t_len, n) = (self.len, self.n);
         let width = t_len * n + n * n;
-        let mut out = vec![0.0f32; self.rows * width];
+        let mut out = zeros(self.rows * width);
         par_rows(
             &mut out,
             width,
@@ -148,7 +148,7 @@ impl HostKernel<7> for Dplr {
         let width = tn + nn;
         // Per sequence-head: [dr | dk | dv | dlog_w | da | db] (T·N each), then dS (N·N).
         let per = 6 * tn + nn;
-        let mut parts = vec![0.0f32; self.rows * per];
+        let mut parts = zeros(self.rows * per);
         par_rows(
             &mut parts,
             per,

@@ -142,26 +142,58 @@ fn flex_values(t: &dyn std::any::Any) -> Option<Vec<f32>> {
     Some(copied(&t.storage::<f32>()[start..end]))
 }
 
-/// `src` in a new vector, copied on rayon's pool when it is long enough to pay.
-#[cfg(feature = "flex")]
-fn copied(src: &[f32]) -> Vec<f32> {
+/// Below this many floats a buffer is filled on the calling thread.
+const PAR_MIN: usize = 1 << 17;
+
+/// A vector of `n` floats whose chunks of `chunk` (the last one shorter) are written by
+/// `fill(index, chunk)`, on rayon's pool once `n` is long enough to pay. The kernels' buffers
+/// are filled this way because the allocator hands them back dirty (mimalloc keeps freed
+/// memory, `main.rs`), so `vec![0.0; n]` or a copy would run on the calling thread while the
+/// pool waits: at the research shapes `memset` was the main thread's largest entry (`perf`,
+/// 2026-12-04).
+///
+/// `fill` must write every element of its chunk.
+fn filled(
+    n: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
     use rayon::prelude::*;
-    const CHUNK: usize = 1 << 16;
-    if src.len() < 2 * CHUNK {
-        return src.to_vec();
+    let mut out = Vec::with_capacity(n);
+    let spare = &mut out.spare_capacity_mut()[..n];
+    if n >= PAR_MIN {
+        spare
+            .par_chunks_mut(chunk.max(1))
+            .enumerate()
+            .for_each(|(i, c)| fill(i, c));
+    } else {
+        spare
+            .chunks_mut(chunk.max(1))
+            .enumerate()
+            .for_each(|(i, c)| fill(i, c));
     }
-    let mut out = Vec::with_capacity(src.len());
-    out.spare_capacity_mut()[..src.len()]
-        .par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .for_each(|(dst, src)| {
-            for (d, s) in dst.iter_mut().zip(src) {
-                d.write(*s);
-            }
-        });
-    // SAFETY: the chunks above wrote every one of the first `src.len()` elements.
-    unsafe { out.set_len(src.len()) };
+    // SAFETY: the chunks cover the first `n` elements and `fill` wrote each of them.
+    unsafe { out.set_len(n) };
     out
+}
+
+/// Chunk of [`zeros`] and [`copied`].
+const FILL_CHUNK: usize = 1 << 16;
+
+/// `n` zeros.
+pub(super) fn zeros(n: usize) -> Vec<f32> {
+    filled(n, FILL_CHUNK, |_, c| {
+        c.fill(std::mem::MaybeUninit::new(0.0))
+    })
+}
+
+/// `src` in a new vector.
+pub(super) fn copied(src: &[f32]) -> Vec<f32> {
+    filled(src.len(), FILL_CHUNK, |i, c| {
+        for (d, s) in c.iter_mut().zip(&src[i * FILL_CHUNK..]) {
+            d.write(*s);
+        }
+    })
 }
 
 pub(super) fn write<B: Backend>(
@@ -344,10 +376,13 @@ pub(super) struct Sections<'a> {
 impl Sections<'_> {
     /// The section of every sequence, in batch order: a per-sequence input's gradient.
     pub(super) fn gather(&self) -> Vec<f32> {
-        self.parts
-            .chunks_exact(self.per)
-            .flat_map(|part| part[self.offset..][..self.len].iter().copied())
-            .collect()
+        let sequences = self.parts.len() / self.per.max(1);
+        filled(sequences * self.len, self.len, |n, out| {
+            let part = &self.parts[n * self.per + self.offset..][..self.len];
+            for (d, s) in out.iter_mut().zip(part) {
+                d.write(*s);
+            }
+        })
     }
 
     /// The section summed over sequences: a shared parameter's gradient.
@@ -375,6 +410,31 @@ pub(super) fn par_rows(data: &mut [f32], width: usize, f: impl Fn(usize, &mut [f
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The buffers filled on the pool (above [`PAR_MIN`], in uneven chunks) hold what they
+    /// should, also where the allocator hands back memory that held something else.
+    #[test]
+    fn pool_filled_buffers_hold_their_values() {
+        let n = 2 * PAR_MIN + 3;
+        drop(vec![7.0f32; n]);
+        assert!(zeros(n).iter().all(|&v| v == 0.0));
+        let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        assert_eq!(copied(&src), src);
+        let (per, offset, len) = (1001, 5, 996);
+        let parts: Vec<f32> = (0..(PAR_MIN / len + 1) * per).map(|i| i as f32).collect();
+        let gathered = Sections {
+            parts: &parts,
+            per,
+            offset,
+            len,
+        }
+        .gather();
+        let want: Vec<f32> = parts
+            .chunks_exact(per)
+            .flat_map(|p| p[offset..][..len].to_vec())
+            .collect();
+        assert!(gathered.len() >= PAR_MIN && gathered == want);
+    }
 
     /// On flex, a kernel reads what the tensor holds: long enough to be copied on the pool, a
     /// contiguous view that starts inside its buffer, and a transposed view (not contiguous:

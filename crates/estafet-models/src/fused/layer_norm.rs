@@ -18,7 +18,7 @@ use burn::backend::Backend;
 use burn::backend::tensor::FloatTensor;
 use rayon::prelude::*;
 
-use super::host::{HostKernel, read};
+use super::host::{HostKernel, read, zeros};
 use super::math::{dot, sum, vectorised};
 
 /// Rows per task.
@@ -86,7 +86,7 @@ impl HostKernel<3> for LayerNorm {
 
     fn forward(&mut self, keep: bool) -> Vec<f32> {
         let d = self.d;
-        let mut y = vec![0.0f32; self.rows * d];
+        let mut y = zeros(self.rows * d);
         let mut stats = vec![[0.0f32; 2]; self.rows];
         let this = &*self;
         y.par_chunks_mut(ROWS * d)
@@ -116,7 +116,7 @@ impl HostKernel<3> for LayerNorm {
 
     fn backward(&self, dy: &[f32]) -> [Vec<f32>; 3] {
         let d = self.d;
-        let mut dx = vec![0.0f32; self.rows * d];
+        let mut dx = zeros(self.rows * d);
         let tiles = self.rows.div_ceil(ROWS);
         // Per tile: dγ then dβ.
         let mut partials = vec![0.0f32; tiles * 2 * d];

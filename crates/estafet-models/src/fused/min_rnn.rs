@@ -29,7 +29,7 @@ use burn::backend::Backend;
 use burn::backend::TensorMetadata;
 use burn::backend::tensor::FloatTensor;
 
-use super::host::{HostKernel, Sections, dims3, par_rows, read};
+use super::host::{HostKernel, Sections, copied, dims3, par_rows, read, zeros};
 use super::math::sigmoid;
 
 /// Which minimal RNN the kernel computes; it sets the projection's layout `[B, T, G·H]`.
@@ -157,7 +157,7 @@ impl HostKernel<2> for MinScan {
 
     fn forward(&mut self, keep: bool) -> Vec<f32> {
         let (t_len, h) = (self.len, self.hidden);
-        let mut out = vec![0.0f32; self.batch * t_len * h];
+        let mut out = zeros(self.batch * t_len * h);
         par_rows(
             &mut out,
             t_len * h,
@@ -171,7 +171,7 @@ impl HostKernel<2> for MinScan {
             },
         );
         if keep {
-            self.out = out.clone();
+            self.out = copied(&out);
         }
         out
     }
@@ -181,7 +181,7 @@ impl HostKernel<2> for MinScan {
         let (t_len, h, g) = (self.len, self.hidden, self.kind.groups());
         // Per sequence: [d_pre (T·G·H) | d_h0 (H)].
         let per = t_len * g * h + h;
-        let mut parts = vec![0.0f32; self.batch * per];
+        let mut parts = zeros(self.batch * per);
         par_rows(
             &mut parts,
             per,

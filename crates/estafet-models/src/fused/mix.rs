@@ -24,7 +24,7 @@ use burn::backend::Backend;
 use burn::backend::tensor::FloatTensor;
 use rayon::prelude::*;
 
-use super::host::{HostKernel, dims3, matmul, matmul_sum_k, read};
+use super::host::{HostKernel, dims3, matmul, matmul_sum_k, read, zeros};
 use super::math::{sigmoid, vectorised};
 
 /// What follows the projection.
@@ -153,10 +153,10 @@ impl HostKernel<4> for ShiftMix {
     fn forward(&mut self, keep: bool) -> Vec<f32> {
         let rows = self.batch * self.len;
         let (d_in, d_out, act) = (self.d_in, self.d_out, self.act);
-        let mut y = vec![0.0f32; rows * d_out];
+        let mut y = zeros(rows * d_out);
         let mut z = Vec::new();
         let tiles: Vec<Option<&mut [f32]>> = if keep && act != Activation::Identity {
-            z = vec![0.0f32; rows * d_out];
+            z = zeros(rows * d_out);
             z.chunks_mut(ROWS * d_out).map(Some).collect()
         } else {
             (0..rows.div_ceil(ROWS)).map(|_| None).collect()
@@ -193,12 +193,12 @@ impl HostKernel<4> for ShiftMix {
     fn backward(&self, dy: &[f32]) -> [Vec<f32>; 4] {
         let (batch, len, d_in, d_out) = (self.batch, self.len, self.d_in, self.d_out);
         let rows = batch * len;
-        let mut m = vec![0.0f32; rows * d_in];
-        let mut dm = vec![0.0f32; rows * d_in];
+        let mut m = zeros(rows * d_in);
+        let mut dm = zeros(rows * d_in);
         // dz = dy ⊙ act'(z), tile by tile beside m and dm = dz Wᵀ.
         let mut dz_owned = match self.act {
             Activation::Identity => Vec::new(),
-            _ => vec![0.0f32; rows * d_out],
+            _ => zeros(rows * d_out),
         };
         let dz_tiles: Vec<Option<&mut [f32]>> = if dz_owned.is_empty() {
             (0..rows.div_ceil(ROWS)).map(|_| None).collect()
@@ -247,7 +247,7 @@ impl HostKernel<4> for ShiftMix {
         };
         // Per sequence: dx, and its terms of dshift and dμ (summed over the batch in order
         // below, so the gradients do not depend on the thread count).
-        let mut dx = vec![0.0f32; rows * d_in];
+        let mut dx = zeros(rows * d_in);
         let mut sides = vec![0.0f32; batch * 2 * d_in];
         let mu = &self.mu[..d_in];
         dx.par_chunks_mut(len * d_in)

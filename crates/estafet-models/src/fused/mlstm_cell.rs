@@ -27,7 +27,7 @@ use burn::backend::Backend;
 use burn::backend::TensorMetadata;
 use burn::backend::tensor::FloatTensor;
 
-use super::host::{HostKernel, Sections, dims3, par_rows, read};
+use super::host::{HostKernel, Sections, dims3, par_rows, read, zeros};
 use super::math::exp;
 
 /// The cell's inputs on the host.
@@ -126,7 +126,7 @@ impl HostKernel<8> for MlstmCell {
     fn forward(&mut self, _keep: bool) -> Vec<f32> {
         let (t_len, dk, dv) = (self.len, self.dk, self.dv);
         let width = t_len * dv + 2 * t_len + dk * dv + dk + 1;
-        let mut out = vec![0.0f32; self.rows * width];
+        let mut out = zeros(self.rows * width);
         par_rows(
             &mut out,
             width,
@@ -167,7 +167,7 @@ impl HostKernel<8> for MlstmCell {
         let width = t_len * dv + 2 * t_len + kv + dk + 1;
         // Per sequence-head: [dq | dk (T·K each) | dv (T·V) | dĩ | dlog_f (T each) | dC | dn | dm].
         let per = 2 * t_len * dk + t_len * dv + 2 * t_len + kv + dk + 1;
-        let mut parts = vec![0.0f32; self.rows * per];
+        let mut parts = zeros(self.rows * per);
         par_rows(
             &mut parts,
             per,

@@ -15,7 +15,7 @@ use burn::backend::Backend;
 use burn::backend::TensorMetadata;
 use burn::backend::tensor::FloatTensor;
 
-use super::host::{HostKernel, Sections, dims3, par_rows, read};
+use super::host::{HostKernel, Sections, dims3, par_rows, read, zeros};
 use super::math::{dot, exp};
 use crate::scan::Eigenvalues;
 
@@ -116,7 +116,7 @@ impl HostKernel<6> for Selective {
     fn forward(&mut self, _keep: bool) -> Vec<f32> {
         let (t_len, m, n) = (self.len, self.m, self.n);
         let width = t_len * m + m * n;
-        let mut out = vec![0.0f32; self.batch * width];
+        let mut out = zeros(self.batch * width);
         par_rows(
             &mut out,
             width,
@@ -142,7 +142,7 @@ impl HostKernel<6> for Selective {
         let width = t_len * m + m * n;
         // Per sequence: [dΔ (T·M) | dx (T·M) | dB (T·N) | dC (T·N) | dh0 (M·N) | dA (M·N)].
         let per = 2 * t_len * m + 2 * t_len * n + 2 * m * n;
-        let mut parts = vec![0.0f32; bsz * per];
+        let mut parts = zeros(bsz * per);
         par_rows(
             &mut parts,
             per,

@@ -20,7 +20,7 @@ use burn::backend::Backend;
 use burn::backend::TensorMetadata;
 use burn::backend::tensor::FloatTensor;
 
-use super::host::{HostKernel, Sections, dims3, par_rows, read};
+use super::host::{HostKernel, Sections, dims3, par_rows, read, zeros};
 use super::math::{exp, sigmoid, tanh};
 
 /// The recurrence's inputs on the host, and (under autodiff) the states its backward reads.
@@ -178,7 +178,7 @@ impl HostKernel<6> for SlstmCell {
     fn forward(&mut self, _keep: bool) -> Vec<f32> {
         let (t_len, d) = (self.len, self.d);
         let width = t_len * d + 3 * d;
-        let mut out = vec![0.0f32; self.batch * width];
+        let mut out = zeros(self.batch * width);
         par_rows(
             &mut out,
             width,
@@ -207,7 +207,7 @@ impl HostKernel<6> for SlstmCell {
         let r_len = self.heads * dh * 4 * dh;
         // Per sequence: [dwx (T·4D) | dR | dh0 | dc0 | dn0 | dm0].
         let per = t_len * 4 * d + r_len + 4 * d;
-        let mut parts = vec![0.0f32; self.batch * per];
+        let mut parts = zeros(self.batch * per);
         par_rows(
             &mut parts,
             per,

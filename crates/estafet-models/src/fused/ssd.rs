@@ -24,7 +24,7 @@ use burn::backend::Backend;
 use burn::backend::TensorMetadata;
 use burn::backend::tensor::FloatTensor;
 
-use super::host::{HostKernel, Sections, dims3, par_rows, read};
+use super::host::{HostKernel, Sections, dims3, par_rows, read, zeros};
 use super::math::exp;
 use crate::scan::Eigenvalues;
 
@@ -130,7 +130,7 @@ impl HostKernel<5> for Ssd {
     fn forward(&mut self, _keep: bool) -> Vec<f32> {
         let (t_len, p, n) = (self.len, self.p, self.n);
         let width = t_len * p + p * n;
-        let mut out = vec![0.0f32; self.batch * self.heads * width];
+        let mut out = zeros(self.batch * self.heads * width);
         par_rows(
             &mut out,
             width,
@@ -161,7 +161,7 @@ impl HostKernel<5> for Ssd {
         let width = t_len * p + pn;
         // Per row: [dx (T·P) | dlog_a (T) | dB (T·N) | dC (T·N) | dh (P·N)].
         let per = t_len * p + t_len + 2 * t_len * n + pn;
-        let mut parts = vec![0.0f32; self.batch * self.heads * per];
+        let mut parts = zeros(self.batch * self.heads * per);
         par_rows(
             &mut parts,
             per,

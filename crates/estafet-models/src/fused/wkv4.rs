@@ -12,7 +12,7 @@
 use burn::backend::Backend;
 use burn::backend::tensor::FloatTensor;
 
-use super::host::{HostKernel, Sections, dims3, par_rows, read};
+use super::host::{HostKernel, Sections, dims3, par_rows, read, zeros};
 use super::math::exp;
 
 /// The WKV's inputs on the host.
@@ -116,7 +116,7 @@ impl HostKernel<7> for Wkv4 {
     fn forward(&mut self, _keep: bool) -> Vec<f32> {
         let (t_len, d) = (self.len, self.d);
         let width = t_len * d + 3 * d;
-        let mut out = vec![0.0f32; self.batch * width];
+        let mut out = zeros(self.batch * width);
         par_rows(
             &mut out,
             width,
@@ -152,7 +152,7 @@ impl HostKernel<7> for Wkv4 {
         let width = t_len * d + 3 * d;
         // Per sequence: [dk (T·D) | dv (T·D) | da | db | dp | dw | du] (each D).
         let per = 2 * t_len * d + 5 * d;
-        let mut parts = vec![0.0f32; bsz * per];
+        let mut parts = zeros(bsz * per);
         par_rows(
             &mut parts,
             per,
