@@ -346,8 +346,14 @@ impl Mamba {
                 (y, out.narrow(1, t * inner, m))
             }
         };
-        let y = y + x * self.d.val().unsqueeze_dim::<2>(0).unsqueeze_dim::<3>(0);
-        let out = self.out_proj.forward(y * silu(z));
+        let gated = match path {
+            Path::Scan(Compute::Fused) => {
+                let flat = |v: Tensor<3>| v.reshape([batch * t, inner]);
+                fused::skip_gate(flat(y), flat(x), self.d.val(), flat(z)).reshape([batch, t, inner])
+            }
+            _ => (y + x * self.d.val().unsqueeze_dim::<2>(0).unsqueeze_dim::<3>(0)) * silu(z),
+        };
+        let out = self.out_proj.forward(gated);
         (
             out,
             MambaState {

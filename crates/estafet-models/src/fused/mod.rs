@@ -14,7 +14,8 @@
 //! - [`rope`]: the rotary position embedding of attention's queries and keys;
 //! - [`shift_mix_linear`]: RWKV's token shift, interpolation, projection and activation;
 //! - [`layer_norm`]: layer normalisation over the last axis;
-//! - [`token_nll`]: the cross-entropy of token targets under logits.
+//! - [`token_nll`]: the cross-entropy of token targets under logits;
+//! - [`skip_gate`]: Mamba's skip term and SiLU output gate.
 //!
 //! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
 //! autodiff graph and the backward walks them again: at `B = 32, H = 256` op dispatch and
@@ -42,8 +43,8 @@
 //! against a `W_h` packed once per call; [`math`] the vectorisable transcendentals and the
 //! instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`],
 //! [`min_rnn`], [`delta_rule`], [`ssd`], [`dplr`], [`mlstm_cell`], [`slstm_cell`] and
-//! [`attention`], [`rope`], [`mix`], [`layer_norm`] and [`nll`] one kernel each, with its
-//! equations.
+//! [`attention`], [`rope`], [`mix`], [`layer_norm`], [`nll`] and [`gate`] one kernel each, with
+//! its equations.
 
 // NdArray is deprecated in burn 0.22 but still estafet's reference backend; the extension
 // macro's generated code names it, so the allowance covers the module.
@@ -54,6 +55,7 @@ mod cell;
 mod conv;
 mod delta_rule;
 mod dplr;
+mod gate;
 mod host;
 mod layer_norm;
 mod math;
@@ -82,6 +84,7 @@ use cell::CellScan;
 use conv::ConvSilu;
 use delta_rule::DeltaRule;
 use dplr::Dplr;
+use gate::SkipGate;
 use host::{run_plain, run_tracked};
 use layer_norm::LayerNorm;
 pub use math::Isa;
@@ -506,6 +509,19 @@ pub fn token_nll(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
     ))
 }
 
+/// Mamba's skip term and output gate, one op (see `gate.rs`): `(y + x ⊙ D) ⊙ SiLU(z)`.
+///
+/// - `y`, `x`, `z`: `[rows, C]`; `d`: `[C]`
+/// - returns `[rows, C]`
+pub fn skip_gate(y: Tensor<2>, x: Tensor<2>, d: Tensor<1>, z: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::skip_gate(
+        y.into_dispatch(),
+        x.into_dispatch(),
+        d.into_dispatch(),
+        z.into_dispatch(),
+    ))
+}
+
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
@@ -663,6 +679,15 @@ pub trait FusedOps: Backend {
     fn token_nll(logits: FloatTensor<Self>, targets: FloatTensor<Self>) -> FloatTensor<Self> {
         run_plain::<Self, TokenNll, 2>([logits, targets], ())
     }
+
+    fn skip_gate(
+        y: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        d: FloatTensor<Self>,
+        z: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_plain::<Self, SkipGate, 4>([y, x, d, z], ())
+    }
 }
 
 #[cfg(feature = "ndarray")]
@@ -819,5 +844,14 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 
     fn token_nll(logits: FloatTensor<Self>, targets: FloatTensor<Self>) -> FloatTensor<Self> {
         run_tracked::<B, C, TokenNll, 2>([logits, targets], ())
+    }
+
+    fn skip_gate(
+        y: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        d: FloatTensor<Self>,
+        z: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_tracked::<B, C, SkipGate, 4>([y, x, d, z], ())
     }
 }
