@@ -15,7 +15,8 @@
 //! - [`shift_mix_linear`]: RWKV's token shift, interpolation, projection and activation;
 //! - [`layer_norm`]: layer normalisation over the last axis;
 //! - [`token_nll`]: the cross-entropy of token targets under logits;
-//! - [`skip_gate`]: Mamba's skip term and SiLU output gate.
+//! - [`skip_gate`]: Mamba's skip term and SiLU output gate;
+//! - [`softplus`]: Mamba's step size `Δ`.
 //!
 //! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
 //! autodiff graph and the backward walks them again: at `B = 32, H = 256` op dispatch and
@@ -43,8 +44,8 @@
 //! against a `W_h` packed once per call; [`math`] the vectorisable transcendentals and the
 //! instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`],
 //! [`min_rnn`], [`delta_rule`], [`ssd`], [`dplr`], [`mlstm_cell`], [`slstm_cell`] and
-//! [`attention`], [`rope`], [`mix`], [`layer_norm`], [`nll`] and [`gate`] one kernel each, with
-//! its equations.
+//! [`attention`], [`rope`], [`mix`], [`layer_norm`], [`nll`], [`gate`] and [`softplus`] one kernel
+//! each, with its equations.
 
 // NdArray is deprecated in burn 0.22 but still estafet's reference backend; the extension
 // macro's generated code names it, so the allowance covers the module.
@@ -67,6 +68,7 @@ mod packed;
 mod rope;
 mod selective;
 mod slstm_cell;
+mod softplus;
 mod ssd;
 mod wkv4;
 
@@ -97,6 +99,7 @@ use nll::TokenNll;
 use rope::Rotary;
 use selective::Selective;
 use slstm_cell::SlstmCell;
+use softplus::Softplus;
 use ssd::Ssd;
 use wkv4::Wkv4;
 
@@ -522,6 +525,11 @@ pub fn skip_gate(y: Tensor<2>, x: Tensor<2>, d: Tensor<1>, z: Tensor<2>) -> Tens
     ))
 }
 
+/// Softplus, one op (see `softplus.rs`): burn's `softplus(x, 1)` with vectorised transcendentals.
+pub fn softplus<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::softplus(x.into_dispatch()))
+}
+
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
@@ -688,6 +696,10 @@ pub trait FusedOps: Backend {
     ) -> FloatTensor<Self> {
         run_plain::<Self, SkipGate, 4>([y, x, d, z], ())
     }
+
+    fn softplus(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        run_plain::<Self, Softplus, 1>([x], ())
+    }
 }
 
 #[cfg(feature = "ndarray")]
@@ -853,5 +865,9 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         z: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         run_tracked::<B, C, SkipGate, 4>([y, x, d, z], ())
+    }
+
+    fn softplus(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        run_tracked::<B, C, Softplus, 1>([x], ())
     }
 }

@@ -18,6 +18,7 @@ use burn::nn::Linear;
 use burn::tensor::activation::softplus;
 use burn::tensor::{Int, Tensor, TensorData};
 
+use crate::fused;
 use crate::init::Init;
 
 /// Δ, B and C of a Mamba block, input-dependent or fixed.
@@ -84,15 +85,26 @@ impl Selection {
     }
 
     /// The selective maps' `(Δ [B, T, E·D], B [B, T, N], C [B, T, N])` of `x [B, T, E·D]`, the
-    /// fused kernel's inputs; `None` for the fixed variant, which the kernel does not take.
+    /// fused kernel's inputs (`Δ` through the fused softplus); `None` for the fixed variant, which
+    /// the kernel does not take.
     pub fn project(&self, x: Tensor<3>) -> Option<(Tensor<3>, Tensor<3>, Tensor<3>)> {
+        self.maps(x, true)
+    }
+
+    /// The selective maps, `Δ` through [`fused::softplus`] or (the definition) burn's.
+    fn maps(&self, x: Tensor<3>, fused: bool) -> Option<(Tensor<3>, Tensor<3>, Tensor<3>)> {
         let Selection::Selective(s) = self else {
             return None;
         };
         let r = s.dt_proj.weight.dims()[0];
         let n = (s.x_proj.weight.dims()[1] - r) / 2;
         let dbc = s.x_proj.forward(x);
-        let delta = softplus(s.dt_proj.forward(dbc.clone().narrow(2, 0, r)), 1.0);
+        let dt = s.dt_proj.forward(dbc.clone().narrow(2, 0, r));
+        let delta = if fused {
+            fused::softplus(dt)
+        } else {
+            softplus(dt, 1.0)
+        };
         let b = dbc.clone().narrow(2, r, n);
         let c = dbc.narrow(2, r + n, n);
         Some((delta, b, c))
@@ -102,7 +114,7 @@ impl Selection {
     pub fn broadcast(&self, x: Tensor<3>) -> Dbc {
         match self {
             Selection::Selective(_) => {
-                let (delta, b, c) = self.project(x).expect("selective");
+                let (delta, b, c) = self.maps(x, false).expect("selective");
                 Dbc {
                     delta: delta.unsqueeze_dim(3),
                     b: b.unsqueeze_dim(2),
