@@ -16,7 +16,7 @@ use burn::backend::Backend;
 use burn::backend::tensor::FloatTensor;
 use rayon::prelude::*;
 
-use super::host::{HostKernel, read, zeros};
+use super::host::{HostKernel, par_rows, read, zeros};
 use super::math::{sigmoid, vectorised};
 
 /// Rows per task.
@@ -73,23 +73,23 @@ impl HostKernel<4> for SkipGate {
     fn forward(&mut self, _keep: bool) -> Vec<f32> {
         let c = self.channels;
         let mut out = zeros(self.rows * c);
-        out.par_chunks_mut(ROWS * c)
-            .enumerate()
-            .for_each(|(t, out)| {
-                vectorised(
-                    #[inline(always)]
-                    || {
-                        let r0 = t * ROWS * c;
-                        let n = out.len();
-                        let (y, x, z) =
-                            (&self.y[r0..][..n], &self.x[r0..][..n], &self.z[r0..][..n]);
-                        for (i, o) in out.iter_mut().enumerate() {
-                            let s = y[i] + x[i] * self.d[i % c];
-                            *o = s * (z[i] * sigmoid(z[i]));
-                        }
-                    },
-                )
-            });
+        par_rows(
+            &mut out,
+            ROWS * c,
+            #[inline(always)]
+            |t, out| {
+                let r0 = t * ROWS * c;
+                let n = out.len();
+                let (y, x, z) = (&self.y[r0..][..n], &self.x[r0..][..n], &self.z[r0..][..n]);
+                for (r, out) in out.chunks_exact_mut(c).enumerate() {
+                    let o = r * c;
+                    for j in 0..c {
+                        let s = y[o + j] + x[o + j] * self.d[j];
+                        out[j] = s * (z[o + j] * sigmoid(z[o + j]));
+                    }
+                }
+            },
+        );
         out
     }
 

@@ -16,7 +16,7 @@ use burn::backend::Backend;
 use burn::backend::tensor::FloatTensor;
 use rayon::prelude::*;
 
-use super::host::{HostKernel, read};
+use super::host::{HostKernel, par_rows, read, zeros};
 use super::math::{exp, max, vectorised};
 
 /// Rows per task.
@@ -113,22 +113,22 @@ impl HostKernel<2> for TokenNll {
 
     fn backward(&self, d_nll: &[f32]) -> [Vec<f32>; 2] {
         let v = self.vocab;
-        let mut dz = vec![0.0f32; self.rows * v];
-        dz.par_chunks_mut(ROWS * v).enumerate().for_each(|(c, dz)| {
-            vectorised(
-                #[inline(always)]
-                || {
-                    for (i, dz) in dz.chunks_exact_mut(v).enumerate() {
-                        let r = c * ROWS + i;
-                        let (z, lse, d) = (&self.z[r * v..][..v], self.lse[r], d_nll[r]);
-                        for (g, &x) in dz.iter_mut().zip(z) {
-                            *g = d * exp(x - lse);
-                        }
-                        dz[self.target(r)] -= d;
+        let mut dz = zeros(self.rows * v);
+        par_rows(
+            &mut dz,
+            ROWS * v,
+            #[inline(always)]
+            |c, dz| {
+                for (i, dz) in dz.chunks_exact_mut(v).enumerate() {
+                    let r = c * ROWS + i;
+                    let (z, lse, d) = (&self.z[r * v..][..v], self.lse[r], d_nll[r]);
+                    for (g, &x) in dz.iter_mut().zip(z) {
+                        *g = d * exp(x - lse);
                     }
-                },
-            )
-        });
+                    dz[self.target(r)] -= d;
+                }
+            },
+        );
         // The targets carry no gradient; their node is never tracked.
         [dz, vec![0.0; self.rows]]
     }

@@ -10,12 +10,10 @@
 //! [`math::exp`](super::math::exp) and [`ln_1p`], both vectorisable, on every thread; the
 //! backward recomputes `σ(x)` from the input.
 
+use super::host::{HostKernel, par_rows, read, zeros};
+use super::math::{exp, sigmoid};
 use burn::backend::Backend;
 use burn::backend::tensor::FloatTensor;
-use rayon::prelude::*;
-
-use super::host::{HostKernel, read, zeros};
-use super::math::{exp, sigmoid, vectorised};
 
 /// Elements per task.
 const CHUNK: usize = 1 << 14;
@@ -62,36 +60,36 @@ impl HostKernel<1> for Softplus {
 
     fn forward(&mut self, _keep: bool) -> Vec<f32> {
         let mut y = zeros(self.x.len());
-        y.par_chunks_mut(CHUNK).enumerate().for_each(|(c, y)| {
-            vectorised(
-                #[inline(always)]
-                || {
-                    let x = &self.x[c * CHUNK..][..y.len()];
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = x.max(0.0) + ln_1p(exp(-x.abs()));
-                    }
-                },
-            )
-        });
+        par_rows(
+            &mut y,
+            CHUNK,
+            #[inline(always)]
+            |c, y| {
+                let x = &self.x[c * CHUNK..][..y.len()];
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x.max(0.0) + ln_1p(exp(-x.abs()));
+                }
+            },
+        );
         y
     }
 
     fn backward(&self, dy: &[f32]) -> [Vec<f32>; 1] {
         let mut dx = zeros(self.x.len());
-        dx.par_chunks_mut(CHUNK).enumerate().for_each(|(c, dx)| {
-            vectorised(
-                #[inline(always)]
-                || {
-                    let (x, dy) = (
-                        &self.x[c * CHUNK..][..dx.len()],
-                        &dy[c * CHUNK..][..dx.len()],
-                    );
-                    for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
-                        *dx = g * sigmoid(x);
-                    }
-                },
-            )
-        });
+        par_rows(
+            &mut dx,
+            CHUNK,
+            #[inline(always)]
+            |c, dx| {
+                let (x, dy) = (
+                    &self.x[c * CHUNK..][..dx.len()],
+                    &dy[c * CHUNK..][..dx.len()],
+                );
+                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
+                    *dx = g * sigmoid(x);
+                }
+            },
+        );
         [dx]
     }
 }
