@@ -30,7 +30,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, Linear};
-use burn::tensor::activation::{relu, sigmoid, silu};
+use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -446,12 +446,7 @@ impl Mixes {
                 act,
             );
         };
-        let z = layer.forward(lerp(self.x.clone(), shifted.clone(), mu.val()));
-        match act {
-            Activation::Identity => z,
-            Activation::Sigmoid => sigmoid(z),
-            Activation::ReluSquared => relu(z).powf_scalar(2.0),
-        }
+        act.apply(layer.forward(lerp(self.x.clone(), shifted.clone(), mu.val())))
     }
 }
 

@@ -37,6 +37,19 @@ pub enum Activation {
     ReluSquared,
 }
 
+impl Activation {
+    /// The activation as tensor ops: what the op computes after its product, and the
+    /// definition's (RWKV's tensor forms, this file's test) way of computing it.
+    pub fn apply<const D: usize>(self, z: burn::tensor::Tensor<D>) -> burn::tensor::Tensor<D> {
+        use burn::tensor::activation as tensor;
+        match self {
+            Activation::Identity => z,
+            Activation::Sigmoid => tensor::sigmoid(z),
+            Activation::ReluSquared => tensor::relu(z).powf_scalar(2.0),
+        }
+    }
+}
+
 /// Rows (tokens) per task: a tile of `m` and of the output stays in L2 between the mix, the
 /// product and the activation, and gemm's packing of `W`, once per product, is spread over
 /// enough rows (at 64 it was 9% of RWKV-4's samples; 256 and 1024 ran alike).
@@ -322,7 +335,6 @@ fn act_backward(act: Activation, dz: &mut [f32], dy: &[f32], z: &[f32]) {
 #[cfg(test)]
 mod tests {
     use burn::tensor::Tensor;
-    use burn::tensor::activation::{relu, sigmoid};
 
     use super::super::shift_mix_linear;
     use super::Activation;
@@ -339,12 +351,7 @@ mod tests {
     ) -> Tensor<3> {
         let batch = x.dims()[0];
         let m = lerp(x.clone(), token_shift(x, shift), mu);
-        let z = m.matmul(w.unsqueeze_dim(0).repeat_dim(0, batch));
-        match act {
-            Activation::Identity => z,
-            Activation::Sigmoid => sigmoid(z),
-            Activation::ReluSquared => relu(z).powf_scalar(2.0),
-        }
+        act.apply(m.matmul(w.unsqueeze_dim(0).repeat_dim(0, batch)))
     }
 
     /// The op against the definition, every activation, at uneven batches, odd lengths (one
