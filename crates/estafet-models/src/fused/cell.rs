@@ -17,7 +17,9 @@ use burn::backend::Backend;
 use burn::backend::TensorMetadata;
 use burn::backend::tensor::FloatTensor;
 
-use super::host::{HostKernel, block_rows, blocks, dims3, matmul, matmul_sum_k, read, zeros};
+use super::host::{
+    HostKernel, block_rows, blocks, column_sums, copied, dims3, matmul, matmul_sum_k, read, zeros,
+};
 use super::math::{sigmoid, tanh, vectorised};
 use super::packed::PackedRhs;
 
@@ -145,7 +147,7 @@ impl HostKernel<7> for CellScan {
     fn forward(&mut self, keep: bool) -> Vec<f32> {
         let (out, acts) = scan_forward(self, keep);
         if keep {
-            (self.out, self.acts) = (out.clone(), acts);
+            (self.out, self.acts) = (copied(&out), acts);
         }
         out
     }
@@ -431,14 +433,11 @@ fn scan_backward(i: &CellScan, d_out: &[f32]) -> [Vec<f32>; 7] {
     // d pre-activations of the input share, and of the hidden share `hp` (equal but for the
     // GRU's candidate, where `hp_n` sits behind the reset gate).
     let mut d_xp = zeros(bsz * t_len * gh);
-    let mut d_hp_gru = vec![
-        0.0f32;
-        if cell == Cell::Gru {
-            bsz * t_len * gh
-        } else {
-            0
-        }
-    ];
+    let mut d_hp_gru = zeros(if cell == Cell::Gru {
+        bsz * t_len * gh
+    } else {
+        0
+    });
     // h_{t-1} of every step, the left factor of dW_h.
     let mut h_prev = zeros(bsz * t_len * h);
     let mut d_h0 = vec![0.0f32; bsz * h];
@@ -492,14 +491,13 @@ fn scan_backward(i: &CellScan, d_out: &[f32]) -> [Vec<f32>; 7] {
             gemm::Parallelism::Rayon(0),
         );
     }
-    let column_sums = |m: &[f32]| {
-        let mut sums = vec![0.0f32; gh];
-        for row in m.chunks_exact(gh) {
-            sums.iter_mut().zip(row).for_each(|(s, v)| *s += v);
-        }
-        sums
+    // b_i and b_h enter every pre-activation alike but for the GRU's candidate.
+    let d_b_i = column_sums(&d_xp, gh);
+    let d_b_h = if cell == Cell::Gru {
+        column_sums(d_hp, gh)
+    } else {
+        d_b_i.clone()
     };
-    let (d_b_i, d_b_h) = (column_sums(&d_xp), column_sums(d_hp));
     [d_x, d_w_i, d_b_i, d_w_h, d_b_h, d_h0, d_c0]
 }
 

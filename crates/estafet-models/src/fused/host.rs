@@ -317,6 +317,36 @@ pub(super) unsafe fn matmul_sum_k(
     }
 }
 
+/// Rows per partial sum in [`column_sums`]; a constant, as [`K_CHUNK`], so that the order of the
+/// sum does not depend on the thread count.
+const SUM_ROWS: usize = 512;
+
+/// The sum of the rows of `m [rows, width]`: partial sums of [`SUM_ROWS`] rows on rayon's pool,
+/// added in order. A bias gradient over all `B·T` rows is 0.5–4M floats at the research shapes;
+/// summed on the calling thread it held the pool idle for milliseconds per layer (`perf`,
+/// 2026-12-04).
+pub(super) fn column_sums(m: &[f32], width: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut sums = vec![0.0f32; width];
+    if width == 0 {
+        return sums;
+    }
+    let partials: Vec<Vec<f32>> = m
+        .par_chunks(SUM_ROWS * width)
+        .map(|rows| {
+            let mut partial = vec![0.0f32; width];
+            for row in rows.chunks_exact(width) {
+                partial.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+            }
+            partial
+        })
+        .collect();
+    for partial in &partials {
+        sums.iter_mut().zip(partial).for_each(|(s, v)| *s += v);
+    }
+    sums
+}
+
 /// The rate of one `n × n × n` f32 GEMM through [`matmul`] on rayon's pool, GFLOP/s: the best
 /// of `repeats` timed calls after one untimed call. What "the machine's limit" means for the
 /// benchmark's efficiency figure.
@@ -434,6 +464,22 @@ mod tests {
             .flat_map(|p| p[offset..][..len].to_vec())
             .collect();
         assert!(gathered.len() >= PAR_MIN && gathered == want);
+    }
+
+    /// Column sums over more rows than one partial (and a ragged last partial) equal the plain
+    /// sum down each column.
+    #[test]
+    fn column_sums_are_the_sums_down_each_column() {
+        let (rows, width) = (3 * SUM_ROWS + 7, 5);
+        let m: Vec<f32> = (0..rows * width)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 8.0)
+            .collect();
+        let got = column_sums(&m, width);
+        for (j, &g) in got.iter().enumerate() {
+            let want: f64 = (0..rows).map(|r| m[r * width + j] as f64).sum();
+            assert!((g as f64 - want).abs() < 1e-3, "column {j}: {g} vs {want}");
+        }
+        assert!(column_sums(&[], 3) == vec![0.0; 3] && column_sums(&[], 0).is_empty());
     }
 
     /// On flex, a kernel reads what the tensor holds: long enough to be copied on the pool, a
