@@ -283,6 +283,11 @@ fn main() -> ExitCode {
     // T 1024; experiments/bench/README.md).
     // SAFETY: sets one integer option; mimalloc reads options at every purge decision.
     unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // The thread that trains runs the kernels' parallel work itself rather than waking a worker
+    // and sleeping dozens of times a step (measured on one thread at d 64: +9% training tokens/s,
+    // the median of eight interleaved pairs; experiments/bench/README.md). Nothing has built the pool yet, so this cannot fail; if it
+    // did, rayon would build its usual pool on first use.
+    let _ = estafet_models::fused::join_global_pool();
     // A panic is a bug in estafet, but the user still gets one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
         let message = info
