@@ -169,7 +169,9 @@ fn scan_forward(i: &CellScan, save: bool) -> (Vec<f32>, Vec<f32>) {
     let rows = block_rows(bsz);
     let out_blocks = blocks(&mut out, bsz, rows, t_len * sw);
     let act_blocks = blocks(&mut acts, bsz, rows, t_len * aw);
-    let w_h = PackedRhs::new(&i.w_h, [h, i.cell.gates() * h], (i.cell.gates() * h, 1));
+    let gh = i.cell.gates() * h;
+    let w_i = PackedRhs::new(&i.w_i, [i.d_input, gh], (gh, 1));
+    let w_h = PackedRhs::new(&i.w_h, [h, gh], (gh, 1));
     out_blocks
         .into_par_iter()
         .zip(act_blocks)
@@ -177,7 +179,7 @@ fn scan_forward(i: &CellScan, save: bool) -> (Vec<f32>, Vec<f32>) {
         .for_each(|(k, (out, acts))| {
             vectorised(
                 #[inline(always)]
-                || forward_block(i, &w_h, k * rows, out, acts),
+                || forward_block(i, [&w_i, &w_h], k * rows, out, acts),
             )
         });
     (out, acts)
@@ -186,36 +188,43 @@ fn scan_forward(i: &CellScan, save: bool) -> (Vec<f32>, Vec<f32>) {
 /// [`scan_forward`] for the sequences `first..` that `out` holds; `acts` empty when not saving.
 /// Inlined into each instruction-set copy of [`vectorised`].
 #[inline(always)]
-fn forward_block(i: &CellScan, w_h: &PackedRhs, first: usize, out: &mut [f32], acts: &mut [f32]) {
+fn forward_block(
+    i: &CellScan,
+    [w_i, w_h]: [&PackedRhs; 2],
+    first: usize,
+    out: &mut [f32],
+    acts: &mut [f32],
+) {
     let (cell, t_len, h) = (i.cell, i.len, i.hidden);
     let gh = cell.gates() * h;
     let sw = cell.outputs() * h;
     let aw = cell.saved() * h;
     let (bsz, d) = (out.len() / (t_len * sw), i.d_input);
     let save = !acts.is_empty();
-    // xp = x W_i + b_i (+ b_h) for every step of the block: one GEMM.
-    let mut xp = zeros(bsz * t_len * gh);
-    for row in xp.chunks_exact_mut(gh) {
-        row.copy_from_slice(&i.b_x);
-    }
-    // SAFETY: `x` rows of the block [B·T, D]; `w_i` [D, G·H]; `xp` [B·T, G·H].
-    unsafe {
-        matmul(
-            [bsz * t_len, gh, d],
-            xp.as_mut_ptr(),
-            gh,
-            true,
-            (i.x.as_ptr().add(first * t_len * d), d, 1),
-            (i.w_i.as_ptr(), gh, 1),
-            gemm::Parallelism::None,
-        )
-    };
     let h0 = &i.h0[first * h..][..bsz * h];
     let c0 = &i.c0[first * h..][..bsz * h];
+    let x_block = &i.x[first * t_len * d..][..bsz * t_len * d];
+    // The input share of the pre-activations, one step at a time against the packed `W_i`: a
+    // `[B·T, G·H]` buffer written by one GEMM up front and read back step by step cost more.
+    let mut xp = vec![0.0f32; bsz * gh];
     let mut hp = vec![0.0f32; bsz * gh];
     // Where the activations go when the backward will not need them.
     let mut scratch = vec![0.0f32; aw];
     for t in 0..t_len {
+        // xp = x_t W_i + b_i (+ b_h)
+        for row in xp.chunks_exact_mut(gh) {
+            row.copy_from_slice(&i.b_x);
+        }
+        // SAFETY: `xp` is [B, G·H]; `x_block` holds B rows of D at stride T·D from step t.
+        unsafe {
+            w_i.matmul(
+                bsz,
+                xp.as_mut_ptr(),
+                gh,
+                true,
+                (x_block.as_ptr().add(t * d), t_len * d),
+            )
+        };
         // hp = h_{t-1} W_h
         let (h_prev, h_prev_rs) = if t == 0 {
             (h0.as_ptr(), h)
@@ -227,7 +236,7 @@ fn forward_block(i: &CellScan, w_h: &PackedRhs, first: usize, out: &mut [f32], a
         unsafe { w_h.matmul(bsz, hp.as_mut_ptr(), gh, false, (h_prev, h_prev_rs)) };
         for b in 0..bsz {
             let row = b * t_len + t;
-            let x = &xp[row * gh..][..gh];
+            let x = &xp[b * gh..][..gh];
             let hpb = &mut hp[b * gh..][..gh];
             // hp_b ← xp + hp (+ b_hn) for every gate (the GRU's candidate keeps hp_n apart).
             let split = if cell == Cell::Gru { 2 * h } else { gh };
