@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::fused;
 use crate::init::Init;
 use crate::mask::{self, Visible};
-use crate::projection::split_linear;
+use crate::projection::{project, split_linear};
 
 /// How attention knows where a token is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,7 +230,7 @@ impl Attention {
                 .swap_dims(1, 2)
                 .reshape([b, t, d])
         };
-        (self.out.forward(o), cache)
+        (project(&self.out, o), cache)
     }
 
     /// One token: `x_t [B, D]` → `[B, D]` and the cache with it appended.

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::conv::causal_depthwise;
 use crate::fused;
 use crate::init::Init;
-use crate::projection::split_linear;
+use crate::projection::{project, split_linear};
 use crate::scan::{Compute, Eigenvalues, Form, Scan, linear_scan, recurrence};
 use selection::{Dbc, Selection};
 
@@ -353,7 +353,7 @@ impl Mamba {
             }
             _ => (y + x * self.d.val().unsqueeze_dim::<2>(0).unsqueeze_dim::<3>(0)) * silu(z),
         };
-        let out = self.out_proj.forward(gated);
+        let out = project(&self.out_proj, gated);
         (
             out,
             MambaState {

@@ -31,7 +31,7 @@ use crate::conv::causal_depthwise;
 use crate::fused;
 use crate::init::Init;
 use crate::mask::{self, Visible};
-use crate::projection::split_linear;
+use crate::projection::{project, split_linear};
 use crate::scan::{Compute, Eigenvalues, Form, Scan};
 use crate::time::unbind;
 
@@ -318,7 +318,7 @@ impl Mamba2 {
         let gated = y * silu(z);
         let rms = (gated.clone().powf_scalar(2.0).mean_dim(2) + 1e-5).sqrt();
         let weight = self.norm_weight.val().unsqueeze_dim::<2>(0).unsqueeze();
-        let out = self.out_proj.forward(gated / rms * weight);
+        let out = project(&self.out_proj, gated / rms * weight);
         (out, Mamba2State { conv, ssm })
     }
 

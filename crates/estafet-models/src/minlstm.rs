@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::fused::{self, MinRnn};
 use crate::init::Init;
 use crate::mingru::g;
+use crate::projection::project;
 use crate::scan::{Compute, Form, Scan, linear_scan};
 use crate::time::unbind;
 
@@ -129,7 +130,7 @@ impl MinLstm {
     ) -> (Tensor<3>, Tensor<2>) {
         let [batch, len, _] = x.dims();
         let h0 = state.unwrap_or_else(|| Tensor::zeros([batch, self.d_hidden()], &x.device()));
-        let pre = self.input.forward(x);
+        let pre = project(&self.input, x);
         let Compute::Tensor(scan) = compute else {
             let hs = fused::min_rnn(MinRnn::Lstm, pre, h0);
             let last = hs.clone().narrow(1, len - 1, 1).squeeze_dim(1);

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::init::Init;
 use crate::mixer::{Mixer, MixerConfig, MixerState};
 use crate::norm::{layer_norm, layer_norm_module};
+use crate::projection::project;
 
 /// How blocks are wired together.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,9 +266,10 @@ fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 impl Mlp {
     fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         x.clone()
-            + self
-                .down
-                .forward(gelu(self.up.forward(layer_norm(&self.norm, x))))
+            + project(
+                &self.down,
+                gelu(project(&self.up, layer_norm(&self.norm, x))),
+            )
     }
 }
 
@@ -410,7 +412,7 @@ impl SequenceModel {
             Some(norm) => layer_norm(norm, x),
             None => x,
         };
-        self.head.forward(x)
+        project(&self.head, x)
     }
 
     fn split_state(&self, state: Option<ModelState>) -> Vec<Option<MixerState>> {

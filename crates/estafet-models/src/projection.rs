@@ -1,5 +1,7 @@
-//! A linear layer whose output is used in parts (attention's `q, k, v`, Mamba's `x, z`), as
-//! one product per part against the weight's columns:
+//! Linear layers as the models apply them. [`project`]: on the CPU backends under autodiff one op
+//! (`fused::linear`, whose bias add and weight and bias gradients run on every thread), burn's
+//! `Linear::forward` elsewhere. [`split_linear`]: a layer whose output is used in parts
+//! (attention's `q, k, v`, Mamba's `x, z`), as one product per part against the weight's columns:
 //!
 //! ```text
 //! y_p = x W[:, c_p..c_p + w_p] + b[c_p..c_p + w_p]      for parts of widths w_p, c_p = Σ_{q<p} w_q
@@ -14,6 +16,28 @@
 use burn::nn::Linear;
 use burn::tensor::Tensor;
 use burn::tensor::module::linear;
+
+use crate::fused;
+
+/// `layer` applied to `x [.., D_in]`.
+pub fn project<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    if !fused::has_kernel(&x.device()) {
+        return layer.forward(x);
+    }
+    apply(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
+}
+
+/// `x [.., D_in] · weight [D_in, D_out] (+ bias)` as [`fused::linear`] over the rows.
+fn apply<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<D> {
+    let dims = x.dims();
+    let [d_in, d_out] = weight.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let bias = bias.unwrap_or_else(|| Tensor::zeros([d_out], &weight.device()));
+    let y = fused::linear(x.reshape([rows, d_in]), weight, bias);
+    let mut out = dims;
+    out[D - 1] = d_out;
+    y.reshape(out)
+}
 
 /// `layer`'s output in parts of `widths` (summing to its output width), each its own product.
 pub fn split_linear<const D: usize, const N: usize>(

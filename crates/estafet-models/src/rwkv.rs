@@ -38,6 +38,7 @@ use crate::fused::{self, Activation};
 use crate::init::Init;
 use crate::mask::{self, Visible};
 use crate::norm::{layer_norm, layer_norm_module};
+use crate::projection::project;
 use crate::scan::{Compute, Form, Scan};
 use crate::time::unbind;
 
@@ -503,7 +504,7 @@ impl TimeMix4 {
                 (y, state)
             }
         };
-        (self.output.forward(r * wkv), next, state)
+        (project(&self.output, r * wkv), next, state)
     }
 }
 
@@ -681,7 +682,7 @@ impl TimeMix6 {
             form,
         );
         let o = self.group_norm(o); // [B, H, T, K] → [B, T, D]
-        (self.output.forward(o * g), next, state)
+        (project(&self.output, o * g), next, state)
     }
 
     /// GroupNorm with one group per head (eps as in RWKV-6: 1e-5 · 8²).

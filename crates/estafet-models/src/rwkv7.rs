@@ -40,6 +40,7 @@ use crate::fused;
 use crate::init::Init;
 use crate::mask::{self, Visible};
 use crate::norm;
+use crate::projection;
 use crate::rwkv::{last, token_shift};
 use crate::scan::{Compute, Form, Scan};
 use crate::time::unbind;
@@ -335,7 +336,7 @@ impl Rwkv7 {
         let normed =
             norm::per_head(o, (n as f64) * 1e-5) * row(&self.ln_x_weight) + row(&self.ln_x_bias);
         let bonus = bonus.swap_dims(1, 2).reshape([batch, t, d]);
-        let y = self.output.forward((normed + bonus) * g);
+        let y = projection::project(&self.output, (normed + bonus) * g);
         (y, Rwkv7State { shift: next, s })
     }
 

@@ -196,6 +196,21 @@ pub(super) fn copied(src: &[f32]) -> Vec<f32> {
     })
 }
 
+/// `rows` copies of `row`, one after another (a bias broadcast over the rows).
+pub(super) fn filled_rows(row: &[f32], rows: usize) -> Vec<f32> {
+    let width = row.len().max(1);
+    // Whole rows per chunk, so that every chunk starts at a row's first element.
+    filled(
+        rows * row.len(),
+        FILL_CHUNK.div_ceil(width) * width,
+        |_, c| {
+            for (d, s) in c.iter_mut().zip(row.iter().cycle()) {
+                d.write(*s);
+            }
+        },
+    )
+}
+
 pub(super) fn write<B: Backend>(
     values: Vec<f32>,
     shape: Vec<usize>,
@@ -464,6 +479,18 @@ mod tests {
             .flat_map(|p| p[offset..][..len].to_vec())
             .collect();
         assert!(gathered.len() >= PAR_MIN && gathered == want);
+    }
+
+    /// A row repeated over more floats than one fill chunk, at a width that does not divide it.
+    #[test]
+    fn filled_rows_repeat_the_row() {
+        let row: Vec<f32> = (0..37).map(|i| i as f32 - 5.0).collect();
+        let rows = 2 * PAR_MIN / 37 + 3;
+        drop(vec![7.0f32; rows * 37]);
+        let got = filled_rows(&row, rows);
+        assert_eq!(got.len(), rows * 37);
+        assert!(got.chunks_exact(37).all(|r| r == row.as_slice()));
+        assert!(filled_rows(&[], 5).is_empty() && filled_rows(&row, 0).is_empty());
     }
 
     /// Column sums over more rows than one partial (and a ragged last partial) equal the plain

@@ -16,13 +16,14 @@
 //! - [`layer_norm`]: layer normalisation over the last axis;
 //! - [`token_nll`]: the cross-entropy of token targets under logits;
 //! - [`skip_gate`]: Mamba's skip term and SiLU output gate;
-//! - [`softplus`]: Mamba's step size `Δ`.
+//! - [`softplus`]: Mamba's step size `Δ`;
+//! - [`linear`]: a linear layer (the projections and the head) under autodiff.
 //!
 //! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
 //! autodiff graph and the backward walks them again: at `B = 32, H = 256` op dispatch and
-//! allocation, not arithmetic, set the pace. For the cells, the input projection of every step
-//! `xp = x W_i + b_i` is one GEMM, then a loop of `hp = h_{t-1} W_h + b_h` (one GEMM per step)
-//! and the cell's elementwise update. The backward is one reverse loop of the elementwise
+//! allocation, not arithmetic, set the pace. For the cells, each step is `xp = x_t W_i + b_i`
+//! and `hp = h_{t-1} W_h + b_h` (two small GEMMs against weights packed once) and the cell's
+//! elementwise update. The backward is one reverse loop of the elementwise
 //! derivatives and `dh_{t-1} = dhp W_hᵀ` (one GEMM per step), then `dW_h`, `dW_i` and `dx` as
 //! single GEMMs over all `B·T` rows. Sequences are independent, so the batch is cut into one
 //! block per thread (the scans: one sequence per task) and each runs its time loop alone.
@@ -59,6 +60,7 @@ mod dplr;
 mod gate;
 mod host;
 mod layer_norm;
+mod linear;
 mod math;
 mod min_rnn;
 mod mix;
@@ -89,6 +91,7 @@ use dplr::Dplr;
 use gate::SkipGate;
 use host::{run_plain, run_tracked};
 use layer_norm::LayerNorm;
+use linear::Linear;
 pub use math::Isa;
 pub use min_rnn::MinRnn;
 use min_rnn::MinScan;
@@ -535,6 +538,18 @@ pub fn skip_gate(y: Tensor<2>, x: Tensor<2>, d: Tensor<1>, z: Tensor<2>) -> Tens
     ))
 }
 
+/// A linear layer, one op under autodiff (see `linear.rs`): `x W + b`.
+///
+/// - `x`: `[rows, D_in]`; `w`: `[D_in, D_out]`; `b`: `[D_out]`
+/// - returns `[rows, D_out]`
+pub fn linear(x: Tensor<2>, w: Tensor<2>, b: Tensor<1>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::linear(
+        x.into_dispatch(),
+        w.into_dispatch(),
+        b.into_dispatch(),
+    ))
+}
+
 /// Softplus, one op (see `softplus.rs`): burn's `softplus(x, 1)` with vectorised transcendentals.
 pub fn softplus<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::softplus(x.into_dispatch()))
@@ -710,6 +725,16 @@ pub trait FusedOps: Backend {
     fn softplus(x: FloatTensor<Self>) -> FloatTensor<Self> {
         run_plain::<Self, Softplus, 1>([x], ())
     }
+
+    /// Without autodiff, the backend's own `linear`: one product and a bias add, and a host
+    /// kernel would only add the copies in and out.
+    fn linear(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        <Self as burn::backend::ops::ModuleOps<Self>>::linear(x, w, Some(b))
+    }
 }
 
 #[cfg(feature = "ndarray")]
@@ -879,5 +904,13 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 
     fn softplus(x: FloatTensor<Self>) -> FloatTensor<Self> {
         run_tracked::<B, C, Softplus, 1>([x], ())
+    }
+
+    fn linear(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_tracked::<B, C, Linear, 3>([x, w, b], ())
     }
 }

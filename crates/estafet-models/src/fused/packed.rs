@@ -1,13 +1,13 @@
 //! The recurrent step's GEMM, `C[m, n] (+)= A[m, k] · B[k, n]`, against a right operand packed
 //! once per sequence and reused at every step.
 //!
-//! The cells multiply a block of 16–32 hidden states by `W_h` (and the backward by `W_hᵀ`) at
-//! each of T steps. At those shapes the gemm crate spends much of each call choosing blocking
-//! parameters and packing its operands (the transposed `W_hᵀ` on every call): the step GEMMs of an
-//! LSTM at d 64–256 ran at 27–72 GFLOP/s on one Zen 3 core, against 80–98 for this kernel
-//! (`experiments/bench/README.md`, 2026-12-03). `B` is laid out once as panels of [`NR`]
-//! columns, `[⌈n/NR⌉][k][NR]`, zero beyond `n`, so that a panel is read contiguously and stays in
-//! L1 while every row tile of `A` passes over it:
+//! The cells multiply a block of 16–32 inputs by `W_i` and hidden states by `W_h` (and the
+//! backward by `W_hᵀ`) at each of T steps. At those shapes the gemm crate spends much of each
+//! call choosing blocking parameters and packing its operands (the transposed `W_hᵀ` on every
+//! call): the step GEMMs of an LSTM at d 64–256 ran at 27–72 GFLOP/s on one Zen 3 core, against
+//! 80–98 for this kernel (`experiments/bench/README.md`, 2026-12-03). `B` is laid out once as
+//! panels of [`NR`] columns, `[⌈n/NR⌉][k][NR]`, zero beyond `n`, so that a panel is read
+//! contiguously and stays in L1 while every row tile of `A` passes over it:
 //!
 //! ```text
 //! for each panel p (NR columns of C):
