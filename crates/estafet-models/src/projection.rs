@@ -24,16 +24,14 @@ pub fn project<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     if !fused::has_kernel(&x.device()) {
         return layer.forward(x);
     }
-    apply(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
-}
-
-/// `x [.., D_in] · weight [D_in, D_out] (+ bias)` as [`fused::linear`] over the rows.
-fn apply<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<D> {
     let dims = x.dims();
-    let [d_in, d_out] = weight.dims();
+    let [d_in, d_out] = layer.weight.dims();
     let rows = dims[..D - 1].iter().product::<usize>();
-    let bias = bias.unwrap_or_else(|| Tensor::zeros([d_out], &weight.device()));
-    let y = fused::linear(x.reshape([rows, d_in]), weight, bias);
+    let y = fused::linear(
+        x.reshape([rows, d_in]),
+        layer.weight.val(),
+        fused::bias(layer),
+    );
     let mut out = dims;
     out[D - 1] = d_out;
     y.reshape(out)

@@ -16,7 +16,7 @@ use burn::backend::Backend;
 use burn::backend::tensor::FloatTensor;
 use rayon::prelude::*;
 
-use super::host::{HostKernel, par_rows, read, zeros};
+use super::host::{HostKernel, column_sums, par_rows, read, zeros};
 use super::math::{sigmoid, vectorised};
 
 /// Rows per task.
@@ -134,11 +134,7 @@ impl HostKernel<4> for SkipGate {
                     },
                 )
             });
-        let mut d_d = vec![0.0f32; c];
-        for partial in partials.chunks_exact(c) {
-            d_d.iter_mut().zip(partial).for_each(|(s, v)| *s += v);
-        }
-        [dy, dx, d_d, dz]
+        [dy, dx, column_sums(&partials, c), dz]
     }
 }
 

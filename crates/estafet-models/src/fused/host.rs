@@ -325,11 +325,7 @@ pub(super) unsafe fn matmul_sum_k(
         .par_chunks_mut(m * n)
         .enumerate()
         .for_each(|(c, out)| product(c, out));
-    let (first, rest) = partials.split_at(m * n);
-    dst.copy_from_slice(first);
-    for partial in rest.chunks_exact(m * n) {
-        dst.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
-    }
+    dst.copy_from_slice(&column_sums(&partials, m * n));
 }
 
 /// Rows per partial sum in [`column_sums`]; a constant, as [`K_CHUNK`], so that the order of the

@@ -18,7 +18,7 @@ use burn::backend::Backend;
 use burn::backend::tensor::FloatTensor;
 use rayon::prelude::*;
 
-use super::host::{HostKernel, read, zeros};
+use super::host::{HostKernel, column_sums, read, zeros};
 use super::math::{dot, sum, vectorised};
 
 /// Rows per task.
@@ -158,18 +158,8 @@ impl HostKernel<3> for LayerNorm {
                     },
                 )
             });
-        let mut d_gamma = vec![0.0f32; d];
-        let mut d_beta = vec![0.0f32; d];
-        for partial in partials.chunks_exact(2 * d) {
-            d_gamma
-                .iter_mut()
-                .zip(&partial[..d])
-                .for_each(|(s, v)| *s += v);
-            d_beta
-                .iter_mut()
-                .zip(&partial[d..])
-                .for_each(|(s, v)| *s += v);
-        }
+        let mut d_gamma = column_sums(&partials, 2 * d);
+        let d_beta = d_gamma.split_off(d);
         [dx, d_gamma, d_beta]
     }
 }

@@ -24,7 +24,7 @@ use burn::backend::Backend;
 use burn::backend::tensor::FloatTensor;
 use rayon::prelude::*;
 
-use super::host::{HostKernel, dims3, matmul, matmul_sum_k, read, zeros};
+use super::host::{HostKernel, Sections, dims3, matmul, matmul_sum_k, read, zeros};
 use super::math::{sigmoid, vectorised};
 
 /// What follows the projection.
@@ -300,15 +300,13 @@ impl HostKernel<4> for ShiftMix {
                     },
                 )
             });
-        let mut d_shift = Vec::with_capacity(batch * d_in);
-        let mut d_mu = vec![0.0f32; d_in];
-        for side in sides.chunks_exact(2 * d_in) {
-            d_shift.extend_from_slice(&side[..d_in]);
-            d_mu.iter_mut()
-                .zip(&side[d_in..])
-                .for_each(|(s, v)| *s += v);
-        }
-        [dx, d_shift, d_mu, dw]
+        let side = |offset| Sections {
+            parts: &sides,
+            per: 2 * d_in,
+            offset,
+            len: d_in,
+        };
+        [dx, side(0).gather(), side(d_in).sum(), dw]
     }
 }
 

@@ -184,7 +184,7 @@ pub fn cell_layer(
 }
 
 /// A linear layer's bias (zeros when it has none).
-fn bias(linear: &burn::nn::Linear) -> Tensor<1> {
+pub(crate) fn bias(linear: &burn::nn::Linear) -> Tensor<1> {
     linear.bias.as_ref().map_or_else(
         || {
             let [_, n] = linear.weight.dims();
