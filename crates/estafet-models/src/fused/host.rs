@@ -38,7 +38,9 @@ pub(super) fn run_plain<B: Backend, K: HostKernel<N>, const N: usize>(
 ) -> FloatTensor<B> {
     let device = inputs[0].device();
     let mut kernel = K::read::<B>(inputs.each_ref(), args);
-    write::<B>(kernel.forward(false), kernel.out_shape(), &device)
+    let out = kernel.forward(false);
+    super::pool::keep_warm();
+    write::<B>(out, kernel.out_shape(), &device)
 }
 
 /// `K` under autodiff: when any input is tracked, the kernel (its host-side inputs and what
@@ -53,16 +55,13 @@ pub(super) fn run_tracked<B: Backend, C: CheckpointStrategy, K: HostKernel<N>, c
         .stateful();
     let device = inputs[0].primitive().device();
     let mut kernel = K::read::<B>(inputs.each_ref().map(|t| t.primitive()), args);
+    let tracked = matches!(prep, OpsKind::Tracked(_));
+    let out = kernel.forward(tracked);
+    super::pool::keep_warm();
+    let out = write::<B>(out, kernel.out_shape(), &device);
     match prep {
-        OpsKind::Tracked(prep) => {
-            let out = write::<B>(kernel.forward(true), kernel.out_shape(), &device);
-            prep.finish((Arc::new(kernel), device), out)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(write::<B>(
-            kernel.forward(false),
-            kernel.out_shape(),
-            &device,
-        )),
+        OpsKind::Tracked(prep) => prep.finish((Arc::new(kernel), device), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
     }
 }
 
@@ -75,10 +74,9 @@ impl<B: Backend, K: HostKernel<N>, const N: usize> Backward<B, N> for HostBackwa
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let d_out = read::<B>(grads.consume::<B>(&ops.node));
         let (kernel, device) = &ops.state;
-        let results = kernel
-            .backward(&d_out)
-            .into_iter()
-            .zip(kernel.input_shapes());
+        let results = kernel.backward(&d_out);
+        super::pool::keep_warm();
+        let results = results.into_iter().zip(kernel.input_shapes());
         for (parent, (values, shape)) in ops.parents.into_iter().zip(results) {
             if let Some(node) = parent {
                 grads.register::<B>(node.id, write::<B>(values, shape, device));

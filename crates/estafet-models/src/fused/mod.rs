@@ -67,6 +67,7 @@ mod mix;
 mod mlstm_cell;
 mod nll;
 mod packed;
+mod pool;
 mod rope;
 mod selective;
 mod slstm_cell;
@@ -99,6 +100,7 @@ pub use mix::Activation;
 use mix::ShiftMix;
 use mlstm_cell::MlstmCell;
 use nll::TokenNll;
+pub use pool::join_global_pool;
 use rope::Rotary;
 use selective::Selective;
 use slstm_cell::SlstmCell;
@@ -111,16 +113,6 @@ use wkv4::Wkv4;
 /// benchmark's efficiency.
 pub fn gemm_gflops(n: usize, repeats: usize) -> f64 {
     host::gemm_gflops(n, repeats)
-}
-
-/// Makes the calling thread one of the `RAYON_NUM_THREADS` threads of rayon's global pool, so
-/// that the thread that runs burn's ops between the kernels also runs the kernels' work instead
-/// of handing it to a worker and sleeping until it is done. Call it first thing in the thread
-/// that will train; an error if the pool was already built.
-pub fn join_global_pool() -> Result<(), rayon::ThreadPoolBuildError> {
-    rayon::ThreadPoolBuilder::new()
-        .use_current_thread()
-        .build_global()
 }
 
 /// Whether `device`'s backend runs the host kernels (then models use the ops of this module).
