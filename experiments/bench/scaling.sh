@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
     *) echo "scaling.sh: unknown argument $1 (known: --rounds --threads --models --d-models --seq-lens)" >&2; exit 2 ;;
   esac
 done
-[ "$rounds" -ge 1 ] && [ "$threads" -ge 2 ] 2>/dev/null ||
+{ [ "$rounds" -ge 1 ] && [ "$threads" -ge 2 ]; } 2>/dev/null ||
   { echo "scaling.sh: need --rounds ≥ 1 and --threads ≥ 2" >&2; exit 2; }
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/estafet/target}

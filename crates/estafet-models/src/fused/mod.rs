@@ -41,9 +41,10 @@
 //!
 //! Code map: this file holds the public ops and the backend extension that routes them;
 //! [`host`] the plumbing every kernel shares (the [`host::HostKernel`] trait, its plain and
-//! autodiff runners, tensor I/O, strided GEMM, batch blocks); [`packed`] the cells' step GEMM
-//! against a `W_h` packed once per call; [`math`] the vectorisable transcendentals and the
-//! instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`],
+//! autodiff runners, tensor I/O, strided GEMM, batch blocks); [`pool`] rayon's pool as the
+//! kernels use it (the training thread in it, the other threads kept awake between kernels);
+//! [`packed`] the cells' step GEMM against a `W_h` packed once per call; [`math`] the
+//! vectorisable transcendentals and the instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`],
 //! [`min_rnn`], [`delta_rule`], [`ssd`], [`dplr`], [`mlstm_cell`], [`slstm_cell`] and
 //! [`attention`], [`rope`], [`mix`], [`layer_norm`], [`nll`], [`gate`] and [`softplus`] one kernel
 //! each, with its equations.

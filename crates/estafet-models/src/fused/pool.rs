@@ -2,10 +2,10 @@
 //! ([`join_global_pool`]), and between two kernels the other threads are kept awake for a
 //! moment ([`keep_warm`]).
 //!
-//! A training step at the research shapes runs ~30 parallel regions (each kernel's forward and
-//! backward, gemm's and flex's products) with burn's ops on the training thread between them.
-//! rayon puts an idle worker to sleep after a few dozen rounds of looking for work, so each
-//! region began by waking it: a futex call, and on a virtual machine an interrupt to a halted
+//! A training step runs many parallel regions (each kernel's forward and backward, gemm's and
+//! flex's products) with burn's ops on the training thread between them. rayon puts an idle
+//! worker to sleep after a few dozen rounds of looking for work, so a region often began by
+//! waking it: a futex call, and on a virtual machine an interrupt to a halted
 //! virtual CPU. An Elman RNN at d 64 T 256 made ~27 context switches per 13 ms step on two
 //! threads (`perf stat`, 2026-12-04). OpenMP runtimes spin for the same reason before they sleep
 //! (`OMP_WAIT_POLICY`, `KMP_BLOCKTIME`).
