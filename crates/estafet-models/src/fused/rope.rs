@@ -19,7 +19,7 @@
 use burn::backend::Backend;
 use burn::backend::tensor::FloatTensor;
 
-use super::host::{HostKernel, dims3, par_rows, read};
+use super::host::{HostKernel, copied, dims3, par_rows, read};
 use crate::attention::rope_cos_sin;
 
 /// `x [B, T, H·K]` on the host, until the forward turns it in place, and the angles' `cos` and
@@ -112,7 +112,8 @@ impl HostKernel<1> for Rotary {
     }
 
     fn backward(&self, d_out: &[f32]) -> [Vec<f32>; 1] {
-        let mut dx = d_out.to_vec();
+        // On the pool: a plain copy of q's or k's gradient ran on the training thread alone.
+        let mut dx = copied(d_out);
         self.turn(&mut dx, false);
         [dx]
     }
