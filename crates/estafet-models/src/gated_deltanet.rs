@@ -391,7 +391,7 @@ fn fused_recurrence(x: Heads, s0: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         x.g.reshape([b * h, t]),
         s0.reshape([b * h, dk, dv]),
     );
-    let o = out.clone().narrow(1, 0, t * dv).reshape([b, h, t, dv]);
+    let o = fused::narrow(out.clone(), 1, 0, t * dv).reshape([b, h, t, dv]);
     let s = out.narrow(1, t * dv, dk * dv).reshape([b, h, dk, dv]);
     (o, s)
 }

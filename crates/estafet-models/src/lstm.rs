@@ -143,7 +143,7 @@ impl Lstm {
             h: last.clone().narrow(1, 0, h),
             c: last.narrow(1, h, h),
         };
-        (out.narrow(2, 0, h), state)
+        (fused::narrow(out, 2, 0, h), state)
     }
 
     /// The definition, one cell update per step built from tensor ops: what the fused op is

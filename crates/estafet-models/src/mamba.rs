@@ -339,10 +339,7 @@ impl Mamba {
                     .expect("the fused kernel runs only the selective maps (resolved in forward)");
                 let out =
                     fused::selective_scan(delta, x.clone(), a, b, c, state.ssm, self.eigenvalues);
-                let y = out
-                    .clone()
-                    .narrow(1, 0, t * inner)
-                    .reshape([batch, t, inner]);
+                let y = fused::narrow(out.clone(), 1, 0, t * inner).reshape([batch, t, inner]);
                 (y, out.narrow(1, t * inner, m))
             }
         };

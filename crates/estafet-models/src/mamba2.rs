@@ -342,7 +342,7 @@ fn fused_recurrence(s: Ssd, h0: Tensor<4>, eigenvalues: Eigenvalues) -> (Tensor<
         h,
         eigenvalues,
     );
-    let y = out.clone().narrow(1, 0, t * p).reshape([b, h, t, p]);
+    let y = fused::narrow(out.clone(), 1, 0, t * p).reshape([b, h, t, p]);
     (y, out.narrow(1, t * p, p * n).reshape([b, h, p, n]))
 }
 

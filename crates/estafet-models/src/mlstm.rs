@@ -297,7 +297,7 @@ pub(crate) fn fused_cell(x: Heads, s0: MlstmState) -> (Tensor<4>, MlstmState) {
         s0.n.reshape([b * h, dk]),
         s0.m.reshape([b * h]),
     );
-    let part = |from: usize, len: usize| out.clone().narrow(1, from, len);
+    let part = |from: usize, len: usize| fused::narrow(out.clone(), 1, from, len);
     let (tv, kv) = (t * dv, dk * dv);
     let o = normalise(
         part(0, tv).reshape([b, h, t, dv]),

@@ -168,7 +168,7 @@ impl Slstm {
             let SlstmState { h, c, n, m } = state;
             let out = fused::slstm_cell(wx, self.recurrent.val(), [h, c, n, m]);
             let part = |from: usize| out.clone().narrow(1, from, d);
-            let hs = out.clone().narrow(1, 0, t * d).reshape([batch, t, d]);
+            let hs = fused::narrow(out.clone(), 1, 0, t * d).reshape([batch, t, d]);
             let state = SlstmState {
                 h: part((t - 1) * d),
                 c: part(t * d),

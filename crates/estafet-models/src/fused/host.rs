@@ -151,7 +151,7 @@ const PAR_MIN: usize = 1 << 17;
 /// 2026-12-04).
 ///
 /// `fill` must write every element of its chunk.
-fn filled(
+pub(super) fn filled(
     n: usize,
     chunk: usize,
     fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,

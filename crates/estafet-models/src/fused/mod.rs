@@ -17,7 +17,8 @@
 //! - [`token_nll`]: the cross-entropy of token targets under logits;
 //! - [`skip_gate`]: Mamba's skip term and SiLU output gate;
 //! - [`softplus`]: Mamba's step size `Δ`;
-//! - [`linear`]: a linear layer (the projections and the head) under autodiff.
+//! - [`linear`]: a linear layer (the projections and the head) under autodiff;
+//! - [`narrow`]: a kernel's outputs cut from its final state, as a tensor of their own.
 //!
 //! Built from ordinary tensor ops, a recurrence records ~10 small ops per time step in the
 //! autodiff graph and the backward walks them again: at `B = 32, H = 256` op dispatch and
@@ -46,8 +47,8 @@
 //! [`packed`] the cells' step GEMM against a `W_h` packed once per call; [`math`] the
 //! vectorisable transcendentals and the instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`],
 //! [`min_rnn`], [`delta_rule`], [`ssd`], [`dplr`], [`mlstm_cell`], [`slstm_cell`] and
-//! [`attention`], [`rope`], [`mix`], [`layer_norm`], [`nll`], [`gate`] and [`softplus`] one kernel
-//! each, with its equations.
+//! [`attention`], [`rope`], [`mix`], [`layer_norm`], [`nll`], [`gate`], [`softplus`] and
+//! [`columns`] one kernel each, with its equations.
 
 // NdArray is deprecated in burn 0.22 but still estafet's reference backend; the extension
 // macro's generated code names it, so the allowance covers the module.
@@ -55,6 +56,7 @@
 
 mod attention;
 mod cell;
+mod columns;
 mod conv;
 mod delta_rule;
 mod dplr;
@@ -87,6 +89,7 @@ use crate::scan::Eigenvalues;
 use attention::CausalAttention;
 pub use cell::Cell;
 use cell::CellScan;
+use columns::Columns;
 use conv::ConvSilu;
 use delta_rule::DeltaRule;
 use dplr::Dplr;
@@ -543,6 +546,26 @@ pub fn linear(x: Tensor<2>, w: Tensor<2>, b: Tensor<1>) -> Tensor<2> {
     ))
 }
 
+/// `x.narrow(dim, start, len)` as a contiguous tensor of its own, one op on the CPU backends
+/// (see `columns.rs`: its backward fills the gradient on every thread), burn's `narrow` (a view)
+/// elsewhere. What cuts a sequence's outputs from the final state a kernel returns beside them.
+pub fn narrow<const D: usize>(x: Tensor<D>, dim: usize, start: usize, len: usize) -> Tensor<D> {
+    if !has_kernel(&x.device()) {
+        return x.narrow(dim, start, len);
+    }
+    let dims = x.dims();
+    let rows = dims[..dim].iter().product::<usize>();
+    let inner = dims[dim + 1..].iter().product::<usize>();
+    let columns = <Dispatch as FusedOps>::columns(
+        x.reshape([rows, dims[dim] * inner]).into_dispatch(),
+        start * inner,
+        len * inner,
+    );
+    let mut out = dims;
+    out[dim] = len;
+    Tensor::<2>::from_dispatch(columns).reshape(out)
+}
+
 /// Softplus, one op (see `softplus.rs`): burn's `softplus(x, 1)` with vectorised transcendentals.
 pub fn softplus<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::softplus(x.into_dispatch()))
@@ -717,6 +740,10 @@ pub trait FusedOps: Backend {
 
     fn softplus(x: FloatTensor<Self>) -> FloatTensor<Self> {
         run_plain::<Self, Softplus, 1>([x], ())
+    }
+
+    fn columns(x: FloatTensor<Self>, start: usize, len: usize) -> FloatTensor<Self> {
+        run_plain::<Self, Columns, 1>([x], (start, len))
     }
 
     /// Without autodiff, the backend's own `linear`: one product and a bias add, and a host
@@ -897,6 +924,10 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 
     fn softplus(x: FloatTensor<Self>) -> FloatTensor<Self> {
         run_tracked::<B, C, Softplus, 1>([x], ())
+    }
+
+    fn columns(x: FloatTensor<Self>, start: usize, len: usize) -> FloatTensor<Self> {
+        run_tracked::<B, C, Columns, 1>([x], (start, len))
     }
 
     fn linear(
