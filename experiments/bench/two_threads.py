@@ -63,8 +63,12 @@ def profile(binary, model, d, t, threads, freq, workdir):
             rows.append((float(m.group(4)), int(m.group(1)), int(m.group(2)), int(m.group(3)),
                          m.group(5).strip()[:100]))
     ours = collections.Counter(r[1] for r in rows if 'estafet' in r[4] or 'burn' in r[4])
+    if not ours:
+        sys.exit(f'two_threads.py: no samples with symbols in {binary} (perf script found none)')
     pid = ours.most_common(1)[0][0]
     marks = [r[0] for r in rows if r[1] == pid and ('burn_autodiff' in r[4] or 'burn_optim' in r[4])]
+    if len(marks) < 2:
+        sys.exit(f'two_threads.py: too few training samples for {model} d {d} T {t}; raise --freq')
     lo, hi = marks[0] + 0.25 * (marks[-1] - marks[0]), marks[-1]
     return json.loads(lines[-1]), [r for r in rows if lo <= r[0] <= hi], pid, hi - lo
 
@@ -122,8 +126,10 @@ def main():
     p.add_argument('--freq', type=int, default=4999, help='samples per second and CPU')
     p.add_argument('--json', action='store_true', help='one JSON line per shape')
     args = p.parse_args()
+    if not 100 <= args.freq <= 20000:
+        sys.exit('two_threads.py: --freq takes 100 to 20000 samples per second')
     root = os.path.dirname(os.path.abspath(__file__))
-    target = os.environ.get('CARGO_TARGET_DIR', os.path.join(root, '..', '..', 'target'))
+    target = os.environ.get('CARGO_TARGET_DIR', os.path.normpath(os.path.join(root, '..', '..', 'target')))
     binary = os.path.join(target, 'release', 'estafet')
     if subprocess.run(['perf', '--version'], capture_output=True).returncode != 0:
         sys.exit('two_threads.py: needs perf (linux-tools) on the PATH')
