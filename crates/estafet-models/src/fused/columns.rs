@@ -11,24 +11,25 @@
 //! whole output and writes `dy` into it, both on the training thread while the pool waits: at
 //! an LSTM of d 64, T 256 on two threads, 8% of the time one CPU worked alone (`perf`,
 //! 2026-12-04, `experiments/bench/two_threads.py`). Here the block is copied out and the
-//! gradient written row by row on every thread.
+//! gradient written row by row on every thread; only the block is read from the input.
 
 use burn::backend::Backend;
 use burn::backend::tensor::FloatTensor;
 
-use super::host::{HostKernel, filled, read};
+use super::host::{HostKernel, filled, with_values};
 
 /// Floats per task, in whole rows.
 const CHUNK: usize = 1 << 15;
 
-/// The input on the host, and which columns to take.
+/// The block, read from the input, and where it lies in it.
 #[derive(Debug)]
 pub(super) struct Columns {
     rows: usize,
     width: usize,
     start: usize,
     len: usize,
-    x: Vec<f32>,
+    /// `y [rows, len]` until the forward hands it over.
+    y: Vec<f32>,
 }
 
 impl Columns {
@@ -52,12 +53,24 @@ impl HostKernel<1> for Columns {
             "columns: {start}..{} of {width}",
             start + len
         );
+        let per_task = Self::rows_per_task(len);
+        let y = with_values::<B, _>(x.clone(), |x| {
+            filled(rows * len, per_task * len, |task, out| {
+                let first = task * per_task;
+                for (r, out) in out.chunks_exact_mut(len.max(1)).enumerate() {
+                    let row = &x[(first + r) * width + start..][..len];
+                    for (o, v) in out.iter_mut().zip(row) {
+                        o.write(*v);
+                    }
+                }
+            })
+        });
         Self {
             rows,
             width,
             start,
             len,
-            x: read::<B>(x.clone()),
+            y,
         }
     }
 
@@ -69,20 +82,9 @@ impl HostKernel<1> for Columns {
         [vec![self.rows, self.width]]
     }
 
-    /// The backward needs only the shapes, so the input is dropped.
+    /// The block was cut as the input was read; the backward needs only the shapes.
     fn forward(&mut self, _keep: bool) -> Vec<f32> {
-        let (width, start, len) = (self.width, self.start, self.len);
-        let per_task = Self::rows_per_task(len);
-        let x = std::mem::take(&mut self.x);
-        filled(self.rows * len, per_task * len, |task, out| {
-            let first = task * per_task;
-            for (r, out) in out.chunks_exact_mut(len.max(1)).enumerate() {
-                let row = &x[(first + r) * width + start..][..len];
-                for (o, v) in out.iter_mut().zip(row) {
-                    o.write(*v);
-                }
-            }
-        })
+        std::mem::take(&mut self.y)
     }
 
     fn backward(&self, dy: &[f32]) -> [Vec<f32>; 1] {

@@ -95,12 +95,31 @@ pub(super) fn dims3<B: Backend>(t: &FloatTensor<B>) -> [usize; 3] {
 pub(super) fn read<B: Backend>(t: FloatTensor<B>) -> Vec<f32> {
     #[cfg(feature = "ndarray")]
     if let Some(values) = ndarray_values(&t) {
-        return values;
+        return values.to_vec();
     }
     #[cfg(feature = "flex")]
     if let Some(values) = flex_values(&t) {
-        return values;
+        return copied(values);
     }
+    read_through_data::<B>(t)
+}
+
+/// `f` of a CPU backend's tensor as host `f32`s: borrowed where the tensor is one contiguous
+/// `f32` block, so a kernel that needs only part of it copies only that part.
+pub(super) fn with_values<B: Backend, R>(t: FloatTensor<B>, f: impl FnOnce(&[f32]) -> R) -> R {
+    #[cfg(feature = "ndarray")]
+    if let Some(values) = ndarray_values(&t) {
+        return f(values);
+    }
+    #[cfg(feature = "flex")]
+    if let Some(values) = flex_values(&t) {
+        return f(values);
+    }
+    f(&read_through_data::<B>(t))
+}
+
+/// burn's own read, for what is neither contiguous `f32` ndarray nor flex.
+fn read_through_data<B: Backend>(t: FloatTensor<B>) -> Vec<f32> {
     let future = B::float_into_data(t);
     let mut future = std::pin::pin!(future);
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -116,12 +135,12 @@ pub(super) fn read<B: Backend>(t: FloatTensor<B>) -> Vec<f32> {
 
 /// burn-ndarray hands out a tensor that is shared (a kernel's input always is: the autodiff
 /// graph holds it too) by copying it one element at a time through dynamic-rank indices, which
-/// took a quarter of a small Mamba's training step; a contiguous `f32` tensor is one copy.
+/// took a quarter of a small Mamba's training step; a contiguous `f32` tensor is one block.
 #[cfg(feature = "ndarray")]
-fn ndarray_values(t: &dyn std::any::Any) -> Option<Vec<f32>> {
+fn ndarray_values(t: &dyn std::any::Any) -> Option<&[f32]> {
     use burn::backend::ndarray::NdArrayTensor;
     match t.downcast_ref::<NdArrayTensor>()? {
-        NdArrayTensor::F32(storage) => storage.view().as_slice().map(<[f32]>::to_vec),
+        NdArrayTensor::F32(storage) => storage.view().to_slice(),
         _ => None,
     }
 }
@@ -129,15 +148,15 @@ fn ndarray_values(t: &dyn std::any::Any) -> Option<Vec<f32>> {
 /// burn-flex hands out a shared tensor (a kernel's input always is) by copying its bytes and
 /// then, to align them as `f32`s, copying them again, both on the calling thread while the
 /// pool waits: at the research shapes a third of what the main thread did between the kernels
-/// (`perf`, 2026-12-04). A contiguous `f32` tensor is one copy, on every thread.
+/// (`perf`, 2026-12-04). A contiguous `f32` tensor is one block, copied on every thread.
 #[cfg(feature = "flex")]
-fn flex_values(t: &dyn std::any::Any) -> Option<Vec<f32>> {
+fn flex_values(t: &dyn std::any::Any) -> Option<&[f32]> {
     let t = t.downcast_ref::<burn_flex::FlexTensor>()?;
     if t.dtype() != burn::tensor::DType::F32 {
         return None;
     }
     let (start, end) = t.layout().contiguous_offsets()?;
-    Some(copied(&t.storage::<f32>()[start..end]))
+    Some(&t.storage::<f32>()[start..end])
 }
 
 /// Below this many floats a buffer is filled on the calling thread.
