@@ -252,15 +252,16 @@ impl GatedDeltaNet {
 
     /// `x [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step.
     ///
-    /// On a backend with the fused kernels the recurrence is one op ([`fused::delta_rule`])
-    /// unless [`GatedDeltaNet::scan`] names a tensor form; elsewhere it runs in that form (the
-    /// sequential one for `auto`).
+    /// On a backend with the recurrence's kernel (the CPU backends, wgpu) it is one op
+    /// ([`fused::delta_rule`]) unless [`GatedDeltaNet::scan`] names a tensor form; elsewhere it
+    /// runs in that form (the sequential one for `auto`).
     pub fn forward(
         &self,
         x: Tensor<3>,
         state: Option<GatedDeltaNetState>,
     ) -> (Tensor<3>, GatedDeltaNetState) {
-        let compute = self.scan.resolve(fused::has_kernel(&x.device()));
+        let op = fused::Op::DeltaRule { k: self.head_dim() };
+        let compute = self.scan.resolve(fused::runs(op, &x.device(), x.dims()[1]));
         self.run(x, state, compute)
     }
 
@@ -294,13 +295,15 @@ impl GatedDeltaNet {
         );
         let window = Tensor::cat(vec![state.conv, projected], 1); // [B, k − 1 + T, C]
         let conv = window.clone().narrow(1, t, self.d_conv() - 1);
-        // With the fused recurrence the convolutions and their SiLU are one op too (no bias).
+        // With the fused recurrence on the CPU the convolutions and their SiLU are one op too
+        // (no bias; a host kernel: a GPU runs only the recurrence as one).
+        let host = compute == Compute::Fused && fused::has_kernel(&x.device());
         let qkv = match compute {
-            Compute::Fused => {
+            Compute::Fused if host => {
                 let bias = Tensor::zeros([self.channels()], &window.device());
                 fused::conv_silu(window, self.conv_weight.val(), bias)
             }
-            Compute::Tensor(_) => silu(causal_depthwise(window, self.conv_weight.val(), None, t)),
+            _ => silu(causal_depthwise(window, self.conv_weight.val(), None, t)),
         };
         let heads = |from: usize, width: usize| {
             qkv.clone()

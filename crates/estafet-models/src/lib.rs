@@ -1,8 +1,8 @@
 //! Sequence model definitions for estafet: recurrent cells and the stacks built from them.
 //!
 //! This crate holds models only: no I/O, no file formats, no command line; every function takes
-//! tensors on whatever `Device` the caller chose. The one place a backend is named is `fused`,
-//! which says which CPU backends run its host kernels.
+//! tensors on whatever `Device` the caller chose. The places a backend is named are `fused`,
+//! which says which CPU backends run its host kernels, and `gpu`, the CubeCL kernels.
 //!
 //! Shape legend, used in every doc comment:
 //!
@@ -26,6 +26,8 @@ pub mod attention;
 pub mod conv;
 pub mod fused;
 pub mod gated_deltanet;
+#[cfg(feature = "wgpu")]
+pub mod gpu;
 pub mod gru;
 pub mod head_dims;
 pub mod init;

@@ -125,7 +125,11 @@ impl Lstm {
     /// On a backend with the fused kernel this is one op ([`fused::cell_scan`]), elsewhere
     /// [`Self::forward_sequential`].
     pub fn forward(&self, x: Tensor<3>, state: Option<LstmState>) -> (Tensor<3>, LstmState) {
-        if !fused::has_kernel(&x.device()) {
+        let op = fused::Op::Cell {
+            cell: Cell::Lstm,
+            hidden: self.d_hidden(),
+        };
+        if !fused::runs(op, &x.device(), x.dims()[1]) {
             return self.forward_sequential(x, state);
         }
         let [batch, _, _] = x.dims();

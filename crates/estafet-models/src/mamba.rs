@@ -197,7 +197,7 @@ pub struct Mamba {
 
 /// What computes `h` in one call: what the scan's [`Form`] resolves to, or, for the LTI
 /// control, its convolution.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
     Scan(Compute),
     Convolution,
@@ -245,9 +245,10 @@ impl Mamba {
 
     /// `u [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step.
     ///
-    /// On a backend with the fused kernel the scan is one op ([`fused::selective_scan`]), which
-    /// never holds `[B, T, E·D, N]` tensors, unless [`Mamba::scan`] names a tensor form;
-    /// elsewhere the scan runs in that form (the sequential one for `auto`).
+    /// On a backend with the scan's kernel (the CPU backends, wgpu) the scan is one op
+    /// ([`fused::selective_scan`]), which never holds `[B, T, E·D, N]` decays and drives,
+    /// unless [`Mamba::scan`] names a tensor form; elsewhere the scan runs in that form (the
+    /// sequential one for `auto`).
     ///
     /// The LTI control with `auto` and transitions in [0, 1] runs its convolution form
     /// ([`selection::Fixed::convolve`]) on every backend.
@@ -256,7 +257,8 @@ impl Mamba {
             (Selection::Fixed(_), Form::Auto, Eigenvalues::Positive) => Path::Convolution,
             (Selection::Fixed(_), form, _) => Path::Scan(form.resolve(false)),
             (Selection::Selective(_), form, _) => {
-                Path::Scan(form.resolve(fused::has_kernel(&u.device())))
+                let op = fused::Op::SelectiveScan { n: self.d_state() };
+                Path::Scan(form.resolve(fused::runs(op, &u.device(), u.dims()[1])))
             }
         };
         self.run(u, state, path)
@@ -282,11 +284,14 @@ impl Mamba {
 
         // Causal depthwise convolution over [carried window, x].
         let window = Tensor::cat(vec![state.conv, x], 1); // [B, k − 1 + T, E·D]
+        // The convolution's and the gate's fused ops are host kernels; a GPU runs only the scan
+        // as one.
+        let host = path == Path::Scan(Compute::Fused) && fused::has_kernel(&window.device());
         let x = match path {
-            Path::Scan(Compute::Fused) => {
+            Path::Scan(Compute::Fused) if host => {
                 fused::conv_silu(window.clone(), self.conv_weight.val(), self.conv_bias.val())
             }
-            Path::Scan(Compute::Tensor(_)) | Path::Convolution => silu(causal_depthwise(
+            Path::Scan(_) | Path::Convolution => silu(causal_depthwise(
                 window.clone(),
                 self.conv_weight.val(),
                 Some(self.conv_bias.val()),
@@ -344,7 +349,7 @@ impl Mamba {
             }
         };
         let gated = match path {
-            Path::Scan(Compute::Fused) => {
+            Path::Scan(Compute::Fused) if host => {
                 let flat = |v: Tensor<3>| v.reshape([batch * t, inner]);
                 fused::skip_gate(flat(y), flat(x), self.d.val(), flat(z)).reshape([batch, t, inner])
             }

@@ -231,11 +231,12 @@ impl Mamba2 {
 
     /// `u [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step.
     ///
-    /// On a backend with the fused kernels the recurrence is one op ([`fused::ssd`]) unless
-    /// [`Mamba2::scan`] names a tensor form; elsewhere it runs in that form (the sequential one
-    /// for `auto`).
+    /// On a backend with the recurrence's kernel (the CPU backends, wgpu) it is one op
+    /// ([`fused::ssd`]) unless [`Mamba2::scan`] names a tensor form; elsewhere it runs in that
+    /// form (the sequential one for `auto`).
     pub fn forward(&self, u: Tensor<3>, state: Option<Mamba2State>) -> (Tensor<3>, Mamba2State) {
-        let compute = self.scan.resolve(fused::has_kernel(&u.device()));
+        let op = fused::Op::Ssd { n: self.d_state };
+        let compute = self.scan.resolve(fused::runs(op, &u.device(), u.dims()[1]));
         self.run(u, state, compute)
     }
 
@@ -264,12 +265,14 @@ impl Mamba2 {
 
         let window = Tensor::cat(vec![state.conv, xbc], 1);
         let conv = window.clone().narrow(1, t, self.d_conv() - 1);
-        // With the fused recurrence the convolution and its SiLU are one op too.
+        // With the fused recurrence on the CPU the convolution and its SiLU are one op too (a
+        // host kernel: a GPU runs only the recurrence as one).
+        let host = compute == Compute::Fused && fused::has_kernel(&window.device());
         let xbc = match compute {
-            Compute::Fused => {
+            Compute::Fused if host => {
                 fused::conv_silu(window, self.conv_weight.val(), self.conv_bias.val())
             }
-            Compute::Tensor(_) => silu(causal_depthwise(
+            _ => silu(causal_depthwise(
                 window,
                 self.conv_weight.val(),
                 Some(self.conv_bias.val()),

@@ -109,7 +109,9 @@ impl MinGru {
     /// ([`fused::min_rnn`]) unless [`MinGru::scan`] names a tensor form; elsewhere the scan runs
     /// in that form (the sequential one for `auto`).
     pub fn forward(&self, x: Tensor<3>, state: Option<Tensor<2>>) -> (Tensor<3>, Tensor<2>) {
-        let compute = self.scan.resolve(fused::has_kernel(&x.device()));
+        let compute = self
+            .scan
+            .resolve(fused::runs(fused::Op::MinRnn, &x.device(), x.dims()[1]));
         self.run(x, state, compute)
     }
 

@@ -105,6 +105,31 @@ mixers! {
 }
 
 impl MixerConfig {
+    /// The op that runs the recurrence [`MixerConfig::form`] names, at width `d_model`.
+    pub fn form_op(&self, d_model: usize) -> crate::fused::Op {
+        use crate::fused::Op;
+        match self {
+            MixerConfig::MinGru(_) | MixerConfig::MinLstm(_) => Op::MinRnn,
+            MixerConfig::Mamba(spec) => Op::SelectiveScan {
+                n: spec.config(d_model).d_state,
+            },
+            MixerConfig::Rwkv(_) => Op::Wkv4,
+            MixerConfig::GatedDeltaNet(spec) => Op::DeltaRule {
+                k: spec.config(d_model).head_dim,
+            },
+            MixerConfig::Mamba2(spec) => Op::Ssd {
+                n: spec.config(d_model).d_state,
+            },
+            MixerConfig::Rwkv7(spec) => Op::Dplr {
+                n: spec.config(d_model).head_size,
+            },
+            MixerConfig::Mlstm(spec) => Op::MlstmCell {
+                k: spec.config(d_model).head_dim,
+            },
+            _ => Op::Other,
+        }
+    }
+
     /// The form the config names for a recurrence with a fused kernel, and its field.
     pub fn form(&self) -> Option<(&'static str, Form)> {
         match self {

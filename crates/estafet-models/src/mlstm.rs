@@ -212,11 +212,12 @@ impl Mlstm {
 
     /// `x [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step.
     ///
-    /// On a backend with the fused kernels the cell is one op ([`fused::mlstm_cell`]) unless
-    /// [`Mlstm::scan`] names a tensor form; elsewhere it runs in that form (the sequential one
-    /// for `auto`).
+    /// On a backend with the cell's kernel (the CPU backends, wgpu) it is one op
+    /// ([`fused::mlstm_cell`]) unless [`Mlstm::scan`] names a tensor form; elsewhere it runs in
+    /// that form (the sequential one for `auto`).
     pub fn forward(&self, x: Tensor<3>, state: Option<MlstmState>) -> (Tensor<3>, MlstmState) {
-        let compute = self.scan.resolve(fused::has_kernel(&x.device()));
+        let op = fused::Op::MlstmCell { k: self.head_dim() };
+        let compute = self.scan.resolve(fused::runs(op, &x.device(), x.dims()[1]));
         self.run(x, state, compute)
     }
 

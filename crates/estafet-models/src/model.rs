@@ -128,13 +128,17 @@ impl ModelConfig {
     }
 
     /// Whether `device`'s backend can run the forms the config names: a `fused` form needs a
-    /// backend with the fused kernels.
+    /// backend with that recurrence's kernel.
     pub fn check_device(&self, device: &burn::tensor::Device) -> Result<(), String> {
         match self.mixer.form() {
-            Some((field, crate::scan::Form::Fused)) if !crate::fused::has_kernel(device) => {
+            Some((field, crate::scan::Form::Fused))
+                if !crate::fused::runs(self.mixer.form_op(self.d_model), device, 1) =>
+            {
                 Err(format!(
-                    "model.mixer.{field} = fused: this backend has no fused kernels (ndarray and \
-                     flex have them); use auto, sequential or chunked"
+                    "model.mixer.{field} = fused: this backend has no fused kernel for {} \
+                     (ndarray and flex have every one; wgpu those of minGRU, minLSTM and the \
+                     classic cells); use auto, sequential or chunked",
+                    self.mixer.kind()
                 ))
             }
             _ => Ok(()),

@@ -121,15 +121,16 @@ impl Rnn {
     /// On a backend with the fused kernel this is one op ([`fused::cell_scan`]), elsewhere
     /// [`Self::forward_sequential`].
     pub fn forward(&self, x: Tensor<3>, state: Option<Tensor<2>>) -> (Tensor<3>, Tensor<2>) {
-        if !fused::has_kernel(&x.device()) {
-            return self.forward_sequential(x, state);
-        }
-        let [batch, _, _] = x.dims();
-        let h = state.unwrap_or_else(|| self.zeros(batch, &x.device()));
         let cell = match self.nonlinearity {
             Nonlinearity::Tanh => Cell::Tanh,
             Nonlinearity::Relu => Cell::Relu,
         };
+        let hidden = self.d_hidden();
+        if !fused::runs(fused::Op::Cell { cell, hidden }, &x.device(), x.dims()[1]) {
+            return self.forward_sequential(x, state);
+        }
+        let [batch, _, _] = x.dims();
+        let h = state.unwrap_or_else(|| self.zeros(batch, &x.device()));
         fused::cell_layer(cell, x, &self.input, &self.hidden, h, None)
     }
 

@@ -479,7 +479,9 @@ impl TimeMix4 {
         compute: Compute,
     ) -> (Tensor<3>, Tensor<2>, Wkv4State) {
         let next = last(&x);
-        let mixes = Mixes::new(x, shift, compute == Compute::Fused);
+        // The mixes' fused op is a host kernel; a GPU runs only the WKV as one.
+        let host = compute == Compute::Fused && fused::has_kernel(&x.device());
+        let mixes = Mixes::new(x, shift, host);
         let k = mixes.project(&self.mix_k, &self.key, Activation::Identity);
         let v = mixes.project(&self.mix_v, &self.value, Activation::Identity);
         let r = mixes.project(&self.mix_r, &self.receptance, Activation::Sigmoid);
@@ -828,12 +830,14 @@ impl Rwkv {
 
     /// `x [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step.
     ///
-    /// RWKV-4 on a backend with the fused kernels computes the WKV as one op
-    /// ([`fused::wkv4`]) and each token-shift mix with its projection as one op
-    /// ([`fused::shift_mix_linear`]) unless [`Rwkv::wkv`] names a tensor form; elsewhere the
-    /// block runs in tensor ops, the WKV in that form (the sequential one for `auto`).
+    /// RWKV-4 on a backend with the WKV's kernel computes it as one op ([`fused::wkv4`]: the
+    /// CPU backends and wgpu) unless [`Rwkv::wkv`] names a tensor form, and on the CPU backends
+    /// each token-shift mix with its projection as one op too ([`fused::shift_mix_linear`]);
+    /// elsewhere the block runs in tensor ops, the WKV in that form (the sequential one for
+    /// `auto`).
     pub fn forward(&self, x: Tensor<3>, state: Option<RwkvState>) -> (Tensor<3>, RwkvState) {
-        let kernel = matches!(self.time_mix, TimeMix::V4(_)) && fused::has_kernel(&x.device());
+        let kernel = matches!(self.time_mix, TimeMix::V4(_))
+            && fused::runs(fused::Op::Wkv4, &x.device(), x.dims()[1]);
         self.run(x, state, self.wkv.resolve(kernel))
     }
 
@@ -876,7 +880,7 @@ impl Rwkv {
         let (mixed, shift_channel) = self.channel_mix.forward(
             layer_norm(&self.ln2, x.clone()),
             state.shift_channel,
-            compute == Compute::Fused,
+            compute == Compute::Fused && fused::has_kernel(&x.device()),
         );
         (
             x + mixed,

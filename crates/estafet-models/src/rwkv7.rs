@@ -269,11 +269,14 @@ impl Rwkv7 {
 
     /// `x [B, T, D]` (`T ≥ 1`) → `[B, T, D]` and the state after the last step.
     ///
-    /// On a backend with the fused kernels the recurrence is one op ([`fused::dplr`]) unless
-    /// [`Rwkv7::scan`] names a tensor form; elsewhere it runs in that form (the sequential one
-    /// for `auto`).
+    /// On a backend with the recurrence's kernel (the CPU backends, wgpu) it is one op
+    /// ([`fused::dplr`]) unless [`Rwkv7::scan`] names a tensor form; elsewhere it runs in that
+    /// form (the sequential one for `auto`).
     pub fn forward(&self, x: Tensor<3>, state: Option<Rwkv7State>) -> (Tensor<3>, Rwkv7State) {
-        let compute = self.scan.resolve(fused::has_kernel(&x.device()));
+        let op = fused::Op::Dplr {
+            n: self.head_size(),
+        };
+        let compute = self.scan.resolve(fused::runs(op, &x.device(), x.dims()[1]));
         self.run(x, state, compute)
     }
 

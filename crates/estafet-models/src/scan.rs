@@ -56,8 +56,9 @@ impl Scan {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "FormTable", into = "FormTable")]
 pub enum Form {
-    /// The fused kernel where the backend has one (ndarray, flex), else the sequential tensor
-    /// form (wgpu): the fastest form measured on each.
+    /// The fused kernel where the backend has one (ndarray and flex for every recurrence, wgpu
+    /// for those with a GPU kernel), else the sequential tensor form: the fastest form measured
+    /// on each.
     #[default]
     Auto,
     /// The fused kernel; a backend without it is refused when the model is checked against

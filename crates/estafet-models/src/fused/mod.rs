@@ -119,6 +119,45 @@ pub fn gemm_gflops(n: usize, repeats: usize) -> f64 {
     host::gemm_gflops(n, repeats)
 }
 
+/// An op of this module that a backend may or may not run as one kernel, with the sizes that
+/// decide whether a GPU kernel fits a device (`crate::gpu::runs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// [`cell_scan`] of a cell of width `hidden`.
+    Cell { cell: Cell, hidden: usize },
+    /// [`min_rnn`].
+    MinRnn,
+    /// [`selective_scan`] with `n` states per channel.
+    SelectiveScan { n: usize },
+    /// [`wkv4`].
+    Wkv4,
+    /// [`delta_rule`] with keys of `k`.
+    DeltaRule { k: usize },
+    /// [`ssd`] with `n` states per row.
+    Ssd { n: usize },
+    /// [`dplr`] with heads of `n`.
+    Dplr { n: usize },
+    /// [`mlstm_cell`] with keys of `k`.
+    MlstmCell { k: usize },
+    /// Any other op: host kernels only.
+    Other,
+}
+
+/// Whether `op` over `len` steps runs as one op on `device`: every op on the CPU backends (host
+/// kernels), the ops with a GPU kernel (`crate::gpu`) on a CubeCL device that can run it at
+/// that length. Models run their tensor-op forms where it does not.
+pub fn runs(op: Op, device: &burn::tensor::Device, len: usize) -> bool {
+    if has_kernel(device) {
+        return true;
+    }
+    #[cfg(feature = "wgpu")]
+    if crate::gpu::runs(op, device, len) {
+        return true;
+    }
+    let _ = (op, len);
+    false
+}
+
 /// Whether `device`'s backend runs the host kernels (then models use the ops of this module).
 pub fn has_kernel(device: &burn::tensor::Device) -> bool {
     use burn::backend::DispatchDevice;
@@ -148,6 +187,19 @@ pub fn cell_scan(
     h0: Tensor<2>,
     c0: Tensor<2>,
 ) -> Tensor<3> {
+    #[cfg(feature = "wgpu")]
+    if crate::gpu::cube_device(&x.device()).is_some() {
+        return Tensor::from_dispatch(<Dispatch as crate::gpu::CubeOps>::cell_scan(
+            x.into_dispatch(),
+            w_i.into_dispatch(),
+            b_i.into_dispatch(),
+            w_h.into_dispatch(),
+            b_h.into_dispatch(),
+            h0.into_dispatch(),
+            c0.into_dispatch(),
+            cell,
+        ));
+    }
     Tensor::from_dispatch(<Dispatch as FusedOps>::cell_scan(
         x.into_dispatch(),
         w_i.into_dispatch(),
@@ -214,6 +266,18 @@ pub fn selective_scan(
     h0: Tensor<3>,
     eigenvalues: Eigenvalues,
 ) -> Tensor<2> {
+    #[cfg(feature = "wgpu")]
+    if crate::gpu::cube_device(&x.device()).is_some() {
+        return Tensor::from_dispatch(<Dispatch as crate::gpu::CubeOps>::selective_scan(
+            delta.into_dispatch(),
+            x.into_dispatch(),
+            a.into_dispatch(),
+            b.into_dispatch(),
+            c.into_dispatch(),
+            h0.into_dispatch(),
+            eigenvalues,
+        ));
+    }
     Tensor::from_dispatch(<Dispatch as FusedOps>::selective_scan(
         delta.into_dispatch(),
         x.into_dispatch(),
@@ -261,6 +325,18 @@ pub fn wkv4(
     b: Tensor<2>,
     p: Tensor<2>,
 ) -> Tensor<2> {
+    #[cfg(feature = "wgpu")]
+    if crate::gpu::cube_device(&k.device()).is_some() {
+        return Tensor::from_dispatch(<Dispatch as crate::gpu::CubeOps>::wkv4(
+            w.into_dispatch(),
+            u.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            a.into_dispatch(),
+            b.into_dispatch(),
+            p.into_dispatch(),
+        ));
+    }
     Tensor::from_dispatch(<Dispatch as FusedOps>::wkv4(
         w.into_dispatch(),
         u.into_dispatch(),
@@ -284,6 +360,14 @@ pub fn wkv4(
 ///   `h0`: `[B, H]`
 /// - returns `h_1..h_T`, `[B, T, H]` (the last step is the final state)
 pub fn min_rnn(kind: MinRnn, pre: Tensor<3>, h0: Tensor<2>) -> Tensor<3> {
+    #[cfg(feature = "wgpu")]
+    if crate::gpu::cube_device(&pre.device()).is_some() {
+        return Tensor::from_dispatch(<Dispatch as crate::gpu::CubeOps>::min_rnn(
+            pre.into_dispatch(),
+            h0.into_dispatch(),
+            kind,
+        ));
+    }
     Tensor::from_dispatch(<Dispatch as FusedOps>::min_rnn(
         pre.into_dispatch(),
         h0.into_dispatch(),
@@ -309,6 +393,17 @@ pub fn delta_rule(
     g: Tensor<2>,
     s0: Tensor<3>,
 ) -> Tensor<2> {
+    #[cfg(feature = "wgpu")]
+    if crate::gpu::cube_device(&q.device()).is_some() {
+        return Tensor::from_dispatch(<Dispatch as crate::gpu::CubeOps>::delta_rule(
+            q.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            beta.into_dispatch(),
+            g.into_dispatch(),
+            s0.into_dispatch(),
+        ));
+    }
     Tensor::from_dispatch(<Dispatch as FusedOps>::delta_rule(
         q.into_dispatch(),
         k.into_dispatch(),
@@ -339,6 +434,18 @@ pub fn ssd(
     heads: usize,
     eigenvalues: Eigenvalues,
 ) -> Tensor<2> {
+    #[cfg(feature = "wgpu")]
+    if crate::gpu::cube_device(&x.device()).is_some() {
+        return Tensor::from_dispatch(<Dispatch as crate::gpu::CubeOps>::ssd(
+            x.into_dispatch(),
+            log_a.into_dispatch(),
+            b.into_dispatch(),
+            c.into_dispatch(),
+            h0.into_dispatch(),
+            heads,
+            eigenvalues,
+        ));
+    }
     Tensor::from_dispatch(<Dispatch as FusedOps>::ssd(
         x.into_dispatch(),
         log_a.into_dispatch(),
@@ -370,6 +477,18 @@ pub fn dplr(
     b: Tensor<3>,
     s0: Tensor<3>,
 ) -> Tensor<2> {
+    #[cfg(feature = "wgpu")]
+    if crate::gpu::cube_device(&r.device()).is_some() {
+        return Tensor::from_dispatch(<Dispatch as crate::gpu::CubeOps>::dplr(
+            r.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            log_w.into_dispatch(),
+            a.into_dispatch(),
+            b.into_dispatch(),
+            s0.into_dispatch(),
+        ));
+    }
     Tensor::from_dispatch(<Dispatch as FusedOps>::dplr(
         r.into_dispatch(),
         k.into_dispatch(),
@@ -404,6 +523,19 @@ pub fn mlstm_cell(
     n0: Tensor<2>,
     m0: Tensor<1>,
 ) -> Tensor<2> {
+    #[cfg(feature = "wgpu")]
+    if crate::gpu::cube_device(&q.device()).is_some() {
+        return Tensor::from_dispatch(<Dispatch as crate::gpu::CubeOps>::mlstm_cell(
+            q.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            i.into_dispatch(),
+            log_f.into_dispatch(),
+            c0.into_dispatch(),
+            n0.into_dispatch(),
+            m0.into_dispatch(),
+        ));
+    }
     Tensor::from_dispatch(<Dispatch as FusedOps>::mlstm_cell(
         q.into_dispatch(),
         k.into_dispatch(),

@@ -85,8 +85,8 @@ impl Selection {
     }
 
     /// The selective maps' `(Δ [B, T, E·D], B [B, T, N], C [B, T, N])` of `x [B, T, E·D]`, the
-    /// fused kernel's inputs (`Δ` through the fused softplus); `None` for the fixed variant, which
-    /// the kernel does not take.
+    /// fused kernel's inputs (`Δ` through the fused softplus on the CPU backends); `None` for the
+    /// fixed variant, which the kernel does not take.
     pub fn project(&self, x: Tensor<3>) -> Option<(Tensor<3>, Tensor<3>, Tensor<3>)> {
         self.maps(x, true)
     }
@@ -100,7 +100,8 @@ impl Selection {
         let n = (s.x_proj.weight.dims()[1] - r) / 2;
         let dbc = s.x_proj.forward(x);
         let dt = s.dt_proj.forward(dbc.clone().narrow(2, 0, r));
-        let delta = if fused {
+        // The fused softplus is a host kernel; elsewhere burn's.
+        let delta = if fused && fused::has_kernel(&dt.device()) {
             fused::softplus(dt)
         } else {
             softplus(dt, 1.0)
