@@ -86,6 +86,21 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// The kernel launches one call of `f` issues on a GPU backend; `None` on the CPU backends,
+    /// which launch none.
+    pub fn launches(self, f: impl FnOnce()) -> Option<usize> {
+        match self {
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => Some(estafet_models::gpu::count_launches(f).1),
+            _ => {
+                drop(f);
+                None
+            }
+        }
+    }
+}
+
 fn compiled_list() -> String {
     let names: Vec<_> = Backend::ALL
         .into_iter()

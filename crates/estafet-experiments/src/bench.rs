@@ -249,18 +249,21 @@ pub fn measure(
     let x_ad = Tensor::<2, Int>::from_data(x.to_data(), &ad_device);
     let y_ad = Tensor::<2, Int>::from_data(y.to_data(), &ad_device);
     let mut losses = Vec::new();
+    let mut train_step = || {
+        let (logits, _) = net.forward(Input::Tokens(x_ad.clone()), None);
+        let loss = token_nll(logits, y_ad.clone()).mean();
+        let grads = GradientsParams::from_grads(loss.backward(), &net);
+        net = optim.step(1e-3, net.clone(), grads);
+        losses.push(loss.into_scalar::<f32>() as f64);
+    };
     let train = timed(
-        || {
-            let (logits, _) = net.forward(Input::Tokens(x_ad.clone()), None);
-            let loss = token_nll(logits, y_ad.clone()).mean();
-            let grads = GradientsParams::from_grads(loss.backward(), &net);
-            net = optim.step(1e-3, net.clone(), grads);
-            losses.push(loss.into_scalar::<f32>() as f64);
-        },
+        &mut train_step,
         options.warmup,
         options.steps,
         options.max_seconds,
     );
+    // After the timed steps, so that autotuning's trial launches are over.
+    let launches_per_step = options.backend.launches(&mut train_step);
     let tokens = (b * t) as f64;
     let round = |v: f64| (v * 10.0).round() / 10.0;
     let train_gflops = tokens / median(&train) * flops_per_token / 1e9;
@@ -288,6 +291,7 @@ pub fn measure(
         rss_setup_mb: rss_setup.map(round),
         params,
         state_floats,
+        launches_per_step,
         loss_first: losses.first().map(|l| (l * 1e4).round() / 1e4),
         loss_last: losses.last().map(|l| (l * 1e4).round() / 1e4),
         train_flops_per_token: flops_per_token,
@@ -340,6 +344,10 @@ pub struct BenchResult {
     pub rss_setup_mb: Option<f64>,
     pub params: usize,
     pub state_floats: usize,
+    /// Kernel launches of one training step (forward, backward, optimizer) on a GPU backend,
+    /// counted after the timed steps; `None` on the CPU backends.
+    #[serde(default)]
+    pub launches_per_step: Option<usize>,
     pub loss_first: Option<f64>,
     pub loss_last: Option<f64>,
     /// Analytic training FLOPs per token (`SequenceModel::train_flops_per_token`), the rate
@@ -423,7 +431,7 @@ impl BenchLine {
         let whole = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
         let c = &r.config;
         format!(
-            "{:<10} {:>12} {:>12} {:>12} {:>9.1} {:>9.1} {:>11} {:>9} {:>12} {:>8.1} {:>6.3}  B={} L={} d={} layers={} {} threads={} {}",
+            "{:<10} {:>12} {:>12} {:>12} {:>9.1} {:>9.1} {:>11} {:>9} {:>12} {:>8.1} {:>6.3}  B={} L={} d={} layers={} {} threads={} {}{}",
             r.model,
             whole(Some(r.train_tok_s)),
             whole(Some(r.infer_tok_s)),
@@ -445,6 +453,8 @@ impl BenchLine {
                 .unwrap_or_default(),
             r.threads,
             r.backend,
+            r.launches_per_step
+                .map_or(String::new(), |n| format!(" launches/step={n}")),
         )
     }
 }
