@@ -58,7 +58,7 @@ run)
   torch_models=rnn,lstm,gru,mamba_seq,mingru,attention
   if [ -n "${SMOKE:-}" ]; then
     export CUBECL_WGPU_DEFAULT_DEVICE=Cpu
-    shapes=("64 64 8") long=(64 4 lstm) steps=(--warmup 1 --steps 1 --max-seconds 1)
+    shapes=("64 64 8") long=(64 64 4 lstm) steps=(--warmup 1 --steps 1 --max-seconds 1)
   else
     shapes=("64 256 32" "64 1024 32" "128 256 32" "128 1024 32") long=(64 4096 8 lstm)
     steps=(--warmup 2 --steps 5 --max-seconds 4)
