@@ -77,7 +77,8 @@ impl Form {
             Form::Fused => {
                 assert!(
                     kernel,
-                    "a fused form on a backend without the kernel (unchecked config)"
+                    "a fused form where its kernel does not run: a backend without it (unchecked \
+                     config), or on llvmpipe a length past its loop budget (use auto)"
                 );
                 Compute::Fused
             }
