@@ -35,6 +35,7 @@ use estafet_models::rnn::{Nonlinearity, Rnn, RnnConfig};
 use estafet_models::rwkv::{Rwkv, RwkvConfig, RwkvState, Version, Wkv4State, WkvState};
 use estafet_models::rwkv7::{Rwkv7, Rwkv7Spec, Rwkv7State};
 use estafet_models::scan::{Eigenvalues, Form, Scan};
+use estafet_models::slstm::{Slstm, SlstmSpec, SlstmState};
 use estafet_models::{
     Init, Input, InputSpec, Layout, MixerConfig, ModelConfig, ModelIo, Readout, gpu,
 };
@@ -669,9 +670,33 @@ fn mlstm_cell_kernel_agrees_with_its_definition() {
     );
 }
 
+/// xLSTM's sLSTM layer: `forward` (the kernel on wgpu) against the definition, two heads of 3,
+/// the normaliser's initial state near 1 (`n` divides `c`; `tests/forms.rs` draws it so too).
+#[test]
+fn slstm_cell_kernel_agrees_with_its_definition() {
+    let op = Op::Slstm { d: 6, heads: 2 };
+    check_cases("slstm", op, block_cases(), |c, device, kernel| {
+        let layer: Slstm = SlstmSpec { n_heads: 2 }
+            .config(6)
+            .init(&mut Init::new(9, device));
+        let dims: [Vec<usize>; 4] = std::array::from_fn(|_| vec![c.b, 6]);
+        block_outcome(&layer, device, [c.b, c.t, 6], &dims, |m, x, s| {
+            let [h, cc, n, mm] = [0, 1, 2, 3].map(|i| shaped::<2>(&s[i], &dims[i]));
+            let state = SlstmState {
+                h,
+                c: cc,
+                n: n * 0.1 + 1.0,
+                m: mm,
+            };
+            let (y, s) = m.forward_with(x, Some(state), kernel);
+            (y, vec![flat(s.h), flat(s.c), flat(s.n), flat(s.m)])
+        })
+    });
+}
+
 /// The kinds whose recurrence is still a tensor-op loop on wgpu: their launches grow with T.
 /// A kind leaves this list when its kernel lands (the test below then fails until it does).
-const LOOPS: [&str; 2] = ["slstm", "rwkv6"];
+const LOOPS: [&str; 1] = ["rwkv6"];
 
 /// Launches a training step may add between T 16 and T 128 without a time loop: cubek's
 /// reduce, behind burn's sums and norms, plans one more pass for longer reductions (seen: minLSTM

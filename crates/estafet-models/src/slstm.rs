@@ -146,10 +146,14 @@ impl Slstm {
     }
 
     /// `x [B, T, D]` (`T ≥ 1`) → `y [B, T, D]` and the state after the last step: on a
-    /// backend with the fused kernels the recurrence is one op ([`fused::slstm_cell`]),
-    /// elsewhere the definition.
+    /// backend with the recurrence's kernel (the CPU backends, wgpu) it is one op
+    /// ([`fused::slstm_cell`]), elsewhere the definition.
     pub fn forward(&self, x: Tensor<3>, state: Option<SlstmState>) -> (Tensor<3>, SlstmState) {
-        let fused = fused::has_kernel(&x.device());
+        let op = fused::Op::Slstm {
+            d: self.d_model(),
+            heads: self.heads(),
+        };
+        let fused = fused::runs(op, &x.device(), x.dims()[1]);
         self.forward_with(x, state, fused)
     }
 

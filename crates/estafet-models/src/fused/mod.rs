@@ -139,6 +139,8 @@ pub enum Op {
     Dplr { n: usize },
     /// [`mlstm_cell`] with keys of `k`.
     MlstmCell { k: usize },
+    /// [`slstm_cell`] of width `d` in `heads` heads.
+    Slstm { d: usize, heads: usize },
     /// Any other op: host kernels only.
     Other,
 }
@@ -561,6 +563,18 @@ pub fn mlstm_cell(
 /// - returns `[B, T·D + 3D]`: `h_1..h_T` flattened, then the final `c`, `n`, `m`
 pub fn slstm_cell(wx: Tensor<3>, r: Tensor<3>, [h0, c0, n0, m0]: [Tensor<2>; 4]) -> Tensor<2> {
     let heads = r.dims()[0];
+    #[cfg(feature = "wgpu")]
+    if crate::gpu::cube_device(&wx.device()).is_some() {
+        return Tensor::from_dispatch(<Dispatch as crate::gpu::CubeOps>::slstm_cell(
+            wx.into_dispatch(),
+            r.into_dispatch(),
+            h0.into_dispatch(),
+            c0.into_dispatch(),
+            n0.into_dispatch(),
+            m0.into_dispatch(),
+            heads,
+        ));
+    }
     Tensor::from_dispatch(<Dispatch as FusedOps>::slstm_cell(
         wx.into_dispatch(),
         r.into_dispatch(),

@@ -355,7 +355,8 @@ fn backward_kernel(
     }
 }
 
-/// Inputs `[x, w_i, b_i, w_h, b_h, h0, c0]` as [`crate::fused::cell_scan`] takes them.
+/// What the backward reads: the inputs but the biases, the output and (LSTM, GRU) the
+/// activations.
 #[derive(Clone, Debug)]
 pub(super) struct Kept {
     x: CubeTensor,

@@ -14,10 +14,11 @@
 //! [`tracked`] turns a [`tracked::CubeKernel`] (forward, kept tensors, backward) into a backend
 //! op; [`tensors`] the device-tensor plumbing; [`min_rnn`] (minGRU, minLSTM), [`cell`] (Elman,
 //! LSTM, GRU), [`selective`] (Mamba's S6), [`wkv4`] (RWKV-4's WKV), [`delta_rule`] (Gated
-//! DeltaNet's), [`ssd`] (Mamba-2's), [`dplr`] (RWKV-7's) and [`mlstm_cell`] (xLSTM's mLSTM)
-//! one op each, with its equations. Each kernel is tested against its definition on wgpu over
-//! lavapipe, gradients included (`tests/gpu_kernels.rs`), and the launches of a training step
-//! are counted ([`count_launches`], `estafet bench`'s `launches_per_step`).
+//! DeltaNet's), [`ssd`] (Mamba-2's), [`dplr`] (RWKV-7's), [`mlstm_cell`] (xLSTM's mLSTM) and
+//! [`slstm_cell`] (xLSTM's sLSTM) one op each, with its equations. Each kernel is tested
+//! against its definition on wgpu over lavapipe, gradients included (`tests/gpu_kernels.rs`),
+//! and the launches of a training step are counted ([`count_launches`], `estafet bench`'s
+//! `launches_per_step`).
 
 mod cell;
 mod delta_rule;
@@ -25,6 +26,7 @@ mod dplr;
 mod min_rnn;
 mod mlstm_cell;
 mod selective;
+mod slstm_cell;
 mod ssd;
 mod tensors;
 mod tracked;
@@ -67,6 +69,12 @@ pub fn runs(op: Op, device: &burn::tensor::Device, len: usize) -> bool {
         Op::SelectiveScan { n } | Op::Ssd { n } => len * (n + 1) + 2 * n,
         Op::DeltaRule { k: n } | Op::Dplr { n } => len * (3 * n + 1) + 2 * n,
         Op::MlstmCell { k } => len * (k + 1) + 2 * k,
+        Op::Slstm { d, heads } => {
+            if !slstm_cell::fits(&device, d) {
+                return false;
+            }
+            slstm_cell::loop_iterations(&device, d, heads, len)
+        }
         Op::Other => return false,
     };
     loop_budget(&device).is_none_or(|budget| iterations <= budget)
@@ -197,6 +205,17 @@ pub trait CubeOps: Backend {
         n0: FloatTensor<Self>,
         m0: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+
+    #[allow(clippy::too_many_arguments)]
+    fn slstm_cell(
+        wx: FloatTensor<Self>,
+        r: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+        c0: FloatTensor<Self>,
+        n0: FloatTensor<Self>,
+        m0: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self>;
 }
 
 impl CubeOps for CubeBackend {
@@ -288,6 +307,18 @@ impl CubeOps for CubeBackend {
     ) -> FloatTensor<Self> {
         run_plain::<mlstm_cell::MlstmCell, 8>([q, k, v, i, log_f, c0, n0, m0], ())
     }
+
+    fn slstm_cell(
+        wx: FloatTensor<Self>,
+        r: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+        c0: FloatTensor<Self>,
+        n0: FloatTensor<Self>,
+        m0: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        run_plain::<slstm_cell::SlstmCell, 6>([wx, r, h0, c0, n0, m0], heads)
+    }
 }
 
 impl<C: CheckpointStrategy> CubeOps for Autodiff<CubeBackend, C> {
@@ -378,5 +409,17 @@ impl<C: CheckpointStrategy> CubeOps for Autodiff<CubeBackend, C> {
         m0: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         run_tracked::<C, mlstm_cell::MlstmCell, 8>([q, k, v, i, log_f, c0, n0, m0], ())
+    }
+
+    fn slstm_cell(
+        wx: FloatTensor<Self>,
+        r: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+        c0: FloatTensor<Self>,
+        n0: FloatTensor<Self>,
+        m0: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        run_tracked::<C, slstm_cell::SlstmCell, 6>([wx, r, h0, c0, n0, m0], heads)
     }
 }
