@@ -24,8 +24,10 @@
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
+use super::activations::{sigmoid, tanh};
 use super::tensors::{
     add_row, cat, column_sums, columns, dims, empty, input, matmul, reshape, steps, transpose,
+    units_per_cube,
 };
 use super::tracked::CubeKernel;
 use crate::fused::Cell;
@@ -74,32 +76,8 @@ pub(super) fn loop_iterations(
     hidden: usize,
     len: usize,
 ) -> usize {
-    let strides = hidden.div_ceil(units(device, hidden) as usize);
+    let strides = hidden.div_ceil(units_per_cube(device, hidden) as usize);
     len * (strides * (cell.gates() * hidden + 2) + 2) + 2 * strides
-}
-
-/// Units per cube: one per channel up to 256 (or the device's limit), channels shared beyond.
-fn units(device: &burn_cubecl::CubeDevice, hidden: usize) -> u32 {
-    let client = device.client();
-    let hardware = &client.properties().hardware;
-    let cap = hardware
-        .max_cube_dim
-        .0
-        .min(hardware.max_units_per_cube)
-        .min(256);
-    (hidden as u32).clamp(1, cap)
-}
-
-#[cube]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
-/// `tanh` through the sigmoid: finite for every input (some drivers' `tanh` overflows to NaN
-/// beyond |x| ≈ 44).
-#[cube]
-fn tanh(x: f32) -> f32 {
-    1.0 - 2.0 / ((x * 2.0).exp() + 1.0)
 }
 
 /// `xp [B, T, G·H]`, `w_h [H, G·H]`, `b_h [G·H]`, `h0`, `c0 [B, H]` → `out [B, T, S·H]` and, when
@@ -409,7 +387,7 @@ impl CubeKernel<7> for CellScan {
             fits(&x.device, cell, hidden),
             "cell_scan: H = {hidden} needs more shared memory than the device has (runs() first)"
         );
-        let units = units(&x.device, hidden);
+        let units = units_per_cube(&x.device, hidden);
         forward_kernel::launch(
             &x.client.clone(),
             CubeCount::Static(batch as u32, 1, 1),
@@ -462,7 +440,7 @@ impl CubeKernel<7> for CellScan {
             },
         );
         let (d_h0, d_c0) = (empty(&x, [batch, hidden]), empty(&x, [batch, hidden]));
-        let units = units(&x.device, hidden);
+        let units = units_per_cube(&x.device, hidden);
         backward_kernel::launch(
             &x.client.clone(),
             CubeCount::Static(batch as u32, 1, 1),

@@ -17,14 +17,10 @@
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
+use super::activations::sigmoid;
 use super::tensors::{dims, elementwise, empty, input};
 use super::tracked::CubeKernel;
 use crate::fused::MinRnn;
-
-#[cube]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
 
 /// `g(v)`.
 #[cube]

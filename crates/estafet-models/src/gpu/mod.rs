@@ -12,7 +12,7 @@
 //! tensor-op forms); `fused`'s public functions send a tensor on a CubeCL device here, and
 //! [`runs`] says whether an op has a kernel that fits the device at a length. Code map:
 //! [`tracked`] turns a [`tracked::CubeKernel`] (forward, kept tensors, backward) into a backend
-//! op; [`tensors`] the device-tensor plumbing; [`min_rnn`] (minGRU, minLSTM), [`cell`] (Elman,
+//! op; [`tensors`] the device-tensor plumbing; [`activations`] the kernels' shared functions; [`min_rnn`] (minGRU, minLSTM), [`cell`] (Elman,
 //! LSTM, GRU), [`selective`] (Mamba's S6), [`wkv4`] (RWKV-4's WKV), [`delta_rule`] (Gated
 //! DeltaNet's), [`ssd`] (Mamba-2's), [`dplr`] (RWKV-7's), [`mlstm_cell`] (xLSTM's mLSTM) and
 //! [`slstm_cell`] (xLSTM's sLSTM) one op each, with its equations. Each kernel is tested
@@ -20,6 +20,7 @@
 //! and the launches of a training step are counted ([`count_launches`], `estafet bench`'s
 //! `launches_per_step`).
 
+mod activations;
 mod cell;
 mod delta_rule;
 mod dplr;

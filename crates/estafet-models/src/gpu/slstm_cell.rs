@@ -24,24 +24,13 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::tensors::{cat, dims, empty, input, matmul, reshape, steps};
+use super::activations::{sigmoid, tanh};
+use super::tensors::{cat, dims, empty, input, matmul, reshape, steps, units_per_cube};
 use super::tracked::CubeKernel;
 
 /// Shared-memory floats of the larger kernel (the backward's step of `4D` gradients).
 fn shared_floats(d: usize) -> usize {
     4 * d
-}
-
-/// Units per cube: one per channel up to 256 (or the device's limit), channels shared beyond.
-fn units(device: &burn_cubecl::CubeDevice, d: usize) -> u32 {
-    let client = device.client();
-    let hardware = &client.properties().hardware;
-    let cap = hardware
-        .max_cube_dim
-        .0
-        .min(hardware.max_units_per_cube)
-        .min(256);
-    (d as u32).clamp(1, cap)
 }
 
 /// Whether the kernels run a layer of width `d` on `device` (its shared memory holds them).
@@ -57,19 +46,8 @@ pub(super) fn loop_iterations(
     heads: usize,
     len: usize,
 ) -> usize {
-    let strides = d.div_ceil(units(device, d) as usize);
+    let strides = d.div_ceil(units_per_cube(device, d) as usize);
     len * (strides * (4 * (d / heads) + 2) + 2) + 2 * strides
-}
-
-#[cube]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
-/// `tanh` through the exponential: finite for every input.
-#[cube]
-fn tanh(x: f32) -> f32 {
-    1.0 - 2.0 / ((x * 2.0).exp() + 1.0)
 }
 
 /// `log σ(x) = min(x, 0) − ln(1 + e^{−|x|})`, which never overflows.
@@ -359,7 +337,7 @@ impl CubeKernel<6> for SlstmCell {
         } else {
             (empty(&wx, [1]), empty(&wx, [1]))
         };
-        let units = units(&wx.device, d);
+        let units = units_per_cube(&wx.device, d);
         let arg = |t: &CubeTensor| t.clone().into_tensor_arg();
         forward_kernel::launch(
             &wx.client.clone(),
@@ -405,7 +383,7 @@ impl CubeKernel<6> for SlstmCell {
         let d_pre = empty(&pres, [batch, len, 4 * d]);
         let new = || empty(&pres, [batch, d]);
         let (d_h0, d_c0, d_n0, d_m0) = (new(), new(), new(), new());
-        let units = units(&pres.device, d);
+        let units = units_per_cube(&pres.device, d);
         let arg = |t: &CubeTensor| t.clone().into_tensor_arg();
         backward_kernel::launch(
             &pres.client.clone(),

@@ -104,3 +104,16 @@ pub(super) fn rows(t: CubeTensor, start: usize, end: usize) -> CubeTensor {
     let [_, n] = dims::<2>(&t);
     CubeBackend::float_slice(t, &[Slice::from(start..end), Slice::from(0..n)])
 }
+
+/// Units per cube for a kernel whose units share a sequence's `channels`: one per channel up to
+/// 256 (or the device's limit), channels shared beyond (unit `u` takes `u, u + U, …`).
+pub(super) fn units_per_cube(device: &burn_cubecl::CubeDevice, channels: usize) -> u32 {
+    let client = device.client();
+    let hardware = &client.properties().hardware;
+    let cap = hardware
+        .max_cube_dim
+        .0
+        .min(hardware.max_units_per_cube)
+        .min(256);
+    (channels as u32).clamp(1, cap)
+}
