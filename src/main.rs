@@ -625,9 +625,10 @@ fn execute(cli: Cli) -> Result<(), Error> {
             interrupt::install()?;
             let progress = sweep::run(&runs, &out, shard, jobs, backend)?;
             eprintln!(
-                "sweep: {} run, {} already complete, {} failed, {} diverged",
+                "sweep: {} run, {} already complete, {} held by other processes, {} failed, {} diverged",
                 progress.ran,
                 progress.skipped,
+                progress.held.len(),
                 progress.failed.len(),
                 progress.diverged.len()
             );
@@ -635,7 +636,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 print!("{}", report::write(&out)?);
             } else {
                 eprintln!(
-                    "other shards are still running; `estafet report {}` once they finish",
+                    "other shards or processes are still running; `estafet report {}` once they finish",
                     out.display()
                 );
             }

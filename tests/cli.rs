@@ -965,6 +965,90 @@ length = [24]
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// A run directory has one writer. A second `run --resume` on a directory a run is writing
+/// (a Slurm requeue while the old job is still stopping) exits 4 with one line naming the
+/// directory and the holder's pid, before it writes anything; a sweep whose run another
+/// process holds skips it and says so. (The lock dies with its process: after a SIGKILL the
+/// run resumes, `a_killed_run_resumes_to_identical_results`.)
+#[test]
+fn a_second_writer_is_refused() {
+    let dir = scratch("busy");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sweep = dir.join("sweep.toml");
+    std::fs::write(
+        &sweep,
+        format!(
+            "base = \"{}\"\n[axes]\n\"run.seed\" = [3]\n",
+            std::env::current_dir()
+                .unwrap()
+                .join("configs/copy-lstm.toml")
+                .display()
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let o = out.to_str().unwrap();
+    let listed = estafet(&["sweep", sweep.to_str().unwrap(), "--out", o, "--dry-run"]);
+    let name = String::from_utf8_lossy(&listed.stdout)
+        .split_whitespace()
+        .nth(1)
+        .expect("the one run's name")
+        .to_string();
+    let held = out.join(&name);
+    let mut child = spawn(&small_lstm(&held, 1_000_000, &[]));
+    wait_for_step(&mut child, &held, 5);
+    let metrics = || std::fs::read_to_string(held.join("metrics.jsonl")).unwrap();
+
+    let second = estafet(
+        &small_lstm(&held, 1_000_000, &["--resume"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(second.status.code(), Some(4), "{}", stderr(&second));
+    let message = stderr(&second);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(
+        message.contains(&held.display().to_string())
+            && message.contains(&format!("pid {}", child.id())),
+        "{message}"
+    );
+    let fresh = estafet(
+        &small_lstm(&held, 1_000_000, &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(fresh.status.code(), Some(4), "{}", stderr(&fresh));
+
+    let swept = estafet(&["sweep", sweep.to_str().unwrap(), "--out", o]);
+    let said = stderr(&swept);
+    assert!(swept.status.success(), "{said}");
+    assert!(
+        said.contains(&format!(
+            "{name}: in use by another process (pid {})",
+            child.id()
+        )) && said.contains("1 held by other processes"),
+        "{said}"
+    );
+    let before = metrics();
+    assert!(
+        !held.join(".checkpoint.tmp").exists() && child.try_wait().unwrap().is_none(),
+        "the holder still runs undisturbed"
+    );
+    signal(child.id(), "KILL");
+    child.wait().unwrap();
+    // Only the holder wrote: every training line's step is one more than the one before.
+    let steps: Vec<u64> = before
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["split"] == "train")
+        .filter_map(|v| v["step"].as_u64())
+        .collect();
+    assert!(steps.windows(2).all(|w| w[1] == w[0] + 5), "{steps:?}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
 /// `train.diagnostics` logs state norms, gate saturation and the RNN's spectral radius.
 #[test]
 fn diagnostics_are_logged_with_each_evaluation() {

@@ -40,7 +40,10 @@ pub enum Error {
     Config(String),
     /// Something failed while running (I/O, a backend). Exit 1.
     #[error("{0:#}")]
-    Runtime(#[from] anyhow::Error),
+    Runtime(anyhow::Error),
+    /// Another process holds the run directory ([`run_dir::Busy`]); nothing was written. Exit 4.
+    #[error("{0}")]
+    Busy(run_dir::Busy),
     /// Training diverged (a non-finite loss, or a loss far above the task's baseline for long):
     /// the run ended with its summary written (`stopped = "diverged"`), a result rather than a
     /// crash. Exit 3.
@@ -58,13 +61,25 @@ pub enum Error {
 impl Error {
     /// Exit status of a training run that diverged.
     pub const DIVERGED_EXIT: i32 = 3;
+    /// Exit status of a command refused because another process holds its run directory.
+    pub const BUSY_EXIT: i32 = 4;
 
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) => 2,
             Error::Runtime(_) => 1,
             Error::Diverged(_) => Self::DIVERGED_EXIT,
+            Error::Busy(_) => Self::BUSY_EXIT,
             Error::Interrupted { signal, .. } => signal.exit_code(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Error {
+    fn from(e: anyhow::Error) -> Self {
+        match e.downcast::<run_dir::Busy>() {
+            Ok(busy) => Error::Busy(busy),
+            Err(e) => Error::Runtime(e),
         }
     }
 }

@@ -15,6 +15,12 @@
 //! Every file is replaced whole (temporary file, then rename), except `metrics.jsonl`, which
 //! is appended a line at a time and flushed; a resumed run rewrites it (atomically) without
 //! the lines logged after its checkpoint.
+//!
+//! A run directory has one writer: [`RunDir`] holds an advisory lock on `RUN_DIR/.lock` (which
+//! names the holder's pid) for as long as it lives. The operating system releases it when the
+//! process ends however it ends, so a killed run leaves nothing to clean up, and a second
+//! process (a Slurm requeue while the old job is still stopping, two shards given the same
+//! index) is refused with the holder's pid instead of writing beside it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -25,43 +31,113 @@ use serde::Serialize;
 
 pub struct RunDir {
     root: PathBuf,
+    /// The open lock file: the lock lasts as long as this handle.
+    _lock: File,
+    /// Whether [`RunDir::create`] made the directory (so [`RunDir::abandon`] may remove it).
+    created: bool,
+}
+
+/// Another process holds the run directory.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "run directory {} is in use by another estafet process (pid {holder}); a run directory has \
+     one writer at a time",
+    dir.display()
+)]
+pub struct Busy {
+    pub dir: PathBuf,
+    /// The holder's pid as its lock file names it (`unknown` if it could not be read).
+    pub holder: String,
 }
 
 impl RunDir {
-    /// Creates `root` (and its parents); refuses a directory that already holds files, so that
-    /// no earlier run is overwritten.
+    /// The lock file inside a run directory.
+    pub const LOCK: &str = ".lock";
+
+    /// Creates `root` (and its parents) and takes its lock; refuses a directory that already
+    /// holds files, so that no earlier run is overwritten.
     pub fn create(root: &Path) -> Result<Self> {
-        if root.exists() {
-            let occupied = fs::read_dir(root)
-                .with_context(|| format!("cannot read run directory {}", root.display()))?
-                .next()
-                .is_some();
-            if occupied {
-                bail!(
-                    "run directory {} is not empty; choose another --out",
-                    root.display()
-                );
-            }
-        }
+        let created = !root.exists();
         fs::create_dir_all(root)
             .with_context(|| format!("cannot create run directory {}", root.display()))?;
+        let mut dir = Self::lock(root)?;
+        dir.created = created;
+        let occupied = fs::read_dir(root)
+            .with_context(|| format!("cannot read run directory {}", root.display()))?
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name() != Self::LOCK);
+        if occupied {
+            bail!(
+                "run directory {} is not empty; choose another --out",
+                root.display()
+            );
+        }
+        Ok(dir)
+    }
+
+    /// Opens an existing run directory to continue it, and takes its lock.
+    pub fn open(root: &Path) -> Result<Self> {
+        Self::lock(root)
+    }
+
+    /// Takes the lock of `root`, or fails with [`Busy`] naming the holder; then checks that
+    /// the directory is writable (now, not after an hour of training).
+    fn lock(root: &Path) -> Result<Self> {
+        let path = root.join(Self::LOCK);
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(Busy {
+                    dir: root.to_path_buf(),
+                    holder: holder_of(&path),
+                }
+                .into());
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            }
+        }
+        file.set_len(0)
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .and_then(|()| file.sync_data())
+            .with_context(|| format!("cannot write {}", path.display()))?;
         let dir = Self {
             root: root.to_path_buf(),
+            _lock: file,
+            created: false,
         };
-        // Fail now, not after an hour of training, if nothing can be written here.
         dir.write_atomic(".write-test", b"")?;
         fs::remove_file(root.join(".write-test")).ok();
         Ok(dir)
     }
 
-    /// Opens an existing run directory to continue it.
-    pub fn open(root: &Path) -> Result<Self> {
-        let dir = Self {
-            root: root.to_path_buf(),
-        };
-        dir.write_atomic(".write-test", b"")?;
-        fs::remove_file(root.join(".write-test")).ok();
-        Ok(dir)
+    /// Gives up a run directory before anything was written into it (the model could not be
+    /// built): removes the lock file and, if [`RunDir::create`] made the directory, the
+    /// directory, so that a refused run leaves nothing behind.
+    pub fn abandon(self) {
+        fs::remove_file(self.root.join(Self::LOCK)).ok();
+        if self.created {
+            fs::remove_dir(&self.root).ok();
+        }
+    }
+
+    /// The pid of the process that holds `root`'s lock, if one does (a sweep asks before it
+    /// starts a run there).
+    pub fn holder(root: &Path) -> Option<String> {
+        let path = root.join(Self::LOCK);
+        let file = File::open(&path).ok()?;
+        match file.try_lock_shared() {
+            Ok(()) => None,
+            Err(fs::TryLockError::WouldBlock) => Some(holder_of(&path)),
+            Err(fs::TryLockError::Error(_)) => None,
+        }
     }
 
     /// Keeps the complete lines of `name` whose `step` is at most `step` (what a resumed run
@@ -131,6 +207,14 @@ impl RunDir {
     }
 }
 
+fn holder_of(lock: &Path) -> String {
+    fs::read_to_string(lock)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
@@ -173,12 +257,33 @@ mod tests {
         let root = scratch("occupied");
         let dir = RunDir::create(&root).unwrap();
         dir.write_json("summary.json", &[1, 2]).unwrap();
+        drop(dir);
         let e = RunDir::create(&root).err().unwrap().to_string();
         assert!(e.contains("not empty"), "{e}");
         assert_eq!(
             fs::read_to_string(root.join("summary.json")).unwrap(),
             "[\n  1,\n  2\n]\n"
         );
+        fs::remove_dir_all(root).ok();
+    }
+
+    #[test]
+    fn one_writer_at_a_time() {
+        let root = scratch("busy");
+        let first = RunDir::create(&root).unwrap();
+        assert_eq!(RunDir::holder(&root), Some(std::process::id().to_string()));
+        let e = RunDir::open(&root).err().unwrap();
+        let busy = e.downcast_ref::<Busy>().expect("a Busy error");
+        assert_eq!(busy.holder, std::process::id().to_string());
+        assert!(e.to_string().contains("in use"), "{e}");
+        let e = RunDir::create(&root).err().unwrap();
+        assert!(e.downcast_ref::<Busy>().is_some(), "{e}");
+        drop(first);
+        assert_eq!(RunDir::holder(&root), None);
+        // The lock file alone does not make a directory occupied.
+        let again = RunDir::create(&root).unwrap();
+        drop(again);
+        RunDir::open(&root).unwrap();
         fs::remove_dir_all(root).ok();
     }
 }

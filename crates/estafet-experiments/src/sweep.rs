@@ -192,6 +192,8 @@ pub struct Progress {
     pub ran: usize,
     pub skipped: usize,
     pub failed: Vec<String>,
+    /// Runs another process was writing (another sweep or shard, a requeued job): left to it.
+    pub held: Vec<String>,
     /// Runs that diverged (their summaries say so).
     pub diverged: Vec<String>,
     /// The signal that stopped the sweep, if one did; the runs it stopped resume next time.
@@ -236,6 +238,7 @@ pub fn run(
         ran: 0,
         skipped,
         failed: Vec::new(),
+        held: Vec::new(),
         diverged: Vec::new(),
         interrupted: None,
     };
@@ -257,10 +260,20 @@ pub fn run(
         }
         while running.len() < jobs {
             let Some(r) = queue.pop_front() else { break };
+            if let Some(pid) = crate::run_dir::RunDir::holder(&out.join(&r.name)) {
+                eprintln!("{}: in use by another process (pid {pid}); skipped", r.name);
+                progress.held.push(r.name.clone());
+                continue;
+            }
             let config_path = out.join(".configs").join(format!("{}.toml", r.name));
             crate::run_dir::write_atomic(&config_path, r.config.to_toml().as_bytes())?;
             let run_dir = out.join(&r.name);
-            let log = std::fs::File::create(out.join(".configs").join(format!("{}.log", r.name)))
+            // Appended, not truncated: a process that took the run between the check above
+            // and this start may be writing the same log.
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(out.join(".configs").join(format!("{}.log", r.name)))
                 .context("cannot create a run log")?;
             let mut command = Command::new(&exe);
             #[cfg(unix)]
@@ -296,6 +309,14 @@ pub fn run(
                 };
                 if status.success() {
                     eprintln!("[{done}/{mine}] {}: done", r.name);
+                } else if status.code() == Some(Error::BUSY_EXIT) {
+                    progress.ran -= 1;
+                    eprintln!(
+                        "{}: {}; skipped",
+                        r.name,
+                        log().trim_start_matches("error: ")
+                    );
+                    progress.held.push(r.name.clone());
                 } else if status.code() == Some(Error::DIVERGED_EXIT) {
                     eprintln!("[{done}/{mine}] {}: diverged: {}", r.name, log());
                     progress.diverged.push(r.name.clone());

@@ -169,7 +169,23 @@ impl<'a> Run<'a> {
             .check_device(&device)
             .map_err(|e| Error::Config(format!("{}: {e}", options.backend)))?;
         let ad_device = device.clone().autodiff();
-        let mut model = fresh_model(config, &info, &ad_device)?;
+        // The directory (and its lock) first: a second process is refused before it builds
+        // anything.
+        let resuming = options.resume && options.out.join("config.toml").is_file();
+        let (dir, saved) = if resuming {
+            reopen(config, options)?
+        } else {
+            (RunDir::create(&options.out)?, None)
+        };
+        let mut model = match fresh_model(config, &info, &ad_device) {
+            Ok(model) => model,
+            Err(e) => {
+                if !resuming {
+                    dir.abandon();
+                }
+                return Err(e);
+            }
+        };
         let params = model.num_params();
         let state_size = model.state_size(info.seq_len);
         let mut optimizer = AdamWConfig::new()
@@ -178,8 +194,7 @@ impl<'a> Run<'a> {
             .with_epsilon(config.optim.eps as f32)
             .with_weight_decay(config.optim.weight_decay as f32)
             .init();
-        let (dir, state) = if options.resume && options.out.join("config.toml").is_file() {
-            let (dir, saved) = reopen(config, options)?;
+        let state = if resuming {
             let state = match saved {
                 Some(saved) => {
                     model = checkpoint::load_model(&saved, model)?;
@@ -189,9 +204,8 @@ impl<'a> Run<'a> {
                 None => checkpoint::State::default(),
             };
             dir.truncate_jsonl("metrics.jsonl", state.step)?;
-            (dir, state)
+            state
         } else {
-            let dir = RunDir::create(&options.out)?;
             dir.write_atomic("config.toml", config.to_toml().as_bytes())?;
             dir.write_json(
                 "run.json",
@@ -210,7 +224,7 @@ impl<'a> Run<'a> {
                     state_size,
                 },
             )?;
-            (dir, checkpoint::State::default())
+            checkpoint::State::default()
         };
         let run = Run {
             config,
