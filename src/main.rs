@@ -495,7 +495,6 @@ fn execute(cli: Cli) -> Result<(), Error> {
             let device = backend.device()?;
             let run = SavedRun::load(&run_dir, &device)?;
             let mut stdout = std::io::stdout();
-            print!("{prompt}");
             let stats = infer::generate(
                 &run,
                 &prompt,
@@ -633,7 +632,9 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 progress.diverged.len()
             );
             if sweep::conclude(&progress, &runs, &out)? {
-                print!("{}", report::write(&out)?);
+                let report = report::write(&out)?;
+                print!("{}", report.markdown);
+                report.complete()?;
             } else {
                 eprintln!(
                     "other shards or processes are still running; `estafet report {}` once they finish",
@@ -643,8 +644,10 @@ fn execute(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
         Command::Report { dir } => {
-            print!("{}", report::write(&dir)?);
+            let report = report::write(&dir)?;
+            print!("{}", report.markdown);
             eprintln!("written to {}", dir.join("report.md").display());
+            report.complete()?;
             Ok(())
         }
         Command::Check { config, common } => {

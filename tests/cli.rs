@@ -670,6 +670,8 @@ fn generate_writes_characters_of_the_corpus() {
     let series = train_tiny(&dir, "ts", "kind = \"time_series\"\nseq_len = 16");
     let wrong = estafet(&["generate", series.to_str().unwrap(), "--prompt", "a"]);
     assert_eq!(wrong.status.code(), Some(2));
+    assert!(wrong.stdout.is_empty(), "no prompt before the error");
+    assert!(bad.stdout.is_empty(), "no prompt before the error");
     assert!(
         stderr(&wrong).contains("needs a char_lm run"),
         "{}",
@@ -953,6 +955,30 @@ length = [24]
     let report = estafet(&["report", o]);
     assert!(report.status.success());
     assert!(out.join("report.md").is_file());
+
+    // One corrupt run does not sink the report: the others are reported, the corrupt one is
+    // listed with the reason, and the exit status (5) says that the report is partial.
+    let corrupt = out.join("gru8-length24-seed0");
+    std::fs::write(corrupt.join("run.json"), "{ bad line\n").unwrap();
+    let partial = estafet(&["report", o]);
+    assert_eq!(partial.status.code(), Some(5), "{}", stderr(&partial));
+    let markdown = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        markdown.contains("| lstm16 |")
+            && markdown.contains("| gru8 |")
+            && markdown.contains("Left out: 1 runs")
+            && markdown.contains(&format!("{}", corrupt.join("run.json").display())),
+        "{markdown}"
+    );
+    let said = stderr(&partial);
+    assert!(
+        said.lines()
+            .last()
+            .unwrap()
+            .starts_with("error: 1 runs could not be read")
+            && said.contains("not a valid estafet file"),
+        "{said}"
+    );
 
     std::fs::write(&sweep, "base = \"x.toml\"\n[axes]\nlength = 5\n").unwrap();
     let bad = estafet(&["sweep", s, "--out", o]);

@@ -32,9 +32,9 @@ pub struct GenerateStats {
     pub peak_rss_mb: Option<f64>,
 }
 
-/// Feeds `prompt` to a char-LM run's model, then draws `tokens` characters one `step` at a
-/// time (a fixed-size state for recurrent models, a growing KV cache for attention), writing
-/// each to `out` as soon as it is drawn.
+/// Checks the arguments, echoes `prompt` to `out` and feeds it to a char-LM run's model, then
+/// draws `tokens` characters one `step` at a time (a fixed-size state for recurrent models, a
+/// growing KV cache for attention), writing each to `out` as soon as it is drawn.
 pub fn generate(
     run: &SavedRun,
     prompt: &str,
@@ -73,6 +73,9 @@ pub fn generate(
             "--prompt must hold at least one character".into(),
         ));
     }
+    // The prompt is echoed only once every argument has been checked, so an error is one
+    // line on stderr and nothing on stdout.
+    write!(out, "{prompt}").context("cannot write the output")?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
     let started = Instant::now();
     let n = ids.len();

@@ -41,6 +41,10 @@ pub enum Error {
     /// Something failed while running (I/O, a backend). Exit 1.
     #[error("{0:#}")]
     Runtime(anyhow::Error),
+    /// The command wrote its output but left some inputs out (a report over runs of which some
+    /// could not be read); the message says which. Exit 5.
+    #[error("{0}")]
+    Partial(String),
     /// Another process holds the run directory ([`run_dir::Busy`]); nothing was written. Exit 4.
     #[error("{0}")]
     Busy(run_dir::Busy),
@@ -63,6 +67,8 @@ impl Error {
     pub const DIVERGED_EXIT: i32 = 3;
     /// Exit status of a command refused because another process holds its run directory.
     pub const BUSY_EXIT: i32 = 4;
+    /// Exit status of a command whose output was written without some of its inputs.
+    pub const PARTIAL_EXIT: i32 = 5;
 
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -70,6 +76,7 @@ impl Error {
             Error::Runtime(_) => 1,
             Error::Diverged(_) => Self::DIVERGED_EXIT,
             Error::Busy(_) => Self::BUSY_EXIT,
+            Error::Partial(_) => Self::PARTIAL_EXIT,
             Error::Interrupted { signal, .. } => signal.exit_code(),
         }
     }

@@ -108,7 +108,39 @@ fn sweep_labels(dir: &Path) -> BTreeMap<String, SweepLabels> {
         .collect()
 }
 
-fn load(dir: &Path) -> Result<Vec<RunRecord>, Error> {
+/// A complete run the report could not read, and why.
+pub struct Unreadable {
+    pub run_dir: PathBuf,
+    pub reason: String,
+}
+
+/// What [`write`] wrote: the markdown, and the runs it left out.
+pub struct Report {
+    pub markdown: String,
+    pub unreadable: Vec<Unreadable>,
+}
+
+impl Report {
+    /// The report's markdown, or, when runs were left out, the error that says which (the
+    /// report is written either way; the exit status tells a script that it is partial).
+    pub fn complete(self) -> Result<String, Error> {
+        if self.unreadable.is_empty() {
+            return Ok(self.markdown);
+        }
+        Err(Error::Partial(format!(
+            "{} runs could not be read and are left out of the report: {}",
+            self.unreadable.len(),
+            self.unreadable
+                .iter()
+                .map(|u| u.reason.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )))
+    }
+}
+
+/// Every complete run under `dir` that can be read, and those that cannot.
+fn load(dir: &Path) -> Result<(Vec<RunRecord>, Vec<Unreadable>), Error> {
     let labels = sweep_labels(dir);
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::Config(format!("{}: cannot read: {e}", dir.display())))?
@@ -127,9 +159,19 @@ fn load(dir: &Path) -> Result<Vec<RunRecord>, Error> {
         (labels.get(&name).map_or(u64::MAX, |l| l.index), name)
     });
     let mut records = Vec::new();
+    let mut unreadable = Vec::new();
     for path in paths {
-        let summary = Summary::read(&path)?;
-        let run = RunHeader::read(&path)?;
+        let (summary, run) =
+            match Summary::read(&path).and_then(|s| Ok((s, RunHeader::read(&path)?))) {
+                Ok(read) => read,
+                Err(e) => {
+                    unreadable.push(Unreadable {
+                        run_dir: path.clone(),
+                        reason: e.to_string(),
+                    });
+                    continue;
+                }
+            };
         let task = &run.task;
         let name = path
             .file_name()
@@ -187,7 +229,7 @@ fn load(dir: &Path) -> Result<Vec<RunRecord>, Error> {
                 .map(|d| (name.clone(), d.step as u64)),
         });
     }
-    Ok(records)
+    Ok((records, unreadable))
 }
 
 /// A search's choice: for each task, model and length, the runs of the search cell whose mean
@@ -305,16 +347,23 @@ fn cell(values: &[f64], solved: usize) -> String {
     }
 }
 
-/// Writes `DIR/report.md` and `DIR/plots/`; returns the markdown.
-pub fn write(dir: &Path) -> Result<String, Error> {
-    let all = load(dir)?;
+/// Writes `DIR/report.md` and `DIR/plots/` from every complete run under `DIR` that can be
+/// read; the report lists the others with the reason, and so does the returned [`Report`].
+pub fn write(dir: &Path) -> Result<Report, Error> {
+    let (all, unreadable) = load(dir)?;
     let total = all.len();
     let (records, search) = choose(all);
     if records.is_empty() {
-        return Err(Error::Config(format!(
-            "{}: no finished runs (no */summary.json)",
-            dir.display()
-        )));
+        let why = unreadable
+            .iter()
+            .map(|u| u.reason.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(Error::Config(if why.is_empty() {
+            format!("{}: no finished runs (no */summary.json)", dir.display())
+        } else {
+            format!("{}: no readable finished runs: {why}", dir.display())
+        }));
     }
     let plots = dir.join("plots");
     std::fs::create_dir_all(&plots)
@@ -555,8 +604,20 @@ pub fn write(dir: &Path) -> Result<String, Error> {
         }
         md.push_str(&iso_state(&rs, longest, &references, &stem("state"))?);
     }
+    if !unreadable.is_empty() {
+        md.push_str(&format!(
+            "\n## Left out: {} runs that could not be read\n\n",
+            unreadable.len()
+        ));
+        for u in &unreadable {
+            md.push_str(&format!("- `{}`: {}\n", u.run_dir.display(), u.reason));
+        }
+    }
     crate::run_dir::write_atomic(&dir.join("report.md"), md.as_bytes())?;
-    Ok(md)
+    Ok(Report {
+        markdown: md,
+        unreadable,
+    })
 }
 
 /// The iso-state view (Zoology, fig. 2): the final metric against the floats of state each model

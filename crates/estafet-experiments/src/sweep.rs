@@ -378,7 +378,7 @@ pub fn quickstart(backend: Backend, out: &Path) -> Result<String, Error> {
     );
     let progress = run(&runs, out, (0, 1), 2, backend)?;
     conclude(&progress, &runs, out)?;
-    let report = crate::report::write(out)?;
+    let report = crate::report::write(out)?.complete()?;
     Ok(format!("{report}\n{}\n", verdict(&runs, out)?))
 }
 
