@@ -14,6 +14,8 @@ use rand_chacha::ChaCha8Rng;
 pub struct Init {
     rng: ChaCha8Rng,
     device: Device,
+    /// Parameters are lazy zeros that are never drawn or uploaded ([`Init::shapes_only`]).
+    shapes_only: bool,
 }
 
 impl Init {
@@ -21,6 +23,18 @@ impl Init {
         Self {
             rng: ChaCha8Rng::seed_from_u64(seed),
             device: device.clone(),
+            shapes_only: false,
+        }
+    }
+
+    /// A source whose parameters have their shapes but no values: burn's lazy parameters,
+    /// which `num_params` counts without allocating them. A model of any width is built this
+    /// way in microseconds, so its size can be known before anything is spent on it (the
+    /// memory check). Values computed on the host are O(width) vectors, never a matrix.
+    pub fn shapes_only(device: &Device) -> Self {
+        Self {
+            shapes_only: true,
+            ..Self::new(0, device)
         }
     }
 
@@ -35,12 +49,18 @@ impl Init {
 
     /// `U(-bound, bound)`, PyTorch's default for recurrent and linear weights (`bound = 1/√fan_in`).
     pub fn uniform<const D: usize>(&mut self, shape: [usize; D], bound: f64) -> Param<Tensor<D>> {
+        if self.shapes_only {
+            return self.lazy(shape);
+        }
         let values = self.uniform_values(shape.iter().product(), bound);
         self.param(values, shape)
     }
 
     /// `n` draws from `U(-bound, bound)`, for parameters that are adjusted before upload.
     pub fn uniform_values(&mut self, n: usize, bound: f64) -> Vec<f32> {
+        if self.shapes_only {
+            return vec![0.0; n];
+        }
         (0..n)
             .map(|_| ((self.rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
             .collect()
@@ -48,6 +68,9 @@ impl Init {
 
     /// `N(0, std²)` by Box–Muller (written out so the stream never depends on a crate's sampler).
     pub fn normal<const D: usize>(&mut self, shape: [usize; D], std: f64) -> Param<Tensor<D>> {
+        if self.shapes_only {
+            return self.lazy(shape);
+        }
         let values = (0..shape.iter().product::<usize>())
             .map(|_| {
                 let u1 = 1.0 - self.rng.random::<f64>(); // (0, 1]: ln is finite
@@ -59,6 +82,9 @@ impl Init {
     }
 
     pub fn constant<const D: usize>(&mut self, shape: [usize; D], value: f64) -> Param<Tensor<D>> {
+        if self.shapes_only {
+            return self.lazy(shape);
+        }
         self.param(vec![value as f32; shape.iter().product()], shape)
     }
 
@@ -81,10 +107,42 @@ impl Init {
 
     /// A parameter with exactly these values (row-major).
     pub fn param<const D: usize>(&self, values: Vec<f32>, shape: [usize; D]) -> Param<Tensor<D>> {
+        if self.shapes_only {
+            return self.lazy(shape);
+        }
         Param::from_tensor(Tensor::from_data(
             TensorData::new(values, shape),
             &self.device,
         ))
+    }
+
+    /// The `n × n` identity (the IRNN's recurrent weight).
+    pub fn identity(&self, n: usize) -> Param<Tensor<2>> {
+        if self.shapes_only {
+            return self.lazy([n, n]);
+        }
+        let values = (0..n * n)
+            .map(|i| if i / n == i % n { 1.0 } else { 0.0 })
+            .collect();
+        self.param(values, [n, n])
+    }
+
+    /// A parameter of `shape` that allocates (zeros) only if something reads it.
+    fn lazy<const D: usize>(&self, shape: [usize; D]) -> Param<Tensor<D>> {
+        Param::uninitialized(
+            burn::module::ParamId::new(),
+            move |device, require_grad| {
+                let zeros = Tensor::zeros(shape, device);
+                if require_grad {
+                    zeros.require_grad()
+                } else {
+                    zeros
+                }
+            },
+            self.device.clone(),
+            true,
+            burn::tensor::Shape::new(shape),
+        )
     }
 }
 

@@ -459,6 +459,52 @@ mod tests {
             .collect()
     }
 
+    /// A model built with [`Init::shapes_only`] counts the parameters of the real one, for
+    /// every mixer and layout, and at a width no machine could hold it is built at once
+    /// without allocating its matrices (d 200,000: an LSTM layer alone is 1.3 TB).
+    #[test]
+    fn a_shapes_only_model_counts_the_real_parameters_without_allocating() {
+        let device = device();
+        let io = ModelIo {
+            input: InputSpec::Tokens { vocab: 7 },
+            d_output: 5,
+            readout: Readout::PerPosition,
+        };
+        for mixer in every_mixer() {
+            for (layout, mlp_expand, d_model) in
+                [(Layout::Stacked, 0, 8), (Layout::Residual, 2, 24)]
+            {
+                let config = ModelConfig {
+                    mixer: mixer.clone(),
+                    d_model,
+                    n_layers: 2,
+                    layout,
+                    mlp_expand,
+                    match_params: None,
+                    match_state: None,
+                };
+                let real = config.init(io, &mut Init::new(3, &device)).num_params();
+                let counted = config
+                    .init(io, &mut Init::shapes_only(&device))
+                    .num_params();
+                assert_eq!(counted, real, "{} {layout:?}", mixer.kind());
+            }
+            let huge = ModelConfig {
+                mixer: mixer.clone(),
+                d_model: 200_000,
+                n_layers: 1,
+                layout: Layout::Residual,
+                mlp_expand: 0,
+                match_params: None,
+                match_state: None,
+            };
+            if huge.validate().is_ok() {
+                let n = huge.init(io, &mut Init::shapes_only(&device)).num_params();
+                assert!(n > 200_000 * 200_000, "{}: {n}", mixer.kind());
+            }
+        }
+    }
+
     /// For every mixer, in both layouts, with two layers: running token by token with `step`
     /// gives the same logits and final state as `forward` over the whole sequence, and a
     /// sequence split in two with the state carried over equals one call.

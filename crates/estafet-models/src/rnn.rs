@@ -85,11 +85,8 @@ impl RnnConfig {
             bias: Some(init.uniform([h], bound)),
         };
         let hidden = if self.irnn_init {
-            let identity = (0..h * h)
-                .map(|i| if i / h == i % h { 1.0 } else { 0.0 })
-                .collect();
             Linear {
-                weight: init.param(identity, [h, h]),
+                weight: init.identity(h),
                 bias: Some(init.constant([h], 0.0)),
             }
         } else {
