@@ -11,7 +11,7 @@ use estafet_experiments::run_dir::{self, RunDir};
 use estafet_experiments::saved::SavedRun;
 use estafet_experiments::train::{self, RunOptions};
 use estafet_experiments::{Backend, Error, catalog, evaluate, interrupt};
-use estafet_experiments::{gradflow, report, sweep};
+use estafet_experiments::{gradflow, memory, report, sweep};
 use estafet_models::Layout;
 
 const CODE_VERSION: &str = env!("ESTAFET_CODE_VERSION");
@@ -46,6 +46,10 @@ enum Command {
         /// except budget fields (train.steps, train.max_seconds, ...), which extend the run.
         #[arg(long, requires = "out")]
         resume: bool,
+        /// Train even if the memory estimate exceeds the memory available (`estafet check`
+        /// prints the estimate).
+        #[arg(long)]
+        skip_memory_check: bool,
     },
     /// Validate a config (and overrides) without running it; prints the resolved config.
     Check {
@@ -321,6 +325,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
             out,
             quiet,
             resume,
+            skip_memory_check,
         } => {
             estafet_experiments::interrupt::install()?;
             let backend = Backend::resolve(common.backend)?;
@@ -357,6 +362,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
                     code_version: CODE_VERSION.to_string(),
                     progress: !quiet,
                     resume,
+                    skip_memory_check,
                 },
             )?;
             println!("{}", summary.describe());
@@ -653,13 +659,27 @@ fn execute(cli: Cli) -> Result<(), Error> {
         Command::Check { config, common } => {
             let source = ConfigSource::read(&config)?;
             let experiment = config::load(&source, &common.overrides)?;
-            if let Some(b) = common.backend {
+            let backend = Backend::resolve(common.backend)?;
+            let device = backend.device()?;
+            if common.backend.is_some() {
                 experiment
                     .model
-                    .check_device(&b.device()?)
-                    .map_err(|e| Error::Config(format!("{}: {b}: {e}", source.name)))?;
+                    .check_device(&device)
+                    .map_err(|e| Error::Config(format!("{}: {backend}: {e}", source.name)))?;
             }
             print!("{}", experiment.to_toml());
+            let info = experiment
+                .task
+                .build()
+                .map_err(|e| Error::Config(e.to_string()))?
+                .info();
+            eprintln!(
+                "memory on {backend}: {}; {} available",
+                memory::for_run(&experiment, &info, &device).describe(),
+                memory::available().map_or("unknown".into(), memory::human)
+            );
+            memory::check(&experiment, &info, &device)
+                .map_err(|e| Error::Config(format!("{}: {e}", source.name)))?;
             eprintln!("{}: ok", source.name);
             Ok(())
         }

@@ -250,6 +250,7 @@ fn train_on(
             code_version: "test".into(),
             progress: false,
             resume: false,
+            skip_memory_check: false,
             resume_command: String::new(),
         },
     )

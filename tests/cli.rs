@@ -991,6 +991,50 @@ length = [24]
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// A model that cannot fit is refused before anything is allocated: one line with the
+/// estimate and what is available, exit 2, no run directory; `estafet check` prints the
+/// estimate of a model that fits and refuses the same impossible one.
+#[test]
+fn an_impossible_model_is_refused_before_allocation() {
+    let dir = scratch("memory");
+    let out = dir.join("run");
+    let o = out.to_str().unwrap();
+    let huge = estafet(&[
+        "run",
+        "configs/copy-lstm.toml",
+        "--out",
+        o,
+        "--set",
+        "model.d_model=2000000",
+    ]);
+    let said = stderr(&huge);
+    assert_eq!(huge.status.code(), Some(2), "{said}");
+    assert_eq!(said.lines().count(), 1, "{said}");
+    assert!(
+        said.contains("model.d_model = 2000000")
+            && said.contains("training needs about 512 TB")
+            && said.contains("available"),
+        "{said}"
+    );
+    assert!(!out.exists(), "nothing is written for a refused model");
+
+    let fits = estafet(&["check", "configs/copy-lstm.toml"]);
+    assert!(fits.status.success(), "{}", stderr(&fits));
+    assert!(
+        stderr(&fits).contains("memory on") && stderr(&fits).contains("available"),
+        "{}",
+        stderr(&fits)
+    );
+    let refused = estafet(&[
+        "check",
+        "configs/copy-lstm.toml",
+        "--set",
+        "model.d_model=2000000",
+    ]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    std::fs::remove_dir_all(dir).ok();
+}
+
 /// A run directory has one writer. A second `run --resume` on a directory a run is writing
 /// (a Slurm requeue while the old job is still stopping) exits 4 with one line naming the
 /// directory and the holder's pid, before it writes anything; a sweep whose run another

@@ -193,6 +193,7 @@ pub fn measure(
         readout: estafet_models::Readout::PerPosition,
     };
     let ad_device = device.clone().autodiff();
+    let estimate = crate::memory::estimate(&config, io, b, t, &ad_device);
     let mut net = config.init(io, &mut Init::new(options.seed, &ad_device));
     let params = net.num_params();
     let state_floats = net.state_size(options.seq_len);
@@ -289,6 +290,7 @@ pub fn measure(
         peak_rss_infer_mb: rss_infer.map(round),
         peak_rss_step_mb: rss_step.map(round),
         rss_setup_mb: rss_setup.map(round),
+        estimated_train_mb: round(estimate.total / 1e6),
         params,
         state_floats,
         launches_per_step,
@@ -342,6 +344,8 @@ pub struct BenchResult {
     pub peak_rss_infer_mb: Option<f64>,
     pub peak_rss_step_mb: Option<f64>,
     pub rss_setup_mb: Option<f64>,
+    /// What the memory check estimates a training run at this shape needs (`memory.rs`).
+    pub estimated_train_mb: f64,
     pub params: usize,
     pub state_floats: usize,
     /// Kernel launches of one training step (forward, backward, optimizer) on a GPU backend,
@@ -402,7 +406,7 @@ impl BenchLine {
     /// The header of [`BenchLine::row`]'s table.
     pub fn header() -> String {
         format!(
-            "{:<10} {:>12} {:>12} {:>12} {:>9} {:>9} {:>11} {:>9} {:>12} {:>8} {:>6}  config",
+            "{:<10} {:>12} {:>12} {:>12} {:>9} {:>9} {:>11} {:>9} {:>9} {:>12} {:>8} {:>6}  config",
             "model",
             "train tok/s",
             "infer tok/s",
@@ -410,6 +414,7 @@ impl BenchLine {
             "train ms",
             "infer ms",
             "peak RSS MB",
+            "est. MB",
             "params",
             "state floats",
             "GFLOP/s",
@@ -431,7 +436,7 @@ impl BenchLine {
         let whole = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
         let c = &r.config;
         format!(
-            "{:<10} {:>12} {:>12} {:>12} {:>9.1} {:>9.1} {:>11} {:>9} {:>12} {:>8.1} {:>6.3}  B={} L={} d={} layers={} {} threads={} {}{}",
+            "{:<10} {:>12} {:>12} {:>12} {:>9.1} {:>9.1} {:>11} {:>9} {:>9} {:>12} {:>8.1} {:>6.3}  B={} L={} d={} layers={} {} threads={} {}{}",
             r.model,
             whole(Some(r.train_tok_s)),
             whole(Some(r.infer_tok_s)),
@@ -439,6 +444,7 @@ impl BenchLine {
             r.train_step_ms_median,
             r.infer_step_ms_median,
             whole(r.peak_rss_mb),
+            whole(Some(r.estimated_train_mb)),
             r.params,
             r.state_floats,
             r.train_gflops,

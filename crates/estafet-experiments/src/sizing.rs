@@ -33,14 +33,12 @@ pub fn resolve(config: &mut ExperimentConfig) -> Result<(), String> {
     let size = |d: usize| -> usize {
         let mut m = config.model.clone();
         m.d_model = d;
+        // Shapes alone: no weights are drawn or allocated to ask.
+        let model = m.init(io, &mut estafet_models::Init::shapes_only(&device));
         if field == "model.match_state" {
-            // State does not depend on the weights: a model of width d is built only to ask.
-            m.init(io, &mut estafet_models::Init::new(0, &device))
-                .state_size(info.seq_len)
+            model.state_size(info.seq_len)
         } else {
-            burn::module::Module::num_params(
-                &m.init(io, &mut estafet_models::Init::new(0, &device)),
-            )
+            burn::module::Module::num_params(&model)
         }
     };
     if widths.is_empty() {

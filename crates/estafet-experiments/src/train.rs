@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Continue the run in `out` from its checkpoint, if it has one.
     pub resume: bool,
+    /// Train even if [`crate::memory::check`] estimates that the run does not fit.
+    pub skip_memory_check: bool,
     /// The command line that continues this run, told to the user when a signal stops it.
     pub resume_command: String,
 }
@@ -168,6 +170,9 @@ impl<'a> Run<'a> {
             .model
             .check_device(&device)
             .map_err(|e| Error::Config(format!("{}: {e}", options.backend)))?;
+        if !options.skip_memory_check {
+            crate::memory::check(config, &info, &device).map_err(Error::Config)?;
+        }
         let ad_device = device.clone().autodiff();
         // The directory (and its lock) first: a second process is refused before it builds
         // anything.

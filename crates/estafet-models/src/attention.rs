@@ -150,7 +150,7 @@ impl KvCache {
 
 impl Attention {
     fn d_model(&self) -> usize {
-        self.out.weight.dims()[0]
+        self.out.weight.lazy_shape()[0]
     }
 
     /// Floats of cache per sequence after `seq_len` tokens: keys and values.

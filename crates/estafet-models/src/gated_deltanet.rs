@@ -214,19 +214,19 @@ pub(crate) struct Heads {
 
 impl GatedDeltaNet {
     fn head_dim(&self) -> usize {
-        self.q_proj.weight.dims()[1] / self.n_heads
+        self.q_proj.weight.lazy_shape()[1] / self.n_heads
     }
 
     fn head_v_dim(&self) -> usize {
-        self.norm_weight.dims()[0]
+        self.norm_weight.lazy_shape()[0]
     }
 
     fn d_conv(&self) -> usize {
-        self.conv_weight.dims()[0]
+        self.conv_weight.lazy_shape()[0]
     }
 
     fn channels(&self) -> usize {
-        self.conv_weight.dims()[1]
+        self.conv_weight.lazy_shape()[1]
     }
 
     /// Floats of state per sequence: the convolutions' window and `S`.

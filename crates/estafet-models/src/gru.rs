@@ -79,7 +79,7 @@ impl GruConfig {
 
 impl Gru {
     pub fn d_hidden(&self) -> usize {
-        self.hidden.weight.dims()[0]
+        self.hidden.weight.lazy_shape()[0]
     }
 
     /// Floats of recurrent state per sequence: `h`.

@@ -108,7 +108,7 @@ impl LstmConfig {
 
 impl Lstm {
     pub fn d_hidden(&self) -> usize {
-        self.hidden.weight.dims()[0]
+        self.hidden.weight.lazy_shape()[0]
     }
 
     /// Floats of recurrent state per sequence: `h` and `c`.

@@ -214,15 +214,15 @@ pub struct MambaState {
 
 impl Mamba {
     fn inner(&self) -> usize {
-        self.d.dims()[0]
+        self.d.lazy_shape()[0]
     }
 
     fn d_state(&self) -> usize {
-        self.a_log.dims()[1]
+        self.a_log.lazy_shape()[1]
     }
 
     fn d_conv(&self) -> usize {
-        self.conv_weight.dims()[0]
+        self.conv_weight.lazy_shape()[0]
     }
 
     /// Floats of state per sequence: the convolution's window and `h`.

@@ -196,15 +196,15 @@ pub(crate) struct Ssd {
 
 impl Mamba2 {
     fn inner(&self) -> usize {
-        self.norm_weight.dims()[0]
+        self.norm_weight.lazy_shape()[0]
     }
 
     fn heads(&self) -> usize {
-        self.a_log.dims()[0]
+        self.a_log.lazy_shape()[0]
     }
 
     fn d_conv(&self) -> usize {
-        self.conv_weight.dims()[0]
+        self.conv_weight.lazy_shape()[0]
     }
 
     /// Floats of state per sequence: the convolution's window and `h`.

@@ -89,7 +89,7 @@ pub(crate) fn g(v: Tensor<3>) -> Tensor<3> {
 
 impl MinGru {
     pub fn d_hidden(&self) -> usize {
-        self.input.weight.dims()[1] / 2
+        self.input.weight.lazy_shape()[1] / 2
     }
 
     /// Floats of recurrent state per sequence: `h`.

@@ -87,7 +87,7 @@ impl MinLstmConfig {
 
 impl MinLstm {
     pub fn d_hidden(&self) -> usize {
-        self.input.weight.dims()[1] / 3
+        self.input.weight.lazy_shape()[1] / 3
     }
 
     /// Floats of recurrent state per sequence: `h`.

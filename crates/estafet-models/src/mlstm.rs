@@ -182,11 +182,11 @@ pub(crate) struct Heads {
 
 impl Mlstm {
     fn head_dim(&self) -> usize {
-        self.q_proj.weight.dims()[1] / self.n_heads
+        self.q_proj.weight.lazy_shape()[1] / self.n_heads
     }
 
     fn head_v_dim(&self) -> usize {
-        self.v_proj.weight.dims()[1] / self.n_heads
+        self.v_proj.weight.lazy_shape()[1] / self.n_heads
     }
 
     /// Floats of state per sequence: `C`, `n` and `m`.

@@ -461,7 +461,8 @@ mod tests {
 
     /// A model built with [`Init::shapes_only`] counts the parameters of the real one, for
     /// every mixer and layout, and at a width no machine could hold it is built at once
-    /// without allocating its matrices (d 200,000: an LSTM layer alone is 1.3 TB).
+    /// without allocating its matrices (d 200,000: an LSTM layer alone is 1.3 TB), and its
+    /// state size is known.
     #[test]
     fn a_shapes_only_model_counts_the_real_parameters_without_allocating() {
         let device = device();
@@ -499,8 +500,11 @@ mod tests {
                 match_state: None,
             };
             if huge.validate().is_ok() {
-                let n = huge.init(io, &mut Init::shapes_only(&device)).num_params();
+                let model = huge.init(io, &mut Init::shapes_only(&device));
+                let n = model.num_params();
                 assert!(n > 200_000 * 200_000, "{}: {n}", mixer.kind());
+                // The state size is read from the lazy shapes too.
+                assert!(model.state_size(1) >= 200_000, "{}", mixer.kind());
             }
         }
     }

@@ -105,7 +105,7 @@ impl RnnConfig {
 
 impl Rnn {
     pub fn d_hidden(&self) -> usize {
-        self.hidden.weight.dims()[0]
+        self.hidden.weight.lazy_shape()[0]
     }
 
     /// Floats of recurrent state per sequence: `h`.

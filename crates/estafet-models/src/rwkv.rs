@@ -785,7 +785,7 @@ fn wkv6_chunked(
 
 impl Rwkv {
     fn d_model(&self) -> usize {
-        self.channel_mix.receptance.weight.dims()[0]
+        self.channel_mix.receptance.weight.lazy_shape()[0]
     }
 
     /// FLOPs per token of the WKV beyond the weights: RWKV-4's running-max update, about 12 per

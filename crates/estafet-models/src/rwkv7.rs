@@ -237,15 +237,15 @@ pub(crate) struct Heads {
 
 impl Rwkv7 {
     fn d_model(&self) -> usize {
-        self.w0.dims()[0]
+        self.w0.lazy_shape()[0]
     }
 
     fn head_size(&self) -> usize {
-        self.r_k.dims()[1]
+        self.r_k.lazy_shape()[1]
     }
 
     fn heads(&self) -> usize {
-        self.r_k.dims()[0]
+        self.r_k.lazy_shape()[0]
     }
 
     /// Floats of state per sequence: the shifted input and `S`.

@@ -116,11 +116,11 @@ pub struct SlstmState {
 
 impl Slstm {
     fn d_model(&self) -> usize {
-        self.norm.dims()[0]
+        self.norm.lazy_shape()[0]
     }
 
     fn heads(&self) -> usize {
-        self.recurrent.dims()[0]
+        self.recurrent.lazy_shape()[0]
     }
 
     /// Floats of state per sequence: `h`, `c`, `n` and `m`.

@@ -104,7 +104,7 @@ pub use mix::Activation;
 use mix::ShiftMix;
 use mlstm_cell::MlstmCell;
 use nll::TokenNll;
-pub use pool::join_global_pool;
+pub use pool::{join_global_pool, threads};
 use rope::Rotary;
 use selective::Selective;
 use slstm_cell::SlstmCell;

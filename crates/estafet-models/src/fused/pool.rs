@@ -71,6 +71,12 @@ fn spin() {
     WARM.fetch_sub(1, Ordering::AcqRel);
 }
 
+/// The threads the host kernels run on: how many sequences a kernel's backward holds its
+/// per-sequence buffers for at once (the memory estimate).
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
