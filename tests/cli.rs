@@ -942,6 +942,8 @@ length = [24]
         "copy_memory-learning.svg",
         "copy_memory-training.png",
         "copy_memory-length-generalisation.png",
+        "copy_memory-length-heatmap.svg",
+        "copy_memory-final.png",
     ] {
         assert!(out.join("plots").join(plot).is_file(), "{plot}");
     }

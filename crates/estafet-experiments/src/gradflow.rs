@@ -254,6 +254,7 @@ pub fn write(dir: &std::path::Path, flows: &[Flow]) -> Result<(), Error> {
                         .filter(|(_, v)| v.is_finite() && **v > 0.0)
                         .map(|(k, v)| (k as f64, *v))
                         .collect(),
+                    band: Vec::new(),
                 })
                 .collect(),
             references: Vec::new(),

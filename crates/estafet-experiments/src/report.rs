@@ -20,7 +20,7 @@ use serde_json::Value;
 use statrs::distribution::{ContinuousCDF, StudentsT};
 
 use crate::Error;
-use crate::plot::{Curve, Figure, Reference};
+use crate::plot::{Curve, Dot, DotChart, Figure, Heatmap, Reference};
 use crate::results::{RunHeader, StopReason, Summary};
 use crate::run_dir::RunDir;
 use estafet_data::Metric;
@@ -338,6 +338,20 @@ pub fn mean_ci(values: &[f64]) -> (f64, f64) {
     (mean, t * (var / n as f64).sqrt())
 }
 
+/// A curve through the mean over seeds at each `x`, with the 95% interval over seeds as its
+/// band where there are two or more.
+fn seeds_curve(label: &str, at: Vec<(f64, Vec<f64>)>) -> Curve {
+    let mut curve = Curve::new(label, Vec::new());
+    for (x, values) in at {
+        let (mean, ci) = mean_ci(&values);
+        curve.points.push((x, mean));
+        if values.len() > 1 {
+            curve.band.push((x, mean - ci, mean + ci));
+        }
+    }
+    curve
+}
+
 fn cell(values: &[f64], solved: usize) -> String {
     let (m, ci) = mean_ci(values);
     if values.len() > 1 {
@@ -429,7 +443,7 @@ pub fn write(dir: &Path) -> Result<Report, Error> {
                 let values: Vec<f64> = at.iter().map(|r| r.metric).collect();
                 let solved = at.iter().filter(|r| r.solved).count();
                 md.push_str(&format!(" {} |", cell(&values, solved)));
-                points.push((*l as f64, mean_ci(&values).0));
+                points.push((*l as f64, values));
             }
             let tps: Vec<f64> = mine.iter().map(|r| r.tokens_per_second).collect();
             let rss: Vec<f64> = mine.iter().filter_map(|r| r.peak_rss_mb).collect();
@@ -442,10 +456,7 @@ pub fn write(dir: &Path) -> Result<Report, Error> {
                     format!("{:.0}", rss.iter().copied().fold(0.0, f64::max))
                 }
             ));
-            by_length.push(Curve {
-                label: model.to_string(),
-                points,
-            });
+            by_length.push(seeds_curve(model, points));
         }
         let references = vec![
             Reference {
@@ -471,6 +482,36 @@ pub fn write(dir: &Path) -> Result<Report, Error> {
             references: references.clone(),
         }
         .save(&stem("by-length"))?;
+        // The final metric at the longest trained length, each model's mean and interval.
+        let longest_trained = *lengths.iter().last().unwrap();
+        DotChart {
+            title: format!(
+                "{task}: final {} at T = {longest_trained}, mean and 95% interval over seeds",
+                first.metric_name
+            ),
+            x_label: first.metric_name.clone(),
+            dots: models
+                .iter()
+                .filter_map(|model| {
+                    let values: Vec<f64> = rs
+                        .iter()
+                        .filter(|r| r.model == *model && r.seq_len == longest_trained)
+                        .map(|r| r.metric)
+                        .collect();
+                    (!values.is_empty()).then(|| {
+                        let (mean, ci) = mean_ci(&values);
+                        Dot {
+                            label: model.to_string(),
+                            mean,
+                            low: mean - ci,
+                            high: mean + ci,
+                        }
+                    })
+                })
+                .collect(),
+            references: references.clone(),
+        }
+        .save(&stem("final"))?;
         let diverged: Vec<String> = rs
             .iter()
             .filter_map(|r| r.diverged.as_ref())
@@ -483,7 +524,8 @@ pub fn write(dir: &Path) -> Result<Report, Error> {
             ));
         }
         md.push_str(&format!(
-            "\n![{task} by length](plots/{task}-by-length.png)\n"
+            "\n![{task} by length](plots/{task}-by-length.png)\n\
+             ![{task} final metric](plots/{task}-final.png)\n"
         ));
 
         // Learning curves at the longest length, mean over seeds at each evaluated step.
@@ -502,13 +544,10 @@ pub fn write(dir: &Path) -> Result<Report, Error> {
                             steps.entry(s as u64).or_default().push(m);
                         }
                     }
-                    Curve {
-                        label: model.to_string(),
-                        points: steps
-                            .iter()
-                            .map(|(s, v)| (*s as f64, mean_ci(v).0))
-                            .collect(),
-                    }
+                    seeds_curve(
+                        model,
+                        steps.into_iter().map(|(s, v)| (s as f64, v)).collect(),
+                    )
                 })
                 .collect()
         };
@@ -561,6 +600,7 @@ pub fn write(dir: &Path) -> Result<Report, Error> {
             md.push_str(&"---|".repeat(eval_lengths.len()));
             md.push('\n');
             let mut curves = Vec::new();
+            let mut grid: Vec<(String, Vec<Option<f64>>)> = Vec::new();
             for model in &models {
                 let mine: Vec<&&&RunRecord> =
                     trained.iter().filter(|r| r.model == *model).collect();
@@ -568,8 +608,9 @@ pub fn write(dir: &Path) -> Result<Report, Error> {
                     continue;
                 }
                 let own: Vec<f64> = mine.iter().map(|r| r.metric).collect();
-                let mut points = vec![(shortest as f64, mean_ci(&own).0)];
                 md.push_str(&format!("| {model} | {:.3} |", mean_ci(&own).0));
+                let mut row = vec![Some(mean_ci(&own).0)];
+                let mut points = vec![(shortest as f64, own)];
                 for l in &eval_lengths {
                     let v: Vec<f64> = mine
                         .iter()
@@ -577,16 +618,16 @@ pub fn write(dir: &Path) -> Result<Report, Error> {
                         .collect();
                     if v.is_empty() {
                         md.push_str(" – |");
+                        row.push(None);
                     } else {
                         md.push_str(&format!(" {:.3} |", mean_ci(&v).0));
-                        points.push((*l as f64, mean_ci(&v).0));
+                        row.push(Some(mean_ci(&v).0));
+                        points.push((*l as f64, v));
                     }
                 }
                 md.push('\n');
-                curves.push(Curve {
-                    label: model.to_string(),
-                    points,
-                });
+                curves.push(seeds_curve(model, points));
+                grid.push(((*model).to_string(), row));
             }
             Figure {
                 title: format!("{task}: trained at T = {shortest}, evaluated longer"),
@@ -598,8 +639,25 @@ pub fn write(dir: &Path) -> Result<Report, Error> {
                 references: references.clone(),
             }
             .save(&stem("length-generalisation"))?;
+            Heatmap {
+                title: format!(
+                    "{task}: mean {} by model and evaluation length (trained at T = {shortest})",
+                    first.metric_name
+                ),
+                x_label: "evaluation length T".into(),
+                columns: std::iter::once(shortest)
+                    .chain(eval_lengths.iter().copied())
+                    .map(|l| l.to_string())
+                    .collect(),
+                rows: grid.iter().map(|(m, _)| m.clone()).collect(),
+                values: grid.into_iter().map(|(_, row)| row).collect(),
+                low: first.baseline,
+                high: first.solved_at,
+            }
+            .save(&stem("length-heatmap"))?;
             md.push_str(&format!(
-                "\n![{task} length generalisation](plots/{task}-length-generalisation.png)\n"
+                "\n![{task} length generalisation](plots/{task}-length-generalisation.png)\n\
+                 ![{task} length generalisation heatmap](plots/{task}-length-heatmap.png)\n"
             ));
         }
         md.push_str(&iso_state(&rs, longest, &references, &stem("state"))?);
@@ -671,12 +729,9 @@ fn iso_state(
                 "| {kind} | {state} | {} |\n",
                 cell(&values, solved)
             ));
-            points.push((*state as f64, mean_ci(&values).0));
+            points.push((*state as f64, values));
         }
-        curves.push(Curve {
-            label: kind.to_string(),
-            points,
-        });
+        curves.push(seeds_curve(kind, points));
     }
     Figure {
         title: format!("{task}: final {metric} against state size, T = {longest}"),
