@@ -10,7 +10,7 @@ use estafet_experiments::infer::{self, Sampling};
 use estafet_experiments::run_dir::{self, RunDir};
 use estafet_experiments::saved::SavedRun;
 use estafet_experiments::train::{self, RunOptions};
-use estafet_experiments::{Backend, Error, catalog, evaluate, interrupt};
+use estafet_experiments::{Backend, Error, catalog, evaluate, export, interrupt};
 use estafet_experiments::{gradflow, memory, report, sweep};
 use estafet_models::Layout;
 
@@ -66,6 +66,14 @@ enum Command {
         overrides: Vec<String>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// Write a run's checkpointed weights as safetensors (float32) and a JSON manifest beside
+    /// (config, tensor names and shapes); `train.init_from` reads the file back.
+    Export {
+        run_dir: PathBuf,
+        /// The safetensors file to write (the manifest: the same name with .json).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Evaluate a run's checkpoint on its task's held-out set, at its own length and at others.
     Eval {
@@ -434,6 +442,20 @@ fn execute(cli: Cli) -> Result<(), Error> {
             if failed {
                 return Err(Error::Runtime(anyhow::anyhow!("a benchmark worker failed")));
             }
+            Ok(())
+        }
+        Command::Export { run_dir, out } => {
+            let device = Backend::resolve(None)?.device()?;
+            let run = SavedRun::load(&run_dir, &device)?;
+            let (tensors, params) = export::export(&run.model, &run.config, &out)?;
+            println!(
+                "{} ({}, step {}): {tensors} tensors, {params} parameters → {} and {}",
+                run_dir.display(),
+                run.config.model.mixer.kind(),
+                run.step,
+                out.display(),
+                out.with_extension("json").display()
+            );
             Ok(())
         }
         Command::Eval {

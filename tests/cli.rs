@@ -320,6 +320,107 @@ fn torch_weights_of_the_wrong_shape_exit_2() {
     std::fs::remove_dir_all(out).ok();
 }
 
+/// `estafet export` writes a run's weights and a manifest; `train.init_from` reads the export
+/// back (the run then starts from the exported weights: its first evaluation equals the
+/// exported run's last), and refuses an export of another model with one line.
+#[test]
+fn an_export_is_read_back_by_init_from() {
+    let dir = scratch("export");
+    let run = dir.join("run");
+    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "run",
+            "configs/copy-lstm.toml",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            "model.d_model=8",
+            "--set",
+            "model.n_layers=2",
+            "--set",
+            "train.steps=6",
+            "--set",
+            "eval.samples=16",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let first = estafet(
+        &args(&run, &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(first.status.success(), "{}", stderr(&first));
+    let file = dir.join("lstm.safetensors");
+    let exported = estafet(&[
+        "export",
+        run.to_str().unwrap(),
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(exported.status.success(), "{}", stderr(&exported));
+    let manifest = json(&dir.join("lstm.json"));
+    assert_eq!(manifest["model"], "lstm");
+    assert_eq!(
+        manifest["tensors"]["lstm.weight_ih_l1"],
+        serde_json::json!([32, 8])
+    );
+
+    let init = format!("train.init_from={}", file.display());
+    let again = dir.join("again");
+    let second = estafet(
+        // One step at a learning rate too small to move a weight: the exported weights, evaluated.
+        &args(
+            &again,
+            &[
+                "--set",
+                &init,
+                "--set",
+                "train.steps=1",
+                "--set",
+                "optim.lr=1e-30",
+            ],
+        )
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    );
+    assert!(second.status.success(), "{}", stderr(&second));
+    let loss = |d: &Path| {
+        json(&d.join("summary.json"))["final_eval"]["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        (loss(&run) - loss(&again)).abs() < 1e-6,
+        "the exported weights, evaluated again: {} vs {}",
+        loss(&run),
+        loss(&again)
+    );
+
+    let gru = estafet(
+        &args(
+            &dir.join("gru"),
+            &["--set", &init, "--set", "model.mixer={ kind = \"gru\" }"],
+        )
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    );
+    assert_eq!(gru.status.code(), Some(2), "{}", stderr(&gru));
+    assert!(
+        stderr(&gru).contains("an export of a lstm model"),
+        "{}",
+        stderr(&gru)
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
 /// `estafet sample` shows a task's tokens and scored targets; every task trains end to end.
 #[test]
 fn every_task_samples_and_trains() {

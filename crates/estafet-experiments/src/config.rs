@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use estafet_data::TaskConfig;
-use estafet_models::{Layout, MixerConfig, ModelConfig};
+use estafet_models::ModelConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
@@ -42,8 +42,9 @@ pub struct TrainConfig {
     /// loses more than this to a crash or a kill (0: none by the clock). A checkpoint is also
     /// written at the end, on SIGINT/SIGTERM, and never while the loss is diverging.
     pub checkpoint_minutes: f64,
-    /// A safetensors file with a PyTorch `nn.RNN`/`nn.LSTM`/`nn.GRU` state dict that
-    /// initialises the recurrent layers (stacked layout, same kind, width and depth).
+    /// A safetensors file whose weights initialise the model: an `estafet export` of a model of
+    /// the same config (every parameter), or a PyTorch `nn.RNN`/`nn.LSTM`/`nn.GRU` state dict
+    /// (the recurrent layers of a stacked model of the same kind, width and depth).
     pub init_from: Option<std::path::PathBuf>,
     /// Stop at the first evaluation that reaches the task's solved level (zoology stops MQAR
     /// at 0.99 this way).
@@ -322,19 +323,6 @@ impl ExperimentConfig {
         }
         if !(self.optim.weight_decay >= 0.0 && self.optim.grad_clip >= 0.0) {
             return Err("optim.weight_decay and optim.grad_clip must not be negative".into());
-        }
-        if self.train.init_from.is_some() {
-            let classic = matches!(
-                self.model.mixer,
-                MixerConfig::Rnn(_) | MixerConfig::Lstm(_) | MixerConfig::Gru(_)
-            );
-            if !classic || self.model.layout != Layout::Stacked {
-                return Err(
-                    "train.init_from loads PyTorch RNN/LSTM/GRU weights: it needs model.mixer.kind = \
-                     rnn, lstm or gru and model.layout = \"stacked\""
-                        .into(),
-                );
-            }
         }
         if !(0.0..=1.0).contains(&self.optim.final_lr_ratio) {
             return Err("optim.final_lr_ratio must lie in [0, 1]".into());

@@ -14,6 +14,7 @@ pub mod config;
 pub mod diagnostics;
 pub mod divergence;
 pub mod evaluate;
+pub mod export;
 pub mod gradflow;
 pub mod infer;
 pub mod interrupt;

@@ -580,7 +580,8 @@ impl<'a> Run<'a> {
     }
 }
 
-/// The untrained model (or the PyTorch weights of `train.init_from`).
+/// The untrained model, or the weights `train.init_from` names (an estafet export of any model,
+/// or a PyTorch RNN/LSTM/GRU state dict).
 fn fresh_model(
     config: &ExperimentConfig,
     info: &TaskInfo,
@@ -589,10 +590,23 @@ fn fresh_model(
     let model = config
         .model
         .init(model_io(info), &mut Init::new(config.run.seed, ad_device));
-    match &config.train.init_from {
-        Some(path) => crate::weights::load_torch_rnn(model, path, ad_device),
-        None => Ok(model),
+    let Some(path) = &config.train.init_from else {
+        return Ok(model);
+    };
+    let at = format!("train.init_from {}", path.display());
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::Config(format!("{at}: cannot read: {e}")))?;
+    if crate::export::is_export(&bytes) {
+        return crate::export::import(model, config, &bytes, &at, ad_device);
     }
+    let classic = matches!(config.model.mixer.kind(), "rnn" | "lstm" | "gru");
+    if !classic || config.model.layout != estafet_models::Layout::Stacked {
+        return Err(Error::Config(format!(
+            "{at}: not an estafet export, so read as PyTorch RNN/LSTM/GRU weights, which need \
+             model.mixer.kind = rnn, lstm or gru and model.layout = \"stacked\""
+        )));
+    }
+    crate::weights::load_torch_rnn(model, path, ad_device)
 }
 
 /// Opens the run in `options.out` to continue it: checks that `config` differs from the run's

@@ -1,0 +1,381 @@
+//! Trained models out, and back in: `estafet export RUN_DIR --out FILE.safetensors` writes every
+//! parameter of a run's checkpointed model as float32, and `FILE.json` beside it (the run's
+//! config, the model's kind and every tensor's name and shape), for analysis in Python:
+//!
+//! ```python
+//! from safetensors.numpy import load_file
+//! w = load_file("lstm.safetensors")          # {"embedding.weight": ..., "lstm.weight_ih_l0": ...}
+//! ```
+//!
+//! Names are the module paths of [`SequenceModel`] (`blocks.0.mixer.in_proj.weight`, linear
+//! weights `[in, out]`), except where a reference implementation fixes them: the classic cells
+//! of a `stacked` model are PyTorch's `nn.RNN`/`nn.LSTM`/`nn.GRU` state dict under the kind's
+//! name (`lstm.weight_ih_l0 [4H, D]`, …: what `train.init_from` and `torch.nn.LSTM`'s
+//! `load_state_dict` read). `train.init_from` reads an export of any model back (the file says
+//! which, in its metadata), so that export then import gives identical outputs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{Device, Tensor, TensorData};
+use estafet_models::{Layout, SequenceModel};
+use safetensors::{Dtype, SafeTensors};
+use serde::Serialize;
+
+use crate::Error;
+use crate::config::ExperimentConfig;
+
+/// The metadata key and value that mark an estafet export.
+const FORMAT_KEY: &str = "format";
+const FORMAT: &str = "estafet-export-1";
+
+/// What `FILE.json` says.
+#[derive(Serialize)]
+struct Manifest<'a> {
+    format: &'static str,
+    model: &'static str,
+    /// Where the names come from: `estafet` module paths, and `torch` for the classic cells.
+    naming: &'static str,
+    /// Every tensor: its name and shape.
+    tensors: BTreeMap<String, Vec<usize>>,
+    /// The run's resolved config.
+    config: &'a ExperimentConfig,
+}
+
+/// How an estafet parameter path is named in an export: PyTorch's name and layout for a
+/// classic cell of a stacked model, else the path itself.
+struct Naming {
+    /// `Some("lstm")` when the classic cells take PyTorch's names.
+    torch: Option<&'static str>,
+}
+
+impl Naming {
+    fn of(config: &ExperimentConfig) -> Self {
+        let kind = config.model.mixer.kind();
+        let classic = matches!(kind, "rnn" | "lstm" | "gru");
+        Self {
+            torch: (classic && config.model.layout == Layout::Stacked).then_some(kind),
+        }
+    }
+
+    /// The exported name of the parameter at `path`, and whether its matrix is transposed.
+    fn name(&self, path: &[String]) -> (String, bool) {
+        if let (Some(kind), ["blocks", layer, "mixer", _, side, what]) = (
+            self.torch,
+            path.iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .as_slice(),
+        ) {
+            let side = match *side {
+                "input" => "ih",
+                _ => "hh",
+            };
+            return (format!("{kind}.{what}_{side}_l{layer}"), *what == "weight");
+        }
+        (path.join("."), false)
+    }
+}
+
+/// Collects every float parameter under its exported name.
+struct Collect<'a> {
+    naming: &'a Naming,
+    path: Vec<String>,
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+impl ModuleVisitor for Collect<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let (name, transpose) = self.naming.name(&self.path);
+        let tensor = if transpose && D == 2 {
+            param.val().transpose()
+        } else {
+            param.val()
+        };
+        let shape = tensor.dims().to_vec();
+        let values = tensor
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("float32 values");
+        self.tensors.push((name, shape, values));
+    }
+}
+
+/// Writes `model` (of the run `config`) to `out` and its manifest to `out` with `.json`;
+/// returns the number of tensors and of parameters written.
+pub fn export(
+    model: &SequenceModel,
+    config: &ExperimentConfig,
+    out: &Path,
+) -> Result<(usize, usize), Error> {
+    let naming = Naming::of(config);
+    let mut collect = Collect {
+        naming: &naming,
+        path: Vec::new(),
+        tensors: Vec::new(),
+    };
+    model.visit(&mut collect);
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = collect
+        .tensors
+        .iter()
+        .map(|(name, shape, values)| {
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name.clone(), shape.clone(), bytes)
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|view| (name.clone(), view))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("cannot lay out a tensor: {e}"))?;
+    let metadata = std::collections::HashMap::from([
+        (FORMAT_KEY.to_string(), FORMAT.to_string()),
+        ("model".to_string(), config.model.mixer.kind().to_string()),
+        ("config".to_string(), config.to_toml()),
+    ]);
+    let serialized = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| anyhow::anyhow!("cannot serialise the weights: {e}"))?;
+    crate::run_dir::write_atomic(out, &serialized)?;
+    let manifest = Manifest {
+        format: FORMAT,
+        model: config.model.mixer.kind(),
+        naming: if naming.torch.is_some() {
+            "estafet module paths; the recurrent layers as PyTorch's state dict"
+        } else {
+            "estafet module paths"
+        },
+        tensors: collect
+            .tensors
+            .iter()
+            .map(|(name, shape, _)| (name.clone(), shape.clone()))
+            .collect(),
+        config,
+    };
+    let mut json = serde_json::to_string_pretty(&manifest).expect("a manifest serialises");
+    json.push('\n');
+    crate::run_dir::write_atomic(&out.with_extension("json"), json.as_bytes())?;
+    let params = collect.tensors.iter().map(|t| t.2.len()).sum();
+    Ok((collect.tensors.len(), params))
+}
+
+/// Whether the safetensors file `bytes` is an estafet export.
+pub fn is_export(bytes: &[u8]) -> bool {
+    SafeTensors::read_metadata(bytes)
+        .ok()
+        .and_then(|(_, meta)| meta.metadata().clone())
+        .is_some_and(|m| m.get(FORMAT_KEY).map(String::as_str) == Some(FORMAT))
+}
+
+/// Replaces every float parameter with the export's tensor of the same name.
+struct Load<'a> {
+    naming: &'a Naming,
+    file: &'a SafeTensors<'a>,
+    device: Device,
+    path: Vec<String>,
+    errors: Vec<String>,
+    used: usize,
+}
+
+impl ModuleMapper for Load<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (name, transpose) = self.naming.name(&self.path);
+        let mut expected = param.lazy_shape().as_slice().to_vec();
+        if transpose {
+            expected.reverse();
+        }
+        let view = match self.file.tensor(&name) {
+            Ok(view) => view,
+            Err(_) => {
+                self.errors.push(format!("no tensor `{name}`"));
+                return param;
+            }
+        };
+        if view.dtype() != Dtype::F32 || view.shape() != expected.as_slice() {
+            self.errors.push(format!(
+                "`{name}` is {:?} {:?}, expected F32 {expected:?}",
+                view.dtype(),
+                view.shape()
+            ));
+            return param;
+        }
+        self.used += 1;
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let tensor = Tensor::<D>::from_data(TensorData::new(values, expected), &self.device);
+        let tensor = if transpose && D == 2 {
+            tensor.transpose()
+        } else {
+            tensor
+        };
+        let id = param.id;
+        param.transform_for_load(tensor, id)
+    }
+}
+
+/// `model` (built from `config`) with every parameter read from the export `bytes`; `at` names
+/// the file in errors.
+pub fn import(
+    model: SequenceModel,
+    config: &ExperimentConfig,
+    bytes: &[u8],
+    at: &str,
+    device: &Device,
+) -> Result<SequenceModel, Error> {
+    let file = SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::Config(format!("{at}: not a safetensors file: {e}")))?;
+    let kind = SafeTensors::read_metadata(bytes)
+        .ok()
+        .and_then(|(_, meta)| meta.metadata().clone())
+        .and_then(|m| m.get("model").cloned())
+        .unwrap_or_default();
+    if kind != config.model.mixer.kind() {
+        return Err(Error::Config(format!(
+            "{at}: an export of a {kind} model; this config's model.mixer.kind is {}",
+            config.model.mixer.kind()
+        )));
+    }
+    let naming = Naming::of(config);
+    let mut load = Load {
+        naming: &naming,
+        file: &file,
+        device: device.clone(),
+        path: Vec::new(),
+        errors: Vec::new(),
+        used: 0,
+    };
+    let model = model.map(&mut load);
+    if let Some(first) = load.errors.first() {
+        return Err(Error::Config(format!(
+            "{at}: {first}{} (an export of a different model? its .json says which)",
+            if load.errors.len() > 1 {
+                format!(", and {} more", load.errors.len() - 1)
+            } else {
+                String::new()
+            }
+        )));
+    }
+    if load.used != file.len() {
+        return Err(Error::Config(format!(
+            "{at}: the file holds {} tensors, the model {}: an export of a different model",
+            file.len(),
+            load.used
+        )));
+    }
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ConfigSource, parse};
+    use crate::evaluate::model_io;
+    use burn::tensor::Distribution;
+    use estafet_models::{Init, Input, MixerConfig};
+
+    fn device() -> Device {
+        crate::Backend::default_compiled()
+            .unwrap()
+            .device()
+            .unwrap()
+    }
+
+    fn config(mixer: &MixerConfig, layout: &str) -> ExperimentConfig {
+        let mut table: toml::Table = toml::from_str(&format!(
+            "[model]\nd_model = 8\nn_layers = 2\nlayout = \"{layout}\"\n\
+             [task]\nkind = \"parity\"\nseq_len = 9\n[train]\nsteps = 1\n"
+        ))
+        .unwrap();
+        table["model"]
+            .as_table_mut()
+            .unwrap()
+            .insert("mixer".into(), toml::Value::try_from(mixer).unwrap());
+        parse(
+            &ConfigSource {
+                name: "test".into(),
+                text: toml::to_string(&table).unwrap(),
+            },
+            &[],
+        )
+        .unwrap()
+    }
+
+    /// Every kind, in both layouts: a model exported and imported into a model of another seed
+    /// gives exactly the outputs of the one exported; the classic cells of a stacked model go
+    /// out under PyTorch's names; an export of another kind is refused by name.
+    #[test]
+    fn export_then_import_gives_identical_outputs_for_every_model() {
+        let device = device();
+        let dir = std::env::temp_dir().join(format!("estafet-export-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for mixer in MixerConfig::all() {
+            for layout in ["stacked", "residual"] {
+                let config = config(&mixer, layout);
+                let info = config.task.build().unwrap().info();
+                let build = |seed| {
+                    config
+                        .model
+                        .init(model_io(&info), &mut Init::new(seed, &device))
+                };
+                let (ours, other) = (build(1), build(2));
+                let path = dir.join(format!("{}-{layout}.safetensors", mixer.kind()));
+                let (_, params) = export(&ours, &config, &path).unwrap();
+                assert_eq!(params, ours.num_params());
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(is_export(&bytes));
+                let names = SafeTensors::deserialize(&bytes).unwrap().names().len();
+                let what = format!("{} {layout}", mixer.kind());
+                if ["rnn", "lstm", "gru"].contains(&mixer.kind()) && layout == "stacked" {
+                    let file = SafeTensors::deserialize(&bytes).unwrap();
+                    let w = file
+                        .tensor(&format!("{}.weight_ih_l1", mixer.kind()))
+                        .unwrap_or_else(|_| panic!("{what}: torch names"));
+                    assert_eq!(w.shape()[1], 8, "{what}: [G·H, in]");
+                }
+                let loaded = import(other, &config, &bytes, "test", &device).unwrap();
+                let tokens =
+                    Tensor::<2>::random([2, 9], Distribution::Uniform(0.0, 2.0), &device).int();
+                let (a, _) = ours.forward(Input::Tokens(tokens.clone()), None);
+                let (b, _) = loaded.forward(Input::Tokens(tokens), None);
+                assert_eq!(
+                    a.into_data().try_to_vec::<f32>().unwrap(),
+                    b.into_data().try_to_vec::<f32>().unwrap(),
+                    "{what} ({names} tensors)"
+                );
+            }
+        }
+        let lstm = config(&MixerConfig::all()[1], "stacked");
+        let gru_bytes = std::fs::read(dir.join("gru-stacked.safetensors")).unwrap();
+        let info = lstm.task.build().unwrap().info();
+        let model = lstm.model.init(model_io(&info), &mut Init::new(0, &device));
+        let e = import(model, &lstm, &gru_bytes, "x", &device)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("an export of a gru model"), "{e}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
