@@ -447,7 +447,9 @@ fn execute(cli: Cli) -> Result<(), Error> {
         Command::Export { run_dir, out } => {
             let device = Backend::resolve(None)?.device()?;
             let run = SavedRun::load(&run_dir, &device)?;
-            let (tensors, params) = export::export(&run.model, &run.config, &out)?;
+            let sample = run.task.eval_set(run.config.run.seed, 1);
+            let probe = export::Probe::of(&run.model, &estafet_data::Batch::new(&sample, &device));
+            let (tensors, params) = export::export(&run.model, &run.config, Some(probe), &out)?;
             println!(
                 "{} ({}, step {}): {tensors} tensors, {params} parameters → {} and {}",
                 run_dir.display(),

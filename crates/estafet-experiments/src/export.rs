@@ -41,6 +41,51 @@ struct Manifest<'a> {
     tensors: BTreeMap<String, Vec<usize>>,
     /// The run's resolved config.
     config: &'a ExperimentConfig,
+    /// One held-out sequence and the model's output for it, so that a reimplementation (in
+    /// PyTorch, say) can check that it reads the weights as estafet does.
+    probe: Option<Probe>,
+}
+
+/// An input `[1, T]` (token ids) or `[1, T, W]` (values) and the output `[1, T, O]`.
+#[derive(Serialize)]
+pub struct Probe {
+    pub input: serde_json::Value,
+    pub output: Vec<Vec<Vec<f32>>>,
+}
+
+impl Probe {
+    /// The model's output for `batch`'s first sequence.
+    pub fn of(model: &SequenceModel, batch: &estafet_data::Batch) -> Self {
+        let input = crate::evaluate::model_input(batch);
+        let (as_json, first) = match input {
+            estafet_models::Input::Tokens(x) => {
+                let x = x.narrow(0, 0, 1);
+                let ids = x.to_data().convert::<i64>().try_into_vec::<i64>().unwrap();
+                (serde_json::json!([ids]), estafet_models::Input::Tokens(x))
+            }
+            estafet_models::Input::Features(x) => {
+                let x = x.narrow(0, 0, 1);
+                let [_, t, w] = x.dims();
+                let v = x.to_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+                let rows: Vec<Vec<f32>> = (0..t).map(|i| v[i * w..(i + 1) * w].to_vec()).collect();
+                (
+                    serde_json::json!([rows]),
+                    estafet_models::Input::Features(x),
+                )
+            }
+        };
+        let (y, _) = model.forward(first, None);
+        let [_, t, o] = y.dims();
+        let v = y
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap();
+        Self {
+            input: as_json,
+            output: vec![(0..t).map(|i| v[i * o..(i + 1) * o].to_vec()).collect()],
+        }
+    }
 }
 
 /// How an estafet parameter path is named in an export: PyTorch's name and layout for a
@@ -116,6 +161,7 @@ impl ModuleVisitor for Collect<'_> {
 pub fn export(
     model: &SequenceModel,
     config: &ExperimentConfig,
+    probe: Option<Probe>,
     out: &Path,
 ) -> Result<(usize, usize), Error> {
     let naming = Naming::of(config);
@@ -163,6 +209,7 @@ pub fn export(
             .map(|(name, shape, _)| (name.clone(), shape.clone()))
             .collect(),
         config,
+        probe,
     };
     let mut json = serde_json::to_string_pretty(&manifest).expect("a manifest serialises");
     json.push('\n');
@@ -342,7 +389,7 @@ mod tests {
                 };
                 let (ours, other) = (build(1), build(2));
                 let path = dir.join(format!("{}-{layout}.safetensors", mixer.kind()));
-                let (_, params) = export(&ours, &config, &path).unwrap();
+                let (_, params) = export(&ours, &config, None, &path).unwrap();
                 assert_eq!(params, ours.num_params());
                 let bytes = std::fs::read(&path).unwrap();
                 assert!(is_export(&bytes));
