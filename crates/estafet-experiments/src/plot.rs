@@ -284,12 +284,9 @@ impl Figure {
         let ys: Vec<f64> = self
             .curves
             .iter()
-            .flat_map(|c| {
-                c.points
-                    .iter()
-                    .map(|p| p.1)
-                    .chain(c.band.iter().flat_map(|b| [b.1, b.2]))
-            })
+            // The bands do not widen the frame: a 95% interval over three seeds can reach far
+            // past the metric's range, so it is drawn cut at the frame instead.
+            .flat_map(|c| c.points.iter().map(|p| p.1))
             .chain(self.references.iter().map(|r| r.y))
             .filter(|&y| finite(y, self.log_y))
             .collect();
@@ -409,10 +406,11 @@ impl Figure {
                         .filter(|b| !self.log_y || b.1 > 0.0)
                         .collect();
                     if band.len() >= 2 {
+                        let cut = |y: f64| y.clamp(y0, y1);
                         let outline: Vec<(i32, i32)> = band
                             .iter()
-                            .map(|b| to_px(b.0, b.2))
-                            .chain(band.iter().rev().map(|b| to_px(b.0, b.1)))
+                            .map(|b| to_px(b.0, cut(b.2)))
+                            .chain(band.iter().rev().map(|b| to_px(b.0, cut(b.1))))
                             .collect();
                         root.draw(&Polygon::new(outline, colour.mix(0.13).filled()))
                             .map_err(e)?;
