@@ -474,6 +474,16 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 return Err(Error::Config("--samples must be positive".into()));
             }
             let info = run.task.info();
+            let mut lengths = vec![info.seq_len];
+            lengths.extend(seq_lens);
+            let results = evaluate::at_lengths(
+                &run.model,
+                &run.config,
+                &lengths,
+                samples,
+                "--seq-len",
+                &device,
+            )?;
             println!(
                 "{} at step {} on {backend}; metric {} (baseline {:.4}, solved at {:.4})",
                 run_dir.display(),
@@ -490,16 +500,6 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 "baseline",
                 "solved"
             );
-            let mut lengths = vec![info.seq_len];
-            lengths.extend(seq_lens);
-            let results = evaluate::at_lengths(
-                &run.model,
-                &run.config,
-                &lengths,
-                samples,
-                "--seq-len",
-                &device,
-            )?;
             for e in results {
                 println!(
                     "{:>8} {:>10.4} {:>10.4} {:>14.4} {:>7}",

@@ -660,8 +660,8 @@ fn bench_reports_the_reference_fields() {
     );
 }
 
-/// `estafet eval` reads a run's checkpoint back and evaluates it at other lengths; a damaged
-/// checkpoint is a one-line error naming the file.
+/// `estafet eval` reads a run's checkpoint back and evaluates it at other lengths; a length
+/// whose evaluation cannot fit in memory and a damaged checkpoint are one-line errors.
 #[test]
 fn eval_reads_a_checkpoint_at_other_lengths() {
     let out = scratch("eval");
@@ -687,6 +687,17 @@ fn eval_reads_a_checkpoint_at_other_lengths() {
     assert_eq!(result.status.code(), Some(2));
     assert!(
         stderr(&result).contains("--seq-len 10"),
+        "{}",
+        stderr(&result)
+    );
+
+    // A length whose evaluation cannot fit is refused before anything is evaluated or printed.
+    let result = estafet(&["eval", out.to_str().unwrap(), "--seq-len", "40000000000"]);
+    assert_eq!(result.status.code(), Some(2), "{}", stderr(&result));
+    assert!(result.stdout.is_empty());
+    assert!(
+        stderr(&result).contains("--seq-len 40000000000: evaluating 16 sequences")
+            && stderr(&result).contains("is available"),
         "{}",
         stderr(&result)
     );

@@ -187,6 +187,54 @@ pub fn evaluate_in_windows(
     }
 }
 
+/// Refuses, before anything is evaluated, a length of `lengths` whose evaluation on `samples`
+/// sequences would not fit in the memory available (the estimate:
+/// [`crate::memory::for_evaluation`]); training checks its `eval.lengths` this way before its
+/// first step, so that no trained run is lost to its final evaluation.
+pub fn check_lengths(
+    config: &ExperimentConfig,
+    lengths: &[usize],
+    samples: usize,
+    what: &str,
+    device: &Device,
+) -> Result<(), Error> {
+    if !fused::has_kernel(device) || lengths.is_empty() {
+        return Ok(());
+    }
+    let io = model_io(
+        &config
+            .task
+            .build()
+            .map_err(|e| Error::Config(e.to_string()))?
+            .info(),
+    );
+    let Some(free) = crate::memory::available() else {
+        return Ok(());
+    };
+    for &length in lengths {
+        let (needs, state) = crate::memory::for_evaluation(
+            &config.model,
+            io,
+            samples,
+            config.eval.batch_size,
+            length,
+            device,
+        );
+        if needs > free {
+            return Err(Error::Config(format!(
+                "{what} {length}: evaluating {samples} sequences ({} at a time) needs about {} \
+                 ({}'s state at this length: {state} floats per sequence), but {} is available; \
+                 evaluate fewer sequences or a shorter length",
+                config.eval.batch_size.min(samples),
+                crate::memory::human(needs),
+                config.model.mixer.kind(),
+                crate::memory::human(free)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The model trained on `config` evaluated at each of `lengths`: the task with that length (the
 /// parameter that sets it changes, every other one stays), on `samples` held-out sequences of
 /// the run's seed. `what` names where the lengths came from in an error (`eval.lengths`,
@@ -199,6 +247,7 @@ pub fn at_lengths(
     what: &str,
     device: &Device,
 ) -> Result<Vec<EvalResult>, Error> {
+    check_lengths(config, lengths, samples, what, device)?;
     lengths
         .iter()
         .map(|&length| {

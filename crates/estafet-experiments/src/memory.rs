@@ -109,6 +109,31 @@ pub fn estimate(
     }
 }
 
+/// What evaluating `model` on `samples` held-out sequences of `seq_len` positions, `batch` at a
+/// time, needs in bytes: the sequences themselves (as generated, and one batch on the device),
+/// every sequence's state at the end (attention's KV cache grows with the length), and one
+/// window's activations ([`crate::evaluate::STREAM_WINDOW`]: no more at any length); and the
+/// floats of state per sequence at that length.
+pub fn for_evaluation(
+    model: &ModelConfig,
+    io: ModelIo,
+    samples: usize,
+    batch: usize,
+    seq_len: usize,
+    device: &Device,
+) -> (f64, usize) {
+    let built = model.init(io, &mut Init::shapes_only(device));
+    let mut shapes = Shapes::default();
+    built.visit(&mut shapes);
+    let (n, b, t) = (samples as f64, batch.min(samples) as f64, seq_len as f64);
+    let window = t.min(crate::evaluate::STREAM_WINDOW as f64);
+    let data = n * t * 9.0 + b * t * 20.0;
+    let state = b * built.state_size(seq_len) as f64 * 4.0;
+    let activations = 4.0 * b * window * ACTIVATION_FACTOR * shapes.matrix_sides as f64;
+    let needs = BASE + 4.0 * built.num_params() as f64 + data + state + activations;
+    (needs, built.state_size(seq_len))
+}
+
 /// Per token and layer: the `[T, T]` scores and softmax of each head, which attention keeps
 /// where it runs as tensor ops (its fused CPU kernel recomputes them in its backward).
 fn attention_scores(mixer: &MixerConfig, d_model: usize, t: f64, device: &Device) -> f64 {

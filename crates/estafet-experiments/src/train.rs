@@ -172,6 +172,13 @@ impl<'a> Run<'a> {
             .map_err(|e| Error::Config(format!("{}: {e}", options.backend)))?;
         if !options.skip_memory_check {
             crate::memory::check(config, &info, &device).map_err(Error::Config)?;
+            crate::evaluate::check_lengths(
+                config,
+                &config.eval.lengths,
+                config.eval.samples,
+                "eval.lengths",
+                &device,
+            )?;
         }
         let ad_device = device.clone().autodiff();
         // The directory (and its lock) first: a second process is refused before it builds
