@@ -61,6 +61,59 @@ pub struct TrainConfig {
     /// untrained model's). 0 disables the check; a non-finite loss always stops the run.
     pub divergence_factor: f64,
     pub divergence_patience: usize,
+    /// Train on several lengths instead of the task's one (zoology #24: MQAR trained only at
+    /// long lengths fails where a mixture of lengths does not): each batch is generated at one
+    /// of them, chosen by the schedule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub length_mixture: Option<LengthMixture>,
+}
+
+/// `[train.length_mixture]`: the lengths a run trains on and how a batch's length is chosen.
+///
+/// ```toml
+/// [train.length_mixture]
+/// lengths = [64, 128, 256]
+/// schedule = "uniform"      # each batch's length drawn uniformly (seeded by run.seed and the
+///                           # step); "curriculum": the lengths in order, each for an equal
+///                           # share of train.steps
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LengthMixture {
+    pub lengths: Vec<usize>,
+    #[serde(default)]
+    pub schedule: LengthSchedule,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LengthSchedule {
+    #[default]
+    Uniform,
+    Curriculum,
+}
+
+impl LengthMixture {
+    /// The index into `lengths` of step `step`'s batch (steps count from 1) of a run of
+    /// `steps` steps and seed `seed`. Uniform draws depend only on the seed and the step, so a
+    /// resumed run draws what an uninterrupted one does; the curriculum follows `steps`, so an
+    /// extended run stretches it (as a cosine schedule stretches).
+    pub fn pick(&self, seed: u64, step: usize, steps: usize) -> usize {
+        use rand::{Rng, SeedableRng};
+        let n = self.lengths.len();
+        match self.schedule {
+            LengthSchedule::Uniform => {
+                let stream = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (step as u64);
+                rand_chacha::ChaCha8Rng::seed_from_u64(stream).random_range(0..n)
+            }
+            LengthSchedule::Curriculum => ((step.saturating_sub(1)) * n / steps.max(1)).min(n - 1),
+        }
+    }
+
+    /// The mean length of a batch over the run (for tokens per second).
+    pub fn mean(&self) -> f64 {
+        self.lengths.iter().sum::<usize>() as f64 / self.lengths.len().max(1) as f64
+    }
 }
 
 /// The fields that only budget a run: `--resume` may change them (and records each change in
@@ -94,6 +147,7 @@ impl Default for TrainConfig {
             diagnostics: false,
             checkpoint_minutes: 10.0,
             divergence_factor: 10.0,
+            length_mixture: None,
             divergence_patience: 5,
         }
     }
@@ -280,8 +334,25 @@ impl ExperimentConfig {
                 .with_seq_len(length)
                 .map_err(|e| format!("eval.lengths: {length}: {e}"))?;
         }
+        let mixture = self.train.length_mixture.as_ref();
+        if let Some(m) = mixture {
+            if m.lengths.is_empty() {
+                return Err("train.length_mixture.lengths: give at least one length".into());
+            }
+            for &length in &m.lengths {
+                self.task
+                    .with_seq_len(length)
+                    .map_err(|e| format!("train.length_mixture.lengths: {length}: {e}"))?;
+            }
+        }
         if let Some(max_len) = self.model.max_seq_len() {
-            let longest = self.eval.lengths.iter().copied().fold(seq_len, usize::max);
+            let longest = self
+                .eval
+                .lengths
+                .iter()
+                .chain(mixture.iter().flat_map(|m| m.lengths.iter()))
+                .copied()
+                .fold(seq_len, usize::max);
             if longest > max_len {
                 return Err(format!(
                     "model.mixer.positions.max_len: {max_len} learned positions cannot read \
@@ -454,6 +525,43 @@ fn located(name: &str, text: &str, e: &toml::de::Error, path: Option<&str>) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A length mixture samples what it says: uniform draws each length about equally often,
+    /// the same draws for the same seed and others for another; a curriculum walks the lengths
+    /// in order, an equal share of the steps each; a bad length is refused by name.
+    #[test]
+    fn a_length_mixture_samples_what_it_says() {
+        let uniform = LengthMixture {
+            lengths: vec![64, 128, 256],
+            schedule: LengthSchedule::Uniform,
+        };
+        let picks =
+            |seed| -> Vec<usize> { (1..=3000).map(|s| uniform.pick(seed, s, 3000)).collect() };
+        let (a, b) = (picks(0), picks(1));
+        assert_eq!(a, picks(0), "the same seed draws the same lengths");
+        assert_ne!(a, b, "another seed draws others");
+        for i in 0..3 {
+            let share = a.iter().filter(|&&p| p == i).count() as f64 / 3000.0;
+            assert!((share - 1.0 / 3.0).abs() < 0.03, "length {i}: {share}");
+        }
+        let curriculum = LengthMixture {
+            schedule: LengthSchedule::Curriculum,
+            ..uniform
+        };
+        let walk: Vec<usize> = (1..=300).map(|s| curriculum.pick(0, s, 300)).collect();
+        assert!(walk.windows(2).all(|w| w[0] <= w[1]), "in order");
+        for i in 0..3 {
+            assert_eq!(walk.iter().filter(|&&p| p == i).count(), 100, "length {i}");
+        }
+        let e = load(
+            &copy_lstm(),
+            &["train.length_mixture = { lengths = [30, 2] }".into()],
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("train.length_mixture.lengths: 2"), "{e}");
+    }
 
     fn copy_lstm() -> ConfigSource {
         ConfigSource {

@@ -64,11 +64,18 @@ impl Estimate {
 
 /// The estimate for training `config` (task `info`) on `device`.
 pub fn for_run(config: &ExperimentConfig, info: &TaskInfo, device: &Device) -> Estimate {
+    // A length mixture's longest batch is the one that must fit.
+    let longest = config
+        .train
+        .length_mixture
+        .iter()
+        .flat_map(|m| m.lengths.iter().copied())
+        .fold(info.seq_len, usize::max);
     estimate(
         &config.model,
         crate::evaluate::model_io(info),
         config.train.batch_size,
-        info.seq_len,
+        longest,
         device,
     )
 }

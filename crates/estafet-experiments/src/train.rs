@@ -132,6 +132,8 @@ struct Run<'a> {
     config: &'a ExperimentConfig,
     options: &'a RunOptions,
     task: Task,
+    /// The task at each length of `train.length_mixture`, in its order (empty without one).
+    mixture: Vec<Task>,
     info: TaskInfo,
     device: Device,
     ad_device: Device,
@@ -238,9 +240,19 @@ impl<'a> Run<'a> {
             )?;
             checkpoint::State::default()
         };
+        let mixture = match &config.train.length_mixture {
+            Some(m) => m
+                .lengths
+                .iter()
+                .map(|&l| config.task.with_seq_len(l).and_then(|c| c.build()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Error::Config(format!("train.length_mixture: {e}")))?,
+            None => Vec::new(),
+        };
         let run = Run {
             config,
             options,
+            mixture,
             eval_set: task.eval_set(config.run.seed, config.eval.samples),
             task,
             info,
@@ -272,6 +284,23 @@ impl<'a> Run<'a> {
             }
         ));
         Ok((run, model, optimizer))
+    }
+
+    /// The task step `step` trains on: the task's own length, or the length mixture's pick.
+    fn train_task(&self, step: usize) -> &Task {
+        match &self.config.train.length_mixture {
+            Some(m) => &self.mixture[m.pick(self.config.run.seed, step, self.config.train.steps)],
+            None => &self.task,
+        }
+    }
+
+    /// The mean length of a training batch.
+    fn mean_len(&self) -> f64 {
+        self.config
+            .train
+            .length_mixture
+            .as_ref()
+            .map_or(self.info.seq_len as f64, |m| m.mean())
     }
 
     fn fresh_model(&self) -> Result<SequenceModel, Error> {
@@ -331,7 +360,7 @@ impl<'a> Run<'a> {
         let started = Instant::now();
         let earlier_seconds = self.state.train_seconds;
         let elapsed = || earlier_seconds + started.elapsed().as_secs_f64();
-        let tokens_per_step = (train.batch_size * info.seq_len) as f64;
+        let tokens_per_step = train.batch_size as f64 * self.mean_len();
         let mut last_checkpoint = Instant::now();
         let mut outcome = Outcome {
             last_step: start,
@@ -342,9 +371,9 @@ impl<'a> Run<'a> {
         };
         for step in start + 1..=train.steps {
             outcome.last_step = step;
-            let samples = self
-                .task
-                .train_batch(config.run.seed, step as u64, train.batch_size);
+            let samples =
+                self.train_task(step)
+                    .train_batch(config.run.seed, step as u64, train.batch_size);
             let batch = Batch::new(&samples, &self.ad_device);
             let (outputs, _) = model.forward(model_input(&batch), None);
             let scores = score(outputs, &batch, &info);
@@ -543,7 +572,7 @@ impl<'a> Run<'a> {
             .map(|set| self.evaluate(&model, &set));
         self.bar.finish_and_clear();
 
-        let tokens_per_step = (config.train.batch_size * self.info.seq_len) as f64;
+        let tokens_per_step = config.train.batch_size as f64 * self.mean_len();
         let summary = Summary {
             model: config.model.mixer.kind().to_string(),
             task: self.info.kind.to_string(),
