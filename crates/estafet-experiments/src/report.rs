@@ -91,6 +91,18 @@ fn sweep_labels(dir: &Path) -> BTreeMap<String, SweepLabels> {
                 .iter()
                 .find(|(axis, _)| *axis == "model" || axis.starts_with("model."))
                 .map(|(_, label)| label.to_string());
+            // An axis over the training regime (`train.length_mixture`, ...) makes models of
+            // its own: its label joins the model's, so the report keeps the arms apart.
+            let regime: Vec<&str> = pairs
+                .iter()
+                .filter(|(axis, _)| axis.starts_with("train."))
+                .map(|(_, label)| *label)
+                .collect();
+            let model = match (model, regime.is_empty()) {
+                (model, true) => model,
+                (Some(model), false) => Some(format!("{model} {}", regime.join(" "))),
+                (None, false) => Some(regime.join(" ")),
+            };
             let cell: Vec<&str> = pairs
                 .iter()
                 .filter(|(axis, _)| axis.starts_with("optim."))
@@ -839,6 +851,25 @@ mod tests {
         let md = iso_state(&single.iter().collect::<Vec<_>>(), 64, &refs, &stem).unwrap();
         assert_eq!(md, "");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A sweep's model label is its model axis's, joined by any training-regime axis's, so
+    /// that the arms of a `train.length_mixture` axis are reported as models of their own.
+    #[test]
+    fn a_training_regime_axis_names_its_own_models() {
+        let dir = std::env::temp_dir().join(format!("estafet-labels-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let runs = serde_json::json!([
+            { "name": "a", "index": 0, "labels": [["model", "gdn"], ["train.length_mixture", "mix"], ["run.seed", "seed0"]] },
+            { "name": "b", "index": 1, "labels": [["model", "gdn"], ["run.seed", "seed0"]] },
+            { "name": "c", "index": 2, "labels": [["train.length_mixture", "fixed"]] },
+        ]);
+        std::fs::write(dir.join("sweep.json"), runs.to_string()).unwrap();
+        let labels = sweep_labels(&dir);
+        assert_eq!(labels["a"].model.as_deref(), Some("gdn mix"));
+        assert_eq!(labels["b"].model.as_deref(), Some("gdn"));
+        assert_eq!(labels["c"].model.as_deref(), Some("fixed"));
+        std::fs::remove_dir_all(dir).ok();
     }
 
     #[test]
