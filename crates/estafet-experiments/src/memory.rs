@@ -23,7 +23,7 @@
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor};
 use estafet_data::TaskInfo;
-use estafet_models::{Init, MixerConfig, ModelConfig, ModelIo};
+use estafet_models::{Init, MixerConfig, ModelConfig, ModelIo, SequenceModel};
 use serde::Serialize;
 
 use crate::config::ExperimentConfig;
@@ -88,14 +88,11 @@ pub fn estimate(
     seq_len: usize,
     device: &Device,
 ) -> Estimate {
-    let config = model;
-    let model = config.init(io, &mut Init::shapes_only(device));
-    let mut shapes = Shapes::default();
-    model.visit(&mut shapes);
-    let params = model.num_params();
+    let (built, matrix_sides) = shapes_only(model, io, device);
+    let params = built.num_params();
     let (b, t) = (batch as f64, seq_len as f64);
-    let per_token = ACTIVATION_FACTOR * shapes.matrix_sides as f64
-        + attention_scores(&config.mixer, config.d_model, t, device) * config.n_layers as f64;
+    let per_token = ACTIVATION_FACTOR * matrix_sides as f64
+        + attention_scores(&model.mixer, model.d_model, t, device) * model.n_layers as f64;
     // The recurrences' backwards read every step's state: the GPU kernels keep it for the
     // whole batch, the CPU kernels rebuild it one sequence per thread at a time.
     let sequences_with_states = if estafet_models::fused::has_kernel(device) {
@@ -103,7 +100,7 @@ pub fn estimate(
     } else {
         b
     };
-    let states = sequences_with_states * t * model.state_size(1) as f64;
+    let states = sequences_with_states * t * built.state_size(1) as f64;
     let weights = 4.0 * params as f64;
     let optimizer = 4.0 * weights;
     let activations = 4.0 * (b * t * per_token + states);
@@ -129,16 +126,23 @@ pub fn for_evaluation(
     seq_len: usize,
     device: &Device,
 ) -> (f64, usize) {
-    let built = model.init(io, &mut Init::shapes_only(device));
-    let mut shapes = Shapes::default();
-    built.visit(&mut shapes);
+    let (built, matrix_sides) = shapes_only(model, io, device);
     let (n, b, t) = (samples as f64, batch.min(samples) as f64, seq_len as f64);
     let window = t.min(crate::evaluate::STREAM_WINDOW as f64);
     let data = n * t * 9.0 + b * t * 20.0;
-    let state = b * built.state_size(seq_len) as f64 * 4.0;
-    let activations = 4.0 * b * window * ACTIVATION_FACTOR * shapes.matrix_sides as f64;
+    let state_floats = built.state_size(seq_len);
+    let state = b * state_floats as f64 * 4.0;
+    let activations = 4.0 * b * window * ACTIVATION_FACTOR * matrix_sides as f64;
     let needs = BASE + 4.0 * built.num_params() as f64 + data + state + activations;
-    (needs, built.state_size(seq_len))
+    (needs, state_floats)
+}
+
+/// `model` built with [`Init::shapes_only`], and `Σ (a + b)` over its matrices `[a, b]`.
+fn shapes_only(model: &ModelConfig, io: ModelIo, device: &Device) -> (SequenceModel, usize) {
+    let built = model.init(io, &mut Init::shapes_only(device));
+    let mut shapes = Shapes::default();
+    built.visit(&mut shapes);
+    (built, shapes.matrix_sides)
 }
 
 /// Per token and layer: the `[T, T]` scores and softmax of each head, which attention keeps

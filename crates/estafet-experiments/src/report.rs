@@ -142,13 +142,18 @@ impl Report {
         Err(Error::Partial(format!(
             "{} runs could not be read and are left out of the report: {}",
             self.unreadable.len(),
-            self.unreadable
-                .iter()
-                .map(|u| u.reason.as_str())
-                .collect::<Vec<_>>()
-                .join("; ")
+            reasons(&self.unreadable)
         )))
     }
+}
+
+/// Why each unreadable run was left out, in one line.
+fn reasons(unreadable: &[Unreadable]) -> String {
+    unreadable
+        .iter()
+        .map(|u| u.reason.as_str())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Every complete run under `dir` that can be read, and those that cannot.
@@ -380,11 +385,7 @@ pub fn write(dir: &Path) -> Result<Report, Error> {
     let total = all.len();
     let (records, search) = choose(all);
     if records.is_empty() {
-        let why = unreadable
-            .iter()
-            .map(|u| u.reason.as_str())
-            .collect::<Vec<_>>()
-            .join("; ");
+        let why = reasons(&unreadable);
         return Err(Error::Config(if why.is_empty() {
             format!("{}: no finished runs (no */summary.json)", dir.display())
         } else {

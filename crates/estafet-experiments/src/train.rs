@@ -642,7 +642,7 @@ fn fresh_model(
              model.mixer.kind = rnn, lstm or gru and model.layout = \"stacked\""
         )));
     }
-    crate::weights::load_torch_rnn(model, path, ad_device)
+    crate::weights::load_torch_rnn(model, &bytes, &at, ad_device)
 }
 
 /// Opens the run in `options.out` to continue it: checks that `config` differs from the run's

@@ -3,8 +3,6 @@
 //! recurrent layers of a `stacked` model of the same kind, width and depth. The embedding and
 //! head keep their seeded initialisation.
 
-use std::path::Path;
-
 use burn::tensor::Device;
 use estafet_models::SequenceModel;
 use estafet_models::torch::{HostTensor, load_torch_layer};
@@ -12,16 +10,15 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::Error;
 
-/// `model` with layer `l`'s cell replaced by layer `l` of the torch module in `path`.
+/// `model` with layer `l`'s cell replaced by layer `l` of the torch module in the safetensors
+/// file `bytes` (read once by the caller, which names it `at` in errors).
 pub fn load_torch_rnn(
     model: SequenceModel,
-    path: &Path,
+    bytes: &[u8],
+    at: &str,
     device: &Device,
 ) -> Result<SequenceModel, Error> {
-    let at = format!("train.init_from {}", path.display());
-    let bytes =
-        std::fs::read(path).map_err(|e| Error::Config(format!("{at}: cannot read: {e}")))?;
-    let file = SafeTensors::deserialize(&bytes)
+    let file = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::Config(format!("{at}: not a safetensors file: {e}")))?;
     let names = file.names();
     let prefixes: Vec<&str> = names
@@ -92,6 +89,7 @@ mod tests {
     use crate::Backend;
     use estafet_models::mixer::Mixer;
     use estafet_models::{Init, InputSpec, ModelConfig, ModelIo};
+    use std::path::Path;
 
     fn device() -> Device {
         Backend::default_compiled().unwrap().device().unwrap()
@@ -146,11 +144,15 @@ mod tests {
         ))
     }
 
+    fn load(model: SequenceModel, path: &Path, device: &Device) -> Result<SequenceModel, Error> {
+        load_torch_rnn(model, &std::fs::read(path).unwrap(), "test", device)
+    }
+
     #[test]
     fn torch_lstm_weights_land_transposed_in_every_layer() {
         let path = scratch("lstm");
         write(&path, "lstm.", 4, 4, 2);
-        let loaded = load_torch_rnn(model("lstm", 2), &path, &device()).unwrap();
+        let loaded = load(model("lstm", 2), &path, &device()).unwrap();
         for (l, block) in loaded.blocks.iter().enumerate() {
             let Mixer::Lstm(lstm) = &block.mixer else {
                 panic!()
@@ -186,7 +188,7 @@ mod tests {
     fn mismatches_are_named() {
         let path = scratch("gru");
         write(&path, "", 3, 4, 2);
-        let e = load_torch_rnn(model("lstm", 2), &path, &device())
+        let e = load(model("lstm", 2), &path, &device())
             .err()
             .unwrap()
             .to_string();
@@ -194,18 +196,18 @@ mod tests {
             e.contains("`weight_ih_l0` has shape [12, 4], expected [16, 4]"),
             "{e}"
         );
-        let e = load_torch_rnn(model("gru", 1), &path, &device())
+        let e = load(model("gru", 1), &path, &device())
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("more than model.n_layers = 1"), "{e}");
-        let e = load_torch_rnn(model("gru", 3), &path, &device())
+        let e = load(model("gru", 3), &path, &device())
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("missing tensor `weight_ih_l2`"), "{e}");
         std::fs::write(&path, b"not safetensors").unwrap();
-        let e = load_torch_rnn(model("gru", 2), &path, &device())
+        let e = load(model("gru", 2), &path, &device())
             .err()
             .unwrap()
             .to_string();
