@@ -481,8 +481,10 @@ pub fn write(dir: &Path) -> Result<Report, Error> {
                 y: first.solved_at,
             },
         ];
-        let log_x = lengths.len() > 1
-            && *lengths.iter().last().unwrap() as f64 / *lengths.iter().next().unwrap() as f64
+        // A length axis (ticks at the lengths themselves) when the lengths span 4× or more, or
+        // when there is only one, which a linear axis would label 63.5, 64, 64.5.
+        let log_x = lengths.len() == 1
+            || *lengths.iter().last().unwrap() as f64 / *lengths.iter().next().unwrap() as f64
                 >= 4.0;
         let stem = |what: &str| plots.join(format!("{task}-{what}"));
         Figure {
@@ -652,18 +654,26 @@ pub fn write(dir: &Path) -> Result<Report, Error> {
                 references: references.clone(),
             }
             .save(&stem("length-generalisation"))?;
+            // The heatmap's columns in increasing length (the table's first is the trained one,
+            // which a mixture's evaluations can fall below): (length, index in a row).
+            let mut column_order: Vec<(u64, usize)> = std::iter::once(shortest)
+                .chain(eval_lengths.iter().copied())
+                .enumerate()
+                .map(|(i, l)| (l, i))
+                .collect();
+            column_order.sort();
             Heatmap {
                 title: format!(
                     "{task}: mean {} by model and evaluation length (trained at T = {shortest})",
                     first.metric_name
                 ),
                 x_label: "evaluation length T".into(),
-                columns: std::iter::once(shortest)
-                    .chain(eval_lengths.iter().copied())
-                    .map(|l| l.to_string())
-                    .collect(),
+                columns: column_order.iter().map(|(l, _)| l.to_string()).collect(),
                 rows: grid.iter().map(|(m, _)| m.clone()).collect(),
-                values: grid.into_iter().map(|(_, row)| row).collect(),
+                values: grid
+                    .into_iter()
+                    .map(|(_, row)| column_order.iter().map(|&(_, i)| row[i]).collect())
+                    .collect(),
                 low: first.baseline,
                 high: first.solved_at,
             }
