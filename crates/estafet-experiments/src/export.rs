@@ -3,22 +3,29 @@
 //! config, the model's kind and every tensor's name and shape), for analysis in Python:
 //!
 //! ```python
-//! from safetensors.numpy import load_file
-//! w = load_file("lstm.safetensors")          # {"embedding.weight": ..., "lstm.weight_ih_l0": ...}
+//! from safetensors.torch import load_file
+//! w = load_file("mamba.safetensors")         # {"encoder.Embedding.weight": ..., "blocks.0.mixer.in_proj.weight": ...}
+//! block = mamba_ssm.modules.mamba_simple.Mamba(d_model=64, d_state=16)
+//! block.load_state_dict({k.removeprefix("blocks.0.mixer."): v for k, v in w.items() if k.startswith("blocks.0.mixer.")})
 //! ```
 //!
-//! Names are the module paths of [`SequenceModel`] (`blocks.0.mixer.in_proj.weight`, linear
-//! weights `[in, out]`), except where a reference implementation fixes them: the classic cells
-//! of a `stacked` model are PyTorch's `nn.RNN`/`nn.LSTM`/`nn.GRU` state dict under the kind's
-//! name (`lstm.weight_ih_l0 [4H, D]`, …: what `train.init_from` and `torch.nn.LSTM`'s
-//! `load_state_dict` read). `train.init_from` reads an export of any model back (the file says
-//! which, in its metadata), so that export then import gives identical outputs.
+//! Where a reference implementation fixes them, names and layouts are the reference's
+//! (`estafet_models::reference`): each layer's Mamba, Mamba-2, Gated DeltaNet or RWKV-7 mixer as
+//! its reference module's state dict under `blocks.L.mixer.`, and the classic cells of a
+//! `stacked` model as PyTorch's `nn.RNN`/`nn.LSTM`/`nn.GRU` state dict under the kind's name
+//! (`lstm.weight_ih_l0 [4H, D]`, …). Everything else keeps its module path in
+//! [`SequenceModel`] (`blocks.0.norm.gamma`, `head.weight`, linear weights `[in, out]`).
+//! `train.init_from` reads an export of any model back (the file says which, in its metadata),
+//! so that export then import gives identical outputs; `make_fixtures.py --check-export` runs an
+//! export in its PyTorch definitions.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor, TensorData};
+use estafet_models::reference::{self, Layout as RenameLayout, Rename};
+use estafet_models::torch::HostTensor;
 use estafet_models::{Layout, SequenceModel};
 use safetensors::{Dtype, SafeTensors};
 use serde::Serialize;
@@ -35,8 +42,8 @@ const FORMAT: &str = "estafet-export-1";
 struct Manifest<'a> {
     format: &'static str,
     model: &'static str,
-    /// Where the names come from: `estafet` module paths, and `torch` for the classic cells.
-    naming: &'static str,
+    /// Where the names come from: estafet's module paths, and the reference's for the mixers.
+    naming: String,
     /// Every tensor: its name and shape.
     tensors: BTreeMap<String, Vec<usize>>,
     /// The run's resolved config.
@@ -88,46 +95,84 @@ impl Probe {
     }
 }
 
-/// How an estafet parameter path is named in an export: PyTorch's name and layout for a
-/// classic cell of a stacked model, else the path itself.
+/// How each parameter of a model is named in an export: a layer's mixer under its reference
+/// module's names (`estafet_models::reference`), prefixed `blocks.L.mixer.`, or, for the classic
+/// cells of a stacked model, under PyTorch's multi-layer names (`lstm.weight_ih_l0`); every
+/// other parameter under its estafet module path.
 struct Naming {
-    /// `Some("lstm")` when the classic cells take PyTorch's names.
-    torch: Option<&'static str>,
+    /// Per layer: the prefix of its mixer's exported names and their renames, if it has any.
+    layers: Vec<Option<(String, Vec<Rename>)>>,
+    /// What the manifest says of the names.
+    says: String,
 }
 
 impl Naming {
-    fn of(config: &ExperimentConfig) -> Self {
+    fn of(model: &SequenceModel, config: &ExperimentConfig) -> Self {
         let kind = config.model.mixer.kind();
-        let classic = matches!(kind, "rnn" | "lstm" | "gru");
-        Self {
-            torch: (classic && config.model.layout == Layout::Stacked).then_some(kind),
-        }
+        let classic =
+            matches!(kind, "rnn" | "lstm" | "gru") && config.model.layout == Layout::Stacked;
+        let layers = model
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(l, block)| {
+                if classic {
+                    let torch = |ours: &str, theirs: &str, layout| {
+                        Rename::whole(ours, &format!("{kind}.{theirs}_l{l}"), layout)
+                    };
+                    return Some((
+                        String::new(),
+                        vec![
+                            torch("input.weight", "weight_ih", RenameLayout::Transposed),
+                            torch("input.bias", "bias_ih", RenameLayout::Same),
+                            torch("hidden.weight", "weight_hh", RenameLayout::Transposed),
+                            torch("hidden.bias", "bias_hh", RenameLayout::Same),
+                        ],
+                    ));
+                }
+                reference::names(&block.mixer).map(|names| (format!("blocks.{l}.mixer."), names))
+            })
+            .collect();
+        let says = if classic {
+            format!(
+                "estafet module paths; the recurrent layers as torch.nn.{}'s state dict",
+                kind.to_uppercase()
+            )
+        } else if let Some(module) = model
+            .blocks
+            .first()
+            .and_then(|b| reference::module(&b.mixer))
+        {
+            format!("estafet module paths; blocks.L.mixer.* as {module}'s state dict")
+        } else {
+            "estafet module paths".into()
+        };
+        Self { layers, says }
     }
 
-    /// The exported name of the parameter at `path`, and whether its matrix is transposed.
-    fn name(&self, path: &[String]) -> (String, bool) {
-        if let (Some(kind), ["blocks", layer, "mixer", _, side, what]) = (
-            self.torch,
-            path.iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>()
-                .as_slice(),
-        ) {
-            let side = match *side {
-                "input" => "ih",
-                _ => "hh",
-            };
-            return (format!("{kind}.{what}_{side}_l{layer}"), *what == "weight");
+    /// The renames of the parameter at `path` and the prefix of their names, if it has any.
+    fn rename(&self, path: &[String]) -> Option<(&str, &Rename)> {
+        let [blocks, layer, mixer, _variant, rest @ ..] = path else {
+            return None;
+        };
+        if blocks != "blocks" || mixer != "mixer" {
+            return None;
         }
-        (path.join("."), false)
+        let (prefix, renames) = self.layers.get(layer.parse::<usize>().ok()?)?.as_ref()?;
+        let ours = rest.join(".");
+        let rename = renames
+            .iter()
+            .find(|r| r.ours == ours)
+            .unwrap_or_else(|| panic!("`{}` has no exported name", path.join(".")));
+        Some((prefix, rename))
     }
 }
 
-/// Collects every float parameter under its exported name.
+/// Collects every float parameter under its exported name(s).
 struct Collect<'a> {
     naming: &'a Naming,
     path: Vec<String>,
-    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    tensors: Vec<(String, HostTensor)>,
 }
 
 impl ModuleVisitor for Collect<'_> {
@@ -140,19 +185,24 @@ impl ModuleVisitor for Collect<'_> {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let (name, transpose) = self.naming.name(&self.path);
-        let tensor = if transpose && D == 2 {
-            param.val().transpose()
-        } else {
-            param.val()
+        let tensor = param.val();
+        let host = HostTensor {
+            shape: tensor.dims().to_vec(),
+            values: tensor
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("float32 values"),
         };
-        let shape = tensor.dims().to_vec();
-        let values = tensor
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("float32 values");
-        self.tensors.push((name, shape, values));
+        match self.naming.rename(&self.path) {
+            Some((prefix, rename)) => self.tensors.extend(
+                rename
+                    .to_reference(&host)
+                    .into_iter()
+                    .map(|(name, t)| (format!("{prefix}{name}"), t)),
+            ),
+            None => self.tensors.push((self.path.join("."), host)),
+        }
     }
 }
 
@@ -164,7 +214,7 @@ pub fn export(
     probe: Option<Probe>,
     out: &Path,
 ) -> Result<(usize, usize), Error> {
-    let naming = Naming::of(config);
+    let naming = Naming::of(model, config);
     let mut collect = Collect {
         naming: &naming,
         path: Vec::new(),
@@ -174,9 +224,9 @@ pub fn export(
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = collect
         .tensors
         .iter()
-        .map(|(name, shape, values)| {
-            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (name.clone(), shape.clone(), bytes)
+        .map(|(name, t)| {
+            let bytes = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name.clone(), t.shape.clone(), bytes)
         })
         .collect();
     let views = bytes
@@ -198,15 +248,11 @@ pub fn export(
     let manifest = Manifest {
         format: FORMAT,
         model: config.model.mixer.kind(),
-        naming: if naming.torch.is_some() {
-            "estafet module paths; the recurrent layers as PyTorch's state dict"
-        } else {
-            "estafet module paths"
-        },
+        naming: naming.says.clone(),
         tensors: collect
             .tensors
             .iter()
-            .map(|(name, shape, _)| (name.clone(), shape.clone()))
+            .map(|(name, t)| (name.clone(), t.shape.clone()))
             .collect(),
         config,
         probe,
@@ -214,7 +260,7 @@ pub fn export(
     let mut json = serde_json::to_string_pretty(&manifest).expect("a manifest serialises");
     json.push('\n');
     crate::run_dir::write_atomic(&out.with_extension("json"), json.as_bytes())?;
-    let params = collect.tensors.iter().map(|t| t.2.len()).sum();
+    let params = collect.tensors.iter().map(|(_, t)| t.values.len()).sum();
     Ok((collect.tensors.len(), params))
 }
 
@@ -226,7 +272,7 @@ pub fn is_export(bytes: &[u8]) -> bool {
         .is_some_and(|m| m.get(FORMAT_KEY).map(String::as_str) == Some(FORMAT))
 }
 
-/// Replaces every float parameter with the export's tensor of the same name.
+/// Replaces every float parameter with the export's tensor(s) of its exported name(s).
 struct Load<'a> {
     naming: &'a Naming,
     file: &'a SafeTensors<'a>,
@@ -234,6 +280,21 @@ struct Load<'a> {
     path: Vec<String>,
     errors: Vec<String>,
     used: usize,
+}
+
+impl Load<'_> {
+    /// The file's tensor `name` as float32, if it holds one.
+    fn read(&self, name: &str) -> Option<HostTensor> {
+        let view = self.file.tensor(name).ok()?;
+        (view.dtype() == Dtype::F32).then(|| HostTensor {
+            shape: view.shape().to_vec(),
+            values: view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        })
+    }
 }
 
 impl ModuleMapper for Load<'_> {
@@ -246,40 +307,37 @@ impl ModuleMapper for Load<'_> {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let (name, transpose) = self.naming.name(&self.path);
-        let mut expected = param.lazy_shape().as_slice().to_vec();
-        if transpose {
-            expected.reverse();
-        }
-        let view = match self.file.tensor(&name) {
-            Ok(view) => view,
-            Err(_) => {
-                self.errors.push(format!("no tensor `{name}`"));
-                return param;
+        let shape = param.lazy_shape().as_slice().to_vec();
+        let read = match self.naming.rename(&self.path) {
+            Some((prefix, rename)) => {
+                let found =
+                    rename.from_reference(&shape, &|name| self.read(&format!("{prefix}{name}")));
+                found.map(|t| (t, rename.theirs.len()))
+            }
+            None => {
+                let name = self.path.join(".");
+                match self.read(&name) {
+                    Some(t) if t.shape == shape => Ok((t, 1)),
+                    Some(t) => Err(format!(
+                        "`{name}` has shape {:?}, expected {shape:?}",
+                        t.shape
+                    )),
+                    None => Err(format!("no float32 tensor `{name}`")),
+                }
             }
         };
-        if view.dtype() != Dtype::F32 || view.shape() != expected.as_slice() {
-            self.errors.push(format!(
-                "`{name}` is {:?} {:?}, expected F32 {expected:?}",
-                view.dtype(),
-                view.shape()
-            ));
-            return param;
+        match read {
+            Ok((t, tensors)) => {
+                self.used += tensors;
+                let tensor = Tensor::<D>::from_data(TensorData::new(t.values, shape), &self.device);
+                let id = param.id;
+                param.transform_for_load(tensor, id)
+            }
+            Err(e) => {
+                self.errors.push(e);
+                param
+            }
         }
-        self.used += 1;
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        let tensor = Tensor::<D>::from_data(TensorData::new(values, expected), &self.device);
-        let tensor = if transpose && D == 2 {
-            tensor.transpose()
-        } else {
-            tensor
-        };
-        let id = param.id;
-        param.transform_for_load(tensor, id)
     }
 }
 
@@ -305,7 +363,7 @@ pub fn import(
             config.model.mixer.kind()
         )));
     }
-    let naming = Naming::of(config);
+    let naming = Naming::of(&model, config);
     let mut load = Load {
         naming: &naming,
         file: &file,
@@ -372,7 +430,9 @@ mod tests {
 
     /// Every kind, in both layouts: a model exported and imported into a model of another seed
     /// gives exactly the outputs of the one exported; the classic cells of a stacked model go
-    /// out under PyTorch's names; an export of another kind is refused by name.
+    /// out under PyTorch's names, the mixers with a reference module under its names and
+    /// layouts (a convolution `[C, 1, K]`, RWKV-7's vectors `[1, 1, C]`); an export of another
+    /// kind is refused by name.
     #[test]
     fn export_then_import_gives_identical_outputs_for_every_model() {
         let device = device();
@@ -401,6 +461,19 @@ mod tests {
                         .tensor(&format!("{}.weight_ih_l1", mixer.kind()))
                         .unwrap_or_else(|_| panic!("{what}: torch names"));
                     assert_eq!(w.shape()[1], 8, "{what}: [G·H, in]");
+                }
+                let reference = match mixer.kind() {
+                    "mamba" | "mamba2" => Some(("blocks.1.mixer.conv1d.weight", 1)),
+                    "gated_deltanet" => Some(("blocks.1.mixer.k_conv1d.weight", 1)),
+                    "rwkv7" => Some(("blocks.1.mixer.x_r", 0)),
+                    _ => None,
+                };
+                if let Some((name, unit)) = reference {
+                    let file = SafeTensors::deserialize(&bytes).unwrap();
+                    let w = file
+                        .tensor(name)
+                        .unwrap_or_else(|_| panic!("{what}: {name}"));
+                    assert_eq!(w.shape()[unit], 1, "{what}: {name} {:?}", w.shape());
                 }
                 let loaded = import(other, &config, &bytes, "test", &device).unwrap();
                 let tokens =

@@ -38,6 +38,7 @@ use crate::fused;
 use crate::head_dims;
 use crate::init::Init;
 use crate::mask::{self, Visible};
+use crate::reference::{Layout, Rename};
 use crate::scan::{Compute, Eigenvalues, Form, Scan};
 use crate::time::unbind;
 
@@ -213,6 +214,41 @@ pub(crate) struct Heads {
 }
 
 impl GatedDeltaNet {
+    /// Its parameters under fla's `GatedDeltaNet` names ([`crate::reference`]): the one
+    /// convolution over q, k and v is fla's three.
+    pub fn reference_names(&self) -> Vec<Rename> {
+        let (key, value) = (
+            self.n_heads * self.head_dim(),
+            self.n_heads * self.head_v_dim(),
+        );
+        let mut names = vec![
+            Rename::linear("q_proj", "q_proj"),
+            Rename::linear("k_proj", "k_proj"),
+            Rename::linear("v_proj", "v_proj"),
+            Rename {
+                ours: "conv_weight".into(),
+                theirs: vec![
+                    ("q_conv1d.weight".into(), key),
+                    ("k_conv1d.weight".into(), key),
+                    ("v_conv1d.weight".into(), value),
+                ],
+                layout: Layout::Conv,
+            },
+            Rename::linear("b_proj", "b_proj"),
+            Rename::linear("g_proj", "g_proj"),
+            Rename::whole("norm_weight", "o_norm.weight", Layout::Same),
+            Rename::linear("o_proj", "o_proj"),
+        ];
+        if self.decay.is_some() {
+            names.extend([
+                Rename::linear("decay.a_proj", "a_proj"),
+                Rename::whole("decay.a_log", "A_log", Layout::Same),
+                Rename::whole("decay.dt_bias", "dt_bias", Layout::Same),
+            ]);
+        }
+        names
+    }
+
     fn head_dim(&self) -> usize {
         self.q_proj.weight.lazy_shape()[1] / self.n_heads
     }

@@ -42,6 +42,7 @@ pub mod mlstm;
 pub mod model;
 pub mod norm;
 pub mod projection;
+pub mod reference;
 pub mod rnn;
 pub mod rwkv;
 pub mod rwkv7;

@@ -33,6 +33,7 @@ use crate::conv::causal_depthwise;
 use crate::fused;
 use crate::init::Init;
 use crate::projection::{project, split_linear};
+use crate::reference::{Layout, Rename};
 use crate::scan::{Compute, Eigenvalues, Form, Scan, linear_scan, recurrence};
 use selection::{Dbc, Selection};
 
@@ -213,6 +214,36 @@ pub struct MambaState {
 }
 
 impl Mamba {
+    /// Its parameters under `mamba_simple.Mamba`'s names ([`crate::reference`]); the LTI
+    /// control's `dt_bias`, `B` and `C` under `make_fixtures.py`'s.
+    pub fn reference_names(&self) -> Vec<Rename> {
+        let mut names = vec![
+            Rename::linear("in_proj", "in_proj"),
+            Rename::whole("conv_weight", "conv1d.weight", Layout::Conv),
+            Rename::whole("conv_bias", "conv1d.bias", Layout::Same),
+            Rename::whole("a_log", "A_log", Layout::Same),
+            Rename::whole("d", "D", Layout::Same),
+            Rename::linear("out_proj", "out_proj"),
+        ];
+        names.extend(match &self.selection {
+            Selection::Selective(_) => vec![
+                Rename::linear("selection.Selective.x_proj", "x_proj"),
+                Rename::linear("selection.Selective.dt_proj", "dt_proj"),
+                Rename::whole(
+                    "selection.Selective.dt_proj.bias",
+                    "dt_proj.bias",
+                    Layout::Same,
+                ),
+            ],
+            Selection::Fixed(_) => vec![
+                Rename::whole("selection.Fixed.dt_bias", "dt_bias", Layout::Same),
+                Rename::whole("selection.Fixed.b", "B", Layout::Same),
+                Rename::whole("selection.Fixed.c", "C", Layout::Same),
+            ],
+        });
+        names
+    }
+
     fn inner(&self) -> usize {
         self.d.lazy_shape()[0]
     }

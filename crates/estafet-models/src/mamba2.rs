@@ -32,6 +32,7 @@ use crate::fused;
 use crate::init::Init;
 use crate::mask::{self, Visible};
 use crate::projection::{project, split_linear};
+use crate::reference::{Layout, Rename};
 use crate::scan::{Compute, Eigenvalues, Form, Scan};
 use crate::time::unbind;
 
@@ -195,6 +196,20 @@ pub(crate) struct Ssd {
 }
 
 impl Mamba2 {
+    /// Its parameters under `mamba_ssm`'s `Mamba2` names ([`crate::reference`]).
+    pub fn reference_names(&self) -> Vec<Rename> {
+        vec![
+            Rename::linear("in_proj", "in_proj"),
+            Rename::whole("conv_weight", "conv1d.weight", Layout::Conv),
+            Rename::whole("conv_bias", "conv1d.bias", Layout::Same),
+            Rename::whole("dt_bias", "dt_bias", Layout::Same),
+            Rename::whole("a_log", "A_log", Layout::Same),
+            Rename::whole("d", "D", Layout::Same),
+            Rename::whole("norm_weight", "norm.weight", Layout::Same),
+            Rename::linear("out_proj", "out_proj"),
+        ]
+    }
+
     fn inner(&self) -> usize {
         self.norm_weight.lazy_shape()[0]
     }

@@ -41,6 +41,7 @@ use crate::init::Init;
 use crate::mask::{self, Visible};
 use crate::norm;
 use crate::projection;
+use crate::reference::{Layout, Rename};
 use crate::rwkv::{last, token_shift};
 use crate::scan::{Compute, Form, Scan};
 use crate::time::unbind;
@@ -236,6 +237,29 @@ pub(crate) struct Heads {
 }
 
 impl Rwkv7 {
+    /// Its parameters under `RWKV_Tmix_x070`'s names ([`crate::reference`]).
+    pub fn reference_names(&self) -> Vec<Rename> {
+        let mut names: Vec<Rename> = [
+            "x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a",
+        ]
+        .into_iter()
+        .map(|p| Rename::whole(p, p, Layout::Broadcast))
+        .collect();
+        names.extend(
+            ["w1", "w2", "a1", "a2", "g1", "g2", "r_k"]
+                .into_iter()
+                .map(|p| Rename::whole(p, p, Layout::Same)),
+        );
+        names.extend(
+            ["receptance", "key", "value", "output"]
+                .into_iter()
+                .map(|p| Rename::linear(p, p)),
+        );
+        names.push(Rename::whole("ln_x_weight", "ln_x.weight", Layout::Same));
+        names.push(Rename::whole("ln_x_bias", "ln_x.bias", Layout::Same));
+        names
+    }
+
     fn d_model(&self) -> usize {
         self.w0.lazy_shape()[0]
     }

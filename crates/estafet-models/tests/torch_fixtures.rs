@@ -19,19 +19,22 @@ use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use estafet_models::Init;
-use estafet_models::gated_deltanet::{Decay, GatedDeltaNet, GatedDeltaNetState};
+use estafet_models::gated_deltanet::{
+    Decay, GatedDeltaNet, GatedDeltaNetConfig, GatedDeltaNetState,
+};
 use estafet_models::gru::GruConfig;
 use estafet_models::lstm::{LstmConfig, LstmState};
 use estafet_models::mamba::selection::{Fixed, Selection, Selective};
 use estafet_models::mamba::{Mamba, MambaConfig, MambaState};
-use estafet_models::mamba2::{Mamba2, Mamba2State};
+use estafet_models::mamba2::{Mamba2, Mamba2Config, Mamba2State};
 use estafet_models::mingru::MinGru;
 use estafet_models::minlstm::MinLstm;
 use estafet_models::mixer::{Mixer, MixerState};
 use estafet_models::mlstm::{Mlstm, MlstmState};
+use estafet_models::reference;
 use estafet_models::rnn::{Nonlinearity, RnnConfig};
 use estafet_models::rwkv::{RwkvConfig, TimeMix, Version, Wkv4State};
-use estafet_models::rwkv7::{Rwkv7, Rwkv7State};
+use estafet_models::rwkv7::{Rwkv7, Rwkv7Config, Rwkv7State};
 use estafet_models::scan::{Compute, Eigenvalues, Form, Scan};
 use estafet_models::slstm::{Slstm, SlstmState};
 use estafet_models::torch::{HostTensor, load_torch_layer};
@@ -515,7 +518,16 @@ fn rwkv7_matches_the_reference_time_mix() {
         weight: param(f.get::<2>(&format!("{name}.weight")).transpose()),
         bias: None,
     };
-    let p1 = |name: &str| param(f.get::<1>(name));
+    // Per-channel vectors are the reference's `[1, 1, C]`.
+    let d = f.shape("x")[2];
+    let p1 = |name: &str| {
+        let t = f.host(name);
+        let v = Tensor::<1>::from_data(
+            TensorData::new(t.values, [t.shape.iter().product::<usize>()]),
+            &device(),
+        );
+        param(v)
+    };
     let p2 = |name: &str| param(f.get::<2>(name));
     let chunked = Form::Tensor(Scan::Chunked { chunk_len: 3 });
     for scan in [Form::Tensor(Scan::Sequential), chunked, Form::Fused] {
@@ -573,6 +585,11 @@ fn rwkv7_matches_the_reference_time_mix() {
             ("a0", &layer.a0),
             ("k_k", &layer.k_k),
             ("k_a", &layer.k_a),
+        ] {
+            let g = p.grad(&grads).unwrap().reshape([1, 1, d]);
+            worst = worst.max(f.check(&format!("grad.{name}"), g));
+        }
+        for (name, p) in [
             ("ln_x.weight", &layer.ln_x_weight),
             ("ln_x.bias", &layer.ln_x_bias),
         ] {
@@ -880,5 +897,122 @@ fn rwkv4_time_mix_matches_the_official_recurrence() {
             worst = worst.max(f.check(&format!("grad.att.{name}.weight"), g));
         }
         println!("rwkv4 time mix ({form:?}): largest |estafet − reference| = {worst:.2e}");
+    }
+}
+
+/// `reference::load` reads each fixture's parameters by the reference's names alone, into a
+/// mixer built from its config at the fixture's sizes, and the mixer then gives the fixture's
+/// outputs and final state; `reference::collect` writes back exactly the fixture's tensors.
+#[test]
+fn reference_names_read_and_write_the_fixtures() {
+    let dev = device();
+    let init = |seed| Init::new(seed, &dev);
+    for name in ["mamba", "mamba_lti", "mamba2", "gated_deltanet", "rwkv7"] {
+        let f = Fixture::load(name);
+        let [b, _, d] = [f.shape("x")[0], f.shape("x")[1], f.shape("x")[2]];
+        let mixer = match name {
+            "mamba" | "mamba_lti" => {
+                let mut c = MambaConfig::new(d);
+                c.d_state = f.shape("A_log")[1];
+                c.d_conv = f.shape("conv1d.weight")[2];
+                c.expand = f.shape("A_log")[0] / d;
+                c.selective = name == "mamba";
+                Mixer::Mamba(c.init(&mut init(7)))
+            }
+            "mamba2" => {
+                let [h, p_, n] = [f.shape("h0")[1], f.shape("h0")[2], f.shape("h0")[3]];
+                let c = Mamba2Config {
+                    d_model: d,
+                    d_state: n,
+                    expand: h * p_ / d,
+                    head_dim: p_,
+                    d_conv: f.shape("conv1d.weight")[2],
+                    eigenvalues: Eigenvalues::Positive,
+                    scan: Form::Auto,
+                };
+                Mixer::Mamba2(c.init(&mut init(7)))
+            }
+            "gated_deltanet" => {
+                let [h, dk, dv] = [f.shape("s0")[1], f.shape("s0")[2], f.shape("s0")[3]];
+                let c = GatedDeltaNetConfig {
+                    d_model: d,
+                    n_heads: h,
+                    head_dim: dk,
+                    head_v_dim: dv,
+                    d_conv: f.shape("q_conv1d.weight")[2],
+                    gate: true,
+                    eigenvalues: Eigenvalues::Positive,
+                    scan: Form::Auto,
+                };
+                Mixer::GatedDeltaNet(c.init(&mut init(7)))
+            }
+            _ => {
+                let c = Rwkv7Config {
+                    d_model: d,
+                    head_size: f.shape("r_k")[1],
+                    lora_rank: f.shape("w1")[1],
+                    scan: Form::Auto,
+                };
+                Mixer::Rwkv7(c.init(&mut init(7)))
+            }
+        };
+        let mixer =
+            reference::load(mixer, &f.lookup(), &dev).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let written = reference::collect(&mixer).unwrap();
+        for (key, t) in &written {
+            assert_eq!(t, &f.host(key), "{name}: {key} written back");
+        }
+        let params = f.tensors.keys().filter(|k| !k.starts_with("grad.")).count();
+        assert_eq!(
+            written.len(),
+            params - inputs(name),
+            "{name}: every tensor written"
+        );
+        let x = f.get::<3>("x");
+        let (y, state) = match mixer {
+            Mixer::Mamba(m) => {
+                let (y, s) = m.forward(x, None);
+                (y, f.check("hn", s.ssm))
+            }
+            Mixer::Mamba2(m) => {
+                let k = m.conv_weight.dims();
+                let state = Mamba2State {
+                    conv: Tensor::zeros([b, k[0] - 1, k[1]], &dev),
+                    ssm: f.get::<4>("h0"),
+                };
+                let (y, s) = m.forward(x, Some(state));
+                (y, f.check("hn", s.ssm))
+            }
+            Mixer::GatedDeltaNet(m) => {
+                let k = m.conv_weight.dims();
+                let state = GatedDeltaNetState {
+                    conv: Tensor::zeros([b, k[0] - 1, k[1]], &dev),
+                    s: f.get::<4>("s0"),
+                };
+                let (y, s) = m.forward(x, Some(state));
+                (y, f.check("hn", s.s))
+            }
+            Mixer::Rwkv7(m) => {
+                let state = Rwkv7State {
+                    shift: f.get::<2>("shift0"),
+                    s: f.get::<4>("s0"),
+                };
+                let (y, s) = m.forward(x, Some(state));
+                (y, f.check("sn", s.s))
+            }
+            _ => unreachable!(),
+        };
+        let worst = f.check("y", y).max(state);
+        println!("{name} by reference names: largest |estafet − reference| = {worst:.2e}");
+    }
+}
+
+/// The fixture's tensors that are not parameters nor gradients: inputs, initial states,
+/// the loss weights `r` and the outputs.
+fn inputs(name: &str) -> usize {
+    match name {
+        "mamba" | "mamba_lti" => 4,       // x r y hn
+        "mamba2" | "gated_deltanet" => 5, // x r y hn + h0 | s0
+        _ => 6,                           // x r y sn shift0 s0
     }
 }
