@@ -84,6 +84,11 @@ enum Command {
         /// Held-out sequences per length (default: the run's eval.samples).
         #[arg(long)]
         samples: Option<usize>,
+        /// Read a stream task's validation split as this many parallel streams, each window
+        /// starting from the state the last one ended in (default: the run's eval.streams if it
+        /// trained with train.carry_state); 0: independent windows from a zero state.
+        #[arg(long)]
+        streams: Option<usize>,
         #[arg(long, value_parser = parse_backend)]
         backend: Option<Backend>,
     },
@@ -464,6 +469,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
             run_dir,
             seq_lens,
             samples,
+            streams,
             backend,
         } => {
             let backend = Backend::resolve(backend)?;
@@ -476,21 +482,41 @@ fn execute(cli: Cli) -> Result<(), Error> {
             let info = run.task.info();
             let mut lengths = vec![info.seq_len];
             lengths.extend(seq_lens);
-            let results = evaluate::at_lengths(
-                &run.model,
-                &run.config,
-                &lengths,
-                samples,
-                "--seq-len",
-                &device,
-            )?;
+            let carried = run
+                .config
+                .train
+                .carry_state
+                .then_some(run.config.eval.streams);
+            let results = match streams.or(carried).filter(|&n| n > 0) {
+                Some(n) => evaluate::streamed_at_lengths(
+                    &run.model,
+                    &run.config,
+                    &lengths,
+                    n,
+                    "--seq-len",
+                    &device,
+                )?,
+                None => evaluate::at_lengths(
+                    &run.model,
+                    &run.config,
+                    &lengths,
+                    samples,
+                    "--seq-len",
+                    &device,
+                )?,
+            };
             println!(
-                "{} at step {} on {backend}; metric {} (baseline {:.4}, solved at {:.4})",
+                "{} at step {} on {backend}; metric {} (baseline {:.4}, solved at {:.4}); {}",
                 run_dir.display(),
                 run.step,
                 info.metric.name(),
                 info.baseline_metric,
-                info.solved_metric
+                info.solved_metric,
+                match streams.or(carried).filter(|&n| n > 0) {
+                    Some(1) => "the validation split as one stream, the state carried".into(),
+                    Some(n) => format!("the validation split as {n} streams, the state carried"),
+                    None => format!("{samples} independent windows per length"),
+                }
             );
             println!(
                 "{:>8} {:>10} {:>10} {:>14} {:>7}",

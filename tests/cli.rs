@@ -889,6 +889,54 @@ fn gradflow_writes_curves_and_plots() {
     std::fs::remove_dir_all(out).ok();
 }
 
+/// Runs `args` whole into `dir/whole`, and into `dir/killed` killed with SIGKILL once its
+/// checkpoint has passed each of `kill_after`, resumed each time, then resumed to the end.
+fn kill_and_resume(
+    dir: &Path,
+    args: &dyn Fn(&Path) -> Vec<String>,
+    kill_after: &[u64],
+) -> (PathBuf, PathBuf) {
+    let whole = dir.join("whole");
+    let out = Command::new(env!("CARGO_BIN_EXE_estafet"))
+        .args(args(&whole))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let killed = dir.join("killed");
+    for (i, &kill_after) in kill_after.iter().enumerate() {
+        let resume = i > 0;
+        let mut a = args(&killed);
+        if resume {
+            a.push("--resume".into());
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_estafet"))
+            .args(a)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        while checkpoint_step(&killed) < kill_after {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before it was killed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(!killed.join("summary.json").exists());
+    }
+    let mut a = args(&killed);
+    a.push("--resume".into());
+    let out = Command::new(env!("CARGO_BIN_EXE_estafet"))
+        .args(a)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    (whole, killed)
+}
+
 /// A run killed with SIGKILL (twice) and resumed ends with exactly the figures of a run that
 /// was never interrupted.
 #[test]
@@ -923,43 +971,7 @@ fn a_killed_run_resumes_to_identical_results() {
         .map(|s| s.to_string())
         .collect()
     };
-    let whole = dir.join("whole");
-    let out = Command::new(env!("CARGO_BIN_EXE_estafet"))
-        .args(args(&whole))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-
-    let killed = dir.join("killed");
-    for (kill_after, resume) in [(40, false), (120, true)] {
-        let mut a = args(&killed);
-        if resume {
-            a.push("--resume".into());
-        }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_estafet"))
-            .args(a)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        while checkpoint_step(&killed) < kill_after {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "the run ended before it was killed"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        assert!(!killed.join("summary.json").exists());
-    }
-    let mut a = args(&killed);
-    a.push("--resume".into());
-    let out = Command::new(env!("CARGO_BIN_EXE_estafet"))
-        .args(a)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-
+    let (whole, killed) = kill_and_resume(&dir, &args, &[40, 120]);
     assert_eq!(
         json(&whole.join("summary.json"))["final_eval"],
         json(&killed.join("summary.json"))["final_eval"]
@@ -1146,6 +1158,95 @@ fn an_impossible_model_is_refused_before_allocation() {
         "model.d_model=2000000",
     ]);
     assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// `train.carry_state`: a character LM killed mid-stream (the first time inside a pass over
+/// the split, the second after the streams started over) resumes from the checkpoint's carried
+/// state and ends with exactly the figures of an uninterrupted run; the same run without the
+/// carried state ends elsewhere, so the state is what carries. A task that is not one long
+/// sequence is refused.
+#[test]
+fn a_killed_run_resumes_mid_stream_to_identical_results() {
+    let dir = scratch("resume-stream");
+    std::fs::create_dir_all(&dir).unwrap();
+    // 16,374 training characters in 16 streams: 62 windows of 16 per pass.
+    let with = |carry: bool| {
+        move |out: &Path| -> Vec<String> {
+            [
+                "run",
+                "configs/char-lm-lstm.toml",
+                "--quiet",
+                "--out",
+                out.to_str().unwrap(),
+                "--set",
+                "model.d_model=16",
+                "--set",
+                "task.seq_len=16",
+                "--set",
+                "train.batch_size=16",
+                "--set",
+                "train.steps=120",
+                "--set",
+                "train.checkpoint_every=10",
+                "--set",
+                "train.eval_every=40",
+                "--set",
+                "train.log_every=5",
+                "--set",
+                "eval.streams=3",
+                "--set",
+                &format!("train.carry_state={carry}"),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+        }
+    };
+    let (whole, killed) = kill_and_resume(&dir, &with(true), &[30, 80]);
+    assert_eq!(figures(&whole), figures(&killed));
+    assert_eq!(
+        json(&whole.join("summary.json"))["final_eval"],
+        json(&killed.join("summary.json"))["final_eval"]
+    );
+    let fresh = dir.join("fresh");
+    let out = estafet(
+        &with(false)(&fresh)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_ne!(figures(&whole), figures(&fresh));
+    // `estafet eval` reads a carried-state run as it was evaluated, or any stream-task run
+    // either way.
+    let streamed = estafet(&["eval", whole.to_str().unwrap()]);
+    assert!(streamed.status.success(), "{}", stderr(&streamed));
+    let text = String::from_utf8_lossy(&streamed.stdout).to_string();
+    assert!(text.contains("as 3 streams, the state carried"), "{text}");
+    let final_bpc = json(&whole.join("summary.json"))["final_eval"]["metric"]
+        .as_f64()
+        .unwrap();
+    assert!(text.contains(&format!("{final_bpc:.4}")), "{text}");
+    let windows = estafet(&["eval", fresh.to_str().unwrap(), "--streams", "1"]);
+    assert!(
+        String::from_utf8_lossy(&windows.stdout).contains("as one stream"),
+        "{}",
+        stderr(&windows)
+    );
+
+    let refused = estafet(&[
+        "check",
+        "configs/mqar-lstm.toml",
+        "--set",
+        "train.carry_state=true",
+    ]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("train.carry_state: task.kind = \"mqar\" draws independent"),
+        "{}",
+        stderr(&refused)
+    );
     std::fs::remove_dir_all(dir).ok();
 }
 

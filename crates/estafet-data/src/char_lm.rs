@@ -27,6 +27,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::stream::Streams;
 use crate::task::{
     Channel, LossPositions, Metric, Readout, Sample, Split, TaskError, TaskInfo, invalid,
 };
@@ -172,12 +173,19 @@ impl CharLm {
     }
 
     pub fn sample(&self, rng: &mut ChaCha8Rng, split: Split) -> Sample {
+        let (lo, hi) = self.range(split);
+        self.window_at(rng.random_range(lo..=hi - (self.config.seq_len + 1)))
+    }
+
+    /// `count` parallel streams through `split` ([`Streams`]).
+    pub fn streams(&self, split: Split, count: usize) -> Result<Streams, String> {
+        let (lo, hi) = self.range(split);
+        Streams::new(lo, hi, count, self.config.seq_len, 1)
+    }
+
+    /// The window whose first input is character `start`.
+    pub fn window_at(&self, start: usize) -> Sample {
         let window = self.config.seq_len + 1;
-        let (lo, hi) = match split {
-            Split::Train => (0, self.split),
-            Split::Valid => (self.split, self.ids.len()),
-        };
-        let start = rng.random_range(lo..=hi - window);
         let w = &self.ids[start..start + window];
         Sample::tokens(
             w[..window - 1].to_vec(),
@@ -185,12 +193,20 @@ impl CharLm {
             vec![true; window - 1],
         )
     }
+
+    fn range(&self, split: Split) -> (usize, usize) {
+        match split {
+            Split::Train => (0, self.split),
+            Split::Valid => (self.split, self.ids.len()),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::rng::stream;
+    use crate::stream::Window;
 
     fn file(text: &[u8]) -> tempfile::NamedTempFile {
         let mut f = tempfile::NamedTempFile::new().unwrap();
@@ -229,6 +245,44 @@ mod tests {
                 assert!(s.mask.iter().all(|&m| m));
             }
         }
+    }
+
+    /// Streams read each part of a split in order: a stream's windows, joined, are one stretch
+    /// of the text, and each window's last target is the next window's first input.
+    #[test]
+    fn streams_read_contiguous_stretches_of_each_split() {
+        let text: String = (0..600)
+            .map(|i| char::from(b'a' + (i * 7 % 26) as u8))
+            .collect();
+        let f = file(text.as_bytes());
+        let task = config(f.path(), 5).build().unwrap();
+        let decode =
+            |ids: &[u32]| -> String { ids.iter().map(|&i| task.vocab()[i as usize]).collect() };
+        for split in [Split::Train, Split::Valid] {
+            let streams = task.streams(split, 3).unwrap();
+            let (lo, hi) = task.range(split);
+            assert_eq!(streams.windows(), ((hi - lo) / 3 - 1) / 5);
+            for b in 0..3 {
+                let windows: Vec<Sample> = (0..streams.windows())
+                    .map(|index| task.window_at(streams.start(b, Window { pass: 0, index })))
+                    .collect();
+                let joined: String = windows.iter().map(|w| decode(w.input.tokens())).collect();
+                let from = lo + b * ((hi - lo) / 3);
+                assert_eq!(
+                    joined,
+                    text[from..from + joined.len()],
+                    "{split:?} stream {b}"
+                );
+                for pair in windows.windows(2) {
+                    assert_eq!(
+                        pair[0].target.tokens().last(),
+                        pair[1].input.tokens().first()
+                    );
+                }
+            }
+        }
+        let e = task.streams(Split::Valid, 40).unwrap_err();
+        assert!(e.contains("fewer than one window of 6"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod modular_arithmetic;
 pub mod mqar;
 pub mod parity;
 pub mod selective_copying;
+pub mod stream;
 mod task;
 pub mod time_series;
 pub mod word_problem;

@@ -1,6 +1,8 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+use crate::stream::{Streams, Window};
 use serde::{Deserialize, Serialize};
 
 use crate::adding::{Adding, AddingConfig};
@@ -401,6 +403,32 @@ impl Task {
                 })
                 .collect(),
         }
+    }
+
+    /// The parallel streams through `split` of a task that is one long sequence (`char_lm`, a
+    /// `time_series` read from a CSV file), `count` of them, windows of the task's length
+    /// (`stream.rs`); `Ok(None)` for a task that draws independent sequences, `Err` (a
+    /// sentence) when the split is too short for one window per stream.
+    pub fn streams(&self, split: Split, count: usize) -> Result<Option<Streams>, String> {
+        match self {
+            Task::CharLm(t) => t.streams(split, count).map(Some),
+            Task::TimeSeries(t) => t.streams(split, count),
+            _ => Ok(None),
+        }
+    }
+
+    /// Window `window` of each of `streams` (from [`Task::streams`]), stream `b` as sample `b`.
+    pub fn stream_batch(&self, streams: &Streams, window: Window) -> Vec<Sample> {
+        (0..streams.count())
+            .map(|b| {
+                let start = streams.start(b, window);
+                match self {
+                    Task::CharLm(t) => t.window_at(start),
+                    Task::TimeSeries(t) => t.window_at(start),
+                    _ => unreachable!("only stream tasks have streams"),
+                }
+            })
+            .collect()
     }
 
     /// The number of distinct training sequences, for tasks that have a finite training set.

@@ -37,6 +37,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::stream::Streams;
 use crate::task::{
     Channel, LossPositions, Metric, Readout, Sample, Seq, Split, TaskError, TaskInfo, invalid,
 };
@@ -293,6 +294,15 @@ struct CsvData {
     std: f64,
 }
 
+impl CsvData {
+    fn range(&self, split: Split) -> (usize, usize) {
+        match split {
+            Split::Train => (0, self.split),
+            Split::Valid => (self.split, self.values.len()),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct TimeSeries {
     config: TimeSeriesConfig,
@@ -333,20 +343,42 @@ impl TimeSeries {
     }
 
     pub fn sample(&self, rng: &mut ChaCha8Rng, split: Split) -> Sample {
-        let (t, h) = (self.config.seq_len, self.config.horizon);
-        let n = t + h;
+        let n = self.config.seq_len + self.config.horizon;
         let series: Vec<f32> = match (&self.data, self.config.series) {
             (Some(d), _) => {
-                let (lo, hi) = match split {
-                    Split::Train => (0, d.split),
-                    Split::Valid => (d.split, d.values.len()),
-                };
+                let (lo, hi) = d.range(split);
                 let start = rng.random_range(lo..=hi - n);
                 d.values[start..start + n].to_vec()
             }
             (None, Series::MackeyGlass) => mackey_glass(rng, n, self.config.noise),
             (None, _) => sines(rng, n, self.config.noise),
         };
+        self.window(&series)
+    }
+
+    /// `count` parallel streams through `split` of a CSV series ([`Streams`]); `None` for a
+    /// synthetic one, whose every sample is a fresh series.
+    pub fn streams(&self, split: Split, count: usize) -> Result<Option<Streams>, String> {
+        self.data
+            .as_ref()
+            .map(|d| {
+                let (lo, hi) = d.range(split);
+                Streams::new(lo, hi, count, self.config.seq_len, self.config.horizon)
+            })
+            .transpose()
+    }
+
+    /// The window of a CSV series whose first input is row `start`.
+    pub fn window_at(&self, start: usize) -> Sample {
+        let d = self.data.as_ref().expect("a CSV series");
+        let n = self.config.seq_len + self.config.horizon;
+        self.window(&d.values[start..start + n])
+    }
+
+    /// `series` (`seq_len + horizon` values) as inputs and, at every position, the next
+    /// `horizon` values.
+    fn window(&self, series: &[f32]) -> Sample {
+        let (t, h) = (self.config.seq_len, self.config.horizon);
         let target = (0..t)
             .flat_map(|i| series[i + 1..=i + h].iter().copied())
             .collect();

@@ -5,6 +5,8 @@
 //!   model.bpk       the model's record (burn's bytes; plain f32 tensors, any backend reads it)
 //!   optimizer.bpk   AdamW's moments
 //!   state.json      [`State`]: the step, the training time, the divergence check's figures
+//!   carried.safetensors   with `train.carry_state`: the state the next window starts from,
+//!                   every tensor of every layer in order (`0`, `1`, …)
 //! ```
 //!
 //! A checkpoint is swapped in whole: its files go into a fresh sibling directory, which is then
@@ -16,7 +18,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
-use estafet_models::SequenceModel;
+use estafet_models::torch::HostTensor;
+use estafet_models::{ModelState, SequenceModel};
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
@@ -24,7 +27,8 @@ use crate::divergence::DivergenceWatch;
 use crate::run_dir::{RunDir, write_atomic};
 
 /// `checkpoint/state.json`: where the run stands. The data stream needs nothing more: batch
-/// `k` is a function of `(seed, k)`.
+/// `k` is a function of `(seed, k)` (with `train.carry_state`, window `k` of the streams, and
+/// the carried state is saved beside it).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct State {
     pub step: usize,
@@ -36,12 +40,14 @@ pub struct State {
     pub watch: DivergenceWatch,
 }
 
-/// Writes the checkpoint of `model`, `optimizer` and `state` into `dir`, replacing the last.
+/// Writes the checkpoint of `model`, `optimizer`, `state` and the `carried` state into `dir`,
+/// replacing the last.
 pub fn write(
     dir: &RunDir,
     model: &SequenceModel,
     optimizer: &ModuleOptimizer,
     state: &State,
+    carried: Option<&ModelState>,
 ) -> Result<(), Error> {
     let model_bytes = model
         .clone()
@@ -53,15 +59,66 @@ pub fn write(
         .context("cannot serialise the optimizer")?;
     let state =
         serde_json::to_vec_pretty(state).context("cannot serialise the checkpoint state")?;
-    replace(
-        dir.path(),
-        &[
-            ("model.bpk", &model_bytes),
-            ("optimizer.bpk", &optim_bytes),
-            ("state.json", &state),
-        ],
-    )?;
+    let carried = carried.map(carried_bytes).transpose()?;
+    let mut files: Vec<(&str, &[u8])> = vec![
+        ("model.bpk", &model_bytes),
+        ("optimizer.bpk", &optim_bytes),
+        ("state.json", &state),
+    ];
+    if let Some(bytes) = &carried {
+        files.push((CARRIED, bytes));
+    }
+    replace(dir.path(), &files)?;
     Ok(())
+}
+
+const CARRIED: &str = "carried.safetensors";
+
+fn carried_bytes(state: &ModelState) -> anyhow::Result<Vec<u8>> {
+    let tensors = state.to_host();
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| t.values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .enumerate()
+        .map(|(i, (t, b))| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), b)
+                .map(|view| (i.to_string(), view))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("cannot lay out the carried state: {e}"))?;
+    safetensors::serialize(views, None)
+        .map_err(|e| anyhow::anyhow!("cannot serialise the carried state: {e}"))
+}
+
+/// The carried state the checkpoint holds, tensor by tensor, if it holds one.
+pub fn read_carried(checkpoint: &Path) -> Result<Option<Vec<HostTensor>>, Error> {
+    let path = checkpoint.join(CARRIED);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let corrupt = |e: String| Error::Config(format!("{}: {e}", path.display()));
+    let bytes = fs::read(&path).map_err(|e| corrupt(e.to_string()))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    (0..file.len())
+        .map(|i| {
+            let view = file
+                .tensor(&i.to_string())
+                .map_err(|e| corrupt(e.to_string()))?;
+            Ok(HostTensor {
+                shape: view.shape().to_vec(),
+                values: view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 /// Replaces the checkpoint directory of the run in `root` with `files` as one atomic step.

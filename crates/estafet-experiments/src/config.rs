@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use estafet_data::TaskConfig;
+use estafet_data::{Split, TaskConfig};
 use estafet_models::ModelConfig;
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +66,16 @@ pub struct TrainConfig {
     /// of them, chosen by the schedule.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub length_mixture: Option<LengthMixture>,
+    /// Truncated backpropagation through time on a task that is one long sequence (`char_lm`,
+    /// a `time_series` read from a CSV file): the training split is read as `batch_size`
+    /// parallel streams, consecutive steps read consecutive windows of them, and each window
+    /// starts from the previous one's final state, detached (so gradients span one window,
+    /// the state everything before it); after a pass over the split the streams start again
+    /// from zero, at a seeded offset into their parts so that each pass cuts its windows in new
+    /// places. Evaluation then reads the validation split as `eval.streams` streams the same
+    /// way (from offset 0), so the model is scored with all the context before each position.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub carry_state: bool,
 }
 
 /// `[train.length_mixture]`: the lengths a run trains on and how a batch's length is chosen.
@@ -149,6 +159,7 @@ impl Default for TrainConfig {
             divergence_factor: 10.0,
             length_mixture: None,
             divergence_patience: 5,
+            carry_state: false,
         }
     }
 }
@@ -226,6 +237,10 @@ pub struct EvalConfig {
     /// Further sequence lengths the final model is evaluated at (length generalisation), each
     /// on a held-out set of `samples` sequences of that length.
     pub lengths: Vec<usize>,
+    /// With `train.carry_state`: the parallel streams the validation split is read in (1: one
+    /// stream, every position scored with all the text before it; more: faster, and the first
+    /// window of each stream starts from a zero state).
+    pub streams: usize,
 }
 
 impl Default for EvalConfig {
@@ -234,6 +249,7 @@ impl Default for EvalConfig {
             samples: 512,
             batch_size: 128,
             lengths: Vec::new(),
+            streams: 1,
         }
     }
 }
@@ -325,6 +341,56 @@ pub fn parse(source: &ConfigSource, overrides: &[String]) -> Result<ExperimentCo
 }
 
 impl ExperimentConfig {
+    /// `train.carry_state` needs a task that is one long sequence, long enough for a window per
+    /// stream in both splits, a mixer whose state stays the same size, and one length.
+    fn check_carry_state(&self) -> Result<(), String> {
+        let task = self.task.build().map_err(|e| e.to_string())?;
+        if self.model.mixer.kind() == "attention" {
+            return Err(
+                "train.carry_state: attention's state is its KV cache, which would grow \
+                        with every window; carry the state of a recurrence"
+                    .into(),
+            );
+        }
+        if self.train.length_mixture.is_some() {
+            return Err(
+                "train.carry_state: the windows of a stream have one length; drop \
+                        train.length_mixture"
+                    .into(),
+            );
+        }
+        for (split, count, what) in [
+            (Split::Train, self.train.batch_size, "train.batch_size"),
+            (Split::Valid, self.eval.streams, "eval.streams"),
+        ] {
+            let streams = task.streams(split, count).and_then(|s| match (s, split) {
+                (Some(s), Split::Train) => s.shifted(self.run.seed).map(Some),
+                (s, _) => Ok(s),
+            });
+            match streams {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(format!(
+                        "train.carry_state: task.kind = \"{}\" draws independent sequences; \
+                         carrying a state needs one long sequence (char_lm, or time_series with \
+                         series = \"csv\")",
+                        self.task.kind()
+                    ));
+                }
+                Err(e) => {
+                    let part = match split {
+                        Split::Train => "training",
+                        Split::Valid => "validation",
+                    };
+                    return Err(format!(
+                        "train.carry_state: the {part} split: {e} ({what} = {count})"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the constraints serde cannot express; the message starts with the field.
     pub fn validate(&self) -> Result<(), String> {
         self.model.validate()?;
@@ -333,6 +399,9 @@ impl ExperimentConfig {
             self.task
                 .with_seq_len(length)
                 .map_err(|e| format!("eval.lengths: {length}: {e}"))?;
+        }
+        if self.train.carry_state {
+            self.check_carry_state()?;
         }
         let mixture = self.train.length_mixture.as_ref();
         if let Some(m) = mixture {

@@ -4,7 +4,10 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor};
-use estafet_data::{Batch, Channel, LossPositions, Metric, Readout, Sample, SeqBatch, TaskInfo};
+use estafet_data::stream::{Streams, Window};
+use estafet_data::{
+    Batch, Channel, LossPositions, Metric, Readout, Sample, SeqBatch, Split, Task, TaskInfo,
+};
 use estafet_models::fused;
 use estafet_models::total::{mean_all, sum_all};
 use estafet_models::{Input, InputSpec, ModelIo, Readout as ModelReadout, SequenceModel};
@@ -104,7 +107,7 @@ pub fn model_io(info: &TaskInfo) -> ModelIo {
 pub const STREAM_WINDOW: usize = 4096;
 
 /// `batch`'s positions `start..start + len`.
-fn window(batch: &Batch, start: usize, len: usize) -> Batch {
+pub(crate) fn window(batch: &Batch, start: usize, len: usize) -> Batch {
     let cut = |s: &SeqBatch| match s {
         SeqBatch::Tokens(x) => SeqBatch::Tokens(x.clone().narrow(1, start, len)),
         SeqBatch::Reals(x) => SeqBatch::Reals(x.clone().narrow(1, start, len)),
@@ -138,7 +141,7 @@ pub fn evaluate_in_windows(
     window_len: usize,
     device: &Device,
 ) -> EvalResult {
-    let (mut loss_sum, mut loss_count, mut total, mut count) = (0.0, 0.0, 0.0, 0.0);
+    let mut sums = Sums::default();
     let window_len = match info.readout {
         Readout::Bottleneck => info.seq_len,
         _ => window_len.max(1),
@@ -155,35 +158,81 @@ pub fn evaluate_in_windows(
             };
             let (outputs, next) = model.forward(model_input(&batch), state);
             state = Some(next);
-            let weight = match info.loss_positions {
-                LossPositions::All => (chunk.len() * len) as f64,
-                LossPositions::Masked => batch.mask.clone().sum().into_scalar::<f32>() as f64,
-            };
-            let s = score(outputs, &batch, info);
-            if weight > 0.0 {
-                loss_sum += s.loss.into_scalar::<f32>() as f64 * weight;
-                loss_count += weight;
-            }
-            total += s.total.into_scalar::<f32>() as f64;
-            count += s.count.into_scalar::<f32>() as f64;
+            sums.add(outputs, &batch, info);
         }
     }
-    let metric = metric_value(info.metric, total, count);
-    EvalResult {
-        seq_len: info.seq_len,
-        loss: loss_sum / loss_count,
-        metric,
-        baseline_loss: info.baseline_loss,
-        baseline_metric: info.baseline_metric,
-        solved_metric: info.solved_metric,
-        solved: info.metric.reaches(metric, info.solved_metric),
-        scaled_accuracy: match (info.metric, info.output) {
-            (Metric::TokenAccuracy, Channel::Tokens { vocab }) if vocab > 1 => {
-                let chance = 1.0 / vocab as f64;
-                Some((metric - chance) / (1.0 - chance))
-            }
-            _ => None,
-        },
+    sums.result(info)
+}
+
+/// Evaluates on `task`'s validation split read as `streams` ([`Task::streams`]), window after
+/// window, each starting from the state the one before it ended in: what a run with
+/// `train.carry_state` reports, every position scored with all the context before it in its
+/// stream.
+pub fn evaluate_streams(
+    model: &SequenceModel,
+    task: &Task,
+    streams: &Streams,
+    device: &Device,
+) -> EvalResult {
+    let info = task.info();
+    let mut sums = Sums::default();
+    let mut state = None;
+    for index in 0..streams.windows() {
+        let batch = Batch::new(
+            &task.stream_batch(streams, Window { pass: 0, index }),
+            device,
+        );
+        let (outputs, next) = model.forward(model_input(&batch), state);
+        state = Some(next);
+        sums.add(outputs, &batch, &info);
+    }
+    sums.result(&info)
+}
+
+/// An evaluation's running sums: the loss weighted by the positions it averages over, and
+/// the metric's total and count.
+#[derive(Default)]
+struct Sums {
+    loss: f64,
+    loss_weight: f64,
+    total: f64,
+    count: f64,
+}
+
+impl Sums {
+    fn add(&mut self, outputs: Tensor<3>, batch: &Batch, info: &TaskInfo) {
+        let [b, len, _] = outputs.dims();
+        let weight = match info.loss_positions {
+            LossPositions::All => (b * len) as f64,
+            LossPositions::Masked => batch.mask.clone().sum().into_scalar::<f32>() as f64,
+        };
+        let s = score(outputs, batch, info);
+        if weight > 0.0 {
+            self.loss += s.loss.into_scalar::<f32>() as f64 * weight;
+            self.loss_weight += weight;
+        }
+        self.total += s.total.into_scalar::<f32>() as f64;
+        self.count += s.count.into_scalar::<f32>() as f64;
+    }
+
+    fn result(&self, info: &TaskInfo) -> EvalResult {
+        let metric = metric_value(info.metric, self.total, self.count);
+        EvalResult {
+            seq_len: info.seq_len,
+            loss: self.loss / self.loss_weight,
+            metric,
+            baseline_loss: info.baseline_loss,
+            baseline_metric: info.baseline_metric,
+            solved_metric: info.solved_metric,
+            solved: info.metric.reaches(metric, info.solved_metric),
+            scaled_accuracy: match (info.metric, info.output) {
+                (Metric::TokenAccuracy, Channel::Tokens { vocab }) if vocab > 1 => {
+                    let chance = 1.0 / vocab as f64;
+                    Some((metric - chance) / (1.0 - chance))
+                }
+                _ => None,
+            },
+        }
     }
 }
 
@@ -269,6 +318,40 @@ pub fn at_lengths(
                 config.eval.batch_size,
                 device,
             ))
+        })
+        .collect()
+}
+
+/// The model trained on `config` evaluated at each of `lengths` (the window length) on the
+/// validation split of its stream task read as `streams` streams, the state carried from window
+/// to window ([`evaluate_streams`]); errors name `what` and the length.
+pub fn streamed_at_lengths(
+    model: &SequenceModel,
+    config: &ExperimentConfig,
+    lengths: &[usize],
+    streams: usize,
+    what: &str,
+    device: &Device,
+) -> Result<Vec<EvalResult>, Error> {
+    lengths
+        .iter()
+        .map(|&length| {
+            let task = config
+                .task
+                .with_seq_len(length)
+                .and_then(|c| c.build())
+                .map_err(|e| Error::Config(format!("{what} {length}: {e}")))?;
+            match task.streams(Split::Valid, streams) {
+                Ok(Some(s)) => Ok(evaluate_streams(model, &task, &s, device)),
+                Ok(None) => Err(Error::Config(format!(
+                    "--streams: task.kind = \"{}\" draws independent sequences; streams need one \
+                     long sequence (char_lm, or time_series with series = \"csv\")",
+                    config.task.kind()
+                ))),
+                Err(e) => Err(Error::Config(format!(
+                    "--streams {streams} at {what} {length}: {e}"
+                ))),
+            }
         })
         .collect()
 }

@@ -11,15 +11,17 @@ use std::time::Instant;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
-use estafet_data::{Batch, Sample, Task, TaskInfo};
+use estafet_data::stream::Streams;
+use estafet_data::{Batch, Sample, Split, Task, TaskInfo};
+use estafet_models::torch::HostTensor;
 use estafet_models::total::sum_all;
-use estafet_models::{Init, SequenceModel};
+use estafet_models::{Init, ModelState, SequenceModel};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::checkpoint;
 use crate::config::{ConfigSource, ExperimentConfig};
-use crate::evaluate::{evaluate, metric_value, model_input, model_io, score};
+use crate::evaluate::{evaluate, evaluate_streams, metric_value, model_input, model_io, score};
 use crate::interrupt::Signal;
 use crate::results::{Divergence, EvalResult, StopReason, Summary};
 use crate::run_dir::RunDir;
@@ -142,7 +144,17 @@ struct Run<'a> {
     params: usize,
     state_size: usize,
     eval_set: Vec<Sample>,
+    /// With `train.carry_state`: the streams training and evaluation read.
+    carry: Option<Carry>,
     bar: ProgressBar,
+}
+
+/// The streams of a `train.carry_state` run, and the state a resumed run starts from.
+struct Carry {
+    train: Streams,
+    valid: Streams,
+    /// The checkpoint's carried state, until the first step after a resume takes it.
+    saved: Option<Vec<HostTensor>>,
 }
 
 /// How the loop ended.
@@ -208,11 +220,13 @@ impl<'a> Run<'a> {
             .with_epsilon(config.optim.eps as f32)
             .with_weight_decay(config.optim.weight_decay as f32)
             .init();
+        let mut carried = None;
         let state = if resuming {
             let state = match saved {
                 Some(saved) => {
                     model = checkpoint::load_model(&saved, model)?;
                     optimizer = checkpoint::load_optimizer(&saved, optimizer)?;
+                    carried = checkpoint::read_carried(&saved)?;
                     checkpoint::read_state(&saved)?
                 }
                 None => checkpoint::State::default(),
@@ -249,9 +263,24 @@ impl<'a> Run<'a> {
                 .map_err(|e| Error::Config(format!("train.length_mixture: {e}")))?,
             None => Vec::new(),
         };
+        let carry = match config.train.carry_state {
+            true => {
+                // `ExperimentConfig::validate` checked that both splits have streams.
+                let streams = |split, count| task.streams(split, count).ok().flatten();
+                let train = streams(Split::Train, config.train.batch_size)
+                    .and_then(|s| s.shifted(config.run.seed).ok());
+                Some(Carry {
+                    train: train.expect("validated"),
+                    valid: streams(Split::Valid, config.eval.streams).expect("validated"),
+                    saved: carried,
+                })
+            }
+            false => None,
+        };
         let run = Run {
             config,
             options,
+            carry,
             mixture,
             eval_set: task.eval_set(config.run.seed, config.eval.samples),
             task,
@@ -338,14 +367,59 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// The held-out evaluation: `samples`, or with `train.carry_state` the validation streams.
     fn evaluate(&self, model: &SequenceModel, samples: &[Sample]) -> EvalResult {
-        evaluate(
-            &model.valid(),
-            samples,
-            &self.info,
-            self.config.eval.batch_size,
-            &self.device,
-        )
+        match &self.carry {
+            Some(carry) => evaluate_streams(&model.valid(), &self.task, &carry.valid, &self.device),
+            None => evaluate(
+                &model.valid(),
+                samples,
+                &self.info,
+                self.config.eval.batch_size,
+                &self.device,
+            ),
+        }
+    }
+
+    /// Step `step`'s batch and the state it starts from: a batch of independent sequences from
+    /// a zero state, or with `train.carry_state` the next window of every stream from the
+    /// state the last one ended in (zero at the start of a pass over the split).
+    fn batch(
+        &mut self,
+        step: usize,
+        model: &SequenceModel,
+        carried: &mut Option<ModelState>,
+    ) -> Result<(Batch, Option<ModelState>), Error> {
+        let Some(carry) = &mut self.carry else {
+            let samples = self.train_task(step).train_batch(
+                self.config.run.seed,
+                step as u64,
+                self.config.train.batch_size,
+            );
+            return Ok((Batch::new(&samples, &self.ad_device), None));
+        };
+        let window = carry.train.window(step);
+        let batch = Batch::new(
+            &self.task.stream_batch(&carry.train, window),
+            &self.ad_device,
+        );
+        if let Some(saved) = carry.saved.take() {
+            // The shapes of a state come from the model: one step of it gives a template.
+            let (_, template) =
+                model.forward(model_input(&crate::evaluate::window(&batch, 0, 1)), None);
+            let restored =
+                ModelState::from_host(template, saved, &self.ad_device).map_err(|e| {
+                    Error::Config(format!(
+                        "{}: the checkpoint's carried state does not fit this model: {e}",
+                        self.options.out.display()
+                    ))
+                })?;
+            *carried = Some(restored);
+        }
+        if window.index == 0 {
+            *carried = None;
+        }
+        Ok((batch, carried.take()))
     }
 
     /// The loop, from the step after the checkpoint to the end of the budget, a solved
@@ -369,13 +443,14 @@ impl<'a> Run<'a> {
             last_eval: None,
             train_seconds: 0.0,
         };
+        let mut carried = None;
         for step in start + 1..=train.steps {
             outcome.last_step = step;
-            let samples =
-                self.train_task(step)
-                    .train_batch(config.run.seed, step as u64, train.batch_size);
-            let batch = Batch::new(&samples, &self.ad_device);
-            let (outputs, _) = model.forward(model_input(&batch), None);
+            let (batch, initial) = self.batch(step, &model, &mut carried)?;
+            let (outputs, last) = model.forward(model_input(&batch), initial);
+            if self.carry.is_some() {
+                carried = Some(last.detach());
+            }
             let scores = score(outputs, &batch, &info);
             let loss_value: f64 = scores.loss.clone().into_scalar::<f32>() as f64;
             if !loss_value.is_finite() {
@@ -453,7 +528,7 @@ impl<'a> Run<'a> {
             if stop || signal.is_some() || (due && self.state.watch.streak == 0) {
                 self.state.step = step;
                 self.state.train_seconds = elapsed();
-                checkpoint::write(&self.dir, &model, &optimizer, &self.state)?;
+                checkpoint::write(&self.dir, &model, &optimizer, &self.state, carried.as_ref())?;
                 last_checkpoint = Instant::now();
             }
             if signal.is_some() {

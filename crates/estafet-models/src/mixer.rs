@@ -390,73 +390,101 @@ impl MixerState {
     }
 }
 
+/// A function applied to every tensor of a state ([`MixerState::map`]), whatever its rank.
+pub trait StateMap {
+    fn apply<const D: usize>(&mut self, t: Tensor<D>) -> Tensor<D>;
+
+    /// RWKV-4's running maximum `p`, which only rescales `a` and `b` (a change of `p` changes
+    /// nothing downstream, so its gradient is zero).
+    fn apply_stabiliser<const D: usize>(&mut self, t: Tensor<D>) -> Tensor<D> {
+        self.apply(t)
+    }
+}
+
 impl MixerState {
+    /// The state with `f` applied to each of its tensors, in [`flatten`](Self::flatten)'s
+    /// order.
+    pub fn map(self, f: &mut impl StateMap) -> MixerState {
+        match self {
+            MixerState::Hidden(h) => MixerState::Hidden(f.apply(h)),
+            MixerState::Lstm(s) => MixerState::Lstm(LstmState {
+                h: f.apply(s.h),
+                c: f.apply(s.c),
+            }),
+            MixerState::Mamba(s) => MixerState::Mamba(MambaState {
+                conv: f.apply(s.conv),
+                ssm: f.apply(s.ssm),
+            }),
+            MixerState::Mamba2(s) => MixerState::Mamba2(Mamba2State {
+                conv: f.apply(s.conv),
+                ssm: f.apply(s.ssm),
+            }),
+            MixerState::Rwkv(s) => {
+                let shift_time = f.apply(s.shift_time);
+                let shift_channel = f.apply(s.shift_channel);
+                let wkv = match s.wkv {
+                    crate::rwkv::WkvState::V4(w) => {
+                        crate::rwkv::WkvState::V4(crate::rwkv::Wkv4State {
+                            a: f.apply(w.a),
+                            b: f.apply(w.b),
+                            p: f.apply_stabiliser(w.p),
+                        })
+                    }
+                    crate::rwkv::WkvState::V6(w) => crate::rwkv::WkvState::V6(f.apply(w)),
+                };
+                MixerState::Rwkv(crate::rwkv::RwkvState {
+                    shift_time,
+                    wkv,
+                    shift_channel,
+                })
+            }
+            MixerState::GatedDeltaNet(s) => MixerState::GatedDeltaNet(GatedDeltaNetState {
+                conv: f.apply(s.conv),
+                s: f.apply(s.s),
+            }),
+            MixerState::Slstm(s) => MixerState::Slstm(SlstmState {
+                h: f.apply(s.h),
+                c: f.apply(s.c),
+                n: f.apply(s.n),
+                m: f.apply(s.m),
+            }),
+            MixerState::Mlstm(s) => MixerState::Mlstm(MlstmState {
+                c: f.apply(s.c),
+                n: f.apply(s.n),
+                m: f.apply(s.m),
+            }),
+            MixerState::Rwkv7(s) => MixerState::Rwkv7(Rwkv7State {
+                shift: f.apply(s.shift),
+                s: f.apply(s.s),
+            }),
+            MixerState::Attention(c) => MixerState::Attention(KvCache {
+                k: f.apply(c.k),
+                v: f.apply(c.v),
+            }),
+        }
+    }
+
     /// The same state plus zero tensors that autodiff tracks, one `[B, n]` leaf per state
     /// tensor: the gradient of a later loss with respect to a leaf is its gradient with
     /// respect to that part of the state. Needs an autodiff device.
     pub fn perturbed(self) -> (MixerState, Vec<Tensor<2>>) {
-        fn add<const D: usize>(t: Tensor<D>, leaves: &mut Vec<Tensor<2>>) -> Tensor<D> {
-            let dims = t.dims();
-            let n = dims[1..].iter().product::<usize>();
-            let leaf = Tensor::<2>::zeros([dims[0], n], &t.device()).require_grad();
-            leaves.push(leaf.clone());
-            t + leaf.reshape(dims)
+        struct Perturb(Vec<Tensor<2>>);
+        impl StateMap for Perturb {
+            fn apply<const D: usize>(&mut self, t: Tensor<D>) -> Tensor<D> {
+                let dims = t.dims();
+                let n = dims[1..].iter().product::<usize>();
+                let leaf = Tensor::<2>::zeros([dims[0], n], &t.device()).require_grad();
+                self.0.push(leaf.clone());
+                t + leaf.reshape(dims)
+            }
+
+            fn apply_stabiliser<const D: usize>(&mut self, t: Tensor<D>) -> Tensor<D> {
+                t
+            }
         }
-        let mut leaves = Vec::new();
-        let state = match self {
-            MixerState::Hidden(h) => MixerState::Hidden(add(h, &mut leaves)),
-            MixerState::Lstm(s) => MixerState::Lstm(LstmState {
-                h: add(s.h, &mut leaves),
-                c: add(s.c, &mut leaves),
-            }),
-            MixerState::Mamba(s) => MixerState::Mamba(MambaState {
-                conv: add(s.conv, &mut leaves),
-                ssm: add(s.ssm, &mut leaves),
-            }),
-            MixerState::Mamba2(s) => MixerState::Mamba2(Mamba2State {
-                conv: add(s.conv, &mut leaves),
-                ssm: add(s.ssm, &mut leaves),
-            }),
-            MixerState::Rwkv(s) => MixerState::Rwkv(crate::rwkv::RwkvState {
-                shift_time: add(s.shift_time, &mut leaves),
-                wkv: match s.wkv {
-                    crate::rwkv::WkvState::V4(w) => {
-                        crate::rwkv::WkvState::V4(crate::rwkv::Wkv4State {
-                            a: add(w.a, &mut leaves),
-                            b: add(w.b, &mut leaves),
-                            // The running maximum only rescales a and b; its gradient is zero.
-                            p: w.p,
-                        })
-                    }
-                    crate::rwkv::WkvState::V6(w) => crate::rwkv::WkvState::V6(add(w, &mut leaves)),
-                },
-                shift_channel: add(s.shift_channel, &mut leaves),
-            }),
-            MixerState::GatedDeltaNet(s) => MixerState::GatedDeltaNet(GatedDeltaNetState {
-                conv: add(s.conv, &mut leaves),
-                s: add(s.s, &mut leaves),
-            }),
-            MixerState::Slstm(s) => MixerState::Slstm(SlstmState {
-                h: add(s.h, &mut leaves),
-                c: add(s.c, &mut leaves),
-                n: add(s.n, &mut leaves),
-                m: add(s.m, &mut leaves),
-            }),
-            MixerState::Rwkv7(s) => MixerState::Rwkv7(Rwkv7State {
-                shift: add(s.shift, &mut leaves),
-                s: add(s.s, &mut leaves),
-            }),
-            MixerState::Mlstm(s) => MixerState::Mlstm(MlstmState {
-                c: add(s.c, &mut leaves),
-                n: add(s.n, &mut leaves),
-                m: add(s.m, &mut leaves),
-            }),
-            MixerState::Attention(c) => MixerState::Attention(KvCache {
-                k: add(c.k, &mut leaves),
-                v: add(c.v, &mut leaves),
-            }),
-        };
-        (state, leaves)
+        let mut perturb = Perturb(Vec::new());
+        let state = self.map(&mut perturb);
+        (state, perturb.0)
     }
 }
 

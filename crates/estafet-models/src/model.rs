@@ -17,13 +17,14 @@
 
 use burn::module::Module;
 use burn::nn::{Embedding, LayerNorm, Linear};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::init::Init;
-use crate::mixer::{Mixer, MixerConfig, MixerState};
+use crate::mixer::{Mixer, MixerConfig, MixerState, StateMap};
 use crate::norm::{layer_norm, layer_norm_module};
 use crate::projection::project;
+use crate::torch::HostTensor;
 
 /// How blocks are wired together.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,6 +259,104 @@ pub struct SequenceModel {
 #[derive(Clone, Debug)]
 pub struct ModelState {
     pub layers: Vec<MixerState>,
+}
+
+impl ModelState {
+    /// The same values, cut from the autodiff graph: what a window hands the next in truncated
+    /// backpropagation through time.
+    pub fn detach(self) -> Self {
+        struct Detach;
+        impl StateMap for Detach {
+            fn apply<const D: usize>(&mut self, t: Tensor<D>) -> Tensor<D> {
+                t.detach()
+            }
+        }
+        self.map(&mut Detach)
+    }
+
+    /// Every tensor of every layer, in order, copied to the host (what a checkpoint keeps).
+    pub fn to_host(&self) -> Vec<HostTensor> {
+        struct Copy(Vec<HostTensor>);
+        impl StateMap for Copy {
+            fn apply<const D: usize>(&mut self, t: Tensor<D>) -> Tensor<D> {
+                self.0.push(HostTensor {
+                    shape: t.dims().to_vec(),
+                    values: t
+                        .to_data()
+                        .convert::<f32>()
+                        .try_into_vec::<f32>()
+                        .expect("float32 values"),
+                });
+                t
+            }
+        }
+        let mut copy = Copy(Vec::new());
+        let _ = self.clone().map(&mut copy);
+        copy.0
+    }
+
+    /// `template` (a state of the same model and batch) with the values of `saved`
+    /// ([`to_host`](Self::to_host)'s), on `device`; `Err` names the first tensor whose shape
+    /// differs, or a count that does.
+    pub fn from_host(
+        template: Self,
+        saved: Vec<HostTensor>,
+        device: &Device,
+    ) -> Result<Self, String> {
+        struct Restore<'a> {
+            saved: std::vec::IntoIter<HostTensor>,
+            device: &'a Device,
+            at: usize,
+            error: Option<String>,
+        }
+        impl StateMap for Restore<'_> {
+            fn apply<const D: usize>(&mut self, t: Tensor<D>) -> Tensor<D> {
+                self.at += 1;
+                match self.saved.next() {
+                    Some(h) if h.shape == t.dims() => {
+                        Tensor::from_data(TensorData::new(h.values, h.shape), self.device)
+                    }
+                    other => {
+                        self.error.get_or_insert_with(|| match other {
+                            Some(h) => format!(
+                                "state tensor {} has shape {:?}, the model's {:?}",
+                                self.at,
+                                h.shape,
+                                t.dims()
+                            ),
+                            None => {
+                                format!("the model has more than {} state tensors", self.at - 1)
+                            }
+                        });
+                        t
+                    }
+                }
+            }
+        }
+        let mut restore = Restore {
+            saved: saved.into_iter(),
+            device,
+            at: 0,
+            error: None,
+        };
+        let state = template.map(&mut restore);
+        if let Some(e) = restore.error {
+            return Err(e);
+        }
+        if restore.saved.next().is_some() {
+            return Err(format!(
+                "the model has {} state tensors, fewer than saved",
+                restore.at
+            ));
+        }
+        Ok(state)
+    }
+
+    fn map(self, f: &mut impl StateMap) -> Self {
+        Self {
+            layers: self.layers.into_iter().map(|s| s.map(f)).collect(),
+        }
+    }
 }
 
 /// GELU with the exact erf form, `x · Φ(x)`, built from primitive ops so that autodiff

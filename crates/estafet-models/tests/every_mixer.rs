@@ -161,3 +161,54 @@ fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
         .gather(2, targets.unsqueeze_dim(2))
         .mean()
 }
+
+/// Truncated backpropagation through time rests on this: a sequence read in windows, each
+/// starting from the state the last one ended in (detached from the graph, and once written to
+/// the host and read back as a checkpoint does), gives the outputs and final state of one
+/// forward over the whole sequence, for every kind (attention's state, its KV cache, too),
+/// with windows that cut the mixers' chunks anywhere.
+#[test]
+fn windows_with_a_carried_state_equal_one_long_forward() {
+    let (b, t, vocab) = (2, 23, 7);
+    for (name, mixer) in every_mixer() {
+        let model = model_config(mixer, 8).init(
+            ModelIo {
+                input: InputSpec::Tokens { vocab },
+                d_output: vocab,
+                readout: estafet_models::Readout::PerPosition,
+            },
+            &mut Init::new(3, &device()),
+        );
+        let x = tokens([b, t], vocab, 5);
+        let (whole, whole_state) = model.forward(Input::Tokens(x.clone()), None);
+        let mut state = None;
+        let mut outputs = Vec::new();
+        for (i, (start, len)) in [(0, 9), (9, 1), (10, 13)].into_iter().enumerate() {
+            let window = Input::Tokens(x.clone().narrow(1, start, len));
+            let (y, next) = model.forward(window, state);
+            outputs.push(y);
+            let next = next.detach();
+            state = Some(if i == 1 {
+                estafet_models::ModelState::from_host(next.clone(), next.to_host(), &device())
+                    .unwrap()
+            } else {
+                next
+            });
+        }
+        let windowed = Tensor::cat(outputs, 1);
+        let diff: f32 = (windowed - whole).abs().max().into_scalar();
+        assert!(diff < 1e-4, "{name}: outputs differ by {diff}");
+        let (a, c) = (state.unwrap().to_host(), whole_state.to_host());
+        assert_eq!(a.len(), c.len(), "{name}");
+        for (p, q) in a.iter().zip(&c) {
+            assert_eq!(p.shape, q.shape, "{name}");
+            let d = p
+                .values
+                .iter()
+                .zip(&q.values)
+                .map(|(u, v)| (u - v).abs())
+                .fold(0.0f32, f32::max);
+            assert!(d < 1e-4, "{name}: final states differ by {d}");
+        }
+    }
+}
