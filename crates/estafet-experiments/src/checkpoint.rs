@@ -76,10 +76,7 @@ const CARRIED: &str = "carried.safetensors";
 
 fn carried_bytes(state: &ModelState) -> anyhow::Result<Vec<u8>> {
     let tensors = state.to_host();
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|t| t.values.iter().flat_map(|v| v.to_le_bytes()).collect())
-        .collect();
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(HostTensor::to_le_bytes).collect();
     let views = tensors
         .iter()
         .zip(&bytes)
@@ -108,14 +105,7 @@ pub fn read_carried(checkpoint: &Path) -> Result<Option<Vec<HostTensor>>, Error>
             let view = file
                 .tensor(&i.to_string())
                 .map_err(|e| corrupt(e.to_string()))?;
-            Ok(HostTensor {
-                shape: view.shape().to_vec(),
-                values: view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            })
+            Ok(HostTensor::from_le_bytes(view.shape(), view.data()))
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)

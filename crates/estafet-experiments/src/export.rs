@@ -22,8 +22,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::Device;
 use estafet_models::reference::{self, Layout as RenameLayout, Rename};
 use estafet_models::torch::HostTensor;
 use estafet_models::{Layout, SequenceModel};
@@ -168,44 +167,6 @@ impl Naming {
     }
 }
 
-/// Collects every float parameter under its exported name(s).
-struct Collect<'a> {
-    naming: &'a Naming,
-    path: Vec<String>,
-    tensors: Vec<(String, HostTensor)>,
-}
-
-impl ModuleVisitor for Collect<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let tensor = param.val();
-        let host = HostTensor {
-            shape: tensor.dims().to_vec(),
-            values: tensor
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .expect("float32 values"),
-        };
-        match self.naming.rename(&self.path) {
-            Some((prefix, rename)) => self.tensors.extend(
-                rename
-                    .to_reference(&host)
-                    .into_iter()
-                    .map(|(name, t)| (format!("{prefix}{name}"), t)),
-            ),
-            None => self.tensors.push((self.path.join("."), host)),
-        }
-    }
-}
-
 /// Writes `model` (of the run `config`) to `out` and its manifest to `out` with `.json`;
 /// returns the number of tensors and of parameters written.
 pub fn export(
@@ -215,19 +176,10 @@ pub fn export(
     out: &Path,
 ) -> Result<(usize, usize), Error> {
     let naming = Naming::of(model, config);
-    let mut collect = Collect {
-        naming: &naming,
-        path: Vec::new(),
-        tensors: Vec::new(),
-    };
-    model.visit(&mut collect);
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = collect
-        .tensors
+    let tensors = reference::collect_named(model, &|path| naming.rename(path));
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
-        .map(|(name, t)| {
-            let bytes = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (name.clone(), t.shape.clone(), bytes)
-        })
+        .map(|(name, t)| (name.clone(), t.shape.clone(), t.to_le_bytes()))
         .collect();
     let views = bytes
         .iter()
@@ -249,8 +201,7 @@ pub fn export(
         format: FORMAT,
         model: config.model.mixer.kind(),
         naming: naming.says.clone(),
-        tensors: collect
-            .tensors
+        tensors: tensors
             .iter()
             .map(|(name, t)| (name.clone(), t.shape.clone()))
             .collect(),
@@ -260,8 +211,8 @@ pub fn export(
     let mut json = serde_json::to_string_pretty(&manifest).expect("a manifest serialises");
     json.push('\n');
     crate::run_dir::write_atomic(&out.with_extension("json"), json.as_bytes())?;
-    let params = collect.tensors.iter().map(|(_, t)| t.values.len()).sum();
-    Ok((collect.tensors.len(), params))
+    let params = tensors.iter().map(|(_, t)| t.values.len()).sum();
+    Ok((tensors.len(), params))
 }
 
 /// Whether the safetensors file `bytes` is an estafet export.
@@ -270,75 +221,6 @@ pub fn is_export(bytes: &[u8]) -> bool {
         .ok()
         .and_then(|(_, meta)| meta.metadata().clone())
         .is_some_and(|m| m.get(FORMAT_KEY).map(String::as_str) == Some(FORMAT))
-}
-
-/// Replaces every float parameter with the export's tensor(s) of its exported name(s).
-struct Load<'a> {
-    naming: &'a Naming,
-    file: &'a SafeTensors<'a>,
-    device: Device,
-    path: Vec<String>,
-    errors: Vec<String>,
-    used: usize,
-}
-
-impl Load<'_> {
-    /// The file's tensor `name` as float32, if it holds one.
-    fn read(&self, name: &str) -> Option<HostTensor> {
-        let view = self.file.tensor(name).ok()?;
-        (view.dtype() == Dtype::F32).then(|| HostTensor {
-            shape: view.shape().to_vec(),
-            values: view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-        })
-    }
-}
-
-impl ModuleMapper for Load<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let shape = param.lazy_shape().as_slice().to_vec();
-        let read = match self.naming.rename(&self.path) {
-            Some((prefix, rename)) => {
-                let found =
-                    rename.from_reference(&shape, &|name| self.read(&format!("{prefix}{name}")));
-                found.map(|t| (t, rename.theirs.len()))
-            }
-            None => {
-                let name = self.path.join(".");
-                match self.read(&name) {
-                    Some(t) if t.shape == shape => Ok((t, 1)),
-                    Some(t) => Err(format!(
-                        "`{name}` has shape {:?}, expected {shape:?}",
-                        t.shape
-                    )),
-                    None => Err(format!("no float32 tensor `{name}`")),
-                }
-            }
-        };
-        match read {
-            Ok((t, tensors)) => {
-                self.used += tensors;
-                let tensor = Tensor::<D>::from_data(TensorData::new(t.values, shape), &self.device);
-                let id = param.id;
-                param.transform_for_load(tensor, id)
-            }
-            Err(e) => {
-                self.errors.push(e);
-                param
-            }
-        }
-    }
 }
 
 /// `model` (built from `config`) with every parameter read from the export `bytes`; `at` names
@@ -364,30 +246,20 @@ pub fn import(
         )));
     }
     let naming = Naming::of(&model, config);
-    let mut load = Load {
-        naming: &naming,
-        file: &file,
-        device: device.clone(),
-        path: Vec::new(),
-        errors: Vec::new(),
-        used: 0,
+    let lookup = |name: &str| {
+        let view = file.tensor(name).ok()?;
+        (view.dtype() == Dtype::F32).then(|| HostTensor::from_le_bytes(view.shape(), view.data()))
     };
-    let model = model.map(&mut load);
-    if let Some(first) = load.errors.first() {
+    let (model, read) = reference::load_named(model, &|path| naming.rename(path), &lookup, device)
+        .map_err(|e| {
+            Error::Config(format!(
+                "{at}: {e} (an export of a different model? its .json says which)"
+            ))
+        })?;
+    if read != file.len() {
         return Err(Error::Config(format!(
-            "{at}: {first}{} (an export of a different model? its .json says which)",
-            if load.errors.len() > 1 {
-                format!(", and {} more", load.errors.len() - 1)
-            } else {
-                String::new()
-            }
-        )));
-    }
-    if load.used != file.len() {
-        return Err(Error::Config(format!(
-            "{at}: the file holds {} tensors, the model {}: an export of a different model",
+            "{at}: the file holds {} tensors, the model {read}: an export of a different model",
             file.len(),
-            load.used
         )));
     }
     Ok(model)
@@ -398,7 +270,8 @@ mod tests {
     use super::*;
     use crate::config::{ConfigSource, parse};
     use crate::evaluate::model_io;
-    use burn::tensor::Distribution;
+    use burn::module::Module;
+    use burn::tensor::{Distribution, Tensor};
     use estafet_models::{Init, Input, MixerConfig};
 
     fn device() -> Device {

@@ -53,23 +53,18 @@ pub fn load_torch_rnn(
     }
     let lookup = |name: &str| -> Option<HostTensor> {
         let view = file.tensor(&format!("{prefix}{name}")).ok()?;
-        let values = match view.dtype() {
-            Dtype::F32 => view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F64 => view
-                .data()
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
-                .collect(),
-            _ => return None,
-        };
-        Some(HostTensor {
-            shape: view.shape().to_vec(),
-            values,
-        })
+        match view.dtype() {
+            Dtype::F32 => Some(HostTensor::from_le_bytes(view.shape(), view.data())),
+            Dtype::F64 => Some(HostTensor {
+                shape: view.shape().to_vec(),
+                values: view
+                    .data()
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+                    .collect(),
+            }),
+            _ => None,
+        }
     };
     let mut blocks = Vec::with_capacity(layers);
     for (l, block) in model.blocks.into_iter().enumerate() {

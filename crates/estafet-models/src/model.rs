@@ -17,7 +17,7 @@
 
 use burn::module::Module;
 use burn::nn::{Embedding, LayerNorm, Linear};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::init::Init;
@@ -279,14 +279,7 @@ impl ModelState {
         struct Copy(Vec<HostTensor>);
         impl StateMap for Copy {
             fn apply<const D: usize>(&mut self, t: Tensor<D>) -> Tensor<D> {
-                self.0.push(HostTensor {
-                    shape: t.dims().to_vec(),
-                    values: t
-                        .to_data()
-                        .convert::<f32>()
-                        .try_into_vec::<f32>()
-                        .expect("float32 values"),
-                });
+                self.0.push(HostTensor::of(&t));
                 t
             }
         }
@@ -313,9 +306,7 @@ impl ModelState {
             fn apply<const D: usize>(&mut self, t: Tensor<D>) -> Tensor<D> {
                 self.at += 1;
                 match self.saved.next() {
-                    Some(h) if h.shape == t.dims() => {
-                        Tensor::from_data(TensorData::new(h.values, h.shape), self.device)
-                    }
+                    Some(h) if h.shape == t.dims() => h.into_tensor(self.device),
                     other => {
                         self.error.get_or_insert_with(|| match other {
                             Some(h) => format!(

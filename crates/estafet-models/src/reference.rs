@@ -18,7 +18,7 @@
 //! The classic cells of a stacked model take PyTorch's multi-layer names instead ([`crate::torch`]).
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 
 use crate::mixer::Mixer;
 use crate::torch::{HostTensor, Lookup};
@@ -146,29 +146,59 @@ pub fn names(mixer: &Mixer) -> Option<Vec<Rename>> {
 /// without a reference module.
 pub fn collect(mixer: &Mixer) -> Option<Vec<(String, HostTensor)>> {
     let renames = names(mixer)?;
-    let mut visitor = Collect {
-        renames: &renames,
-        path: Vec::new(),
-        out: Vec::new(),
-    };
-    mixer.visit(&mut visitor);
-    Some(visitor.out)
+    Some(collect_named(mixer, &|path| {
+        Some(("", rename_at(&renames, path)))
+    }))
 }
 
 /// `mixer` with every parameter read from the reference's tensors that `lookup` finds.
 /// Errors name the first tensor that is missing or of another shape, and count the rest.
 pub fn load(mixer: Mixer, lookup: &Lookup, device: &Device) -> Result<Mixer, String> {
     let renames = names(&mixer).ok_or("this kind has no reference module")?;
+    let (mixer, _) = load_named(
+        mixer,
+        &|path| Some(("", rename_at(&renames, path))),
+        lookup,
+        device,
+    )?;
+    Ok(mixer)
+}
+
+/// How a parameter is named outside: by its module path (`path`, the names burn's visitor
+/// gives), the prefix of its names and its rename, or `None` for its path joined by dots.
+pub type Naming<'a> = dyn Fn(&[String]) -> Option<(&'a str, &'a Rename)> + 'a;
+
+/// Every float parameter of `module` under the names `naming` gives, in the module's order.
+pub fn collect_named<M: Module>(module: &M, naming: &Naming) -> Vec<(String, HostTensor)> {
+    let mut visitor = Collect {
+        naming,
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    module.visit(&mut visitor);
+    visitor.out
+}
+
+/// `module` with every float parameter read from the tensors `lookup` finds under the names
+/// `naming` gives, and how many tensors were read; errors name the first tensor that is
+/// missing or of another shape, and count the rest.
+pub fn load_named<M: Module>(
+    module: M,
+    naming: &Naming,
+    lookup: &Lookup,
+    device: &Device,
+) -> Result<(M, usize), String> {
     let mut mapper = Load {
-        renames: &renames,
+        naming,
         lookup,
         device: device.clone(),
         path: Vec::new(),
         errors: Vec::new(),
+        read: 0,
     };
-    let mixer = mixer.map(&mut mapper);
+    let module = module.map(&mut mapper);
     match mapper.errors.as_slice() {
-        [] => Ok(mixer),
+        [] => Ok((module, mapper.read)),
         [one] => Err(one.clone()),
         [first, rest @ ..] => Err(format!("{first}, and {} more", rest.len())),
     }
@@ -183,13 +213,13 @@ fn rename_at<'a>(renames: &'a [Rename], path: &[String]) -> &'a Rename {
         .unwrap_or_else(|| panic!("{}: `{ours}` has no reference name", path[0]))
 }
 
-struct Collect<'a> {
-    renames: &'a [Rename],
+struct Collect<'a, 'n> {
+    naming: &'a Naming<'n>,
     path: Vec<String>,
     out: Vec<(String, HostTensor)>,
 }
 
-impl ModuleVisitor for Collect<'_> {
+impl ModuleVisitor for Collect<'_, '_> {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_string());
     }
@@ -199,29 +229,29 @@ impl ModuleVisitor for Collect<'_> {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let t = param.val();
-        let host = HostTensor {
-            shape: t.dims().to_vec(),
-            values: t
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .expect("float32 values"),
-        };
-        let rename = rename_at(self.renames, &self.path);
-        self.out.extend(rename.to_reference(&host));
+        let host = HostTensor::of(&param.val());
+        match (self.naming)(&self.path) {
+            Some((prefix, rename)) => self.out.extend(
+                rename
+                    .to_reference(&host)
+                    .into_iter()
+                    .map(|(name, t)| (format!("{prefix}{name}"), t)),
+            ),
+            None => self.out.push((self.path.join("."), host)),
+        }
     }
 }
 
-struct Load<'a> {
-    renames: &'a [Rename],
+struct Load<'a, 'n> {
+    naming: &'a Naming<'n>,
     lookup: &'a Lookup<'a>,
     device: Device,
     path: Vec<String>,
     errors: Vec<String>,
+    read: usize,
 }
 
-impl ModuleMapper for Load<'_> {
+impl ModuleMapper for Load<'_, '_> {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_string());
     }
@@ -232,12 +262,27 @@ impl ModuleMapper for Load<'_> {
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let shape = param.lazy_shape().as_slice().to_vec();
-        let rename = rename_at(self.renames, &self.path);
-        match rename.from_reference(&shape, self.lookup) {
-            Ok(t) => {
-                let tensor = Tensor::<D>::from_data(TensorData::new(t.values, shape), &self.device);
+        let found = match (self.naming)(&self.path) {
+            Some((prefix, rename)) => rename
+                .from_reference(&shape, &|name| (self.lookup)(&format!("{prefix}{name}")))
+                .map(|t| (t, rename.theirs.len())),
+            None => {
+                let name = self.path.join(".");
+                match (self.lookup)(&name) {
+                    Some(t) if t.shape == shape => Ok((t, 1)),
+                    Some(t) => Err(format!(
+                        "`{name}` has shape {:?}, expected {shape:?}",
+                        t.shape
+                    )),
+                    None => Err(format!("no tensor `{name}`")),
+                }
+            }
+        };
+        match found {
+            Ok((t, read)) => {
+                self.read += read;
                 let id = param.id;
-                param.transform_for_load(tensor, id)
+                param.transform_for_load(t.into_tensor(&self.device), id)
             }
             Err(e) => {
                 self.errors.push(e);

@@ -19,6 +19,41 @@ pub struct HostTensor {
     pub values: Vec<f32>,
 }
 
+impl HostTensor {
+    /// `t`'s values, copied to the host as f32.
+    pub fn of<const D: usize>(t: &Tensor<D>) -> Self {
+        Self {
+            shape: t.dims().to_vec(),
+            values: t
+                .to_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("float32 values"),
+        }
+    }
+
+    /// A tensor of `shape` from little-endian f32 `bytes` (a safetensors F32 view's data).
+    pub fn from_le_bytes(shape: &[usize], bytes: &[u8]) -> Self {
+        Self {
+            shape: shape.to_vec(),
+            values: bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        }
+    }
+
+    /// The values as little-endian bytes.
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        self.values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    /// The tensor on `device`; its shape must have `D` axes.
+    pub fn into_tensor<const D: usize>(self, device: &Device) -> Tensor<D> {
+        Tensor::from_data(TensorData::new(self.values, self.shape), device)
+    }
+}
+
 /// Where tensors come from: a name → tensor lookup.
 pub type Lookup<'a> = dyn Fn(&str) -> Option<HostTensor> + 'a;
 

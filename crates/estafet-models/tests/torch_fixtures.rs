@@ -61,18 +61,7 @@ impl Fixture {
             .into_iter()
             .map(|(key, view)| {
                 assert_eq!(view.dtype(), safetensors::Dtype::F32, "{key}");
-                let values = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                (
-                    key,
-                    HostTensor {
-                        shape: view.shape().to_vec(),
-                        values,
-                    },
-                )
+                (key, HostTensor::from_le_bytes(view.shape(), view.data()))
             })
             .collect();
         Self {
