@@ -462,6 +462,7 @@ fn mackey_glass(rng: &mut ChaCha8Rng, n: usize, noise: f64) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::rng::stream;
+    use crate::stream::Window;
 
     fn config(series: Series) -> TimeSeriesConfig {
         TimeSeriesConfig {
@@ -558,6 +559,55 @@ mod tests {
         let e = csv("open").build().unwrap_err();
         assert_eq!(e.field, "column");
         assert!(e.message.contains("day,close"), "{e}");
+    }
+
+    /// A CSV series read as streams: each stream's windows are consecutive rows (read back
+    /// from the standardised values of a ramp), each window's last target rows are the next
+    /// window's first inputs; a synthetic series has no streams.
+    #[test]
+    fn csv_streams_read_consecutive_rows() {
+        let mut text = String::from("close\n");
+        for i in 0..200 {
+            text.push_str(&format!("{}\n", 10.0 + i as f64));
+        }
+        let f = csv_file(&text);
+        let task = TimeSeriesConfig {
+            series: Series::Csv,
+            path: Some(f.path().into()),
+            column: Some("close".into()),
+            seq_len: 8,
+            horizon: 3,
+            ..TimeSeriesConfig::default()
+        }
+        .build()
+        .unwrap();
+        let (mean, std) = task.scale();
+        let row = |v: f32| (mean + std * v as f64 - 10.0).round() as usize;
+        let streams = task.streams(Split::Train, 4).unwrap().unwrap();
+        // 160 training rows, 40 per stream: (40 − 3) / 8 windows.
+        assert_eq!(streams.windows(), 4);
+        for b in 0..4 {
+            for index in 0..streams.windows() {
+                let w = task.window_at(streams.start(b, Window { pass: 0, index }));
+                let rows: Vec<usize> = (0..8).map(|t| row(w.input.reals_at(t)[0])).collect();
+                assert_eq!(
+                    rows,
+                    (b * 40 + index * 8..b * 40 + index * 8 + 8).collect::<Vec<_>>()
+                );
+                assert_eq!(row(w.target.reals_at(7)[2]), b * 40 + index * 8 + 10);
+            }
+        }
+        let valid = task.streams(Split::Valid, 1).unwrap().unwrap();
+        let first = task.window_at(valid.start(0, Window { pass: 0, index: 0 }));
+        assert_eq!(row(first.input.reals_at(0)[0]), 160);
+        assert!(
+            TimeSeriesConfig::default()
+                .build()
+                .unwrap()
+                .streams(Split::Train, 4)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
