@@ -61,6 +61,9 @@ struct RunRecord {
 /// What a sweep's `sweep.json` says of one run.
 struct SweepLabels {
     model: Option<String>,
+    /// The label of an axis over the task's settings (`task`, `task.*`), which tells runs of
+    /// one task kind on different data apart.
+    task: Option<String>,
     /// The labels of the search axes (`optim.*`), joined.
     cell: String,
     index: u64,
@@ -103,6 +106,13 @@ fn sweep_labels(dir: &Path) -> BTreeMap<String, SweepLabels> {
                 (Some(model), false) => Some(format!("{model} {}", regime.join(" "))),
                 (None, false) => Some(regime.join(" ")),
             };
+            let task: Vec<&str> = pairs
+                .iter()
+                .filter(|(axis, _)| {
+                    (*axis == "task" || axis.starts_with("task.")) && *axis != "task.seq_len"
+                })
+                .map(|(_, label)| *label)
+                .collect();
             let cell: Vec<&str> = pairs
                 .iter()
                 .filter(|(axis, _)| axis.starts_with("optim."))
@@ -112,6 +122,7 @@ fn sweep_labels(dir: &Path) -> BTreeMap<String, SweepLabels> {
                 name,
                 SweepLabels {
                     model,
+                    task: (!task.is_empty()).then(|| task.join("-")),
                     cell: cell.join("-"),
                     index,
                 },
@@ -210,7 +221,10 @@ fn load(dir: &Path) -> Result<(Vec<RunRecord>, Vec<Unreadable>), Error> {
         let curve = points(&|l| l["split"] == "eval" && l["seq_len"].as_u64() == Some(seq_len));
         let train_curve = points(&|l| l["split"] == "train");
         records.push(RunRecord {
-            task: task.kind.clone(),
+            task: match labels.get(&name).and_then(|l| l.task.as_ref()) {
+                Some(label) => format!("{}-{label}", task.kind),
+                None => task.kind.clone(),
+            },
             model: labels
                 .get(&name)
                 .and_then(|l| l.model.clone())
@@ -246,7 +260,24 @@ fn load(dir: &Path) -> Result<(Vec<RunRecord>, Vec<Unreadable>), Error> {
                 .map(|d| (name.clone(), d.step as u64)),
         });
     }
+    name_sections(&mut records);
     Ok((records, unreadable))
+}
+
+/// A record's task is `KIND-LABEL` where a sweep's task axis labelled it; the label stays
+/// only where it tells runs of one kind apart (a `task` axis over different kinds already
+/// has a section per kind), so such runs get sections of their own.
+fn name_sections(records: &mut [RunRecord]) {
+    let kind = |task: &str| task.split('-').next().unwrap_or_default().to_string();
+    let tasks: Vec<String> = records.iter().map(|r| r.task.clone()).collect();
+    for r in records.iter_mut() {
+        let k = kind(&r.task);
+        let distinct: std::collections::BTreeSet<&String> =
+            tasks.iter().filter(|t| kind(t) == k).collect();
+        if distinct.len() < 2 {
+            r.task = k;
+        }
+    }
 }
 
 /// A search's choice: for each task, model and length, the runs of the search cell whose mean
@@ -881,6 +912,37 @@ mod tests {
         assert_eq!(labels["b"].model.as_deref(), Some("gdn"));
         assert_eq!(labels["c"].model.as_deref(), Some("fixed"));
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// A task axis's label names a section of its own only where runs of one task kind differ
+    /// in it (two corpora of `char_lm`); over different kinds, or with one label, the kind.
+    #[test]
+    fn a_task_axis_separates_runs_of_one_kind() {
+        let dir = std::env::temp_dir().join(format!("estafet-tasks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let runs = serde_json::json!([
+            { "name": "a", "index": 0, "labels": [["model", "lstm"], ["task", "relay"], ["run.seed", "seed0"]] },
+            { "name": "b", "index": 1, "labels": [["model", "lstm"], ["task.seq_len", "64"]] },
+        ]);
+        std::fs::write(dir.join("sweep.json"), runs.to_string()).unwrap();
+        let labels = sweep_labels(&dir);
+        assert_eq!(labels["a"].task.as_deref(), Some("relay"));
+        assert_eq!(labels["b"].task, None);
+        std::fs::remove_dir_all(dir).ok();
+
+        let with = |task: &str| RunRecord {
+            task: task.into(),
+            ..record("lstm", "", 1.0, 1.0)
+        };
+        let mut records = vec![
+            with("char_lm-relay"),
+            with("char_lm-vim"),
+            with("mqar-wide"),
+            with("parity"),
+        ];
+        name_sections(&mut records);
+        let tasks: Vec<&str> = records.iter().map(|r| r.task.as_str()).collect();
+        assert_eq!(tasks, ["char_lm-relay", "char_lm-vim", "mqar", "parity"]);
     }
 
     #[test]
