@@ -237,8 +237,8 @@ impl Sums {
 }
 
 /// Refuses, before anything is evaluated, a length of `lengths` whose evaluation on `samples`
-/// sequences would not fit in the memory available (the estimate:
-/// [`crate::memory::for_evaluation`]); training checks its `eval.lengths` this way before its
+/// sequences would not fit in the memory available or would take more than [`EVAL_FLOPS`] (the
+/// estimates: [`crate::memory::for_evaluation`]); training checks its `eval.lengths` this way before its
 /// first step, so that no trained run is lost to its final evaluation.
 pub fn check_lengths(
     config: &ExperimentConfig,
@@ -261,7 +261,7 @@ pub fn check_lengths(
         return Ok(());
     };
     for &length in lengths {
-        let (needs, state) = crate::memory::for_evaluation(
+        let (needs, state, flops) = crate::memory::for_evaluation(
             &config.model,
             io,
             samples,
@@ -280,9 +280,28 @@ pub fn check_lengths(
                 crate::memory::human(free)
             )));
         }
+        if flops > EVAL_FLOPS {
+            return Err(Error::Config(format!(
+                "{what} {length}: evaluating {samples} sequences costs about {flops:.1e} FLOPs \
+                 ({} per token at this length{}), more than the {EVAL_FLOPS:.0e} an evaluation \
+                 may take on a CPU (about an hour); evaluate fewer sequences or a shorter length",
+                format_args!("{:.1e}", flops / (samples * length) as f64),
+                if config.model.mixer.kind() == "attention" {
+                    ": attention's scores grow with the length"
+                } else {
+                    ""
+                },
+            )));
+        }
     }
     Ok(())
 }
+
+/// The most FLOPs an evaluation may take on the CPU backends (about an hour at the ~50 GFLOP/s
+/// this machine's kernels reach): what stops attention's quadratic cost at a million tokens
+/// (2.3e15 for 16 sequences of 2^20 at width 32, two layers) from running for a day, while a
+/// recurrence at the same length (under 1e12 for that Mamba) passes.
+const EVAL_FLOPS: f64 = 2e14;
 
 /// The model trained on `config` evaluated at each of `lengths`: the task with that length (the
 /// parameter that sets it changes, every other one stays), on `samples` held-out sequences of
@@ -361,6 +380,43 @@ mod tests {
     use super::*;
     use estafet_data::TaskConfig;
     use estafet_models::{Init, Layout, MixerConfig, ModelConfig};
+
+    /// A million-token evaluation passes for a recurrence and is refused for attention, whose
+    /// scores make it cost thousands of times more, before anything is evaluated, the FLOPs
+    /// named; a shorter one passes for both.
+    #[test]
+    fn attentions_quadratic_cost_is_refused_at_a_million_tokens() {
+        let device = crate::Backend::default_compiled()
+            .unwrap()
+            .device()
+            .unwrap();
+        let config = |kind: &str| {
+            crate::config::parse(
+                &crate::config::ConfigSource {
+                    name: "test".into(),
+                    text: format!(
+                        "[model]\nd_model = 32\nn_layers = 2\nlayout = \"residual\"\n\
+                         [model.mixer]\nkind = \"{kind}\"\n\
+                         [task]\nkind = \"induction_heads\"\nseq_len = 64\nvocab = 16\n\
+                         [train]\nsteps = 1\n"
+                    ),
+                },
+                &[],
+            )
+            .unwrap()
+        };
+        let million = [1 << 20];
+        check_lengths(&config("mamba"), &million, 16, "eval.lengths", &device).unwrap();
+        let e = check_lengths(&config("attention"), &million, 16, "eval.lengths", &device)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("eval.lengths 1048576: evaluating 16 sequences costs about")
+                && e.contains("attention's scores grow with the length"),
+            "{e}"
+        );
+        check_lengths(&config("attention"), &[4096], 16, "eval.lengths", &device).unwrap();
+    }
 
     /// Streaming a sequence through the model in windows, the state carried, scores exactly
     /// what one forward over the whole sequence does, for every mixer, at windows that do and

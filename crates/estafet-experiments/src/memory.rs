@@ -116,8 +116,10 @@ pub fn estimate(
 /// What evaluating `model` on `samples` held-out sequences of `seq_len` positions, `batch` at a
 /// time, needs in bytes: the sequences themselves (as generated, and one batch on the device),
 /// every sequence's state at the end (attention's KV cache grows with the length), and one
-/// window's activations ([`crate::evaluate::STREAM_WINDOW`]: no more at any length); and the
-/// floats of state per sequence at that length.
+/// window's activations ([`crate::evaluate::STREAM_WINDOW`]: no more at any length); the
+/// floats of state per sequence at that length; and the evaluation's FLOPs (a forward pass is
+/// a third of [`SequenceModel::train_flops_per_token`], which counts attention's scores at
+/// this length).
 pub fn for_evaluation(
     model: &ModelConfig,
     io: ModelIo,
@@ -125,7 +127,7 @@ pub fn for_evaluation(
     batch: usize,
     seq_len: usize,
     device: &Device,
-) -> (f64, usize) {
+) -> (f64, usize, f64) {
     let (built, matrix_sides) = shapes_only(model, io, device);
     let (n, b, t) = (samples as f64, batch.min(samples) as f64, seq_len as f64);
     let window = t.min(crate::evaluate::STREAM_WINDOW as f64);
@@ -134,7 +136,8 @@ pub fn for_evaluation(
     let state = b * state_floats as f64 * 4.0;
     let activations = 4.0 * b * window * ACTIVATION_FACTOR * matrix_sides as f64;
     let needs = BASE + 4.0 * built.num_params() as f64 + data + state + activations;
-    (needs, state_floats)
+    let flops = n * t * built.train_flops_per_token(seq_len) / 3.0;
+    (needs, state_floats, flops)
 }
 
 /// `model` built with [`Init::shapes_only`], and `Σ (a + b)` over its matrices `[a, b]`.
