@@ -487,7 +487,8 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 .train
                 .carry_state
                 .then_some(run.config.eval.streams);
-            let results = match streams.or(carried).filter(|&n| n > 0) {
+            let streams = streams.or(carried).filter(|&n| n > 0);
+            let results = match streams {
                 Some(n) => evaluate::streamed_at_lengths(
                     &run.model,
                     &run.config,
@@ -512,7 +513,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 info.metric.name(),
                 info.baseline_metric,
                 info.solved_metric,
-                match streams.or(carried).filter(|&n| n > 0) {
+                match streams {
                     Some(1) => "the validation split as one stream, the state carried".into(),
                     Some(n) => format!("the validation split as {n} streams, the state carried"),
                     None => format!("{samples} independent windows per length"),

@@ -22,9 +22,9 @@ use estafet_models::torch::HostTensor;
 use estafet_models::{ModelState, SequenceModel};
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
 use crate::divergence::DivergenceWatch;
 use crate::run_dir::{RunDir, write_atomic};
+use crate::{Error, float_tensors};
 
 /// `checkpoint/state.json`: where the run stands. The data stream needs nothing more: batch
 /// `k` is a function of `(seed, k)` (with `train.carry_state`, window `k` of the streams, and
@@ -75,20 +75,13 @@ pub fn write(
 const CARRIED: &str = "carried.safetensors";
 
 fn carried_bytes(state: &ModelState) -> anyhow::Result<Vec<u8>> {
-    let tensors = state.to_host();
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(HostTensor::to_le_bytes).collect();
-    let views = tensors
-        .iter()
-        .zip(&bytes)
+    let tensors: Vec<(String, HostTensor)> = state
+        .to_host()
+        .into_iter()
         .enumerate()
-        .map(|(i, (t, b))| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), b)
-                .map(|view| (i.to_string(), view))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("cannot lay out the carried state: {e}"))?;
-    safetensors::serialize(views, None)
-        .map_err(|e| anyhow::anyhow!("cannot serialise the carried state: {e}"))
+        .map(|(i, t)| (i.to_string(), t))
+        .collect();
+    float_tensors::to_bytes(&tensors, None)
 }
 
 /// The carried state the checkpoint holds, tensor by tensor, if it holds one.
@@ -102,10 +95,8 @@ pub fn read_carried(checkpoint: &Path) -> Result<Option<Vec<HostTensor>>, Error>
     let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
     (0..file.len())
         .map(|i| {
-            let view = file
-                .tensor(&i.to_string())
-                .map_err(|e| corrupt(e.to_string()))?;
-            Ok(HostTensor::from_le_bytes(view.shape(), view.data()))
+            float_tensors::read(&file, &i.to_string())
+                .ok_or_else(|| corrupt(format!("no float32 tensor `{i}`")))
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)

@@ -5,7 +5,8 @@
 
 use std::path::Path;
 
-use estafet_data::{Split, TaskConfig};
+use estafet_data::stream::Streams;
+use estafet_data::{Split, Task, TaskConfig};
 use estafet_models::ModelConfig;
 use serde::{Deserialize, Serialize};
 
@@ -341,10 +342,15 @@ pub fn parse(source: &ConfigSource, overrides: &[String]) -> Result<ExperimentCo
 }
 
 impl ExperimentConfig {
-    /// `train.carry_state` needs a task that is one long sequence, long enough for a window per
-    /// stream in both splits, a mixer whose state stays the same size, and one length.
-    fn check_carry_state(&self) -> Result<(), String> {
-        let task = self.task.build().map_err(|e| e.to_string())?;
+    /// With `train.carry_state`, the streams of `task` (this config's, built) that training
+    /// (the training split in `train.batch_size` streams, each pass shifted by `run.seed`) and
+    /// evaluation (the validation split in `eval.streams`) read; `None` without it. Carrying a
+    /// state needs a task that is one long sequence, long enough for a window per stream in
+    /// both splits, a mixer whose state stays the same size, and one length.
+    pub fn carry_streams(&self, task: &Task) -> Result<Option<(Streams, Streams)>, String> {
+        if !self.train.carry_state {
+            return Ok(None);
+        }
         if self.model.mixer.kind() == "attention" {
             return Err(
                 "train.carry_state: attention's state is its KV cache, which would grow \
@@ -359,50 +365,47 @@ impl ExperimentConfig {
                     .into(),
             );
         }
-        for (split, count, what) in [
-            (Split::Train, self.train.batch_size, "train.batch_size"),
-            (Split::Valid, self.eval.streams, "eval.streams"),
-        ] {
+        let streams = |split, count, what| {
             let streams = task.streams(split, count).and_then(|s| match (s, split) {
                 (Some(s), Split::Train) => s.shifted(self.run.seed).map(Some),
                 (s, _) => Ok(s),
             });
             match streams {
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    return Err(format!(
-                        "train.carry_state: task.kind = \"{}\" draws independent sequences; \
-                         carrying a state needs one long sequence (char_lm, or time_series with \
-                         series = \"csv\")",
-                        self.task.kind()
-                    ));
-                }
+                Ok(Some(s)) => Ok(s),
+                Ok(None) => Err(format!(
+                    "train.carry_state: task.kind = \"{}\" draws independent sequences; \
+                     carrying a state needs one long sequence (char_lm, or time_series with \
+                     series = \"csv\")",
+                    self.task.kind()
+                )),
                 Err(e) => {
                     let part = match split {
                         Split::Train => "training",
                         Split::Valid => "validation",
                     };
-                    return Err(format!(
+                    Err(format!(
                         "train.carry_state: the {part} split: {e} ({what} = {count})"
-                    ));
+                    ))
                 }
             }
-        }
-        Ok(())
+        };
+        Ok(Some((
+            streams(Split::Train, self.train.batch_size, "train.batch_size")?,
+            streams(Split::Valid, self.eval.streams, "eval.streams")?,
+        )))
     }
 
     /// Checks the constraints serde cannot express; the message starts with the field.
     pub fn validate(&self) -> Result<(), String> {
         self.model.validate()?;
-        let seq_len = self.task.build().map_err(|e| e.to_string())?.info().seq_len;
+        let task = self.task.build().map_err(|e| e.to_string())?;
+        let seq_len = task.info().seq_len;
         for &length in &self.eval.lengths {
             self.task
                 .with_seq_len(length)
                 .map_err(|e| format!("eval.lengths: {length}: {e}"))?;
         }
-        if self.train.carry_state {
-            self.check_carry_state()?;
-        }
+        self.carry_streams(&task)?;
         let mixture = self.train.length_mixture.as_ref();
         if let Some(m) = mixture {
             if m.lengths.is_empty() {

@@ -319,16 +319,7 @@ pub fn at_lengths(
     lengths
         .iter()
         .map(|&length| {
-            if let Some(max) = config.model.max_seq_len().filter(|&m| m < length) {
-                return Err(Error::Config(format!(
-                    "{what} {length}: the model's {max} learned positions cannot read it"
-                )));
-            }
-            let task = config
-                .task
-                .with_seq_len(length)
-                .and_then(|c| c.build())
-                .map_err(|e| Error::Config(format!("{what} {length}: {e}")))?;
+            let task = task_at(config, length, what)?;
             let info = task.info();
             Ok(evaluate(
                 model,
@@ -339,6 +330,21 @@ pub fn at_lengths(
             ))
         })
         .collect()
+}
+
+/// `config`'s task at `length` (the parameter that sets it changes, every other one stays);
+/// errors name `what` and the length, and a length the model's learned positions cannot read.
+fn task_at(config: &ExperimentConfig, length: usize, what: &str) -> Result<Task, Error> {
+    if let Some(max) = config.model.max_seq_len().filter(|&m| m < length) {
+        return Err(Error::Config(format!(
+            "{what} {length}: the model's {max} learned positions cannot read it"
+        )));
+    }
+    config
+        .task
+        .with_seq_len(length)
+        .and_then(|c| c.build())
+        .map_err(|e| Error::Config(format!("{what} {length}: {e}")))
 }
 
 /// The model trained on `config` evaluated at each of `lengths` (the window length) on the
@@ -355,11 +361,7 @@ pub fn streamed_at_lengths(
     lengths
         .iter()
         .map(|&length| {
-            let task = config
-                .task
-                .with_seq_len(length)
-                .and_then(|c| c.build())
-                .map_err(|e| Error::Config(format!("{what} {length}: {e}")))?;
+            let task = task_at(config, length, what)?;
             match task.streams(Split::Valid, streams) {
                 Ok(Some(s)) => Ok(evaluate_streams(model, &task, &s, device)),
                 Ok(None) => Err(Error::Config(format!(

@@ -24,13 +24,12 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use estafet_models::reference::{self, Layout as RenameLayout, Rename};
-use estafet_models::torch::HostTensor;
 use estafet_models::{Layout, SequenceModel};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 use serde::Serialize;
 
-use crate::Error;
 use crate::config::ExperimentConfig;
+use crate::{Error, float_tensors};
 
 /// The metadata key and value that mark an estafet export.
 const FORMAT_KEY: &str = "format";
@@ -151,19 +150,14 @@ impl Naming {
 
     /// The renames of the parameter at `path` and the prefix of their names, if it has any.
     fn rename(&self, path: &[String]) -> Option<(&str, &Rename)> {
-        let [blocks, layer, mixer, _variant, rest @ ..] = path else {
+        let [blocks, layer, mixer, below @ ..] = path else {
             return None;
         };
-        if blocks != "blocks" || mixer != "mixer" {
+        if blocks != "blocks" || mixer != "mixer" || below.is_empty() {
             return None;
         }
         let (prefix, renames) = self.layers.get(layer.parse::<usize>().ok()?)?.as_ref()?;
-        let ours = rest.join(".");
-        let rename = renames
-            .iter()
-            .find(|r| r.ours == ours)
-            .unwrap_or_else(|| panic!("`{}` has no exported name", path.join(".")));
-        Some((prefix, rename))
+        Some((prefix, reference::rename_at(renames, below)))
     }
 }
 
@@ -177,25 +171,12 @@ pub fn export(
 ) -> Result<(usize, usize), Error> {
     let naming = Naming::of(model, config);
     let tensors = reference::collect_named(model, &|path| naming.rename(path));
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(name, t)| (name.clone(), t.shape.clone(), t.to_le_bytes()))
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(name, shape, bytes)| {
-            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
-                .map(|view| (name.clone(), view))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("cannot lay out a tensor: {e}"))?;
     let metadata = std::collections::HashMap::from([
         (FORMAT_KEY.to_string(), FORMAT.to_string()),
         ("model".to_string(), config.model.mixer.kind().to_string()),
         ("config".to_string(), config.to_toml()),
     ]);
-    let serialized = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| anyhow::anyhow!("cannot serialise the weights: {e}"))?;
+    let serialized = float_tensors::to_bytes(&tensors, Some(metadata))?;
     crate::run_dir::write_atomic(out, &serialized)?;
     let manifest = Manifest {
         format: FORMAT,
@@ -246,10 +227,7 @@ pub fn import(
         )));
     }
     let naming = Naming::of(&model, config);
-    let lookup = |name: &str| {
-        let view = file.tensor(name).ok()?;
-        (view.dtype() == Dtype::F32).then(|| HostTensor::from_le_bytes(view.shape(), view.data()))
-    };
+    let lookup = |name: &str| float_tensors::read(&file, name);
     let (model, read) = reference::load_named(model, &|path| naming.rename(path), &lookup, device)
         .map_err(|e| {
             Error::Config(format!(

@@ -15,6 +15,7 @@ pub mod diagnostics;
 pub mod divergence;
 pub mod evaluate;
 pub mod export;
+pub mod float_tensors;
 pub mod gradflow;
 pub mod infer;
 pub mod interrupt;

@@ -12,7 +12,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use estafet_data::stream::Streams;
-use estafet_data::{Batch, Sample, Split, Task, TaskInfo};
+use estafet_data::{Batch, Sample, Task, TaskInfo};
 use estafet_models::torch::HostTensor;
 use estafet_models::total::sum_all;
 use estafet_models::{Init, ModelState, SequenceModel};
@@ -263,20 +263,14 @@ impl<'a> Run<'a> {
                 .map_err(|e| Error::Config(format!("train.length_mixture: {e}")))?,
             None => Vec::new(),
         };
-        let carry = match config.train.carry_state {
-            true => {
-                // `ExperimentConfig::validate` checked that both splits have streams.
-                let streams = |split, count| task.streams(split, count).ok().flatten();
-                let train = streams(Split::Train, config.train.batch_size)
-                    .and_then(|s| s.shifted(config.run.seed).ok());
-                Some(Carry {
-                    train: train.expect("validated"),
-                    valid: streams(Split::Valid, config.eval.streams).expect("validated"),
-                    saved: carried,
-                })
-            }
-            false => None,
-        };
+        let carry = config
+            .carry_streams(&task)
+            .map_err(Error::Config)?
+            .map(|(train, valid)| Carry {
+                train,
+                valid,
+                saved: carried,
+            });
         let run = Run {
             config,
             options,

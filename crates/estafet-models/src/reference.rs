@@ -204,8 +204,9 @@ pub fn load_named<M: Module>(
     }
 }
 
-/// The rename of the parameter at `path` (its first part the mixer's variant).
-fn rename_at<'a>(renames: &'a [Rename], path: &[String]) -> &'a Rename {
+/// The rename of the parameter at `path` below a mixer (its first part the mixer's variant,
+/// as burn's visitor names it); every parameter of a mixer has one.
+pub fn rename_at<'a>(renames: &'a [Rename], path: &[String]) -> &'a Rename {
     let ours = path[1..].join(".");
     renames
         .iter()
