@@ -458,7 +458,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
             println!(
                 "{} ({}, step {}): {tensors} tensors, {params} parameters → {} and {}",
                 run_dir.display(),
-                run.config.model.mixer.kind(),
+                run.config.model.label(),
                 run.step,
                 out.display(),
                 out.with_extension("json").display()
@@ -626,7 +626,7 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 eprintln!(
                     "{} ({} {}), T = {t}: ‖∂L/∂x‖ slope {:.4} per step, ‖∂L/∂h‖ slope {:.4} per step",
                     source.label,
-                    source.config.model.mixer.kind(),
+                    source.config.model.label(),
                     source.when,
                     flow.input_slope,
                     flow.state_slope
@@ -767,16 +767,25 @@ fn execute(cli: Cli) -> Result<(), Error> {
                 Listing::Models => {
                     let backend = Backend::resolve(None)?;
                     println!(
-                        "one layer between an embedding and a head, vocabulary 64, d_model {d_model}; \
+                        "layers between an embedding and a head, vocabulary 64, d_model {d_model}; \
                          state in floats per sequence at {seq_len} tokens"
                     );
                     println!(
-                        "{:<16} {:>12} {:>14}",
-                        "model", "parameters", "state floats"
+                        "{:<28} {:>6} {:>12} {:>14}",
+                        "model", "layers", "parameters", "state floats"
                     );
                     for m in catalog::models(d_model, seq_len, backend)? {
-                        println!("{:<16} {:>12} {:>14}", m.kind, m.params, m.state_size);
+                        println!(
+                            "{:<28} {:>6} {:>12} {:>14}",
+                            m.name, m.layers, m.params, m.state_size
+                        );
                     }
+                    println!(
+                        "a hybrid names its layers' mixers in model.pattern, repeated over \
+                         model.n_layers (README, \"Hybrid stacks\"); estafet bench takes its \
+                         label, e.g. --models {} --layers 4",
+                        catalog::HYBRIDS[0]
+                    );
                 }
                 Listing::Tasks => {
                     for (parameters, info) in catalog::tasks() {

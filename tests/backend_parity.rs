@@ -106,7 +106,8 @@ fn mixers() -> Vec<(String, MixerConfig)> {
 
 fn model_config(mixer: MixerConfig) -> ModelConfig {
     ModelConfig {
-        mixer,
+        mixer: Some(mixer),
+        pattern: Vec::new(),
         d_model: 8,
         n_layers: 2,
         layout: Layout::Residual,
@@ -198,12 +199,28 @@ fn outputs_states_and_gradients_match_ndarray() {
         let device = backend.device().unwrap().autodiff();
         // Every mixer read per position, and MAD's autoencoder readout (compression) once.
         let lstm = mixers().into_iter().find(|(n, _)| n == "lstm").unwrap().1;
+        // A hybrid stack: Gated DeltaNet and attention layers in turn, one with a fused
+        // kernel wherever the backend has one, the other without.
+        let hybrid = ModelConfig {
+            mixer: None,
+            pattern: ["gated_deltanet", "attention"]
+                .map(|kind| serde_json::from_value(serde_json::json!({ "kind": kind })).unwrap())
+                .to_vec(),
+            n_layers: 4,
+            ..model_config(lstm.clone())
+        };
         let cases = mixers()
             .into_iter()
-            .map(|(name, mixer)| (name, mixer, Readout::PerPosition))
-            .chain([("lstm-bottleneck".to_string(), lstm, Readout::Bottleneck)]);
-        for (name, mixer, readout) in cases {
-            let config = model_config(mixer);
+            .map(|(name, mixer)| (name, model_config(mixer), Readout::PerPosition))
+            .chain([
+                (
+                    "lstm-bottleneck".to_string(),
+                    model_config(lstm),
+                    Readout::Bottleneck,
+                ),
+                (hybrid.label(), hybrid, Readout::PerPosition),
+            ]);
+        for (name, config, readout) in cases {
             let want = forward_and_grads(&config, readout, &reference);
             let got = forward_and_grads(&config, readout, &device);
             assert_eq!(want.len(), got.len());

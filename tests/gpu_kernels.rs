@@ -708,7 +708,8 @@ const REDUCE_PASSES: usize = 8;
 fn launches_per_step(mixer: &MixerConfig, len: usize) -> usize {
     let device = wgpu();
     let config = ModelConfig {
-        mixer: mixer.clone(),
+        mixer: Some(mixer.clone()),
+        pattern: Vec::new(),
         d_model: 8,
         n_layers: 2,
         layout: Layout::Residual,

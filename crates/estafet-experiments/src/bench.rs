@@ -16,7 +16,7 @@ use anyhow::Context;
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Int, Tensor, TensorData};
-use estafet_models::{Init, Input, InputSpec, Layout, MixerConfig, ModelIo};
+use estafet_models::{Init, Input, InputSpec, Layout, ModelIo};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -96,12 +96,8 @@ pub fn orchestrate(
     mut on_result: impl FnMut(&BenchLine),
 ) -> Result<(), Error> {
     for m in &options.models {
-        if !MixerConfig::KINDS.contains(&m.as_str()) {
-            return Err(Error::Config(format!(
-                "--models: unknown model {m:?}; choose from {}",
-                MixerConfig::KINDS.join(", ")
-            )));
-        }
+        let d_model = options.d_model.unwrap_or_else(|| default_d_model(m));
+        crate::catalog::named(m, d_model)?;
     }
     let exe = std::env::current_exe().context("cannot find the estafet executable")?;
     let threads = options.threads.to_string();
@@ -178,7 +174,7 @@ pub fn measure(
 ) -> Result<BenchResult, Error> {
     let device = options.backend.device()?;
     let d_model = options.d_model.unwrap_or_else(|| default_d_model(model));
-    let mut config = crate::catalog::one_layer(model, d_model)?;
+    let mut config = crate::catalog::named(model, d_model)?;
     config.n_layers = options.layers;
     config.layout = options.layout;
     config.mlp_expand = options.mlp_expand;

@@ -8,39 +8,70 @@ use crate::{Backend, Error};
 
 /// One line of `estafet list models`.
 pub struct ModelEntry {
-    pub kind: &'static str,
+    /// A mixer kind, or a hybrid's pattern as [`ModelConfig::label`] writes it.
+    pub name: String,
+    pub layers: usize,
     pub params: usize,
     pub state_size: usize,
 }
 
-/// Mixer `kind` with its defaults as the benchmark's model: one layer between an embedding and
-/// a head, at width `d_model`. Errors name the flag.
-pub fn one_layer(kind: &str, d_model: usize) -> Result<ModelConfig, Error> {
-    let mixer: MixerConfig = serde_json::from_value(serde_json::json!({ "kind": kind }))
-        .map_err(|e| Error::Config(format!("--models: {kind}: {e}")))?;
-    let config = ModelConfig {
-        mixer,
-        d_model,
-        n_layers: 1,
-        layout: Layout::Stacked,
-        mlp_expand: 0,
-        match_params: None,
-        match_state: None,
+/// The hybrids `estafet list models` shows beside the kinds: Qwen3-Next's three Gated DeltaNet
+/// layers per attention layer and Jamba's seven Mamba layers per attention layer.
+pub const HYBRIDS: &[&str] = &["gated_deltanet*3+attention", "mamba*7+attention"];
+
+/// The model `name` names, at its defaults, between an embedding and a head at width
+/// `d_model`: a mixer kind (`lstm`) as one layer, or a hybrid's pattern as
+/// [`ModelConfig::label`] writes it (`gated_deltanet*3+attention`), one layer per mixer. The
+/// benchmark's models; errors name the flag.
+pub fn named(name: &str, d_model: usize) -> Result<ModelConfig, Error> {
+    let kind = |kind: &str| -> Result<MixerConfig, Error> {
+        if !MixerConfig::KINDS.contains(&kind) {
+            return Err(Error::Config(format!(
+                "--models: {name}: unknown model {kind:?}; choose from {}, or a hybrid's \
+                 pattern such as {}",
+                MixerConfig::KINDS.join(", "),
+                HYBRIDS[0]
+            )));
+        }
+        Ok(serde_json::from_value(serde_json::json!({ "kind": kind })).expect("a known kind"))
     };
+    let mut pattern = Vec::new();
+    for part in name.split('+') {
+        let (k, times) = match part.split_once('*') {
+            Some((k, n)) => match n.parse::<usize>() {
+                Ok(n) if n > 0 => (k, n),
+                _ => {
+                    return Err(Error::Config(format!(
+                        "--models: {name}: `{part}`: repeat a kind a positive number of times, \
+                         kind*N"
+                    )));
+                }
+            },
+            None => (part, 1),
+        };
+        let mixer = kind(k)?;
+        pattern.extend(std::iter::repeat_n(mixer, times));
+    }
+    let mut config = ModelConfig::uniform(pattern[0].clone(), d_model, 1, Layout::Stacked);
+    if pattern.len() > 1 {
+        config.mixer = None;
+        config.n_layers = pattern.len();
+        config.pattern = pattern;
+    }
     config
         .validate()
-        .map_err(|e| Error::Config(format!("--d-model {d_model}: {kind}: {e}")))?;
+        .map_err(|e| Error::Config(format!("--d-model {d_model}: {name}: {e}")))?;
     Ok(config)
 }
 
 /// Each mixer kind with its defaults, as one layer between an embedding and a head (vocabulary
-/// 64, the benchmark's shape) at width `d_model`; state at `seq_len` tokens.
+/// 64, the benchmark's shape) at width `d_model`, then the [`HYBRIDS`], one layer per mixer of
+/// their pattern; state at `seq_len` tokens.
 pub fn models(d_model: usize, seq_len: usize, backend: Backend) -> Result<Vec<ModelEntry>, Error> {
     let device = backend.device()?;
-    MixerConfig::KINDS
-        .iter()
-        .map(|kind| {
-            let config = one_layer(kind, d_model)?;
+    (MixerConfig::KINDS.iter().chain(HYBRIDS))
+        .map(|name| {
+            let config = named(name, d_model)?;
             let io = ModelIo {
                 input: InputSpec::Tokens { vocab: 64 },
                 d_output: 64,
@@ -48,7 +79,8 @@ pub fn models(d_model: usize, seq_len: usize, backend: Backend) -> Result<Vec<Mo
             };
             let model = config.init(io, &mut Init::new(0, &device));
             Ok(ModelEntry {
-                kind,
+                name: name.to_string(),
+                layers: config.n_layers,
                 params: burn::module::Module::num_params(&model),
                 state_size: model.state_size(seq_len),
             })
@@ -143,4 +175,32 @@ pub fn render(task: &Task, sample: &Sample) -> String {
         format!("{label:<7} {}", cells.join(" "))
     };
     [row("t", &t), row("input", &input), row("target", &target)].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A name reads back as the model whose label it is: a kind as one layer, a pattern one
+    /// layer per mixer; a bad repeat or kind is named.
+    #[test]
+    fn a_models_label_names_it() {
+        let lstm = named("lstm", 16).unwrap();
+        assert_eq!((lstm.label(), lstm.n_layers), ("lstm".to_string(), 1));
+        for label in HYBRIDS.iter().chain(&["mamba+attention+mamba", "gru*2"]) {
+            let model = named(label, 16).unwrap();
+            assert_eq!(model.label(), *label);
+            assert_eq!(model.n_layers, model.pattern.len());
+        }
+        let e = named("lstm*0+gru", 16).unwrap_err().to_string();
+        assert!(
+            e.contains("`lstm*0`: repeat a kind a positive number"),
+            "{e}"
+        );
+        let e = named("lstm+transformer", 16).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--models: lstm+transformer: unknown model \"transformer\""),
+            "{e}"
+        );
+    }
 }

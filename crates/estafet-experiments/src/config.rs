@@ -351,7 +351,7 @@ impl ExperimentConfig {
         if !self.train.carry_state {
             return Ok(None);
         }
-        if self.model.mixer.kind() == "attention" {
+        if self.model.has("attention") {
             return Err(
                 "train.carry_state: attention's state is its KV cache, which would grow \
                         with every window; carry the state of a recurrence"

@@ -276,7 +276,7 @@ pub fn check_lengths(
                  evaluate fewer sequences or a shorter length",
                 config.eval.batch_size.min(samples),
                 crate::memory::human(needs),
-                config.model.mixer.kind(),
+                config.model.label(),
                 crate::memory::human(free)
             )));
         }
@@ -286,7 +286,7 @@ pub fn check_lengths(
                  ({} per token at this length{}), more than the {EVAL_FLOPS:.0e} an evaluation \
                  may take on a CPU (about an hour); evaluate fewer sequences or a shorter length",
                 format_args!("{:.1e}", flops / (samples * length) as f64),
-                if config.model.mixer.kind() == "attention" {
+                if config.model.has("attention") {
                     ": attention's scores grow with the length"
                 } else {
                     ""
@@ -440,7 +440,8 @@ mod tests {
             let samples = task.eval_set(1, 6);
             for mixer in MixerConfig::all() {
                 let config = ModelConfig {
-                    mixer: mixer.clone(),
+                    mixer: Some(mixer.clone()),
+                    pattern: Vec::new(),
                     d_model: 8,
                     n_layers: 2,
                     layout: Layout::Residual,

@@ -39,7 +39,7 @@ const FORMAT: &str = "estafet-export-1";
 #[derive(Serialize)]
 struct Manifest<'a> {
     format: &'static str,
-    model: &'static str,
+    model: String,
     /// Where the names come from: estafet's module paths, and the reference's for the mixers.
     naming: String,
     /// Every tensor: its name and shape.
@@ -106,7 +106,8 @@ struct Naming {
 
 impl Naming {
     fn of(model: &SequenceModel, config: &ExperimentConfig) -> Self {
-        let kind = config.model.mixer.kind();
+        // torch.nn's multi-layer cells are one kind throughout.
+        let kind = config.model.mixer.as_ref().map_or("", |m| m.kind());
         let classic =
             matches!(kind, "rnn" | "lstm" | "gru") && config.model.layout == Layout::Stacked;
         let layers = model
@@ -136,14 +137,33 @@ impl Naming {
                 "estafet module paths; the recurrent layers as torch.nn.{}'s state dict",
                 kind.to_uppercase()
             )
-        } else if let Some(module) = model
-            .blocks
-            .first()
-            .and_then(|b| reference::module(&b.mixer))
-        {
-            format!("estafet module paths; blocks.L.mixer.* as {module}'s state dict")
         } else {
-            "estafet module paths".into()
+            // Which layers read as which reference module: every layer, or in a hybrid each
+            // module's layers.
+            let mut modules: Vec<(&str, Vec<usize>)> = Vec::new();
+            for (l, block) in model.blocks.iter().enumerate() {
+                let Some(module) = reference::module(&block.mixer) else {
+                    continue;
+                };
+                match modules.iter_mut().find(|(m, _)| *m == module) {
+                    Some((_, layers)) => layers.push(l),
+                    None => modules.push((module, vec![l])),
+                }
+            }
+            let every = |layers: &[usize]| layers.len() == model.blocks.len();
+            (modules.iter())
+                .map(|(module, layers)| match every(layers) {
+                    true => format!("; blocks.L.mixer.* as {module}'s state dict"),
+                    false => format!(
+                        "; blocks.L.mixer.* for L in {} as {module}'s state dict",
+                        (layers.iter().map(|l| l.to_string()))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                })
+                .fold("estafet module paths".to_string(), |says, part| {
+                    says + &part
+                })
         };
         Self { layers, says }
     }
@@ -173,14 +193,14 @@ pub fn export(
     let tensors = reference::collect_named(model, &|path| naming.rename(path));
     let metadata = std::collections::HashMap::from([
         (FORMAT_KEY.to_string(), FORMAT.to_string()),
-        ("model".to_string(), config.model.mixer.kind().to_string()),
+        ("model".to_string(), config.model.label()),
         ("config".to_string(), config.to_toml()),
     ]);
     let serialized = float_tensors::to_bytes(&tensors, Some(metadata))?;
     crate::run_dir::write_atomic(out, &serialized)?;
     let manifest = Manifest {
         format: FORMAT,
-        model: config.model.mixer.kind(),
+        model: config.model.label(),
         naming: naming.says.clone(),
         tensors: tensors
             .iter()
@@ -220,10 +240,10 @@ pub fn import(
         .and_then(|(_, meta)| meta.metadata().clone())
         .and_then(|m| m.get("model").cloned())
         .unwrap_or_default();
-    if kind != config.model.mixer.kind() {
+    if kind != config.model.label() {
         return Err(Error::Config(format!(
-            "{at}: an export of a {kind} model; this config's model.mixer.kind is {}",
-            config.model.mixer.kind()
+            "{at}: an export of a {kind} model; this config's model is {}",
+            config.model.label()
         )));
     }
     let naming = Naming::of(&model, config);
@@ -347,6 +367,65 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("an export of a gru model"), "{e}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// A hybrid's layers go out each under its own reference's names, the manifest says which
+    /// layers read as which module, the round trip is exact, and a uniform model refuses it.
+    #[test]
+    fn a_hybrid_exports_each_layer_under_its_reference() {
+        let device = device();
+        let dir = std::env::temp_dir().join(format!("estafet-export-h-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lstm = config(&MixerConfig::all()[1], "residual");
+        let mut hybrid = lstm.clone();
+        hybrid.model.mixer = None;
+        hybrid.model.n_layers = 4;
+        hybrid.model.pattern = ["mamba", "gated_deltanet", "rwkv7", "lstm"]
+            .map(|kind| serde_json::from_value(serde_json::json!({ "kind": kind })).unwrap())
+            .to_vec();
+        hybrid.model.validate().unwrap();
+        let info = hybrid.task.build().unwrap().info();
+        let build = |config: &ExperimentConfig, seed| {
+            (config.model).init(model_io(&info), &mut Init::new(seed, &device))
+        };
+        let (ours, other) = (build(&hybrid, 1), build(&hybrid, 2));
+        let path = dir.join("hybrid.safetensors");
+        export(&ours, &hybrid, None, &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let file = SafeTensors::deserialize(&bytes).unwrap();
+        for name in [
+            "blocks.0.mixer.conv1d.weight",
+            "blocks.1.mixer.k_conv1d.weight",
+            "blocks.2.mixer.x_r",
+            "blocks.3.mixer.Lstm.input.weight",
+        ] {
+            assert!(file.tensor(name).is_ok(), "{name}");
+        }
+        let manifest = std::fs::read_to_string(path.with_extension("json")).unwrap();
+        assert!(
+            manifest.contains("\"model\": \"mamba+gated_deltanet+rwkv7+lstm\"")
+                && manifest.contains("for L in 1 as fla.layers.GatedDeltaNet"),
+            "{manifest}"
+        );
+        let loaded = import(other, &hybrid, &bytes, "test", &device).unwrap();
+        let tokens = Tensor::<2>::random([2, 9], Distribution::Uniform(0.0, 2.0), &device).int();
+        let (a, _) = ours.forward(Input::Tokens(tokens.clone()), None);
+        let (b, _) = loaded.forward(Input::Tokens(tokens), None);
+        assert_eq!(
+            a.into_data().try_to_vec::<f32>().unwrap(),
+            b.into_data().try_to_vec::<f32>().unwrap()
+        );
+        let e = import(build(&lstm, 0), &lstm, &bytes, "x", &device)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains(
+                "an export of a mamba+gated_deltanet+rwkv7+lstm model; this config's model is lstm"
+            ),
+            "{e}"
+        );
         std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -92,7 +92,9 @@ pub fn estimate(
     let params = built.num_params();
     let (b, t) = (batch as f64, seq_len as f64);
     let per_token = ACTIVATION_FACTOR * matrix_sides as f64
-        + attention_scores(&model.mixer, model.d_model, t, device) * model.n_layers as f64;
+        + (model.layer_mixers().into_iter())
+            .map(|mixer| attention_scores(mixer, model.d_model, t, device))
+            .sum::<f64>();
     // The recurrences' backwards read every step's state: the GPU kernels keep it for the
     // whole batch, the CPU kernels rebuild it one sequence per thread at a time.
     let sequences_with_states = if estafet_models::fused::has_kernel(device) {

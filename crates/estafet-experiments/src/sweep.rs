@@ -456,7 +456,7 @@ mod tests {
     #[test]
     fn the_quickstart_compares_every_architecture() {
         let runs = expand_text("quickstart", QUICKSTART.1, Path::new(".")).unwrap();
-        let mut kinds: Vec<&str> = runs.iter().map(|r| r.config.model.mixer.kind()).collect();
+        let mut kinds: Vec<String> = runs.iter().map(|r| r.config.model.label()).collect();
         kinds.dedup();
         assert_eq!(kinds, estafet_models::MixerConfig::KINDS);
         assert!(runs.iter().all(|r| r.config.eval.lengths == [256]));
@@ -495,5 +495,33 @@ mod tests {
             bad.to_string().contains("optim.lr must be positive"),
             "{bad}"
         );
+    }
+
+    /// A model axis may set a hybrid's pattern in place of the base's mixer: the value replaces
+    /// the whole model table.
+    #[test]
+    fn a_model_axis_holds_hybrids() {
+        let text = r#"
+            [base_config.model]
+            d_model = 8
+            n_layers = 2
+            [base_config.model.mixer]
+            kind = "gated_deltanet"
+            [base_config.task]
+            kind = "parity"
+            [base_config.train]
+            steps = 1
+            [axes]
+            model = [
+              { label = "gdn", mixer = { kind = "gated_deltanet" }, d_model = 8, n_layers = 4 },
+              { label = "3:1", pattern = [{ kind = "gated_deltanet" }, { kind = "gated_deltanet" },
+                { kind = "gated_deltanet" }, { kind = "attention", n_heads = 2 }], d_model = 8,
+                n_layers = 4 },
+            ]
+        "#;
+        let runs = expand_text("t", text, Path::new(".")).unwrap();
+        let labels: Vec<String> = runs.iter().map(|r| r.config.model.label()).collect();
+        assert_eq!(labels, ["gated_deltanet", "gated_deltanet*3+attention"]);
+        assert_eq!(runs[1].name, "3:1");
     }
 }

@@ -52,7 +52,7 @@ struct RunInfo<'a> {
     code_version: &'a str,
     config_source: &'a str,
     started_at: String,
-    model: &'static str,
+    model: String,
     task: &'a TaskInfo,
     /// The width, and the budget it was chosen for (`model.match_params`/`match_state`).
     d_model: usize,
@@ -243,7 +243,7 @@ impl<'a> Run<'a> {
                     code_version: &options.code_version,
                     config_source: &options.config_source,
                     started_at: now(),
-                    model: config.model.mixer.kind(),
+                    model: config.model.label(),
                     task: &info,
                     d_model: config.model.d_model,
                     match_params: config.model.match_params,
@@ -291,7 +291,7 @@ impl<'a> Run<'a> {
         run.bar.set_position(start as u64);
         run.report(format!(
             "{} ({} parameters, {} floats of state) on {} (T = {}), {} on {}, seed {} → {}{}",
-            config.model.mixer.kind(),
+            config.model.label(),
             run.params,
             run.state_size,
             run.info.kind,
@@ -643,7 +643,7 @@ impl<'a> Run<'a> {
 
         let tokens_per_step = config.train.batch_size as f64 * self.mean_len();
         let summary = Summary {
-            model: config.model.mixer.kind().to_string(),
+            model: config.model.label(),
             task: self.info.kind.to_string(),
             params: self.params,
             state_size: self.state_size,
@@ -704,7 +704,10 @@ fn fresh_model(
     if crate::export::is_export(&bytes) {
         return crate::export::import(model, config, &bytes, &at, ad_device);
     }
-    let classic = matches!(config.model.mixer.kind(), "rnn" | "lstm" | "gru");
+    let classic = matches!(
+        config.model.mixer.as_ref().map(|m| m.kind()),
+        Some("rnn" | "lstm" | "gru")
+    );
     if !classic || config.model.layout != estafet_models::Layout::Stacked {
         return Err(Error::Config(format!(
             "{at}: not an estafet export, so read as PyTorch RNN/LSTM/GRU weights, which need \

@@ -38,10 +38,33 @@ pub enum Layout {
 }
 
 /// `[model]` in a config.
+///
+/// Every layer runs `[model.mixer]`, or, in a hybrid stack, the layers name their mixers in
+/// `model.pattern`, a list of mixer tables repeated to fill `n_layers` (which it must divide):
+/// Qwen3-Next's three Gated DeltaNet layers per attention layer over 8 layers is
+///
+/// ```toml
+/// [model]
+/// d_model = 64
+/// n_layers = 8
+/// layout = "residual"
+/// pattern = [
+///   { kind = "gated_deltanet" }, { kind = "gated_deltanet" }, { kind = "gated_deltanet" },
+///   { kind = "attention", n_heads = 4 },
+/// ]
+/// ```
+///
+/// and an explicit list is a pattern as long as the stack. Each table has its kind's own
+/// options; the layers share `d_model`, the layout and the MLP.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    pub mixer: MixerConfig,
+    /// The mixer of every layer; absent when `pattern` names them per layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mixer: Option<MixerConfig>,
+    /// The layers' mixers in order, repeated to fill `n_layers`: a hybrid stack.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pattern: Vec<MixerConfig>,
     /// Width `D` of the residual stream (the hidden size of the classic cells).
     pub d_model: usize,
     #[serde(default = "one")]
@@ -63,6 +86,16 @@ pub struct ModelConfig {
 
 fn one() -> usize {
     1
+}
+
+/// A mixer's validation message, which names its fields `model.mixer.FIELD`, for the table
+/// written at `field`.
+fn at_field(message: String, field: &str) -> String {
+    if message.contains("model.mixer.") {
+        message.replace("model.mixer.", &format!("{field}."))
+    } else {
+        format!("{field}: {message}")
+    }
 }
 
 /// What the model reads and predicts; given by the task.
@@ -103,6 +136,66 @@ pub enum Input {
 }
 
 impl ModelConfig {
+    /// A stack of `n_layers` layers of `mixer`.
+    pub fn uniform(mixer: MixerConfig, d_model: usize, n_layers: usize, layout: Layout) -> Self {
+        Self {
+            mixer: Some(mixer),
+            pattern: Vec::new(),
+            d_model,
+            n_layers,
+            layout,
+            mlp_expand: 0,
+            match_params: None,
+            match_state: None,
+        }
+    }
+
+    /// Each layer's mixer, in order: `mixer` every time, or `pattern` repeated.
+    pub fn layer_mixers(&self) -> Vec<&MixerConfig> {
+        match &self.mixer {
+            Some(mixer) => vec![mixer; self.n_layers],
+            None => self.pattern.iter().cycle().take(self.n_layers).collect(),
+        }
+    }
+
+    /// The mixer tables the config writes, each with the field it is written at
+    /// (`model.mixer`, or `model.pattern[i]`).
+    fn written_mixers(&self) -> Vec<(String, &MixerConfig)> {
+        match &self.mixer {
+            Some(mixer) => vec![("model.mixer".to_string(), mixer)],
+            None => (self.pattern.iter().enumerate())
+                .map(|(i, mixer)| (format!("model.pattern[{i}]"), mixer))
+                .collect(),
+        }
+    }
+
+    /// The model's name in reports, summaries and messages: its mixer's kind, or the
+    /// pattern's kinds with repeats counted, `gated_deltanet*3+attention`.
+    pub fn label(&self) -> String {
+        let Some(first) = self.pattern.first().filter(|_| self.mixer.is_none()) else {
+            return self.mixer.as_ref().map_or("", |m| m.kind()).to_string();
+        };
+        let mut runs: Vec<(&str, usize)> = vec![(first.kind(), 0)];
+        for mixer in &self.pattern {
+            match runs.last_mut() {
+                Some((kind, n)) if *kind == mixer.kind() => *n += 1,
+                _ => runs.push((mixer.kind(), 1)),
+            }
+        }
+        (runs.iter())
+            .map(|&(kind, n)| match n {
+                1 => kind.to_string(),
+                n => format!("{kind}*{n}"),
+            })
+            .collect::<Vec<_>>()
+            .join("+")
+    }
+
+    /// Whether some layer runs mixer `kind`.
+    pub fn has(&self, kind: &str) -> bool {
+        self.written_mixers().iter().any(|(_, m)| m.kind() == kind)
+    }
+
     /// Checks what serde cannot; the message names the field.
     pub fn validate(&self) -> Result<(), String> {
         if self.d_model == 0 {
@@ -114,36 +207,69 @@ impl ModelConfig {
         if self.mlp_expand > 0 && self.layout == Layout::Stacked {
             return Err("model.mlp_expand needs model.layout = \"residual\"".into());
         }
-        self.mixer.validate(self.d_model)
+        match (&self.mixer, self.pattern.len()) {
+            (Some(_), 1..) => {
+                return Err(
+                    "model.mixer and model.pattern: give one, the mixer of every layer \
+                            or the mixers per layer"
+                        .into(),
+                );
+            }
+            (None, 0) => {
+                return Err(
+                    "model: give model.mixer (every layer's) or model.pattern (the \
+                            mixers per layer)"
+                        .into(),
+                );
+            }
+            (None, n) if !self.n_layers.is_multiple_of(n) => {
+                return Err(format!(
+                    "model.pattern: {n} mixers do not repeat evenly over model.n_layers = {}",
+                    self.n_layers
+                ));
+            }
+            _ => {}
+        }
+        for (field, mixer) in self.written_mixers() {
+            mixer
+                .validate(self.d_model)
+                .map_err(|e| at_field(e, &field))?;
+        }
+        Ok(())
     }
 
     /// The longest sequence the model can read, if it has a limit (learned positions).
     pub fn max_seq_len(&self) -> Option<usize> {
-        match &self.mixer {
-            MixerConfig::Attention(crate::attention::AttentionSpec {
-                positions: crate::attention::Positions::Learned { max_len },
-                ..
-            }) => Some(*max_len),
-            _ => None,
-        }
+        (self.written_mixers().into_iter())
+            .filter_map(|(_, mixer)| match mixer {
+                MixerConfig::Attention(crate::attention::AttentionSpec {
+                    positions: crate::attention::Positions::Learned { max_len },
+                    ..
+                }) => Some(*max_len),
+                _ => None,
+            })
+            .min()
     }
 
     /// Whether `device`'s backend can run the forms the config names: a `fused` form needs a
     /// backend with that recurrence's kernel.
     pub fn check_device(&self, device: &burn::tensor::Device) -> Result<(), String> {
-        match self.mixer.form() {
-            Some((field, crate::scan::Form::Fused))
-                if !crate::fused::runs(self.mixer.form_op(self.d_model), device, 1) =>
-            {
-                Err(format!(
-                    "model.mixer.{field} = fused: this backend has no fused kernel for {} \
-                     (ndarray and flex have every one; wgpu those of minGRU, minLSTM and the \
-                     classic cells); use auto, sequential or chunked",
-                    self.mixer.kind()
-                ))
+        for (at, mixer) in self.written_mixers() {
+            match mixer.form() {
+                Some((field, crate::scan::Form::Fused))
+                    if !crate::fused::runs(mixer.form_op(self.d_model), device, 1) =>
+                {
+                    return Err(format!(
+                        "{at}.{field} = fused: this backend has no fused kernel for {} \
+                         (ndarray and flex have every one; wgpu those of minGRU, minLSTM and \
+                         the classic cells); use auto, sequential or chunked",
+                        mixer.kind()
+                    ));
+                }
+                _ => {}
             }
-            _ => Ok(()),
         }
+        Ok(())
     }
 
     pub fn init(&self, io: ModelIo, init: &mut Init) -> SequenceModel {
@@ -158,10 +284,10 @@ impl ModelConfig {
         let residual = self.layout == Layout::Residual;
         let device = init.device().clone();
         let norm = || layer_norm_module(d, &device);
-        let blocks = (0..self.n_layers)
-            .map(|_| Block {
+        let blocks = (self.layer_mixers().into_iter())
+            .map(|mixer| Block {
                 norm: residual.then(norm),
-                mixer: self.mixer.init(d, init),
+                mixer: mixer.init(d, init),
                 mlp: (self.mlp_expand > 0).then(|| Mlp {
                     norm: norm(),
                     up: init.linear(d, self.mlp_expand * d, true),
@@ -566,7 +692,8 @@ mod tests {
                 [(Layout::Stacked, 0, 8), (Layout::Residual, 2, 24)]
             {
                 let config = ModelConfig {
-                    mixer: mixer.clone(),
+                    mixer: Some(mixer.clone()),
+                    pattern: Vec::new(),
                     d_model,
                     n_layers: 2,
                     layout,
@@ -581,7 +708,8 @@ mod tests {
                 assert_eq!(counted, real, "{} {layout:?}", mixer.kind());
             }
             let huge = ModelConfig {
-                mixer: mixer.clone(),
+                mixer: Some(mixer.clone()),
+                pattern: Vec::new(),
                 d_model: 200_000,
                 n_layers: 1,
                 layout: Layout::Residual,
@@ -608,7 +736,8 @@ mod tests {
         for mixer in every_mixer() {
             for (layout, mlp_expand) in [(Layout::Stacked, 0), (Layout::Residual, 2)] {
                 let config = ModelConfig {
-                    mixer: mixer.clone(),
+                    mixer: Some(mixer.clone()),
+                    pattern: Vec::new(),
                     d_model: 8,
                     n_layers: 2,
                     layout,
@@ -654,6 +783,100 @@ mod tests {
         }
     }
 
+    /// A hybrid's pattern, repeated over the stack, gives each layer its mixer with that
+    /// table's own options; its label counts repeats; `step` and a split forward equal one
+    /// forward; its state is the sum of its layers' (attention's growing with T); and what is
+    /// wrong with a pattern is named by its field.
+    #[test]
+    fn a_pattern_gives_each_layer_its_mixer() {
+        let device = device();
+        let parse = |toml: &str| -> ModelConfig { toml::from_str(toml).unwrap() };
+        let config = parse(
+            r#"
+            d_model = 8
+            n_layers = 6
+            layout = "residual"
+            pattern = [
+              { kind = "gated_deltanet" }, { kind = "gated_deltanet", n_heads = 2 },
+              { kind = "attention", n_heads = 2 },
+            ]
+            "#,
+        );
+        config.validate().unwrap();
+        assert_eq!(config.label(), "gated_deltanet*2+attention");
+        assert!(config.has("attention") && !config.has("mamba"));
+        let kinds: Vec<_> = config.layer_mixers().iter().map(|m| m.kind()).collect();
+        assert_eq!(
+            kinds,
+            ["gated_deltanet", "gated_deltanet", "attention"].repeat(2)
+        );
+        // The config survives a round trip through TOML, as a run directory keeps it.
+        assert_eq!(parse(&toml::to_string(&config).unwrap()), config);
+
+        let io = ModelIo {
+            input: InputSpec::Tokens { vocab: 7 },
+            d_output: 5,
+            readout: Readout::PerPosition,
+        };
+        let model = config.init(io, &mut Init::new(3, &device));
+        let heads = |b: &Block| match &b.mixer {
+            Mixer::GatedDeltaNet(m) => m.n_heads,
+            Mixer::Attention(_) => 0,
+            _ => panic!("a layer the pattern does not name"),
+        };
+        let built: Vec<_> = model.blocks.iter().map(heads).collect();
+        assert_eq!(built, [4, 2, 0, 4, 2, 0]);
+        // A layer's state is its mixer's: the two recurrences' fixed, attention's K and V.
+        let per_layer = |t| -> usize { (model.blocks.iter()).map(|b| b.mixer.state_size(t)).sum() };
+        assert_eq!(model.state_size(10) - model.state_size(5), 2 * 2 * 8 * 5);
+        assert_eq!(model.state_size(10), per_layer(10));
+
+        let tokens = Tensor::<2>::random([2, 9], Distribution::Uniform(0.0, 7.0), &device).int();
+        let (logits, _) = model.forward(Input::Tokens(tokens.clone()), None);
+        let mut s = None;
+        let mut steps = Vec::new();
+        for t in 0..9 {
+            let (y, next) = model.step(Input::Tokens(tokens.clone().narrow(1, t, 1)), s);
+            steps.push(y);
+            s = Some(next);
+        }
+        let diff: f32 = (Tensor::stack::<3>(steps, 1) - logits.clone())
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(diff < 1e-4, "step vs forward, max |Δ| = {diff}");
+        let (head, mid) = model.forward(Input::Tokens(tokens.clone().narrow(1, 0, 4)), None);
+        let (tail, _) = model.forward(Input::Tokens(tokens.narrow(1, 4, 5)), Some(mid));
+        let diff: f32 = (Tensor::cat(vec![head, tail], 1) - logits)
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(diff < 1e-4, "split forward, max |Δ| = {diff}");
+
+        let error = |toml: &str| parse(toml).validate().unwrap_err();
+        assert_eq!(
+            error(
+                "d_model = 8\nn_layers = 4\npattern = [{ kind = \"lstm\" }, { kind = \"attention\", n_heads = 3 }]"
+            ),
+            "model.pattern[1].n_heads must divide d_model = 8 (got 3)"
+        );
+        assert_eq!(
+            error("d_model = 8\nn_layers = 3\npattern = [{ kind = \"lstm\" }, { kind = \"gru\" }]"),
+            "model.pattern: 2 mixers do not repeat evenly over model.n_layers = 3"
+        );
+        assert!(
+            error("d_model = 8\nmixer = { kind = \"lstm\" }\npattern = [{ kind = \"gru\" }]")
+                .starts_with("model.mixer and model.pattern: give one")
+        );
+        assert!(error("d_model = 8").starts_with("model: give model.mixer"));
+        // Learned positions in any layer bound the length the model reads.
+        let learned = parse(
+            "d_model = 8\nn_layers = 2\npattern = [{ kind = \"lstm\" }, \
+             { kind = \"attention\", positions = { kind = \"learned\", max_len = 16 } }]",
+        );
+        assert_eq!(learned.max_seq_len(), Some(16));
+    }
+
     /// The bottleneck readout reads every position from the last one's vector alone: the
     /// logits equal the decoder applied to the per-position model's last hidden vector, and
     /// two sequences that end in the same state give the same logits everywhere.
@@ -661,7 +884,8 @@ mod tests {
     fn the_bottleneck_reads_the_sequence_through_its_last_position() {
         let device = device();
         let config = ModelConfig {
-            mixer: serde_json::from_value(serde_json::json!({ "kind": "lstm" })).unwrap(),
+            mixer: Some(serde_json::from_value(serde_json::json!({ "kind": "lstm" })).unwrap()),
+            pattern: Vec::new(),
             d_model: 8,
             n_layers: 1,
             layout: Layout::Residual,
@@ -710,7 +934,8 @@ mod tests {
         };
         let model = |mixer: serde_json::Value| {
             ModelConfig {
-                mixer: serde_json::from_value(mixer).unwrap(),
+                mixer: Some(serde_json::from_value(mixer).unwrap()),
+                pattern: Vec::new(),
                 d_model: 8,
                 n_layers: 1,
                 layout: Layout::Stacked,

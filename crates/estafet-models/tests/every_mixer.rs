@@ -1,5 +1,6 @@
-//! Properties every mixer must have, checked on every kind through the model stack:
-//! finite-difference gradients, and a small stack overfitting a tiny batch.
+//! Properties every mixer must have, checked on every kind through the model stack (and on a
+//! hybrid stack of three kinds): finite-difference gradients, a small stack overfitting a tiny
+//! batch, and windows with a carried state equal to one forward.
 
 #![allow(deprecated)] // Device::ndarray: the reference CPU backend for these tests
 
@@ -54,13 +55,31 @@ fn tokens(shape: [usize; 2], vocab: usize, seed: u64) -> Tensor<2, Int> {
     Tensor::from_data(TensorData::new(values, shape), &device())
 }
 
+/// Every mixer of [`every_mixer`] in a two-layer stack at width `d_model`, and a hybrid: Gated
+/// DeltaNet, attention and Mamba, one layer each.
+fn every_model(d_model: usize) -> Vec<(String, ModelConfig)> {
+    let hybrid = ModelConfig {
+        mixer: None,
+        pattern: ["gated_deltanet", "attention", "mamba"]
+            .map(|kind| serde_json::from_value(serde_json::json!({ "kind": kind })).unwrap())
+            .to_vec(),
+        n_layers: 3,
+        ..model_config(MixerConfig::all()[0].clone(), d_model)
+    };
+    (every_mixer().into_iter())
+        .map(|(name, mixer)| (name, model_config(mixer, d_model)))
+        .chain([(hybrid.label(), hybrid)])
+        .collect()
+}
+
 fn model_config(mixer: MixerConfig, d_model: usize) -> ModelConfig {
     let layout = match mixer {
         MixerConfig::Rwkv(_) => Layout::Stacked,
         _ => Layout::Residual,
     };
     ModelConfig {
-        mixer,
+        mixer: Some(mixer),
+        pattern: Vec::new(),
         d_model,
         n_layers: 2,
         layout,
@@ -80,8 +99,8 @@ fn model_config(mixer: MixerConfig, d_model: usize) -> ModelConfig {
 /// fails at both.
 #[test]
 fn gradients_match_finite_differences() {
-    for (name, mixer) in every_mixer() {
-        let model = model_config(mixer, 8)
+    for (name, config) in every_model(8) {
+        let model = config
             .init(
                 ModelIo {
                     input: InputSpec::Features { dim: 3 },
@@ -125,8 +144,8 @@ fn every_model_overfits_a_tiny_batch() {
     let dev = device();
     let (vocab, batch, t) = (6, 4, 10);
     let (inputs, targets) = (tokens([batch, t], vocab, 3), tokens([batch, t], vocab, 4));
-    for (name, mixer) in every_mixer() {
-        let mut model = model_config(mixer, 16).init(
+    for (name, config) in every_model(16) {
+        let mut model = config.init(
             ModelIo {
                 input: InputSpec::Tokens { vocab },
                 d_output: vocab,
@@ -170,8 +189,8 @@ fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
 #[test]
 fn windows_with_a_carried_state_equal_one_long_forward() {
     let (b, t, vocab) = (2, 23, 7);
-    for (name, mixer) in every_mixer() {
-        let model = model_config(mixer, 8).init(
+    for (name, config) in every_model(8) {
+        let model = config.init(
             ModelIo {
                 input: InputSpec::Tokens { vocab },
                 d_output: vocab,
