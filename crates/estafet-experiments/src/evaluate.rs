@@ -358,6 +358,13 @@ pub fn streamed_at_lengths(
     what: &str,
     device: &Device,
 ) -> Result<Vec<EvalResult>, Error> {
+    if config.model.has("attention") {
+        return Err(Error::Config(format!(
+            "--streams {streams}: attention's state is its KV cache, which would grow over the \
+             whole split; score {} as windows (--streams 0)",
+            config.model.label()
+        )));
+    }
     lengths
         .iter()
         .map(|&length| {
@@ -418,6 +425,44 @@ mod tests {
             "{e}"
         );
         check_lengths(&config("attention"), &[4096], 16, "eval.lengths", &device).unwrap();
+    }
+
+    /// Attention's KV cache would grow over a whole split read as streams: refused by name,
+    /// in a hybrid too, before anything is evaluated.
+    #[test]
+    fn streams_are_refused_for_attention() {
+        let device = crate::Backend::default_compiled()
+            .unwrap()
+            .device()
+            .unwrap();
+        for model in [
+            "[model.mixer]\nkind = \"attention\"",
+            "pattern = [{ kind = \"lstm\" }, { kind = \"attention\" }]",
+        ] {
+            let config = crate::config::parse(
+                &crate::config::ConfigSource {
+                    name: "test".into(),
+                    text: format!(
+                        "[model]\nd_model = 8\nn_layers = 2\n{model}\n\
+                         [task]\nkind = \"char_lm\"\nseq_len = 16\n[train]\nsteps = 1\n"
+                    ),
+                },
+                &[],
+            )
+            .unwrap();
+            let info = config.task.build().unwrap().info();
+            let built = config
+                .model
+                .init(model_io(&info), &mut Init::new(0, &device));
+            let e = streamed_at_lengths(&built, &config, &[16], 2, "eval.lengths", &device)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                e.starts_with("--streams 2: attention's state is its KV cache"),
+                "{e}"
+            );
+        }
     }
 
     /// Streaming a sequence through the model in windows, the state carried, scores exactly
