@@ -1555,6 +1555,57 @@ fn signals_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// SIGTERM during a run's final evaluations (a length evaluation of 200,000 tokens, seconds
+/// long) stops it at the evaluation's next window, long before the evaluation would end:
+/// exit 143, interrupted.json, no summary and no partial figures; resumed, the run evaluates
+/// again and ends as an uninterrupted one.
+#[test]
+fn a_signal_stops_the_final_evaluation() {
+    let dir = scratch("signal-eval");
+    std::fs::create_dir_all(&dir).unwrap();
+    let args = |out: &Path| small_lstm(out, 20, &["--set", "eval.lengths=[200000]"]);
+    let run = |args: &[String]| estafet(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let whole = dir.join("whole");
+    let started = std::time::Instant::now();
+    let out = run(&args(&whole));
+    let whole_seconds = started.elapsed().as_secs_f64();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let stopped = dir.join("stopped");
+    let mut child = spawn(&args(&stopped));
+    // The final checkpoint is written before the evaluations at other lengths begin.
+    while checkpoint_step(&stopped) < 20 {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let signalled = std::time::Instant::now();
+    signal(child.id(), "TERM");
+    let out = child.wait_with_output().unwrap();
+    let latency = signalled.elapsed().as_secs_f64();
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+    assert!(
+        latency < whole_seconds / 3.0,
+        "stopped {latency:.1} s after the signal; the whole run took {whole_seconds:.1} s"
+    );
+    assert!(!stopped.join("summary.json").exists());
+    assert_eq!(json(&stopped.join("interrupted.json"))["step"], 20);
+    assert!(
+        !figures(&stopped).iter().any(|f| f.contains("200000")),
+        "no partial length evaluation is recorded"
+    );
+    let mut resume = args(&stopped);
+    resume.push("--resume".into());
+    let out = run(&resume);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        json(&whole.join("summary.json"))["length_eval"],
+        json(&stopped.join("summary.json"))["length_eval"]
+    );
+    assert_eq!(figures(&whole), figures(&stopped));
+    std::fs::remove_dir_all(dir).ok();
+}
+
 /// A second Ctrl-C ends the run at once, mid-step; the checkpoint written by the clock
 /// (`train.checkpoint_minutes`) before it is intact and the run resumes from it.
 #[test]

@@ -141,6 +141,24 @@ pub fn evaluate_in_windows(
     window_len: usize,
     device: &Device,
 ) -> EvalResult {
+    windows(model, samples, info, batch_size, window_len, false, device)
+}
+
+/// [`evaluate_in_windows`]; with `interruptible`, a signal ([`crate::interrupt`]) ends it at
+/// its next window, so that a run stops promptly during a long length evaluation (a million
+/// tokens can take an hour), and what it returns is partial: the run, which asks
+/// [`crate::interrupt::requested`] after its length evaluations, records none of it. The
+/// evaluations inside the training loop are short and run to their end, so that every
+/// checkpointed step has its figures.
+fn windows(
+    model: &SequenceModel,
+    samples: &[Sample],
+    info: &TaskInfo,
+    batch_size: usize,
+    window_len: usize,
+    interruptible: bool,
+    device: &Device,
+) -> EvalResult {
     let mut sums = Sums::default();
     let window_len = match info.readout {
         Readout::Bottleneck => info.seq_len,
@@ -150,6 +168,9 @@ pub fn evaluate_in_windows(
         let whole = Batch::new(chunk, device);
         let mut state = None;
         for start in (0..info.seq_len).step_by(window_len) {
+            if interruptible && crate::interrupt::requested().is_some() {
+                return sums.result(info);
+            }
             let len = window_len.min(info.seq_len - start);
             let batch = if len == info.seq_len {
                 whole.clone()
@@ -306,7 +327,7 @@ const EVAL_FLOPS: f64 = 2e14;
 /// The model trained on `config` evaluated at each of `lengths`: the task with that length (the
 /// parameter that sets it changes, every other one stays), on `samples` held-out sequences of
 /// the run's seed. `what` names where the lengths came from in an error (`eval.lengths`,
-/// `--seq-len`).
+/// `--seq-len`). A signal cuts each short (see [`windows`]).
 pub fn at_lengths(
     model: &SequenceModel,
     config: &ExperimentConfig,
@@ -321,11 +342,13 @@ pub fn at_lengths(
         .map(|&length| {
             let task = task_at(config, length, what)?;
             let info = task.info();
-            Ok(evaluate(
+            Ok(windows(
                 model,
                 &task.eval_set(config.run.seed, samples),
                 &info,
                 config.eval.batch_size,
+                STREAM_WINDOW,
+                true,
                 device,
             ))
         })

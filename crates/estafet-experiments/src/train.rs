@@ -608,21 +608,29 @@ impl<'a> Run<'a> {
             }
             None => None,
         };
-        // A signal during the loop (its checkpoint is written) or after it, before the summary;
-        // a diverged run writes its summary regardless.
-        if let Some(signal) = crate::interrupt::requested().filter(|_| divergence.is_none()) {
-            self.bar.finish_and_clear();
-            return Err(interrupted(
-                &self.dir,
-                self.options,
-                signal,
-                &self.state,
-                last_eval.as_ref(),
-            )?);
-        }
+        // A signal during the loop (its checkpoint is written) or after it, before the summary
+        // (the length evaluations below stop at their next window): the resumed run evaluates
+        // again. A diverged run writes its summary regardless.
+        let stop = |last_eval: Option<&EvalResult>| -> Result<(), Error> {
+            match crate::interrupt::requested().filter(|_| divergence.is_none()) {
+                Some(signal) => {
+                    self.bar.finish_and_clear();
+                    Err(interrupted(
+                        &self.dir,
+                        self.options,
+                        signal,
+                        &self.state,
+                        last_eval,
+                    )?)
+                }
+                None => Ok(()),
+            }
+        };
+        stop(last_eval.as_ref())?;
         // Resumed from the final checkpoint of a run killed before its summary, or diverged:
         // evaluate the model at hand.
         let final_eval = last_eval.unwrap_or_else(|| self.evaluate(&model, &self.eval_set));
+        stop(Some(&final_eval))?;
         let config = self.config;
         let length_eval = crate::evaluate::at_lengths(
             &model.valid(),
@@ -632,6 +640,7 @@ impl<'a> Run<'a> {
             "eval.lengths",
             &self.device,
         )?;
+        stop(Some(&final_eval))?;
         for (&length, result) in config.eval.lengths.iter().zip(&length_eval) {
             self.log_eval(&format!("length {length:>6}"), last_step, result)?;
         }
@@ -639,6 +648,7 @@ impl<'a> Run<'a> {
             .task
             .test_set(config.run.seed, config.eval.samples)
             .map(|set| self.evaluate(&model, &set));
+        stop(Some(&final_eval))?;
         self.bar.finish_and_clear();
 
         let tokens_per_step = config.train.batch_size as f64 * self.mean_len();
