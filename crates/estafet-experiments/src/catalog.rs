@@ -21,8 +21,8 @@ pub const HYBRIDS: &[&str] = &["gated_deltanet*3+attention", "mamba*7+attention"
 
 /// The model `name` names, at its defaults, between an embedding and a head at width
 /// `d_model`: a mixer kind (`lstm`) as one layer, or a hybrid's pattern as
-/// [`ModelConfig::label`] writes it (`gated_deltanet*3+attention`), one layer per mixer. The
-/// benchmark's models; errors name the flag.
+/// [`ModelConfig::label`] writes it (`gated_deltanet*3+attention`, `attention|mamba` for
+/// parallel heads), one layer per mixer. The benchmark's models; errors name the flag.
 pub fn named(name: &str, d_model: usize) -> Result<ModelConfig, Error> {
     let kind = |kind: &str| -> Result<MixerConfig, Error> {
         if !MixerConfig::KINDS.contains(&kind) {
@@ -49,7 +49,12 @@ pub fn named(name: &str, d_model: usize) -> Result<ModelConfig, Error> {
             },
             None => (part, 1),
         };
-        let mixer = kind(k)?;
+        let mixer = match k.split('|').collect::<Vec<_>>()[..] {
+            [one] => kind(one)?,
+            ref branches => MixerConfig::Parallel(estafet_models::parallel::ParallelSpec {
+                branches: branches.iter().map(|b| kind(b)).collect::<Result<_, _>>()?,
+            }),
+        };
         pattern.extend(std::iter::repeat_n(mixer, times));
     }
     let mut config = ModelConfig::uniform(pattern[0].clone(), d_model, 1, Layout::Stacked);
@@ -187,10 +192,16 @@ mod tests {
     fn a_models_label_names_it() {
         let lstm = named("lstm", 16).unwrap();
         assert_eq!((lstm.label(), lstm.n_layers), ("lstm".to_string(), 1));
-        for label in HYBRIDS.iter().chain(&["mamba+attention+mamba", "gru*2"]) {
+        let more = [
+            "mamba+attention+mamba",
+            "gru*2",
+            "attention|mamba",
+            "lstm+mamba|attention*2",
+        ];
+        for label in HYBRIDS.iter().chain(&more) {
             let model = named(label, 16).unwrap();
             assert_eq!(model.label(), *label);
-            assert_eq!(model.n_layers, model.pattern.len());
+            assert_eq!(model.n_layers, model.pattern.len().max(1));
         }
         let e = named("lstm*0+gru", 16).unwrap_err().to_string();
         assert!(

@@ -93,6 +93,7 @@ pub fn estimate(
     let (b, t) = (batch as f64, seq_len as f64);
     let per_token = ACTIVATION_FACTOR * matrix_sides as f64
         + (model.layer_mixers().into_iter())
+            .flat_map(|mixer| mixer.leaves())
             .map(|mixer| attention_scores(mixer, model.d_model, t, device))
             .sum::<f64>();
     // The recurrences' backwards read every step's state: the GPU kernels keep it for the

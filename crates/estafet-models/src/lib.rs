@@ -41,6 +41,7 @@ pub mod mixer;
 pub mod mlstm;
 pub mod model;
 pub mod norm;
+pub mod parallel;
 pub mod projection;
 pub mod reference;
 pub mod rnn;

@@ -21,6 +21,7 @@ use crate::mamba2::{Mamba2, Mamba2Spec, Mamba2State};
 use crate::mingru::{MinGru, MinGruSpec};
 use crate::minlstm::{MinLstm, MinLstmSpec};
 use crate::mlstm::{Mlstm, MlstmSpec, MlstmState};
+use crate::parallel::{Parallel, ParallelSpec};
 use crate::rnn::{Rnn, RnnSpec};
 use crate::rwkv::{Rwkv, RwkvSpec, RwkvState};
 use crate::rwkv7::{Rwkv7, Rwkv7Spec, Rwkv7State};
@@ -102,9 +103,32 @@ mixers! {
     Mlstm(MlstmSpec) -> Mlstm = "mlstm",
     /// [`Attention`], causal softmax attention with a KV cache: the non-recurrent baseline.
     Attention(AttentionSpec) -> Attention = "attention",
+    /// [`Parallel`], Hymba's parallel heads: mixers side by side in one layer, their
+    /// normalised outputs averaged.
+    Parallel(ParallelSpec) -> Parallel = "parallel",
 }
 
 impl MixerConfig {
+    /// The mixers this table runs: itself, or a parallel layer's branches.
+    pub fn leaves(&self) -> Vec<&MixerConfig> {
+        match self {
+            MixerConfig::Parallel(spec) => spec.branches.iter().collect(),
+            other => vec![other],
+        }
+    }
+
+    /// The name a label gives it: its kind, or a parallel layer's branches joined by `|`
+    /// (`attention|mamba`).
+    pub fn name(&self) -> String {
+        match self {
+            MixerConfig::Parallel(spec) => (spec.branches.iter())
+                .map(|b| b.kind())
+                .collect::<Vec<_>>()
+                .join("|"),
+            other => other.kind().to_string(),
+        }
+    }
+
     /// The op that runs the recurrence [`MixerConfig::form`] names, at width `d_model`.
     pub fn form_op(&self, d_model: usize) -> crate::fused::Op {
         use crate::fused::Op;
@@ -161,6 +185,8 @@ pub enum MixerState {
     Mlstm(MlstmState),
     /// Attention's KV cache, which grows with every token.
     Attention(KvCache),
+    /// A parallel layer's branches' states, in order.
+    Parallel(Vec<MixerState>),
 }
 
 impl Mixer {
@@ -218,6 +244,10 @@ impl Mixer {
             Mixer::Attention(attn) => {
                 let (y, cache) = attn.forward(x, state.map(MixerState::into_cache));
                 (y, MixerState::Attention(cache))
+            }
+            Mixer::Parallel(layer) => {
+                let (y, s) = layer.forward(x, state.map(MixerState::into_branches));
+                (y, MixerState::Parallel(s))
             }
         }
     }
@@ -277,6 +307,10 @@ impl Mixer {
                 let (y, cache) = attn.step(x_t, state.map(MixerState::into_cache));
                 (y, MixerState::Attention(cache))
             }
+            Mixer::Parallel(layer) => {
+                let (y, s) = layer.step(x_t, state.map(MixerState::into_branches));
+                (y, MixerState::Parallel(s))
+            }
         }
     }
 
@@ -297,6 +331,7 @@ impl Mixer {
             Mixer::Slstm(layer) => layer.state_size(),
             Mixer::Mlstm(layer) => layer.state_size(),
             Mixer::Rwkv7(layer) => layer.state_size(),
+            Mixer::Parallel(layer) => layer.state_size(seq_len),
         }
     }
 }
@@ -319,6 +354,7 @@ impl Mixer {
             Mixer::Mlstm(layer) => layer.cell_flops_per_token(),
             Mixer::Rwkv7(layer) => layer.wkv_flops_per_token(),
             Mixer::Attention(attn) => attn.score_flops_per_token(seq_len),
+            Mixer::Parallel(layer) => layer.extra_flops_per_token(seq_len),
         }
     }
 
@@ -360,12 +396,17 @@ impl MixerState {
     /// the `b`-th contiguous block): what tests compare across forms and backends, and what
     /// per-sequence state norms are taken over.
     pub fn flatten(&self) -> Tensor<1> {
+        Tensor::cat(self.parts(), 1).flatten(0, 1)
+    }
+
+    /// Every tensor of the state as `[B, n]`, in [`flatten`](Self::flatten)'s order.
+    fn parts(&self) -> Vec<Tensor<2>> {
         fn flat<const D: usize>(t: &Tensor<D>) -> Tensor<2> {
             let dims = t.dims();
             t.clone()
                 .reshape([dims[0], dims[1..].iter().product::<usize>()])
         }
-        let parts = match self {
+        match self {
             MixerState::Hidden(h) => vec![flat(h)],
             MixerState::Lstm(s) => vec![flat(&s.h), flat(&s.c)],
             MixerState::Mamba(s) => vec![flat(&s.conv), flat(&s.ssm)],
@@ -385,8 +426,8 @@ impl MixerState {
             MixerState::Mlstm(s) => vec![flat(&s.c), flat(&s.n), flat(&s.m)],
             MixerState::Rwkv7(s) => vec![flat(&s.shift), flat(&s.s)],
             MixerState::Attention(c) => vec![flat(&c.k), flat(&c.v)],
-        };
-        Tensor::cat(parts, 1).flatten(0, 1)
+            MixerState::Parallel(states) => states.iter().flat_map(MixerState::parts).collect(),
+        }
     }
 }
 
@@ -461,6 +502,9 @@ impl MixerState {
                 k: f.apply(c.k),
                 v: f.apply(c.v),
             }),
+            MixerState::Parallel(states) => {
+                MixerState::Parallel(states.into_iter().map(|s| s.map(f)).collect())
+            }
         }
     }
 
@@ -495,6 +539,13 @@ impl MixerState {
         match self {
             MixerState::Lstm(s) => s,
             other => panic!("an LSTM was handed {other:?}"),
+        }
+    }
+
+    fn into_branches(self) -> Vec<MixerState> {
+        match self {
+            MixerState::Parallel(s) => s,
+            other => panic!("a parallel layer was handed {other:?}"),
         }
     }
 

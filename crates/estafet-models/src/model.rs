@@ -90,7 +90,7 @@ fn one() -> usize {
 
 /// A mixer's validation message, which names its fields `model.mixer.FIELD`, for the table
 /// written at `field`.
-fn at_field(message: String, field: &str) -> String {
+pub(crate) fn at_field(message: String, field: &str) -> String {
     if message.contains("model.mixer.") {
         message.replace("model.mixer.", &format!("{field}."))
     } else {
@@ -170,30 +170,33 @@ impl ModelConfig {
     }
 
     /// The model's name in reports, summaries and messages: its mixer's kind, or the
-    /// pattern's kinds with repeats counted, `gated_deltanet*3+attention`.
+    /// pattern's kinds with repeats counted, `gated_deltanet*3+attention` (a parallel layer's
+    /// branches joined by `|`: `attention|mamba`).
     pub fn label(&self) -> String {
         let Some(first) = self.pattern.first().filter(|_| self.mixer.is_none()) else {
-            return self.mixer.as_ref().map_or("", |m| m.kind()).to_string();
+            return self.mixer.as_ref().map_or(String::new(), |m| m.name());
         };
-        let mut runs: Vec<(&str, usize)> = vec![(first.kind(), 0)];
+        let mut runs: Vec<(String, usize)> = vec![(first.name(), 0)];
         for mixer in &self.pattern {
             match runs.last_mut() {
-                Some((kind, n)) if *kind == mixer.kind() => *n += 1,
-                _ => runs.push((mixer.kind(), 1)),
+                Some((name, n)) if *name == mixer.name() => *n += 1,
+                _ => runs.push((mixer.name(), 1)),
             }
         }
         (runs.iter())
-            .map(|&(kind, n)| match n {
-                1 => kind.to_string(),
-                n => format!("{kind}*{n}"),
+            .map(|(name, n)| match n {
+                1 => name.clone(),
+                n => format!("{name}*{n}"),
             })
             .collect::<Vec<_>>()
             .join("+")
     }
 
-    /// Whether some layer runs mixer `kind`.
+    /// Whether some layer (or a branch of a parallel layer) runs mixer `kind`.
     pub fn has(&self, kind: &str) -> bool {
-        self.written_mixers().iter().any(|(_, m)| m.kind() == kind)
+        (self.written_mixers().iter())
+            .flat_map(|(_, m)| m.leaves())
+            .any(|m| m.kind() == kind)
     }
 
     /// Checks what serde cannot; the message names the field.
@@ -241,7 +244,8 @@ impl ModelConfig {
     /// The longest sequence the model can read, if it has a limit (learned positions).
     pub fn max_seq_len(&self) -> Option<usize> {
         (self.written_mixers().into_iter())
-            .filter_map(|(_, mixer)| match mixer {
+            .flat_map(|(_, mixer)| mixer.leaves())
+            .filter_map(|mixer| match mixer {
                 MixerConfig::Attention(crate::attention::AttentionSpec {
                     positions: crate::attention::Positions::Learned { max_len },
                     ..
@@ -254,7 +258,14 @@ impl ModelConfig {
     /// Whether `device`'s backend can run the forms the config names: a `fused` form needs a
     /// backend with that recurrence's kernel.
     pub fn check_device(&self, device: &burn::tensor::Device) -> Result<(), String> {
-        for (at, mixer) in self.written_mixers() {
+        let leaves = (self.written_mixers().into_iter()).flat_map(|(at, mixer)| {
+            let parallel = mixer.leaves().len() > 1;
+            (mixer.leaves().into_iter().enumerate()).map(move |(i, leaf)| match parallel {
+                true => (format!("{at}.branches[{i}]"), leaf),
+                false => (at.clone(), leaf),
+            })
+        });
+        for (at, mixer) in leaves {
             match mixer.form() {
                 Some((field, crate::scan::Form::Fused))
                     if !crate::fused::runs(mixer.form_op(self.d_model), device, 1) =>

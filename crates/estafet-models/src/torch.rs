@@ -124,6 +124,7 @@ fn kind(mixer: &Mixer) -> &'static str {
         Mixer::Mlstm(_) => "mlstm",
         Mixer::Rwkv7(_) => "rwkv7",
         Mixer::Attention(_) => "attention",
+        Mixer::Parallel(_) => "parallel",
     }
 }
 
