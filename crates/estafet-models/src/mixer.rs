@@ -137,7 +137,10 @@ impl MixerConfig {
             MixerConfig::Mamba(spec) => Op::SelectiveScan {
                 n: spec.config(d_model).d_state,
             },
-            MixerConfig::Rwkv(_) => Op::Wkv4,
+            MixerConfig::Rwkv(spec) => match spec.config(d_model).head_size() {
+                None => Op::Wkv4,
+                Some(k) => Op::Wkv6 { k },
+            },
             MixerConfig::GatedDeltaNet(spec) => Op::DeltaRule {
                 k: spec.config(d_model).head_dim,
             },
@@ -636,7 +639,7 @@ mod tests {
         }
     }
 
-    /// Each RWKV version takes its own fields only, and only RWKV-4 has a fused WKV.
+    /// Each RWKV version takes its own fields only; both have a fused WKV.
     #[test]
     fn rwkv_versions_carry_their_own_fields() {
         let err = parse(serde_json::json!({ "kind": "rwkv", "lora_rank": 8 })).unwrap_err();
@@ -659,7 +662,7 @@ mod tests {
         let fused =
             parse(serde_json::json!({ "kind": "rwkv", "version": 6, "wkv": { "kind": "fused" } }))
                 .unwrap();
-        assert!(fused.validate(64).unwrap_err().contains("only RWKV-4"));
+        fused.validate(64).unwrap();
     }
 
     /// The form tables as written in configs.

@@ -64,7 +64,7 @@ pub struct RwkvSpec {
     pub version: Version,
     /// Channel-mix hidden width as a multiple of `D` (RWKV uses 4; v6 uses 3.5 rounded).
     pub ffn_expand: usize,
-    /// How the WKV is computed; only RWKV-4 has a fused kernel.
+    /// How the WKV is computed (a fused kernel for both versions on the CPU backends).
     pub wkv: Form,
 }
 
@@ -297,7 +297,7 @@ impl RwkvConfig {
     }
 
     /// RWKV-6's head size at this width.
-    fn head_size(&self) -> Option<usize> {
+    pub fn head_size(&self) -> Option<usize> {
         match self.version {
             Version::V4 => None,
             Version::V6 { head_size, .. } => Some(head_size.unwrap_or(64.min(self.d_model))),
@@ -318,11 +318,6 @@ impl RwkvConfig {
             }
             if lora_rank == 0 {
                 return Err("model.mixer.lora_rank must be at least 1".into());
-            }
-            if self.wkv == Form::Fused {
-                return Err("model.mixer.wkv = fused: only RWKV-4 has a fused WKV; \
-                     use auto, sequential or chunked"
-                    .into());
             }
         }
         self.wkv
@@ -639,7 +634,7 @@ impl TimeMix6 {
         x: Tensor<3>,
         shift: Tensor<2>,
         state: Tensor<4>,
-        form: Scan,
+        compute: Compute,
     ) -> (Tensor<3>, Tensor<2>, Tensor<4>) {
         let d = x.dims()[2];
         let next = last(&x);
@@ -674,15 +669,16 @@ impl TimeMix6 {
             .faaaa
             .val()
             .reshape([1, d / self.head_size, 1, self.head_size]);
-        let (o, state) = wkv6(
+        let (r, k, v, log_w) = (
             self.heads(r),
             self.heads(k),
             self.heads(v),
             self.heads(log_w),
-            u,
-            state,
-            form,
         );
+        let (o, state) = match compute {
+            Compute::Fused => wkv6_fused(r, k, v, log_w, u, state),
+            Compute::Tensor(form) => wkv6(r, k, v, log_w, u, state, form),
+        };
         let o = self.group_norm(o); // [B, H, T, K] → [B, T, D]
         (project(&self.output, o * g), next, state)
     }
@@ -720,9 +716,41 @@ pub fn wkv6(
     }
 }
 
+/// [`wkv6`] as the fused op (`fused::wkv6`): the heads of every sequence as its rows.
+fn wkv6_fused(
+    r: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    log_w: Tensor<4>,
+    u: Tensor<4>,
+    state: Tensor<4>,
+) -> (Tensor<4>, Tensor<4>) {
+    let [b, h, t, dk] = r.dims();
+    let dv = v.dims()[3];
+    let rows = |x: Tensor<4>| {
+        let n = x.dims()[3];
+        x.reshape([b * h, t, n])
+    };
+    let u = u
+        .reshape([1, h, dk])
+        .expand([b, h, dk])
+        .reshape([b * h, dk]);
+    let out = fused::wkv6(
+        rows(r),
+        rows(k),
+        rows(v),
+        rows(log_w),
+        u,
+        state.reshape([b * h, dk, dv]),
+    );
+    let o = fused::narrow(out.clone(), 1, 0, t * dv).reshape([b, h, t, dv]);
+    let state = fused::narrow(out, 1, t * dv, dk * dv).reshape([b, h, dk, dv]);
+    (o, state)
+}
+
 /// The definition (fla's `naive_recurrent_rwkv6`): `o_t = r_t (S + diag(u) k_tᵀ v_t)`,
 /// `S ← diag(w_t) S + k_tᵀ v_t`.
-fn wkv6_sequential(
+pub(crate) fn wkv6_sequential(
     r: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
@@ -836,8 +864,11 @@ impl Rwkv {
     /// elsewhere the block runs in tensor ops, the WKV in that form (the sequential one for
     /// `auto`).
     pub fn forward(&self, x: Tensor<3>, state: Option<RwkvState>) -> (Tensor<3>, RwkvState) {
-        let kernel = matches!(self.time_mix, TimeMix::V4(_))
-            && fused::runs(fused::Op::Wkv4, &x.device(), x.dims()[1]);
+        let op = match &self.time_mix {
+            TimeMix::V4(_) => fused::Op::Wkv4,
+            TimeMix::V6(tm) => fused::Op::Wkv6 { k: tm.head_size },
+        };
+        let kernel = fused::runs(op, &x.device(), x.dims()[1]);
         self.run(x, state, self.wkv.resolve(kernel))
     }
 
@@ -868,10 +899,7 @@ impl Rwkv {
                 (y, shift, WkvState::V4(s))
             }
             (TimeMix::V6(tm), WkvState::V6(s)) => {
-                let Compute::Tensor(form) = compute else {
-                    unreachable!("RWKV-6 has no fused WKV: validate refuses it, forward never asks")
-                };
-                let (y, shift, s) = tm.forward(normed, state.shift_time, s, form);
+                let (y, shift, s) = tm.forward(normed, state.shift_time, s, compute);
                 (y, shift, WkvState::V6(s))
             }
             _ => panic!("an RWKV block was handed the other version's state"),

@@ -699,6 +699,11 @@ fn rwkv6_forms_agree() {
     check_rwkv(6, false);
 }
 
+#[test]
+fn rwkv6_fused_agrees_with_sequential() {
+    check_rwkv(6, true);
+}
+
 // The classic cells have one fast form, the fused op (`fused::cell_scan`, hand-written
 // backward); `check_forms` runs it for every "chunk" (it has none) against `forward_sequential`.
 

@@ -831,6 +831,60 @@ fn gated_deltanet_matches_fla() {
     }
 }
 
+/// RWKV-6's WKV against fla's `naive_recurrent_rwkv6` (float64 in PyTorch): the sequential
+/// definition, the chunked form and the fused op, outputs, final state and every gradient.
+#[test]
+fn rwkv6_wkv_matches_the_reference_recurrence() {
+    let f = Fixture::load("rwkv6_wkv");
+    let [b, h, t, n] = [
+        f.shape("r")[0],
+        f.shape("r")[1],
+        f.shape("r")[2],
+        f.shape("r")[3],
+    ];
+    for form in ["sequential", "chunked", "fused"] {
+        let leaf = |key: &str| f.get::<4>(key).require_grad();
+        let (r, k, v, w, h0) = (leaf("r"), leaf("k"), leaf("v"), leaf("w"), leaf("h0"));
+        let u = f.get::<2>("u").require_grad();
+        let u4 = || u.clone().reshape([1, h, 1, n]);
+        let (o, hn) = match form {
+            "fused" => {
+                let rows = |x: &Tensor<4>| x.clone().reshape([b * h, t, n]);
+                let out = estafet_models::fused::wkv6(
+                    rows(&r),
+                    rows(&k),
+                    rows(&v),
+                    rows(&w),
+                    u.clone()
+                        .unsqueeze_dim::<3>(0)
+                        .expand([b, h, n])
+                        .reshape([b * h, n]),
+                    h0.clone().reshape([b * h, n, n]),
+                );
+                (
+                    out.clone().narrow(1, 0, t * n).reshape([b, h, t, n]),
+                    out.narrow(1, t * n, n * n).reshape([b, h, n, n]),
+                )
+            }
+            _ => {
+                let scan = match form {
+                    "chunked" => Scan::Chunked { chunk_len: 3 },
+                    _ => Scan::Sequential,
+                };
+                let (r, k, v, w) = (r.clone(), k.clone(), v.clone(), w.clone());
+                estafet_models::rwkv::wkv6(r, k, v, w, u4(), h0.clone(), scan)
+            }
+        };
+        let mut worst = f.check("o", o.clone()).max(f.check("hn", hn.clone()));
+        let grads = ((o * f.get::<4>("ro")).sum() + (hn * f.get::<4>("rh")).sum()).backward();
+        for (name, x) in [("r", &r), ("k", &k), ("v", &v), ("w", &w), ("h0", &h0)] {
+            worst = worst.max(f.check(&format!("grad.{name}"), x.grad(&grads).unwrap()));
+        }
+        worst = worst.max(f.check("grad.u", u.grad(&grads).unwrap()));
+        eprintln!("rwkv6 wkv, {form}: max |Δ| {worst:.2e}");
+    }
+}
+
 #[test]
 fn rwkv4_time_mix_matches_the_official_recurrence() {
     let f = Fixture::load("rwkv4_time_mix");

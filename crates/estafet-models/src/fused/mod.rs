@@ -4,6 +4,7 @@
 //! - [`cell_scan`]: an Elman, LSTM or GRU layer over the whole sequence (BPTT backward);
 //! - [`selective_scan`]: Mamba's S6 scan with its `C` contraction;
 //! - [`wkv4`]: RWKV-4's WKV in the official kernel's running-max form;
+//! - [`wkv6`]: RWKV-6's WKV with its matrix state and decay per key channel;
 //! - [`min_rnn`]: minGRU's or minLSTM's gates, candidate and scan after their projection;
 //! - [`delta_rule`]: Gated DeltaNet's gated delta rule with its matrix state;
 //! - [`ssd`]: Mamba-2's recurrence (scalar decay per head) with its `C` contraction;
@@ -46,7 +47,7 @@
 //! kernels use it (the training thread in it, the other threads kept awake between kernels);
 //! [`packed`] the cells' step GEMM against a `W_h` packed once per call; [`math`] the
 //! vectorisable transcendentals and the instruction-set copies; [`cell`], [`conv`], [`selective`], [`wkv4`],
-//! [`min_rnn`], [`delta_rule`], [`ssd`], [`dplr`], [`mlstm_cell`], [`slstm_cell`] and
+//! [`wkv6`], [`min_rnn`], [`delta_rule`], [`ssd`], [`dplr`], [`mlstm_cell`], [`slstm_cell`] and
 //! [`attention`], [`rope`], [`mix`], [`layer_norm`], [`nll`], [`gate`], [`softplus`] and
 //! [`columns`] one kernel each, with its equations.
 
@@ -77,6 +78,7 @@ mod slstm_cell;
 mod softplus;
 mod ssd;
 mod wkv4;
+mod wkv6;
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -111,6 +113,7 @@ use slstm_cell::SlstmCell;
 use softplus::Softplus;
 use ssd::Ssd;
 use wkv4::Wkv4;
+use wkv6::Wkv6;
 
 /// The rate of one `n × n × n` f32 GEMM with the kernels' GEMM on rayon's pool (its threads
 /// are the process's `RAYON_NUM_THREADS`), GFLOP/s, the best of `repeats`: the yardstick of the
@@ -133,6 +136,8 @@ pub enum Op {
     Wkv4,
     /// [`delta_rule`] with keys of `k`.
     DeltaRule { k: usize },
+    /// [`wkv6`] with heads of `k`.
+    Wkv6 { k: usize },
     /// [`ssd`] with `n` states per row.
     Ssd { n: usize },
     /// [`dplr`] with heads of `n`.
@@ -412,6 +417,33 @@ pub fn delta_rule(
         v.into_dispatch(),
         beta.into_dispatch(),
         g.into_dispatch(),
+        s0.into_dispatch(),
+    ))
+}
+
+/// RWKV-6's WKV, one op (see `wkv6.rs`), per row (a sequence's head) with a matrix state
+/// `S [K, V]`:
+///
+/// ```text
+/// o_t = (S_{t−1} + diag(u) k_t v_tᵀ)ᵀ r_t,   S_t = diag(exp(log_w_t)) S_{t−1} + k_t v_tᵀ
+/// ```
+///
+/// - `r`, `k`, `log_w`: `[R, T, K]`; `v`: `[R, T, V]`; `u`: `[R, K]`; `s0`: `[R, K, V]`
+/// - returns `[R, T·V + K·V]`: `o` flattened, then `S_T` flattened
+pub fn wkv6(
+    r: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    log_w: Tensor<3>,
+    u: Tensor<2>,
+    s0: Tensor<3>,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::wkv6(
+        r.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        log_w.into_dispatch(),
+        u.into_dispatch(),
         s0.into_dispatch(),
     ))
 }
@@ -784,6 +816,17 @@ pub trait FusedOps: Backend {
         run_plain::<Self, DeltaRule, 6>([q, k, v, beta, g, s0], ())
     }
 
+    fn wkv6(
+        r: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_w: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_plain::<Self, Wkv6, 6>([r, k, v, log_w, u, s0], ())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn ssd(
         x: FloatTensor<Self>,
@@ -968,6 +1011,17 @@ impl<B: Backend, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         s0: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         run_tracked::<B, C, DeltaRule, 6>([q, k, v, beta, g, s0], ())
+    }
+
+    fn wkv6(
+        r: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_w: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_tracked::<B, C, Wkv6, 6>([r, k, v, log_w, u, s0], ())
     }
 
     #[allow(clippy::too_many_arguments)]

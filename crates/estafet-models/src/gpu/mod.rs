@@ -76,7 +76,8 @@ pub fn runs(op: Op, device: &burn::tensor::Device, len: usize) -> bool {
             }
             slstm_cell::loop_iterations(&device, d, heads, len)
         }
-        Op::Other => return false,
+        // No GPU kernel yet: the tensor-op form runs.
+        Op::Wkv6 { .. } | Op::Other => return false,
     };
     loop_budget(&device).is_none_or(|budget| iterations <= budget)
 }
