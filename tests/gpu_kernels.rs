@@ -517,6 +517,61 @@ fn rwkv4_wkv_kernel_agrees_with_its_definition() {
     });
 }
 
+/// RWKV-6's block: `forward` (the WKV's kernel on wgpu) against the sequential WKV, two heads
+/// of 3 at width 6, from a random state and token shifts.
+#[test]
+fn rwkv6_wkv_kernel_agrees_with_its_definition() {
+    let version = Version::V6 {
+        head_size: Some(3),
+        lora_rank: 2,
+    };
+    let mut config = RwkvConfig::new(6, version);
+    config.ffn_expand = 2;
+    check_cases(
+        "rwkv6",
+        Op::Wkv6 { k: 3 },
+        block_cases(),
+        |c, device, kernel| {
+            let block: Rwkv = config.init(&mut Init::new(3, device));
+            let mut draws = Draws::new(device);
+            let x = draws.leaf([c.b, c.t, 6]);
+            let (shift_time, shift_channel) = (draws.leaf([c.b, 6]), draws.leaf([c.b, 6]));
+            let s0 = draws.leaf([c.b, 2, 3, 3]);
+            let state = RwkvState {
+                shift_time: shift_time.clone(),
+                wkv: WkvState::V6(s0.clone()),
+                shift_channel: shift_channel.clone(),
+            };
+            let (y, s) = if kernel {
+                block.forward(x.clone(), Some(state))
+            } else {
+                block.forward_with(x.clone(), Some(state), Scan::Sequential)
+            };
+            let WkvState::V6(wkv) = s.wkv else {
+                unreachable!("an RWKV-6 block")
+            };
+            let loss = draws.weighted(y.clone())
+                + draws.weighted(wkv.clone())
+                + draws.weighted(s.shift_time.clone())
+                + draws.weighted(s.shift_channel.clone());
+            let grads = loss.backward();
+            let mut out = vec![
+                ("y".into(), values(y)),
+                ("S".into(), values(wkv)),
+                ("dx".into(), values(x.grad(&grads).unwrap())),
+                ("d shift".into(), values(shift_time.grad(&grads).unwrap())),
+                (
+                    "d channel shift".into(),
+                    values(shift_channel.grad(&grads).unwrap()),
+                ),
+                ("dS0".into(), values(s0.grad(&grads).unwrap())),
+            ];
+            out.extend(param_grads(&block, &grads));
+            out
+        },
+    );
+}
+
 /// Gated DeltaNet's layer: `forward` (the delta rule's kernel on wgpu) against the sequential
 /// recurrence, with and without the gate, positive and signed β; keys of 3 and values of 6 per
 /// head (`expand_v = 2`), so that `K ≠ V`.
@@ -696,7 +751,8 @@ fn slstm_cell_kernel_agrees_with_its_definition() {
 
 /// The kinds whose recurrence is still a tensor-op loop on wgpu: their launches grow with T.
 /// A kind leaves this list when its kernel lands (the test below then fails until it does).
-const LOOPS: [&str; 1] = ["rwkv6"];
+/// Empty since RWKV-6's WKV has its kernel.
+const LOOPS: [&str; 0] = [];
 
 /// Launches a training step may add between T 16 and T 128 without a time loop: cubek's
 /// reduce, behind burn's sums and norms, plans one more pass for longer reductions (seen: minLSTM

@@ -272,8 +272,9 @@ impl ModelConfig {
                 {
                     return Err(format!(
                         "{at}.{field} = fused: this backend has no fused kernel for {} \
-                         (ndarray and flex have every one; wgpu those of minGRU, minLSTM and \
-                         the classic cells); use auto, sequential or chunked",
+                         (ndarray and flex have every one; wgpu every recurrence's, a classic \
+                         cell's where its width fits the shared memory); use auto, sequential \
+                         or chunked",
                         mixer.kind()
                     ));
                 }

@@ -438,6 +438,17 @@ pub fn wkv6(
     u: Tensor<2>,
     s0: Tensor<3>,
 ) -> Tensor<2> {
+    #[cfg(feature = "wgpu")]
+    if crate::gpu::cube_device(&r.device()).is_some() {
+        return Tensor::from_dispatch(<Dispatch as crate::gpu::CubeOps>::wkv6(
+            r.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            log_w.into_dispatch(),
+            u.into_dispatch(),
+            s0.into_dispatch(),
+        ));
+    }
     Tensor::from_dispatch(<Dispatch as FusedOps>::wkv6(
         r.into_dispatch(),
         k.into_dispatch(),

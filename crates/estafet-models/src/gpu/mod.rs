@@ -13,7 +13,7 @@
 //! [`runs`] says whether an op has a kernel that fits the device at a length. Code map:
 //! [`tracked`] turns a [`tracked::CubeKernel`] (forward, kept tensors, backward) into a backend
 //! op; [`tensors`] the device-tensor plumbing; [`activations`] the kernels' shared functions; [`min_rnn`] (minGRU, minLSTM), [`cell`] (Elman,
-//! LSTM, GRU), [`selective`] (Mamba's S6), [`wkv4`] (RWKV-4's WKV), [`delta_rule`] (Gated
+//! LSTM, GRU), [`selective`] (Mamba's S6), [`wkv4`] (RWKV-4's WKV), [`wkv6`] (RWKV-6's), [`delta_rule`] (Gated
 //! DeltaNet's), [`ssd`] (Mamba-2's), [`dplr`] (RWKV-7's), [`mlstm_cell`] (xLSTM's mLSTM) and
 //! [`slstm_cell`] (xLSTM's sLSTM) one op each, with its equations. Each kernel is tested
 //! against its definition on wgpu over lavapipe, gradients included (`tests/gpu_kernels.rs`),
@@ -32,6 +32,7 @@ mod ssd;
 mod tensors;
 mod tracked;
 mod wkv4;
+mod wkv6;
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -69,15 +70,14 @@ pub fn runs(op: Op, device: &burn::tensor::Device, len: usize) -> bool {
         Op::MinRnn | Op::Wkv4 => len,
         Op::SelectiveScan { n } | Op::Ssd { n } => len * (n + 1) + 2 * n,
         Op::DeltaRule { k: n } | Op::Dplr { n } => len * (3 * n + 1) + 2 * n,
-        Op::MlstmCell { k } => len * (k + 1) + 2 * k,
+        Op::MlstmCell { k } | Op::Wkv6 { k } => len * (k + 1) + 2 * k,
         Op::Slstm { d, heads } => {
             if !slstm_cell::fits(&device, d) {
                 return false;
             }
             slstm_cell::loop_iterations(&device, d, heads, len)
         }
-        // No GPU kernel yet: the tensor-op form runs.
-        Op::Wkv6 { .. } | Op::Other => return false,
+        Op::Other => return false,
     };
     loop_budget(&device).is_none_or(|budget| iterations <= budget)
 }
@@ -171,6 +171,15 @@ pub trait CubeOps: Backend {
         v: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         g: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    fn wkv6(
+        r: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_w: FloatTensor<Self>,
+        u: FloatTensor<Self>,
         s0: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 
@@ -271,6 +280,17 @@ impl CubeOps for CubeBackend {
         s0: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         run_plain::<delta_rule::DeltaRule, 6>([q, k, v, beta, g, s0], ())
+    }
+
+    fn wkv6(
+        r: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_w: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_plain::<wkv6::Wkv6, 6>([r, k, v, log_w, u, s0], ())
     }
 
     fn ssd(
@@ -374,6 +394,17 @@ impl<C: CheckpointStrategy> CubeOps for Autodiff<CubeBackend, C> {
         s0: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         run_tracked::<C, delta_rule::DeltaRule, 6>([q, k, v, beta, g, s0], ())
+    }
+
+    fn wkv6(
+        r: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_w: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        run_tracked::<C, wkv6::Wkv6, 6>([r, k, v, log_w, u, s0], ())
     }
 
     fn ssd(
