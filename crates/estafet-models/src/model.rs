@@ -739,6 +739,36 @@ mod tests {
         }
     }
 
+    /// Token by token with `step`, `model` (vocabulary 7, 5 outputs) gives the logits and
+    /// final state of one `forward` over 9 tokens, and so does the sequence split in two with
+    /// the state carried over.
+    fn step_and_split_agree(model: &SequenceModel, what: &str) {
+        let device = device();
+        let tokens = Tensor::<2>::random([2, 9], Distribution::Uniform(0.0, 7.0), &device).int();
+        let (logits, state) = model.forward(Input::Tokens(tokens.clone()), None);
+        assert_eq!(logits.dims(), [2, 9, 5]);
+        let mut s = None;
+        let mut steps = Vec::new();
+        for t in 0..9 {
+            let (y, next) = model.step(Input::Tokens(tokens.clone().narrow(1, t, 1)), s);
+            steps.push(y);
+            s = Some(next);
+        }
+        let diff: f32 = (Tensor::stack::<3>(steps, 1) - logits.clone())
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(diff < 1e-4, "{what}: step vs forward, max |Δ| = {diff}");
+        let (head, mid) = model.forward(Input::Tokens(tokens.clone().narrow(1, 0, 4)), None);
+        let (tail, end) = model.forward(Input::Tokens(tokens.narrow(1, 4, 5)), Some(mid));
+        let diff: f32 = (Tensor::cat(vec![head, tail], 1) - logits)
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(diff < 1e-4, "{what}: split forward, max |Δ| = {diff}");
+        assert_eq!(end.layers.len(), state.layers.len());
+    }
+
     /// For every mixer, in both layouts, with two layers: running token by token with `step`
     /// gives the same logits and final state as `forward` over the whole sequence, and a
     /// sequence split in two with the state carried over equals one call.
@@ -763,34 +793,7 @@ mod tests {
                     readout: Readout::PerPosition,
                 };
                 let model = config.init(io, &mut Init::new(3, &device));
-                let tokens =
-                    Tensor::<2>::random([2, 9], Distribution::Uniform(0.0, 7.0), &device).int();
-                let (logits, state) = model.forward(Input::Tokens(tokens.clone()), None);
-                assert_eq!(logits.dims(), [2, 9, 5]);
-                let what = format!("{} {layout:?}", mixer.kind());
-
-                let mut s = None;
-                let mut steps = Vec::new();
-                for t in 0..9 {
-                    let (y, next) = model.step(Input::Tokens(tokens.clone().narrow(1, t, 1)), s);
-                    steps.push(y);
-                    s = Some(next);
-                }
-                let diff: f32 = (Tensor::stack::<3>(steps, 1) - logits.clone())
-                    .abs()
-                    .max()
-                    .into_scalar();
-                assert!(diff < 1e-4, "{what}: step vs forward, max |Δ| = {diff}");
-
-                let (head, mid) =
-                    model.forward(Input::Tokens(tokens.clone().narrow(1, 0, 4)), None);
-                let (tail, end) = model.forward(Input::Tokens(tokens.narrow(1, 4, 5)), Some(mid));
-                let diff: f32 = (Tensor::cat(vec![head, tail], 1) - logits)
-                    .abs()
-                    .max()
-                    .into_scalar();
-                assert!(diff < 1e-4, "{what}: split forward, max |Δ| = {diff}");
-                assert_eq!(end.layers.len(), state.layers.len());
+                step_and_split_agree(&model, &format!("{} {layout:?}", mixer.kind()));
             }
         }
     }
@@ -843,27 +846,7 @@ mod tests {
         assert_eq!(model.state_size(10) - model.state_size(5), 2 * 2 * 8 * 5);
         assert_eq!(model.state_size(10), per_layer(10));
 
-        let tokens = Tensor::<2>::random([2, 9], Distribution::Uniform(0.0, 7.0), &device).int();
-        let (logits, _) = model.forward(Input::Tokens(tokens.clone()), None);
-        let mut s = None;
-        let mut steps = Vec::new();
-        for t in 0..9 {
-            let (y, next) = model.step(Input::Tokens(tokens.clone().narrow(1, t, 1)), s);
-            steps.push(y);
-            s = Some(next);
-        }
-        let diff: f32 = (Tensor::stack::<3>(steps, 1) - logits.clone())
-            .abs()
-            .max()
-            .into_scalar();
-        assert!(diff < 1e-4, "step vs forward, max |Δ| = {diff}");
-        let (head, mid) = model.forward(Input::Tokens(tokens.clone().narrow(1, 0, 4)), None);
-        let (tail, _) = model.forward(Input::Tokens(tokens.narrow(1, 4, 5)), Some(mid));
-        let diff: f32 = (Tensor::cat(vec![head, tail], 1) - logits)
-            .abs()
-            .max()
-            .into_scalar();
-        assert!(diff < 1e-4, "split forward, max |Δ| = {diff}");
+        step_and_split_agree(&model, "gated_deltanet*2+attention");
 
         let error = |toml: &str| parse(toml).validate().unwrap_err();
         assert_eq!(
