@@ -630,7 +630,6 @@ impl<'a> Run<'a> {
         // Resumed from the final checkpoint of a run killed before its summary, or diverged:
         // evaluate the model at hand.
         let final_eval = last_eval.unwrap_or_else(|| self.evaluate(&model, &self.eval_set));
-        stop(Some(&final_eval))?;
         let config = self.config;
         let length_eval = crate::evaluate::at_lengths(
             &model.valid(),

@@ -430,9 +430,7 @@ fn fused_recurrence(x: Heads, s0: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         x.g.reshape([b * h, t]),
         s0.reshape([b * h, dk, dv]),
     );
-    let o = fused::narrow(out.clone(), 1, 0, t * dv).reshape([b, h, t, dv]);
-    let s = out.narrow(1, t * dv, dk * dv).reshape([b, h, dk, dv]);
-    (o, s)
+    fused::split_heads(out, [b, h, t, dv], [dk, dv])
 }
 
 /// The definition, one step at a time: `S ← α S`, `u = β (v − Sᵀk)`, `S ← S + k uᵀ`, `o = Sᵀq`.

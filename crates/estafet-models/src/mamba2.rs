@@ -360,8 +360,7 @@ fn fused_recurrence(s: Ssd, h0: Tensor<4>, eigenvalues: Eigenvalues) -> (Tensor<
         h,
         eigenvalues,
     );
-    let y = fused::narrow(out.clone(), 1, 0, t * p).reshape([b, h, t, p]);
-    (y, out.narrow(1, t * p, p * n).reshape([b, h, p, n]))
+    fused::split_heads(out, [b, h, t, p], [p, n])
 }
 
 /// The definition, one step at a time: `h ← a_t h + Δx_t ⊗ B_t`, `y_t = h C_t`.

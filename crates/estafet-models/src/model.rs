@@ -169,6 +169,22 @@ impl ModelConfig {
         }
     }
 
+    /// Every mixer the layers run, each with the field it is written at: [`written_mixers`]'s,
+    /// with a parallel layer's branches at `….branches[i]`.
+    ///
+    /// [`written_mixers`]: Self::written_mixers
+    fn leaf_mixers(&self) -> Vec<(String, &MixerConfig)> {
+        (self.written_mixers().into_iter())
+            .flat_map(|(at, mixer)| {
+                let parallel = matches!(mixer, MixerConfig::Parallel(_));
+                (mixer.leaves().into_iter().enumerate()).map(move |(i, leaf)| match parallel {
+                    true => (format!("{at}.branches[{i}]"), leaf),
+                    false => (at.clone(), leaf),
+                })
+            })
+            .collect()
+    }
+
     /// The model's name in reports, summaries and messages: its mixer's kind, or the
     /// pattern's kinds with repeats counted, `gated_deltanet*3+attention` (a parallel layer's
     /// branches joined by `|`: `attention|mamba`).
@@ -194,9 +210,7 @@ impl ModelConfig {
 
     /// Whether some layer (or a branch of a parallel layer) runs mixer `kind`.
     pub fn has(&self, kind: &str) -> bool {
-        (self.written_mixers().iter())
-            .flat_map(|(_, m)| m.leaves())
-            .any(|m| m.kind() == kind)
+        self.leaf_mixers().iter().any(|(_, m)| m.kind() == kind)
     }
 
     /// Checks what serde cannot; the message names the field.
@@ -243,9 +257,8 @@ impl ModelConfig {
 
     /// The longest sequence the model can read, if it has a limit (learned positions).
     pub fn max_seq_len(&self) -> Option<usize> {
-        (self.written_mixers().into_iter())
-            .flat_map(|(_, mixer)| mixer.leaves())
-            .filter_map(|mixer| match mixer {
+        (self.leaf_mixers().into_iter())
+            .filter_map(|(_, mixer)| match mixer {
                 MixerConfig::Attention(crate::attention::AttentionSpec {
                     positions: crate::attention::Positions::Learned { max_len },
                     ..
@@ -258,14 +271,7 @@ impl ModelConfig {
     /// Whether `device`'s backend can run the forms the config names: a `fused` form needs a
     /// backend with that recurrence's kernel.
     pub fn check_device(&self, device: &burn::tensor::Device) -> Result<(), String> {
-        let leaves = (self.written_mixers().into_iter()).flat_map(|(at, mixer)| {
-            let parallel = mixer.leaves().len() > 1;
-            (mixer.leaves().into_iter().enumerate()).map(move |(i, leaf)| match parallel {
-                true => (format!("{at}.branches[{i}]"), leaf),
-                false => (at.clone(), leaf),
-            })
-        });
-        for (at, mixer) in leaves {
+        for (at, mixer) in self.leaf_mixers() {
             match mixer.form() {
                 Some((field, crate::scan::Form::Fused))
                     if !crate::fused::runs(mixer.form_op(self.d_model), device, 1) =>

@@ -743,9 +743,7 @@ fn wkv6_fused(
         u,
         state.reshape([b * h, dk, dv]),
     );
-    let o = fused::narrow(out.clone(), 1, 0, t * dv).reshape([b, h, t, dv]);
-    let state = fused::narrow(out, 1, t * dv, dk * dv).reshape([b, h, dk, dv]);
-    (o, state)
+    fused::split_heads(out, [b, h, t, dv], [dk, dv])
 }
 
 /// The definition (fla's `naive_recurrent_rwkv6`): `o_t = r_t (S + diag(u) k_tᵀ v_t)`,

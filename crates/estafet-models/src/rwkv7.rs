@@ -387,8 +387,7 @@ fn fused_recurrence(x: Heads, s0: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         rows(x.b),
         s0.reshape([b * h, n, n]),
     );
-    let o = fused::narrow(out.clone(), 1, 0, t * n).reshape([b, h, t, n]);
-    (o, out.narrow(1, t * n, n * n).reshape([b, h, n, n]))
+    fused::split_heads(out, [b, h, t, n], [n, n])
 }
 
 /// The definition, one step at a time: `S ← diag(w) S + b (aᵀS) + k vᵀ`, `o = Sᵀr`.

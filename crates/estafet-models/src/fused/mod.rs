@@ -755,6 +755,18 @@ pub fn narrow<const D: usize>(x: Tensor<D>, dim: usize, start: usize, len: usize
     Tensor::<2>::from_dispatch(columns).reshape(out)
 }
 
+/// The output `[B·H, T·W + M·N]` of a recurrence over sequence-heads (`delta_rule`, `wkv6`,
+/// `dplr`, `ssd`: each row's outputs, then its final state) as the outputs `[B, H, T, W]` and
+/// the final states `[B, H, M, N]`, for `dims = [B, H, T, W]` and `state = [M, N]`.
+pub fn split_heads(
+    out: Tensor<2>,
+    [b, h, t, w]: [usize; 4],
+    [m, n]: [usize; 2],
+) -> (Tensor<4>, Tensor<4>) {
+    let outputs = narrow(out.clone(), 1, 0, t * w).reshape([b, h, t, w]);
+    (outputs, out.narrow(1, t * w, m * n).reshape([b, h, m, n]))
+}
+
 /// Softplus, one op (see `softplus.rs`): burn's `softplus(x, 1)` with vectorised transcendentals.
 pub fn softplus<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::softplus(x.into_dispatch()))
